@@ -1,0 +1,122 @@
+"""Sampling responses from a policy, exactly as the policy's distribution says.
+
+Used by PPO rollouts, best-of-N, evaluation and the server. Two things make the samples match the
+``softmax(logits / T)`` that PPO differentiates (DESIGN.md, "The temperature is part of the policy"):
+
+* pure sampling: top-k 0, top-p 1, no repetition penalty, no ``min_new_tokens``, with the model's
+  own ``generation_config`` overridden (``generate(do_sample=True)`` otherwise samples with top-k 50);
+* stopping: generation stops at the stop token(s); each response is cut after its first stop token,
+  which is kept (it is part of the response and of every loss); tokens after it are padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tether.data.records import Prompt
+from tether.data.templates import prompt_ids, stop_token_id
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    #: extra token ids that end a response besides the tokenizer's eos token
+    extra_stop_token_ids: list[int] = field(default_factory=list)
+
+
+def stop_ids(tokenizer, settings: SamplingSettings) -> list[int]:
+    ids = [stop_token_id(tokenizer)] + [int(i) for i in settings.extra_stop_token_ids]
+    return list(dict.fromkeys(ids))
+
+
+def generation_config(tokenizer, settings: SamplingSettings, num_return_sequences: int = 1):
+    """A GenerationConfig that samples from ``softmax(logits / T)`` and nothing else.
+
+    Temperature 0 means greedy decoding (used for evaluation only; it is not a policy PPO can train).
+    """
+    from transformers import GenerationConfig
+
+    greedy = settings.temperature <= 0
+    return GenerationConfig(
+        do_sample=not greedy,
+        temperature=None if greedy else float(settings.temperature),
+        top_k=None if greedy else int(settings.top_k),  # 0 must be passed explicitly: the default is 50
+        top_p=None if greedy else float(settings.top_p),
+        repetition_penalty=1.0,
+        min_new_tokens=0,
+        max_new_tokens=int(settings.max_new_tokens),
+        eos_token_id=stop_ids(tokenizer, settings),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer),
+        num_return_sequences=num_return_sequences,
+        use_cache=True,
+    )
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` with every sequence right-aligned (left padding), mask from lengths."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def truncate_after_stop(response: list[int], stop: set[int]) -> tuple[list[int], bool]:
+    """Cut a response after its first stop token (kept). Returns ``(tokens, stopped)``."""
+    for i, t in enumerate(response):
+        if t in stop:
+            return response[: i + 1], True
+    return response, False
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with the stop token when ``stopped``
+    stopped: bool
+    text: str  # decoded response without the stop token
+
+
+@torch.no_grad()
+def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings,
+                    num_return_sequences: int = 1, batch_size: int = 16) -> list[list[Sample]]:
+    """Sample ``num_return_sequences`` responses for each tokenised prompt."""
+    was_training = model.training
+    model.eval()
+    stop = set(stop_ids(tokenizer, settings))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
+    config = generation_config(tokenizer, settings, num_return_sequences)
+    device = next(model.parameters()).device
+    out: list[list[Sample]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start: start + batch_size]
+            ids, mask = left_pad(chunk, pad_id)
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       generation_config=config)
+            responses = generated[:, ids.shape[1]:].tolist()
+            for i, p in enumerate(chunk):
+                group = []
+                for j in range(num_return_sequences):
+                    r, stopped = truncate_after_stop(responses[i * num_return_sequences + j], stop)
+                    text_ids = r[:-1] if stopped else r
+                    group.append(Sample(p, r, stopped, tokenizer.decode(text_ids, skip_special_tokens=True)))
+                out.append(group)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sample_responses(model, tokenizer, prompts: list[Prompt], settings: SamplingSettings,
+                     num_return_sequences: int = 1, batch_size: int = 16,
+                     max_prompt_length: int | None = None) -> list[list[Sample]]:
+    """Render prompts with the shared template rule, then sample responses for each."""
+    ids = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
+    return sample_from_ids(model, tokenizer, ids, settings, num_return_sequences, batch_size)

@@ -1,0 +1,47 @@
+"""Sampling: pure temperature sampling, stop handling, left padding."""
+from __future__ import annotations
+
+import torch
+
+from tether.generation import (SamplingSettings, generation_config, left_pad, sample_responses,
+                               truncate_after_stop)
+
+
+def test_truncate_after_stop_keeps_the_stop_token_and_drops_the_rest():
+    assert truncate_after_stop([5, 6, 2, 7, 2], {2}) == ([5, 6, 2], True)
+    assert truncate_after_stop([5, 6, 7], {2}) == ([5, 6, 7], False)
+    assert truncate_after_stop([2], {2}) == ([2], True)
+
+
+def test_left_pad_right_aligns_and_builds_the_mask_from_lengths():
+    ids, mask = left_pad([[7, 8, 9], [2]], pad_id=2)  # pad id equal to a real token on purpose
+    assert ids.tolist() == [[7, 8, 9], [2, 2, 2]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_generation_config_is_pure_sampling(tokenizer):
+    config = generation_config(tokenizer, SamplingSettings(max_new_tokens=5, temperature=0.7))
+    assert config.do_sample and config.top_k == 0 and config.top_p == 1.0 and config.temperature == 0.7
+    assert config.repetition_penalty == 1.0 and config.min_new_tokens == 0
+    assert config.eos_token_id == [tokenizer.eos_token_id]
+
+
+def test_samples_stop_at_the_stop_token_and_respect_max_new_tokens(tiny_model_dir, tokenizer):
+    from tether.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    torch.manual_seed(0)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+    out = sample_responses(model, tokenizer, ["hello", "a much longer prompt here"], settings,
+                           num_return_sequences=3, batch_size=2)
+    assert len(out) == 2 and all(len(g) == 3 for g in out)
+    for group in out:
+        for s in group:
+            assert 1 <= len(s.response_ids) <= 6
+            if s.stopped:
+                assert s.response_ids[-1] == tokenizer.eos_token_id
+                assert tokenizer.eos_token_id not in s.response_ids[:-1]
+            else:
+                assert len(s.response_ids) == 6 and tokenizer.eos_token_id not in s.response_ids
+    # the same prompt gives the same ids whatever else is in the batch (left padding)
+    assert out[0][0].prompt_ids == out[0][1].prompt_ids
