@@ -81,3 +81,11 @@ def tiny_rm_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def annotator():
+    """The demo task's simulated annotator (all-MiniLM-L6-v2 embeddings; loads in a few seconds, once)."""
+    from tether.demo.annotator import default_annotator
+
+    return default_annotator()

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tether: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if name == "study" and rest and not rest[0].startswith("-"):
+        # `tether study overoptimization [flags]`: the study's name is a positional word
+        rest = ["--study", rest[0], *rest[1:]]
     module_name, config_name, function_name, description = COMMANDS[name]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tether.config import ConfigError, parse_config

@@ -10,6 +10,7 @@ Used by PPO rollouts, best-of-N, evaluation and the server. Two things make the 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,12 @@ class SamplingSettings:
     top_p: float = 1.0
     #: extra token ids that end a response besides the tokenizer's eos token
     extra_stop_token_ids: list[int] = field(default_factory=list)
+    #: True: never stop early, every response has exactly ``max_new_tokens`` tokens (throughput
+    #: benchmarks only: the sampling distribution is unchanged, but responses are not cut at a stop token)
+    fixed_length: bool = False
+    #: KV cache of ``generate``: None (dynamic) or "static" (pre-allocated; on CUDA, transformers then
+    #: compiles the decoding step; on CPU it simply runs uncompiled)
+    cache_implementation: str | None = None
 
 
 def stop_ids(tokenizer, settings: SamplingSettings) -> list[int]:
@@ -49,11 +56,46 @@ def generation_config(tokenizer, settings: SamplingSettings, num_return_sequence
         repetition_penalty=1.0,
         min_new_tokens=0,
         max_new_tokens=int(settings.max_new_tokens),
-        eos_token_id=stop_ids(tokenizer, settings),
+        # an empty list (not None, which would inherit the model's eos) disables stopping
+        eos_token_id=[] if settings.fixed_length else stop_ids(tokenizer, settings),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer),
         num_return_sequences=num_return_sequences,
         use_cache=True,
+        cache_implementation=settings.cache_implementation,
     )
+
+
+def _hf_model(model):
+    """The transformers model inside PEFT / DDP wrappers (the one whose ``generation_config`` generate reads)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextmanager
+def neutral_model_generation_config(model):
+    """Hide the model's own ``generation_config`` while sampling.
+
+    ``generate`` fills every field the passed config leaves as None from the model's
+    ``generation_config`` (transformers 5), so a model shipped with, say, ``min_p`` or
+    ``no_repeat_ngram_size`` would silently change the sampling distribution. During the call the
+    model sees a config holding only its special token ids.
+    """
+    from transformers import GenerationConfig
+
+    inner = _hf_model(model)
+    original = getattr(inner, "generation_config", None)
+    if original is None:
+        yield
+        return
+    inner.generation_config = GenerationConfig(bos_token_id=original.bos_token_id, eos_token_id=original.eos_token_id,
+                                               pad_token_id=original.pad_token_id,
+                                               decoder_start_token_id=original.decoder_start_token_id)
+    try:
+        yield
+    finally:
+        inner.generation_config = original
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +141,9 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start: start + batch_size]
             ids, mask = left_pad(chunk, pad_id)
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                       generation_config=config)
+            with neutral_model_generation_config(model):
+                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                           generation_config=config)
             responses = generated[:, ids.shape[1]:].tolist()
             for i, p in enumerate(chunk):
                 group = []
@@ -120,3 +163,68 @@ def sample_responses(model, tokenizer, prompts: list[Prompt], settings: Sampling
     """Render prompts with the shared template rule, then sample responses for each."""
     ids = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
     return sample_from_ids(model, tokenizer, ids, settings, num_return_sequences, batch_size)
+
+
+@dataclass
+class GeneratedBatch:
+    """Responses of one rollout as tensors (on the model's device).
+
+    ``responses`` is ``[B, R]``, right-padded with ``pad_id`` after each response's end; a response
+    is cut after its first stop token, which is kept (``lengths`` counts it). ``stopped`` says whether
+    the response ended with a stop token (always True with ``fixed_length``, where nothing is cut).
+    """
+
+    responses: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+
+    @property
+    def mask(self) -> torch.Tensor:
+        width = self.responses.shape[1]
+        return torch.arange(width, device=self.responses.device).unsqueeze(0) < self.lengths.unsqueeze(1)
+
+
+def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int) -> GeneratedBatch:
+    """Vectorised :func:`truncate_after_stop`: keep each row up to and including its first stop token."""
+    width = responses.shape[1]
+    is_stop = torch.isin(responses, torch.tensor(stop, device=responses.device))
+    stopped = is_stop.any(dim=1)
+    first = torch.where(stopped, is_stop.float().argmax(dim=1), torch.full_like(stopped, width - 1, dtype=torch.long))
+    lengths = first + 1
+    positions = torch.arange(width, device=responses.device).unsqueeze(0)
+    cut = torch.where(positions < lengths.unsqueeze(1), responses, torch.full_like(responses, pad_id))
+    return GeneratedBatch(cut, lengths, stopped)
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
+                   batch_size: int | None = None) -> GeneratedBatch:
+    """Sample one response per left-padded query (``[B, P]`` ids and mask), as tensors.
+
+    The tensor form of :func:`sample_from_ids` for PPO rollouts: the queries are already padded
+    and on the model's device, and the result stays there. Generation runs in chunks of
+    ``batch_size`` rows (all at once when None).
+    """
+    was_training = model.training
+    model.eval()
+    stop = stop_ids(tokenizer, settings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
+    config = generation_config(tokenizer, settings)
+    batch_size = batch_size or query_ids.shape[0]
+    chunks = []
+    try:
+        with neutral_model_generation_config(model):
+            for start in range(0, query_ids.shape[0], batch_size):
+                ids = query_ids[start: start + batch_size]
+                out = model.generate(input_ids=ids, attention_mask=query_mask[start: start + batch_size],
+                                     generation_config=config)
+                chunks.append(out[:, ids.shape[1]:])
+    finally:
+        model.train(was_training)
+    width = max(c.shape[1] for c in chunks)
+    responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    if settings.fixed_length:
+        n = responses.shape[0]
+        return GeneratedBatch(responses, torch.full((n,), width, dtype=torch.long, device=responses.device),
+                              torch.ones(n, dtype=torch.bool, device=responses.device))
+    return cut_at_first_stop(responses, stop, pad_id)

@@ -1,0 +1,525 @@
+"""``tether eval``: compare policies on held-out prompts.
+
+For each policy (SFT, PPO, DPO, a best-of-N entry, any checkpoint) it samples responses at the
+policy's temperature T and measures:
+
+* ``reward/score``: the reward model's score (normalised with the RM's saved statistics when
+  ``reward_stats.json`` sits beside it, so the units are those PPO trained on);
+* ``reward/gold``: the simulated annotator's g (demo task only; ``tether.demo.annotator``);
+* ``kl/ref``: KL(π‖π_ref) in nats per response at T, the k1 estimate on the policy's own samples
+  (for best-of-N: ``kl/bon_bound = log N − (N−1)/N``, an upper bound, instead);
+* ``response/length`` (tokens, stop token included), ``response/words``, ``response/stopped``;
+* ``diversity/distinct_1``, ``diversity/distinct_2`` and ``response/repetition`` (mode collapse);
+* ``bias/reward_length_pearson`` / ``_spearman`` (verbosity bias) and ``bias/gold_length_pearson``;
+* the built-in probe (``tether.evaluation.probes``): ``probe/factual_accuracy``,
+  ``probe/harmful_refusal_rate``, ``probe/benign_refusal_rate`` (greedy answers).
+
+It writes ``eval.json`` (every metric and the settings), ``samples.jsonl`` (every response with its
+scores), ``probes.jsonl`` and, unless ``--report false``, ``report.md`` and ``report.html``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from tether.config import ConfigError
+from tether.data.records import Prompt, PromptRecord
+from tether.evaluation.metrics import (
+    best_of_n_expected,
+    bon_kl_bound,
+    distinct_n,
+    length_stats,
+    mean_repetition_rate,
+    pearson,
+    per_sequence_kl,
+    spearman,
+    word_count,
+)
+from tether.evaluation.report import write_text_atomic
+from tether.models.loading import EMBEDDED_MODEL
+
+logger = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+SAMPLES_FILE = "samples.jsonl"
+PROBES_FILE = "probes.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    policies: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Policies to compare, as NAME=PATH (a bare PATH is named after its folder; `embedded` "
+                          "is the embedded default model). Example: --policies sft=out/sft ppo=out/ppo."},
+    )
+    reference: str = field(default=EMBEDDED_MODEL,
+                           metadata={"help": "Reference policy for KL (usually the SFT model)."})
+    reward_model_path: str | None = field(default=None,
+                                          metadata={"help": "Reward-model folder (from `tether rm`). Without it the "
+                                                            "reward-model metrics and best-of-N are skipped."})
+    prompts: str | None = field(default=None,
+                                metadata={"help": "Prompts file/folder/dataset. Default: the demo task's held-out "
+                                                  "prompts."})
+    prompts_split: str = field(default="train", metadata={"help": "Split of a hub dataset given as --prompts."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per prompt and policy."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each response."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature T (part of the policy; KL "
+                                                              "is measured at this T)."})
+    gold: str = field(default="auto", metadata={"help": "Gold score from the simulated annotator: auto (on for the "
+                                                        "demo prompts), on, or off."})
+    probes: bool = field(default=True, metadata={"help": "Run the factual and refusal probe."})
+    probe_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of probe answers."})
+    probe_temperature: float = field(default=0.0, metadata={"help": "Probe decoding temperature (0 = greedy)."})
+    best_of_n: list[int] = field(default_factory=list,
+                                 metadata={"help": "Add best-of-N entries for these N (needs --reward_model_path)."})
+    best_of_n_base: str | None = field(default=None,
+                                       metadata={"help": "Policy name (from --policies) that best-of-N samples "
+                                                         "from. Default: the first policy."})
+    side_by_side: int = field(default=4, metadata={"help": "Prompts shown with every policy's response."})
+    batch_size: int = field(default=8, metadata={"help": "Batch size for sampling and scoring."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are cut from the left."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every policy)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where eval.json, samples.jsonl and the "
+                                                                     "report go."})
+    report: bool = field(default=True, metadata={"help": "Also write report.md and report.html."})
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EvalResults:
+    """What :func:`evaluate_policies` measured.
+
+    ``metrics[name]`` maps metric names to numbers (None when not measured); ``samples`` holds one
+    row per response: ``policy, prompt_index, prompt, response, stopped, length, words, reward,
+    gold`` (reward/gold None when not measured); ``probe_responses[name]`` the probe answers.
+    """
+
+    metrics: dict[str, dict[str, Any]]
+    samples: list[dict[str, Any]]
+    probe_responses: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    temperature: float = 0.7
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def length_reward_points(self) -> list[dict[str, Any]]:
+        """``{"policy", "length", "reward", "gold"}`` per response, for the length-vs-reward scatter."""
+        return [{"policy": s["policy"], "length": s["length"], "reward": s["reward"], "gold": s["gold"]}
+                for s in self.samples]
+
+    def side_by_side(self, n_prompts: int = 4) -> list[dict[str, Any]]:
+        """The first response of every policy to the first ``n_prompts`` prompts."""
+        by_prompt: dict[int, dict[str, Any]] = {}
+        for s in self.samples:
+            if s["prompt_index"] >= n_prompts:
+                continue
+            row = by_prompt.setdefault(s["prompt_index"], {"prompt": s["prompt"], "responses": {}})
+            row["responses"].setdefault(s["policy"], {"response": s["response"], "reward": s["reward"],
+                                                      "gold": s["gold"]})
+        return [by_prompt[i] for i in sorted(by_prompt)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "settings": self.settings, "metrics": self.metrics}
+
+
+def _prompt_json(prompt: Prompt):
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def _finite_mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def text_metrics(texts: Sequence[str], lengths: Sequence[int], stopped: Sequence[bool],
+                 rewards: Sequence[float] | None, golds: Sequence[float] | None) -> dict[str, Any]:
+    """Every metric that needs only the responses and their scores (no model)."""
+    lens = length_stats(lengths)
+    out: dict[str, Any] = {
+        "samples": len(texts),
+        "reward/score": _finite_mean(rewards) if rewards is not None else None,
+        "reward/score_std": float(np.std(rewards)) if rewards else None,
+        "reward/gold": _finite_mean(golds) if golds is not None else None,
+        "reward/gold_std": float(np.std(golds)) if golds else None,
+        "response/length": _nan_to_none(lens["mean"]),
+        "response/length_median": _nan_to_none(lens["median"]),
+        "response/words": float(np.mean([word_count(t) for t in texts])) if texts else None,
+        "response/stopped": float(np.mean(stopped)) if len(stopped) else None,
+        "response/repetition": mean_repetition_rate(texts, 3),
+        "diversity/distinct_1": distinct_n(texts, 1),
+        "diversity/distinct_2": distinct_n(texts, 2),
+        "bias/reward_length_pearson": _nan_to_none(pearson(lengths, rewards)) if rewards else None,
+        "bias/reward_length_spearman": _nan_to_none(spearman(lengths, rewards)) if rewards else None,
+        "bias/gold_length_pearson": _nan_to_none(pearson(lengths, golds)) if golds else None,
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+class _Models:
+    """Loads each path once; models given as objects pass through."""
+
+    def __init__(self, dtype: str | None):
+        self.dtype = dtype
+        self._cache: dict[str, Any] = {}
+
+    def causal_lm(self, model_or_path):
+        if not isinstance(model_or_path, (str, os.PathLike)):
+            return model_or_path
+        key = str(model_or_path)
+        if key not in self._cache:
+            from tether.models.loading import disable_dropout, load_causal_lm
+
+            model = load_causal_lm(key, dtype=self.dtype)
+            disable_dropout(model)
+            self._cache[key] = model.eval()
+        return self._cache[key]
+
+
+def load_reward(reward_model, reward_tokenizer=None):
+    """``(model, tokenizer, stats or None)`` from a folder or ready objects."""
+    from tether.models.loading import load_scalar_model, load_tokenizer
+    from tether.models.scoring import REWARD_STATS_FILE, load_reward_stats
+
+    if isinstance(reward_model, (str, os.PathLike)):
+        path = Path(reward_model)
+        model = load_scalar_model(str(path)).eval()
+        tokenizer = reward_tokenizer or load_tokenizer(str(path))
+        stats = load_reward_stats(path) if (path / REWARD_STATS_FILE).is_file() else None
+        return model, tokenizer, stats
+    return reward_model, reward_tokenizer, None
+
+
+def rm_scores(reward_model, reward_tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
+              stats=None, batch_size: int = 8, max_prompt_length: int | None = None) -> list[float]:
+    """The reward model's score of each response, normalised with ``stats`` when given."""
+    from tether.models.scoring import normalise, score_texts
+
+    if not responses:
+        return []
+    scores = score_texts(reward_model, reward_tokenizer, list(prompts), list(responses), batch_size=batch_size,
+                         max_prompt_length=max_prompt_length)
+    if stats is not None:
+        scores = normalise(scores, stats)
+    return [float(s) for s in scores]
+
+
+def select_best_of_n(groups: Sequence[Sequence[Any]], scores: Sequence[Sequence[float]]) -> list[tuple[Any, float]]:
+    """The highest-scoring member of each group with its score (first one on ties)."""
+    out = []
+    for group, s in zip(groups, scores, strict=True):
+        best = max(range(len(group)), key=lambda j: (s[j], -j))
+        out.append((group[best], s[best]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the evaluation
+# ---------------------------------------------------------------------------------------------
+def evaluate_policies(
+    policies: Mapping[str, Any],
+    reference: Any,
+    reward_model: Any,
+    tokenizer,
+    prompts: Sequence[Prompt | PromptRecord],
+    *,
+    reward_tokenizer=None,
+    reward_stats=None,
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    samples_per_prompt: int = 1,
+    gold: bool | Any = True,
+    probes: bool = True,
+    probe_max_new_tokens: int = 64,
+    probe_temperature: float = 0.0,
+    best_of_n: Mapping[str, tuple[str, int]] | None = None,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+) -> EvalResults:
+    """Sample from every policy on ``prompts`` and measure it (see the module docstring).
+
+    ``policies`` maps names to causal LMs or their paths; ``reference`` is the KL reference (model,
+    path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
+    and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
+    ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
+    the reward model's favourite kept, KL reported as the analytic bound.
+    """
+    if temperature <= 0:
+        raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
+    from tether.generation import SamplingSettings, sample_responses
+
+    models = _Models(dtype)
+    raw_prompts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
+    if not raw_prompts:
+        raise ValueError("no prompts to evaluate on")
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    ref_model = models.causal_lm(reference) if reference is not None else None
+    rm = rm_tok = None
+    if reward_model is not None:
+        rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer)
+        reward_stats = reward_stats if reward_stats is not None else loaded_stats
+        rm_tok = rm_tok or tokenizer
+    annotator = None
+    if gold is True:
+        from tether.demo.annotator import default_annotator
+
+        annotator = default_annotator()
+    elif gold not in (False, None):
+        annotator = gold
+    best_of_n = dict(best_of_n or {})
+    if best_of_n and rm is None:
+        raise ValueError("best-of-N entries need a reward model")
+    for name, (base, n) in best_of_n.items():
+        if base not in policies:
+            raise ValueError(f"best-of-N entry {name!r}: base policy {base!r} is not among {list(policies)}")
+        if n < 1:
+            raise ValueError(f"best-of-N entry {name!r}: N must be >= 1")
+
+    metrics: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    probe_responses: dict[str, list[dict[str, str]]] = {}
+
+    def measure(name: str, flat_prompts, flat_index, flat_samples, kl_values, kl_bound=None, rewards=None):
+        texts = [s.text for s in flat_samples]
+        stopped = [bool(s.stopped) for s in flat_samples]
+        lengths = [len(s.response_ids) for s in flat_samples]
+        t0 = time.perf_counter()
+        if rewards is None and rm is not None:
+            rewards = rm_scores(rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length)
+        golds = annotator.scores(flat_prompts, texts, stopped) if annotator is not None else None
+        m = text_metrics(texts, lengths, stopped, rewards, golds)
+        m["kl/ref"] = _finite_mean(kl_values) if kl_values is not None else None
+        m["kl/bon_bound"] = kl_bound
+        m["time/score"] = time.perf_counter() - t0
+        metrics[name] = m
+        for k, (p, i, s) in enumerate(zip(flat_prompts, flat_index, flat_samples)):
+            rows.append({"policy": name, "prompt_index": i, "prompt": _prompt_json(p), "response": s.text,
+                         "stopped": bool(s.stopped), "length": len(s.response_ids), "words": word_count(s.text),
+                         "reward": None if rewards is None else rewards[k],
+                         "gold": None if golds is None else golds[k],
+                         "kl": None if kl_values is None else kl_values[k]})
+
+    for name, model_or_path in policies.items():
+        logger.info("eval: sampling %d x %d responses from %s", len(raw_prompts), samples_per_prompt, name)
+        model = models.causal_lm(model_or_path)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        groups = sample_responses(model, tokenizer, raw_prompts, settings, num_return_sequences=samples_per_prompt,
+                                  batch_size=batch_size, max_prompt_length=max_prompt_length)
+        t_generate = time.perf_counter() - t0
+        flat = [s for g in groups for s in g]
+        flat_prompts = [p for p, g in zip(raw_prompts, groups) for _ in g]
+        flat_index = [i for i, g in enumerate(groups) for _ in g]
+        kl_values = None
+        if ref_model is not None:
+            kl_values = ([0.0] * len(flat) if model is ref_model
+                         else per_sequence_kl(model, ref_model, tokenizer, flat, temperature, batch_size))
+        measure(name, flat_prompts, flat_index, flat, kl_values)
+        metrics[name]["time/generate"] = t_generate
+        if probes:
+            from tether.evaluation.probes import run_probes
+
+            result = run_probes(model, tokenizer, max_new_tokens=probe_max_new_tokens, temperature=probe_temperature,
+                                batch_size=batch_size, max_prompt_length=max_prompt_length)
+            metrics[name]["probe/factual_accuracy"] = result["factual_accuracy"]
+            metrics[name]["probe/harmful_refusal_rate"] = result["harmful_refusal_rate"]
+            metrics[name]["probe/benign_refusal_rate"] = result["benign_refusal_rate"]
+            probe_responses[name] = result["responses"]
+
+    for name, (base, n) in best_of_n.items():
+        logger.info("eval: best-of-%d from %s", n, base)
+        model = models.causal_lm(policies[base])
+        torch.manual_seed(seed)
+        groups = sample_responses(model, tokenizer, raw_prompts, settings,
+                                  num_return_sequences=n * samples_per_prompt, batch_size=max(1, batch_size // n),
+                                  max_prompt_length=max_prompt_length)
+        chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
+        for i, (p, g) in enumerate(zip(raw_prompts, groups)):
+            scores = rm_scores(rm, rm_tok, [p] * len(g), [s.text for s in g], reward_stats, batch_size,
+                               max_prompt_length)
+            subgroups = [g[k * n:(k + 1) * n] for k in range(samples_per_prompt)]
+            subscores = [scores[k * n:(k + 1) * n] for k in range(samples_per_prompt)]
+            for sample, score in select_best_of_n(subgroups, subscores):
+                chosen.append(sample)
+                chosen_scores.append(score)
+                flat_prompts.append(p)
+                flat_index.append(i)
+        measure(name, flat_prompts, flat_index, chosen, None, kl_bound=bon_kl_bound(n), rewards=chosen_scores)
+
+    return EvalResults(
+        metrics=metrics, samples=rows, probe_responses=probe_responses, temperature=temperature,
+        settings={"temperature": temperature, "max_new_tokens": max_new_tokens,
+                  "samples_per_prompt": samples_per_prompt, "prompts": len(raw_prompts), "seed": seed,
+                  "reward_normalised": reward_stats is not None, "gold": annotator is not None,
+                  "probe_temperature": probe_temperature, "kl_estimator": "k1, nats per response at T"},
+    )
+
+
+def bon_curve(base_model, tokenizer, reward_model, prompts: Sequence[Prompt | PromptRecord], *,
+              ns: Sequence[int] = (1, 2, 4, 8, 16), reward_tokenizer=None, reward_stats=None,
+              gold: bool | Any = True, temperature: float = 0.7, max_new_tokens: int = 64, batch_size: int = 8,
+              max_prompt_length: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Best-of-N proxy and gold reward for each N, against the analytic KL bound.
+
+    Samples ``max(ns)`` responses per prompt once, scores them all, and for each N takes the
+    expectation over random N-subsets (``tether.evaluation.metrics.best_of_n_expected``), averaged
+    over prompts. Rows: ``{"n", "kl_bound", "proxy", "gold"}`` (gold None without an annotator).
+    """
+    from tether.generation import SamplingSettings, sample_responses
+
+    m = max(ns)
+    raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
+    models = _Models(None)
+    model = models.causal_lm(base_model)
+    rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer)
+    rm_tok = rm_tok or tokenizer
+    stats = reward_stats if reward_stats is not None else loaded_stats
+    annotator = None
+    if gold is True:
+        from tether.demo.annotator import default_annotator
+
+        annotator = default_annotator()
+    elif gold not in (False, None):
+        annotator = gold
+    torch.manual_seed(seed)
+    groups = sample_responses(model, tokenizer, raw, SamplingSettings(max_new_tokens=max_new_tokens,
+                                                                      temperature=temperature),
+                              num_return_sequences=m, batch_size=max(1, batch_size // m),
+                              max_prompt_length=max_prompt_length)
+    flat_prompts = [p for p, g in zip(raw, groups) for _ in g]
+    texts = [s.text for g in groups for s in g]
+    proxy = rm_scores(rm, rm_tok, flat_prompts, texts, stats, batch_size, max_prompt_length)
+    golds = (annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g])
+             if annotator is not None else None)
+    rows = []
+    for n in sorted(set(ns)):
+        proxy_n, gold_n = [], []
+        for i in range(len(raw)):
+            p_i = proxy[i * m:(i + 1) * m]
+            proxy_n.append(best_of_n_expected(p_i, p_i, n))
+            if golds is not None:
+                gold_n.append(best_of_n_expected(p_i, golds[i * m:(i + 1) * m], n))
+        rows.append({"n": n, "kl_bound": bon_kl_bound(n), "proxy": float(np.mean(proxy_n)),
+                     "gold": float(np.mean(gold_n)) if golds is not None else None})
+    return rows
+
+
+def overopt_points(results: EvalResults | Mapping[str, Mapping[str, Any]],
+                   names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``{"name", "kl", "gold", "proxy"}`` per evaluated policy/checkpoint, for the over-optimisation plot.
+
+    Put the starting policy (KL 0) first in ``names``; the plot recentres on it.
+    """
+    metrics = results.metrics if isinstance(results, EvalResults) else results
+    names = list(names) if names is not None else list(metrics)
+    points = []
+    for name in names:
+        m = metrics[name]
+        kl = m.get("kl/ref")
+        if kl is None:
+            continue
+        points.append({"name": name, "kl": kl, "gold": m.get("reward/gold"), "proxy": m.get("reward/score")})
+    return points
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def parse_policy_specs(specs: Sequence[str]) -> dict[str, str]:
+    """``["sft=out/sft", "out/ppo"] -> {"sft": "out/sft", "ppo": "out/ppo"}``; names must be unique."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            name = "embedded" if spec.startswith("embedded") else (Path(spec.rstrip("/")).name or spec)
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise ConfigError(f"--policies {spec!r}: expected NAME=PATH")
+        if name in out:
+            raise ConfigError(f"--policies: the name {name!r} is used twice")
+        out[name] = path
+    return out
+
+
+def write_eval_outputs(output_dir: str | Path, results: EvalResults, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """``eval.json``, ``samples.jsonl`` and ``probes.jsonl`` in ``output_dir``, each written atomically."""
+    out = Path(output_dir)
+    doc = results.to_json()
+    if extra:
+        doc.update(extra)
+    paths = {"eval": out / EVAL_FILE, "samples": out / SAMPLES_FILE, "probes": out / PROBES_FILE}
+    write_text_atomic(paths["eval"], json.dumps(doc, indent=2, default=str) + "\n")
+    write_text_atomic(paths["samples"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results.samples))
+    probe_rows = [{"policy": name, **r} for name, rs in results.probe_responses.items() for r in rs]
+    write_text_atomic(paths["probes"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in probe_rows))
+    return paths
+
+
+def run_eval(config: EvalConfig) -> EvalResults:
+    """Run ``tether eval`` from its config: load everything, evaluate, write files and the report."""
+    from tether.demo.task import heldout_prompts, is_demo_prompt
+    from tether.models.loading import load_tokenizer
+
+    policies = parse_policy_specs(config.policies)
+    if not policies:
+        raise ConfigError("--policies: name at least one policy (NAME=PATH)")
+    if config.gold not in ("auto", "on", "off"):
+        raise ConfigError(f"--gold {config.gold!r}: use auto, on or off")
+    if config.samples_per_prompt < 1:
+        raise ConfigError("--samples_per_prompt must be >= 1")
+    if config.temperature <= 0:
+        raise ConfigError("--temperature must be > 0: the temperature is part of the policy and KL is measured at it")
+    if config.best_of_n and not config.reward_model_path:
+        raise ConfigError("--best_of_n needs --reward_model_path")
+    if config.prompts is None:
+        prompts = heldout_prompts()
+    else:
+        from tether.data.loading import load_prompts
+
+        prompts = load_prompts(config.prompts, split=config.prompts_split)
+    if config.num_prompts is not None:
+        prompts = prompts[: config.num_prompts]
+    gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))
+    base = config.best_of_n_base or next(iter(policies))
+    if config.best_of_n and base not in policies:
+        raise ConfigError(f"--best_of_n_base {base!r} is not one of the --policies names {list(policies)}")
+    best = {f"best-of-{n}": (base, int(n)) for n in config.best_of_n}
+    tokenizer = load_tokenizer(next(iter(policies.values())))
+    reference = None if config.reference in ("", "none") else config.reference
+    results = evaluate_policies(
+        policies, reference, config.reward_model_path, tokenizer, prompts,
+        temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+        samples_per_prompt=config.samples_per_prompt, gold=gold, probes=config.probes,
+        probe_max_new_tokens=config.probe_max_new_tokens, probe_temperature=config.probe_temperature,
+        best_of_n=best, batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,
+        seed=config.seed, dtype=config.dtype,
+    )
+    write_eval_outputs(config.output_dir, results, {"config": asdict(config)})
+    if config.report:
+        from tether.evaluation.report import write_report
+
+        write_report(config.output_dir, eval_results=results, temperature=config.temperature,
+                     length_reward_points=results.length_reward_points(),
+                     side_by_side=results.side_by_side(config.side_by_side))
+    logger.info("eval: wrote %s", Path(config.output_dir) / EVAL_FILE)
+    return results

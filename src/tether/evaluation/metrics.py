@@ -1,0 +1,302 @@
+"""Evaluation metrics: each one a small function with its formula in the docstring.
+
+Text statistics work on *words*: ``words(text)`` is the lowercased list of ``\\w+`` runs (Unicode
+letters, digits and underscore), so punctuation and whitespace never count as words and "Cat," and
+"cat" are the same word. Model-dependent quantities (log-probs, KL) work on token ids.
+
+Over-optimisation (Gao et al. 2022): the x-axis is ``d = √KL`` with KL in nats per response, the
+gold reward is recentred to 0 at the starting policy, and two functional forms are fitted by least
+squares on this run's points (the coefficients are setup-specific; none are borrowed):
+
+    best-of-N:   R_bon(d) = d (α − β d)          peak at d* = α / (2β)
+    RL (PPO):    R_RL(d)  = d (α − β log d)      peak at d* = exp(α/β − 1)
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Sequence
+
+import numpy as np
+import torch
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+# ---------------------------------------------------------------------------------------------
+# text statistics
+# ---------------------------------------------------------------------------------------------
+def words(text: str) -> list[str]:
+    """Lowercased ``\\w+`` runs of ``text``: ``"Hi, hi!" -> ["hi", "hi"]``."""
+    return _WORD.findall(text.lower())
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    """Contiguous n-grams: ``len(tokens) − n + 1`` of them (none when the text is shorter than n)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Corpus-level distinct-n (Li et al. 2016): ``|unique n-grams| / |n-grams|`` over all responses.
+
+    Pooled over the whole set, so a policy that gives every prompt the same answer scores low even
+    when each answer is internally varied (mode collapse). 0.0 when there is no n-gram at all.
+    """
+    grams: list[tuple[str, ...]] = []
+    for t in texts:
+        grams.extend(ngrams(words(t), n))
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """Share of a response's word n-grams that repeat an earlier n-gram of the same response.
+
+        rep_n(y) = (|n-grams(y)| − |unique n-grams(y)|) / |n-grams(y)|,   0 when y has fewer than n words.
+
+    "a b c a b c" has 3-grams abc, bca, cab, abc: one of four repeats, so rep_3 = 0.25. A response
+    stuck in a loop approaches 1.
+    """
+    grams = ngrams(words(text), n)
+    if not grams:
+        return 0.0
+    return (len(grams) - len(set(grams))) / len(grams)
+
+
+def mean_repetition_rate(texts: Sequence[str], n: int = 3) -> float:
+    """Mean of :func:`repetition_rate` over responses (0.0 for none)."""
+    return float(np.mean([repetition_rate(t, n) for t in texts])) if texts else 0.0
+
+
+def length_stats(lengths: Sequence[float]) -> dict[str, float]:
+    """``mean``, ``median``, ``std`` (population, ``ddof=0``), ``min`` and ``max`` of the lengths."""
+    if len(lengths) == 0:
+        return {"mean": math.nan, "median": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    a = np.asarray(lengths, dtype=float)
+    return {"mean": float(a.mean()), "median": float(np.median(a)), "std": float(a.std()),
+            "min": float(a.min()), "max": float(a.max())}
+
+
+# ---------------------------------------------------------------------------------------------
+# correlation (verbosity bias: does the reward simply pay for length?)
+# ---------------------------------------------------------------------------------------------
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """``r = Σ(x−x̄)(y−ȳ) / sqrt(Σ(x−x̄)² Σ(y−ȳ)²)``; NaN when either side is constant or n < 2."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"pearson: {a.size} x values but {b.size} y values")
+    if a.size < 2:
+        return math.nan
+    da, db = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
+    if denom == 0.0:
+        return math.nan
+    return float((da * db).sum() / denom)
+
+
+def rankdata(x: Sequence[float]) -> np.ndarray:
+    """Ranks 1..n, ties given the mean of the ranks they span (``[10, 20, 20, 30] -> [1, 2.5, 2.5, 4]``)."""
+    a = np.asarray(x, dtype=float)
+    order = np.argsort(a, kind="mergesort")
+    ranks = np.empty(a.size, dtype=float)
+    sorted_a = a[order]
+    i = 0
+    while i < a.size:
+        j = i
+        while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's ρ: the Pearson correlation of the (tie-averaged) ranks."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
+    return pearson(rankdata(x), rankdata(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# KL between a policy and the reference, from its own samples
+# ---------------------------------------------------------------------------------------------
+def kl_k1_per_sequence(policy_logprobs: Sequence[Sequence[float]],
+                       reference_logprobs: Sequence[Sequence[float]]) -> list[float]:
+    """Per response ``Σ_t (log π(a_t|s_t) − log π_ref(a_t|s_t))`` over its tokens (stop token included).
+
+    With responses sampled from π this is an unbiased (k1) estimate of KL(π‖π_ref) per response.
+    """
+    out = []
+    for lp, lr in zip(policy_logprobs, reference_logprobs, strict=True):
+        if len(lp) != len(lr):
+            raise ValueError(f"a response has {len(lp)} policy log-probs but {len(lr)} reference log-probs")
+        out.append(float(sum(a - b for a, b in zip(lp, lr))))
+    return out
+
+
+@torch.no_grad()
+def response_token_logprobs(model, samples: Sequence, temperature: float, pad_token_id: int,
+                            batch_size: int = 8) -> list[list[float]]:
+    """``log softmax(logits/T)`` of each response token given its prompt and the earlier response tokens.
+
+    ``samples`` carry ``prompt_ids`` and ``response_ids`` (``tether.generation.Sample``). Sequences
+    are right-padded with a mask built from lengths, so positions are those of the unpadded text.
+    T must be the temperature the samples were drawn at: the temperature is part of the policy.
+    """
+    if temperature <= 0:
+        raise ValueError("log-probs need a sampling temperature > 0 (greedy decoding has no density)")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in samples]
+    try:
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs = [list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), int(pad_token_id), dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, s in enumerate(seqs):
+                ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[row, :len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for row, i in enumerate(chunk):
+                n_prompt, n_resp = len(samples[i].prompt_ids), len(samples[i].response_ids)
+                if n_resp == 0:
+                    continue
+                # logits at position t predict token t + 1
+                step_logits = logits[row, n_prompt - 1:n_prompt - 1 + n_resp].float() / temperature
+                targets = ids[row, n_prompt:n_prompt + n_resp].to(step_logits.device)
+                lp = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+                out[i] = lp.cpu().tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def per_sequence_kl(policy, reference, tokenizer, samples: Sequence, temperature: float,
+                    batch_size: int = 8) -> list[float]:
+    """k1 KL estimate of each sample (see :func:`kl_k1_per_sequence`), log-probs at temperature T."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lp = response_token_logprobs(policy, samples, temperature, pad, batch_size)
+    lr = response_token_logprobs(reference, samples, temperature, pad, batch_size)
+    return kl_k1_per_sequence(lp, lr)
+
+
+def sequence_kl(policy, reference, tokenizer, samples: Sequence, temperature: float, batch_size: int = 8) -> float:
+    """KL(π‖π_ref) in nats per response: ``mean_i Σ_t (log π − log π_ref)`` over the policy's own samples."""
+    values = per_sequence_kl(policy, reference, tokenizer, samples, temperature, batch_size)
+    return float(np.mean(values)) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# best-of-N
+# ---------------------------------------------------------------------------------------------
+def bon_kl_bound(n: int) -> float:
+    """``KL(π_bon ‖ π) ≤ log N − (N − 1)/N`` (Beirami et al. 2024); exact only when the N samples are distinct."""
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_expected(proxy: Sequence[float], values: Sequence[float], n: int) -> float:
+    """Expected ``value`` of the proxy's favourite among N draws without replacement from m samples.
+
+    With the m samples sorted by proxy score (ascending, ranks i = 1..m), the i-th is the best of a
+    uniformly random N-subset with probability ``C(i−1, N−1) / C(m, N)``, so
+
+        E[value of best-of-N] = Σ_i C(i−1, N−1) / C(m, N) · value_(i)
+
+    This uses all m samples for every N ≤ m (lower variance than one draw of N). Ties in the proxy
+    are broken by position.
+    """
+    m = len(proxy)
+    if len(values) != m:
+        raise ValueError(f"{m} proxy scores but {len(values)} values")
+    if not 1 <= n <= m:
+        raise ValueError(f"N must be between 1 and the number of samples {m}, got {n}")
+    order = sorted(range(m), key=lambda i: (proxy[i], i))
+    total = math.comb(m, n)
+    return float(sum(math.comb(rank, n - 1) / total * values[i] for rank, i in enumerate(order)))
+
+
+# ---------------------------------------------------------------------------------------------
+# over-optimisation fits (Gao et al. 2022)
+# ---------------------------------------------------------------------------------------------
+def _lstsq_two(features_a: np.ndarray, features_b: np.ndarray, r: np.ndarray) -> tuple[float, float]:
+    design = np.stack([features_a, features_b], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, r, rcond=None)
+    return float(a), float(b)
+
+
+def r_bon(d, alpha: float, beta: float):
+    """``R_bon(d) = d (α − β d)``."""
+    d = np.asarray(d, dtype=float)
+    return d * (alpha - beta * d)
+
+
+def _d_log_d(d: np.ndarray) -> np.ndarray:
+    safe = np.where(d > 0, d, 1.0)
+    return np.where(d > 0, d * np.log(safe), 0.0)  # d log d → 0 as d → 0
+
+
+def r_rl(d, alpha: float, beta: float):
+    """``R_RL(d) = d (α − β log d)``, with ``R_RL(0) = 0``."""
+    d = np.asarray(d, dtype=float)
+    return alpha * d - beta * _d_log_d(d)
+
+
+def _check_points(d: Sequence[float], r: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    d_arr, r_arr = np.asarray(d, dtype=float), np.asarray(r, dtype=float)
+    if d_arr.shape != r_arr.shape:
+        raise ValueError(f"{d_arr.size} d values but {r_arr.size} rewards")
+    if np.any(d_arr < 0):
+        raise ValueError("d = sqrt(KL) must be >= 0")
+    if np.count_nonzero(d_arr > 0) < 2:
+        raise ValueError("a fit needs at least two points with d > 0")
+    return d_arr, r_arr
+
+
+def fit_bon(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``(α, β)`` of ``R = d (α − β d) = α·d − β·d²`` (linear in α, β; no intercept)."""
+    d_arr, r_arr = _check_points(d, r)
+    return _lstsq_two(d_arr, -d_arr ** 2, r_arr)
+
+
+def fit_rl(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
+    """Least-squares ``(α, β)`` of ``R = d (α − β log d) = α·d − β·d log d`` (no intercept)."""
+    d_arr, r_arr = _check_points(d, r)
+    return _lstsq_two(d_arr, -_d_log_d(d_arr), r_arr)
+
+
+def bon_peak(alpha: float, beta: float) -> float:
+    """``d* = α / (2β)``, the maximum of ``R_bon``; NaN when β ≤ 0 (no maximum)."""
+    return alpha / (2 * beta) if beta > 0 else math.nan
+
+
+def rl_peak(alpha: float, beta: float) -> float:
+    """``d* = exp(α/β − 1)``, where ``dR_RL/dd = α − β(log d + 1) = 0``; NaN when β ≤ 0 (no maximum)."""
+    if beta <= 0:
+        return math.nan
+    exponent = alpha / beta - 1
+    return math.exp(exponent) if exponent < 700 else math.inf
+
+
+def recentre(values: Sequence[float], baseline: float) -> list[float]:
+    """``R_i − R_start``: gold (or proxy) reward relative to the starting policy, as the fits expect."""
+    return [float(v) - float(baseline) for v in values]
+
+
+def word_count(text: str) -> int:
+    return len(words(text))
+
+
+def most_common_response_share(texts: Sequence[str]) -> float:
+    """Share of responses equal to the most common one (after whitespace/case folding); 1.0 = total collapse."""
+    if not texts:
+        return 0.0
+    counts = Counter(" ".join(words(t)) for t in texts)
+    return counts.most_common(1)[0][1] / len(texts)

@@ -1,0 +1,237 @@
+"""Reading a scalar model (reward or value model) at the last real token, and reward normalisation.
+
+The score of a sequence is the linear head's output on the hidden state of its **last real token**,
+found from the attention mask (or from lengths), never from ``token == pad``: SmolLM2 pads with its
+stop token, and every scored text ends with that stop token, so "last token that is not pad" would
+land one token early. The same positions work for right and left padding.
+
+Position ids always follow the real tokens (``cumsum(mask) - 1``), so a left-padded sequence gets
+exactly the positions it would get unpadded.
+
+PPO imports :func:`score_texts`, :func:`score_at_last_token`, :class:`RewardStats`,
+:func:`load_reward_stats` and :func:`normalise`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+REWARD_STATS_FILE = "reward_stats.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# positions
+# ---------------------------------------------------------------------------------------------
+def last_token_indices(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row: ``max{t : mask[b, t] = 1}``.
+
+    Works for right padding (``length - 1``) and left padding (``T - 1``). A row with no real
+    token gets index 0.
+    """
+    mask = attention_mask.to(torch.long)
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask).argmax(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``p[b, t] = (Σ_{s≤t} mask[b, s]) − 1``, clamped at 0: positions count real tokens only."""
+    mask = attention_mask.to(torch.long)
+    return (mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def padded_batch(sequences: Sequence[Sequence[int]], pad_token_id: int,
+                 padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` for token lists of different lengths; the mask comes from lengths."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max((len(s) for s in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token head outputs
+# ---------------------------------------------------------------------------------------------
+def _unwrap(model):
+    """The sequence-classification model inside DDP / accelerate / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
+    if callable(get_base):
+        model = get_base()
+    return model
+
+
+def head_module(model) -> torch.nn.Module:
+    """The scalar read-out (``score`` for most architectures, ``classifier`` for some), possibly PEFT-wrapped."""
+    inner = _unwrap(model)
+    for name in ("score", "classifier"):
+        head = getattr(inner, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(inner).__name__} has no `score`/`classifier` head: is it a sequence-classification model?")
+
+
+@contextlib.contextmanager
+def capture_token_scores(model) -> Iterator[list[torch.Tensor]]:
+    """Collect the head's output on every position during a forward pass of ``model``.
+
+    Sequence-classification models apply the head to all positions and then pool with
+    ``input_ids != pad_token_id``, which is wrong when pad == stop token. Reading the head's
+    per-token output lets tether pick positions itself while the forward still runs through the
+    model's own ``forward`` (so DDP, PEFT and gradient checkpointing behave as usual).
+    """
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output)
+
+    handle = head_module(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Head output at every position, shape ``[B, T]`` (``attention_mask`` may be 2-D or a 4-D custom mask)."""
+    with capture_token_scores(model) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if not captured:
+        raise RuntimeError("the model's forward pass did not call its score head")
+    out = captured[-1]
+    if out.shape[-1] != 1:
+        raise ValueError(f"expected a scalar head (num_labels=1), got {out.shape[-1]} outputs")
+    return out.squeeze(-1)
+
+
+def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score of each row, read at its last real token; shape ``[B]``. Right or left padding."""
+    position_ids = position_ids_from_mask(attention_mask)
+    scores = token_scores(model, input_ids, attention_mask, position_ids)
+    index = last_token_indices(attention_mask).to(scores.device)
+    return scores.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Scores of token sequences, batched by similar length (less padding), returned in input order."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, attention_mask = padded_batch([sequences[i] for i in chunk], pad_token_id)
+        out = score_at_last_token(model, input_ids.to(device), attention_mask.to(device))
+        scores[torch.tensor(chunk)] = out.float().cpu()
+    return scores
+
+
+def score_texts(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16,
+                max_length: int | None = None, max_prompt_length: int | None = None) -> torch.Tensor:
+    """Reward of each (prompt, response) pair, tokenised by the one rule of ``tether.data.templates``.
+
+    ``tokens = prompt_ids(prompt) + response_ids(response)`` (the response ends with the stop
+    token), exactly as the reward model was trained on; the score is read at the last token.
+    """
+    from tether.data.templates import prompt_response_ids
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    sequences = [prompt_response_ids(tokenizer, p, r, max_length, max_prompt_length)[0]
+                 for p, r in zip(prompts, responses)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        return score_sequences(model, sequences, pad, batch_size)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# normalisation
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RewardStats:
+    """Mean and standard deviation of the reward model's raw scores on a reference sample.
+
+    ``source`` says what the sample was (e.g. "training pairs: chosen and rejected responses")
+    and ``count`` how many scores it held.
+    """
+
+    mean: float
+    std: float
+    count: int = 0
+    source: str = ""
+
+    @property
+    def gain(self) -> float:
+        return 1.0 / self.std
+
+    @property
+    def bias(self) -> float:
+        return -self.mean / self.std
+
+
+def reward_stats(scores: torch.Tensor, source: str = "") -> RewardStats:
+    """``mean = (1/n) Σ s_i``, ``std = sqrt((1/n) Σ (s_i − mean)²)`` (biased, as TF ``moments``)."""
+    values = scores.detach().double().flatten()
+    if values.numel() == 0:
+        raise ValueError("reward statistics need at least one score")
+    mean = values.mean().item()
+    std = values.var(unbiased=False).sqrt().item()
+    return RewardStats(mean=mean, std=std, count=int(values.numel()), source=source)
+
+
+def normalise(scores: torch.Tensor, stats: RewardStats, eps: float = 1e-8) -> torch.Tensor:
+    """Gain and bias that make the reference sample N(0, 1) (Ziegler et al. 2019):
+
+        s' = g·s + b   with   g = 1 / (std + eps),   b = −mean · g      i.e.   s' = (s − mean) / (std + eps)
+    """
+    gain = 1.0 / (stats.std + eps)
+    return (scores - stats.mean) * gain
+
+
+def save_reward_stats(stats: RewardStats, folder: str | Path) -> Path:
+    path = Path(folder) / REWARD_STATS_FILE
+    row = asdict(stats)
+    row["formula"] = "normalised = (score - mean) / std"
+    path.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_reward_stats(path: str | Path) -> RewardStats:
+    """Read ``reward_stats.json`` from a reward-model folder (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REWARD_STATS_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no reward statistics (train the reward model with `tether rm`, "
+                                "which saves them beside the weights)") from None
+    try:
+        mean, std = float(data["mean"]), float(data["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: expected numeric fields 'mean' and 'std' ({exc})") from None
+    if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
+        raise ValueError(f"{path}: unusable statistics mean={mean} std={std} (std must be > 0)")
+    return RewardStats(mean=mean, std=std, count=int(data.get("count", 0)), source=str(data.get("source", "")))

@@ -1,0 +1,608 @@
+"""``tether dpo``: Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference.
+
+The policy is trained directly on preference pairs; the reference (the starting model) stays fixed
+and enters only through its log-probabilities of the chosen and rejected responses:
+
+    h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))
+    sigmoid:  L = −log σ(β·h)            ipo: L = (h − 1/(2β))²          hinge: L = max(0, 1 − β·h)
+    label smoothing ε (conservative DPO):  (1 − ε)·L(h) + ε·L(−h)
+
+``log π(y|x)`` is the sum of the response tokens' log-probabilities, the stop token included (masks
+come from lengths, never from ``token == pad``: SmolLM2 pads with its stop token).
+
+How a batch goes through the model. Chosen and rejected responses share their prompt, so each pair
+is one row ``[prompt | chosen | rejected]`` with a 4-D attention mask in which rejected tokens see
+the prompt and themselves but not the chosen tokens, and position ids that restart the rejected
+response right after the prompt. One forward pass gives both responses' log-probabilities,
+exactly as two separate sequences would, while the prompt is computed once instead of twice. Only
+the hidden states of response tokens go through the LM head (the prompt's and the padding's vocab
+projections are never computed). Before training a one-pair check compares this against plain
+separate sequences and falls back (with a warning) for models or attention kernels where it does
+not hold (FlashAttention, which ignores 4-D masks; heads that rescale logits).
+
+Implicit rewards are ``β·(log π − log π_ref)``; the metrics follow TRL's names
+(``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``), on the training batches and on held-out pairs (``eval_``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.data.errors import DataError
+from tether.data.records import PreferencePair
+from tether.data.templates import prompt_response_ids
+from tether.stages.common import (DEFAULT_OUTPUT_ROOT, check_output_dir, discard_folder, load_train_eval,
+                                  publish_folder, require_dataset, resolve_resume, staging_folder, write_json)
+
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
+    output_dir: str | None = field(default=None, metadata={
+        "help": f"Where the trained model, metrics.jsonl, eval_results.json and checkpoints are written "
+                f"(default {DEFAULT_OUTPUT_ROOT}/dpo)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."})
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the tie to the reference (higher = closer). "
+                                               "For ipo it is the regulariser τ of the IPO paper."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (the DPO paper), ipo, or hinge."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "ε of conservative DPO: the loss becomes (1−ε)·L(h) + ε·L(−h), for labels flipped with probability ε. "
+                "Must lie in [0, 0.5)."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "Compute the reference log-probabilities of all pairs once before training, so no reference model "
+                "stays in memory (with --use_peft the reference is the adapter-disabled policy either way)."})
+    ref_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Reference model if it is not the starting model (default: the starting model itself)."})
+    merge_lora: bool = field(default=False, metadata={
+        "help": "With --use_peft, save the LoRA weights merged into a full model instead of as an adapter."})
+    share_prompt: bool = field(default=True, metadata={
+        "help": "Compute each pair's prompt once (one row [prompt|chosen|rejected] with a 4-D attention mask). "
+                "Checked against separate sequences before training; off falls back to two rows per pair."})
+    # TrainingArguments defaults that differ for DPO
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
+    logging_steps: float = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: tether collates its own batches."})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"--loss_type {self.loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
+        if not self.beta > 0:
+            raise ConfigError(f"--beta {self.beta}: must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label_smoothing {self.label_smoothing}: must lie in [0, 0.5)")
+        if self.max_length < 2:
+            raise ConfigError(f"--max_length {self.max_length}: must be at least 2")
+        if self.output_dir is None:
+            self.output_dir = str(DEFAULT_OUTPUT_ROOT / "dpo")
+        super().__post_init__()
+
+
+# --------------------------------------------------------------------------------------------
+# The equations
+# --------------------------------------------------------------------------------------------
+
+def log_ratio_difference(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                         ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
+    """``h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))`` per pair."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def sigmoid_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): ``L(h) = −log σ(β·h)``; equals log 2 when policy == reference."""
+    return -F.logsigmoid(beta * h)
+
+
+def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): ``L(h) = (h − 1/(2β))²``, with h the summed (not length-averaged) log-ratios."""
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """SLiC-style hinge: ``L(h) = max(0, 1 − β·h)``."""
+    return torch.relu(1.0 - beta * h)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss,
+}
+
+
+def label_smoothed(loss_fn: Callable[[torch.Tensor, float], torch.Tensor], h: torch.Tensor, beta: float,
+                   epsilon: float) -> torch.Tensor:
+    """Conservative DPO: ``(1 − ε)·L(h) + ε·L(−h)``, the expected loss when a label is flipped with probability ε."""
+    if epsilon == 0.0:
+        return loss_fn(h, beta)
+    return (1.0 - epsilon) * loss_fn(h, beta) + epsilon * loss_fn(-h, beta)
+
+
+def dpo_losses(h: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO losses for log-ratio differences ``h`` (see ``log_ratio_difference``)."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}; use one of {', '.join(LOSSES)}")
+    return label_smoothed(LOSSES[loss_type], h, beta, label_smoothing)
+
+
+def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The reward DPO implicitly fits: ``r(x, y) = β·(log π(y|x) − log π_ref(y|x))``."""
+    return beta * (policy_logps - ref_logps)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and batches
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids: the prompt, and each response ending with its stop token."""
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    origin: str = ""
+    ref_chosen_logp: float | None = None
+    ref_rejected_logp: float | None = None
+
+
+def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int,
+                   max_prompt_length: int | None) -> tuple[list[TokenizedPair], int]:
+    """Tokenise with the shared rule (``templates.prompt_response_ids``); returns ``(pairs, n_truncated)``.
+
+    ``max_length`` bounds prompt + chosen and prompt + rejected separately, as two sequences would be.
+    """
+    out: list[TokenizedPair] = []
+    problems: list[str] = []
+    truncated = 0
+    for i, pair in enumerate(pairs):
+        where = pair.origin or f"pair {i}"
+        ids_c, n_c, cut_c = prompt_response_ids(tokenizer, pair.prompt, pair.chosen, max_length, max_prompt_length)
+        ids_r, n_r, cut_r = prompt_response_ids(tokenizer, pair.prompt, pair.rejected, max_length, max_prompt_length)
+        prompt = ids_c[:n_c]
+        if ids_r[:n_r] != prompt:  # cannot happen with one prompt and one rule; guard the shared-prompt layout
+            problems.append(f"{where}: prompt tokenises differently for chosen and rejected")
+            continue
+        if not prompt:
+            if tokenizer.bos_token_id is None:
+                problems.append(f"{where}: prompt: empty, and the tokenizer has no bos token to start the "
+                                f"response from")
+                continue
+            prompt = [int(tokenizer.bos_token_id)]
+        truncated += int(cut_c or cut_r)
+        out.append(TokenizedPair(prompt, ids_c[n_c:], ids_r[n_r:], where))
+    if problems:
+        raise DataError(problems)
+    return out, truncated
+
+
+def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """Pad a batch of pairs and say where each response token is read from.
+
+    Shared layout (``share_prompt``): one row per pair, ``[prompt | chosen | rejected | pad]``, a
+    boolean 4-D mask ``(B, 1, W, W)`` (True = may attend) and position ids that restart the rejected
+    response after the prompt. Separate layout: rows ``0..B-1`` are prompt+chosen, ``B..2B-1``
+    prompt+rejected, right-padded, with a 2-D mask from lengths.
+
+    Either way ``token_row``, ``token_source`` and ``token_target`` list every response token (stop
+    token included): the row, the position whose hidden state predicts it, and its id;
+    ``token_sequence`` is ``i`` for pair i's chosen response and ``B + i`` for its rejected one.
+    """
+    n = len(items)
+    rows, sources, targets, sequences = [], [], [], []
+    if share_prompt:
+        width = max(len(x.prompt) + len(x.chosen) + len(x.rejected) for x in items)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        allowed = torch.zeros((n, 1, width, width), dtype=torch.bool)
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        for i, x in enumerate(items):
+            p, c, r = len(x.prompt), len(x.chosen), len(x.rejected)
+            end = p + c + r
+            input_ids[i, :end] = torch.tensor(x.prompt + x.chosen + x.rejected, dtype=torch.long)
+            position_ids[i, :p + c] = torch.arange(p + c)
+            position_ids[i, p + c:end] = torch.arange(p, p + r)
+            allowed[i, 0, :end, :end] = causal[:end, :end]
+            allowed[i, 0, p + c:end, p:p + c] = False  # rejected tokens never see the chosen response
+            idx = torch.arange(end, width)
+            allowed[i, 0, idx, idx] = True  # padding attends to itself only (no fully masked rows)
+            for k in range(c):
+                rows.append(i), sources.append(p + k - 1), targets.append(x.chosen[k]), sequences.append(i)
+            for k in range(r):
+                src = p - 1 if k == 0 else p + c + k - 1  # the first rejected token follows the prompt
+                rows.append(i), sources.append(src), targets.append(x.rejected[k]), sequences.append(n + i)
+        batch = {"input_ids": input_ids, "attention_mask": allowed, "position_ids": position_ids}
+    else:
+        seqs = [x.prompt + x.chosen for x in items] + [x.prompt + x.rejected for x in items]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((2 * n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((2 * n, width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            input_ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[j, :len(s)] = 1
+            x = items[j % n]
+            p, response = len(x.prompt), (x.chosen if j < n else x.rejected)
+            for k in range(len(response)):
+                rows.append(j), sources.append(p + k - 1), targets.append(response[k]), sequences.append(j)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch.update(
+        token_row=torch.tensor(rows, dtype=torch.long),
+        token_source=torch.tensor(sources, dtype=torch.long),
+        token_target=torch.tensor(targets, dtype=torch.long),
+        token_sequence=torch.tensor(sequences, dtype=torch.long),
+        num_pairs=torch.tensor(n, dtype=torch.long),
+    )
+    if all(x.ref_chosen_logp is not None for x in items):
+        batch["ref_chosen_logps"] = torch.tensor([x.ref_chosen_logp for x in items], dtype=torch.float32)
+        batch["ref_rejected_logps"] = torch.tensor([x.ref_rejected_logp for x in items], dtype=torch.float32)
+    return batch
+
+
+class PairCollator:
+    def __init__(self, pad_id: int, share_prompt: bool):
+        self.pad_id = pad_id
+        self.share_prompt = share_prompt
+
+    def __call__(self, items: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        return collate_pairs(items, self.pad_id, self.share_prompt)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, pairs: list[TokenizedPair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> TokenizedPair:
+        return self.pairs[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence log-probabilities
+# --------------------------------------------------------------------------------------------
+
+def _causal_lm(model):
+    """The transformers causal LM inside DDP/accelerate and PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4-D mask for SDPA; an additive float mask for kernels that add the mask to the scores."""
+    if mask.dim() != 4:
+        return mask
+    if getattr(_causal_lm(model).config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    dtype = next(_causal_lm(model).parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def response_logps(model, batch: dict[str, torch.Tensor], compact_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log π(y_w|x), log π(y_l|x))`` per pair: sums of response-token log-probs, stop token included.
+
+    With ``compact_head`` the model returns hidden states and only the response positions go through
+    the LM head (``logits_to_keep=1`` skips the head elsewhere); otherwise the model's own logits are
+    used (heads that rescale or soft-cap logits need this).
+    """
+    n = int(batch["num_pairs"])
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": _model_attention_mask(model, batch["attention_mask"]),
+                              "use_cache": False}
+    if "position_ids" in batch:
+        kwargs["position_ids"] = batch["position_ids"]
+    rows, sources = batch["token_row"], batch["token_source"]
+    if compact_head:
+        out = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
+        hidden = out.hidden_states[-1][rows, sources]
+        logits = _causal_lm(model).get_output_embeddings()(hidden)
+    else:
+        out = model(**kwargs)
+        logits = out.logits[rows, sources]
+    logits = logits.float()
+    targets = batch["token_target"]
+    # log softmax at the target only: gather − logsumexp, without a second (N, V) tensor
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(2 * n, dtype=token_logps.dtype, device=token_logps.device)
+    sums = sums.index_add(0, batch["token_sequence"], token_logps)
+    return sums[:n], sums[n:]
+
+
+@torch.no_grad()
+def check_fast_paths(model, pair: TokenizedPair, pad_id: int, atol: float = 1e-3) -> tuple[bool, bool]:
+    """``(share_prompt_ok, compact_head_ok)``: do the fast paths give the plain forward's numbers on one pair?"""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+        plain = to(collate_pairs([pair], pad_id, share_prompt=False))
+        reference = torch.stack(response_logps(model, plain, compact_head=False))
+        try:
+            compact_ok = torch.allclose(torch.stack(response_logps(model, plain, compact_head=True)), reference, atol=atol)
+        except Exception as exc:  # a model without hidden-state outputs or logits_to_keep
+            logger.warning("tether dpo: compact LM head unavailable for this model (%s)", exc)
+            compact_ok = False
+        try:
+            shared = to(collate_pairs([pair], pad_id, share_prompt=True))
+            share_ok = torch.allclose(torch.stack(response_logps(model, shared, compact_head=compact_ok)), reference,
+                                      atol=atol)
+        except Exception as exc:
+            logger.warning("tether dpo: shared-prompt layout unavailable for this model (%s)", exc)
+            share_ok = False
+    finally:
+        model.train(was_training)
+    return share_ok, compact_ok
+
+
+@torch.no_grad()
+def precompute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, share_prompt: bool,
+                               compact_head: bool, autocast_dtype: torch.dtype | None = None,
+                               disable_adapter: bool = False) -> None:
+    """Fill ``ref_chosen_logp``/``ref_rejected_logp`` of every pair with one pass of the reference.
+
+    Pairs are batched by length (less padding); results do not depend on the batching.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected))
+    adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    try:
+        with adapter_off, autocast:
+            for start in range(0, len(order), batch_size):
+                chunk = [pairs[i] for i in order[start:start + batch_size]]
+                batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
+                chosen, rejected = response_logps(model, batch, compact_head)
+                for x, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    x.ref_chosen_logp, x.ref_rejected_logp = c, r
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+
+
+def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Per-pair values of every DPO metric (averaged by the caller over all pairs)."""
+    chosen_rewards = implicit_rewards(policy_chosen, ref_chosen, beta)
+    rejected_rewards = implicit_rewards(policy_rejected, ref_rejected, beta)
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_chosen,
+        "logps/rejected": policy_rejected,
+    }
+
+
+class _DPOTrainer(Trainer):
+    """``transformers.Trainer`` with the DPO loss; the loop, schedules, checkpoints and logging are Trainer's."""
+
+    def __init__(self, *args, dpo: DPOConfig, ref_model=None, compact_head: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
+        self.compact_head = compact_head
+        self.ref_model = ref_model
+        if ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        # the loss is already a mean over pairs: let Trainer divide by the accumulation steps itself
+        self.model_accepts_loss_kwargs = False
+        self._train_sums: dict[str, torch.Tensor] = {}
+        self._train_pairs = 0
+
+    def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in inputs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return response_logps(self.ref_model, inputs, self.compact_head)
+            unwrapped = self.accelerator.unwrap_model(model)  # PEFT: the reference is the adapter-disabled policy
+            with unwrapped.disable_adapter(), self.accelerator.autocast():
+                return response_logps(unwrapped, inputs, self.compact_head)
+
+    def _pair_outputs(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = response_logps(model, inputs, self.compact_head)
+        ref_chosen, ref_rejected = self._reference_logps(model, inputs)
+        ref_chosen, ref_rejected = ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)
+        h = log_ratio_difference(chosen, rejected, ref_chosen, ref_rejected)
+        losses = dpo_losses(h, self.dpo.beta, self.dpo.loss_type, self.dpo.label_smoothing)
+        stats = pair_statistics(chosen.detach(), rejected.detach(), ref_chosen, ref_rejected, self.dpo.beta)
+        return losses, stats
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses, stats = self._pair_outputs(model, inputs)
+        for key, values in stats.items():
+            self._train_sums[key] = self._train_sums.get(key, 0.0) + values.sum()
+        self._train_pairs += losses.shape[0]
+        loss = losses.mean()
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._train_sums:
+            keys = list(self._train_sums)
+            totals = torch.stack([torch.as_tensor(self._train_sums[k], dtype=torch.float32, device=self.args.device)
+                                  for k in keys] + [torch.tensor(float(self._train_pairs), device=self.args.device)])
+            totals = self.accelerator.reduce(totals, reduction="sum")
+            count = max(float(totals[-1]), 1.0)
+            logs.update({k: round(float(totals[i]) / count, 6) for i, k in enumerate(keys)})
+            self._train_sums, self._train_pairs = {}, 0
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss and metrics averaged over every held-out pair (gathered across processes)."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        collected: dict[str, list[torch.Tensor]] = {}
+        try:
+            with torch.no_grad():
+                for inputs in dataloader:
+                    inputs = self._prepare_inputs(inputs)
+                    with self.accelerator.autocast():
+                        losses, stats = self._pair_outputs(model, inputs)
+                    for key, values in {"loss": losses.detach(), **stats}.items():
+                        collected.setdefault(key, []).append(self.accelerator.gather_for_metrics(values.float()))
+        finally:
+            model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": float(torch.cat(v).mean()) for k, v in collected.items()}
+        metrics[f"{metric_key_prefix}_pairs"] = int(sum(t.numel() for t in collected.get("loss", [])))
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Running the stage
+# --------------------------------------------------------------------------------------------
+
+def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Training and held-out pairs from ``--dataset`` / ``--eval_dataset`` / ``--eval_split_ratio``."""
+    from tether.data.loading import load_preferences
+
+    dataset = require_dataset(config.dataset, "dpo")
+    return load_train_eval(load_preferences, dataset, config.dataset_split, config.eval_dataset,
+                           config.eval_split_ratio, config.seed)
+
+
+def _load_policy(config: DPOConfig):
+    from tether.models.loading import disable_dropout, load_causal_lm
+
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    if hasattr(model, "merge_and_unload"):  # a PEFT adapter folder: its merged weights are the starting model
+        model = model.merge_and_unload()
+    disable_dropout(model)
+    model.config.use_cache = False
+    return model
+
+
+def save_policy(model, tokenizer, folder: Path, merge_lora: bool) -> None:
+    """Write the model so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it (LoRA: adapter or merged)."""
+    if hasattr(model, "peft_config") and merge_lora:
+        model = model.merge_and_unload()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None,
+              tokenizer=None) -> dict[str, Any]:
+    """Train with DPO on already-loaded pairs; returns ``{"train": ..., "eval": ...}`` metrics.
+
+    Everything that can fail on the data (tokenisation) happens before the output folder exists.
+    """
+    from tether.models.loading import load_tokenizer
+    from tether.tracking import JsonlMetricsCallback
+
+    output_dir = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint)
+    check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
+    if not train_pairs:
+        raise ConfigError("no training preference pairs")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
+    eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
+    if cut_train or cut_eval:
+        logger.warning("tether dpo: %d of %d training and %d of %d held-out pairs were longer than --max_length %d; "
+                       "their responses are cut from the right (and lose the stop token)", cut_train, len(train_tok),
+                       cut_eval, len(eval_tok), config.max_length)
+
+    if not eval_tok:
+        config.eval_strategy = "no"
+
+    model = _load_policy(config)
+    model.to(config.device)
+    share_ok, compact_ok = check_fast_paths(model, train_tok[0], pad_id)
+    share_prompt = config.share_prompt and share_ok
+    if config.share_prompt and not share_ok:
+        logger.warning("tether dpo: the shared-prompt layout does not reproduce this model's log-probs; "
+                       "using two rows per pair")
+
+    ref_model = None
+    if config.use_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config_from(config))
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+    autocast_dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else None)
+    if config.ref_model_name_or_path:
+        from tether.models.loading import disable_dropout, load_causal_lm
+
+        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype)
+        disable_dropout(ref_model)
+        ref_model.to(config.device).eval().requires_grad_(False)
+    if config.precompute_ref_log_probs:
+        scorer = ref_model if ref_model is not None else model
+        batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
+        for pairs in (train_tok, eval_tok):
+            precompute_reference_logps(scorer, pairs, pad_id, batch, share_prompt, compact_ok, autocast_dtype,
+                                       disable_adapter=ref_model is None and config.use_peft)
+        ref_model = None  # nothing of the reference stays in memory
+    elif ref_model is None and not config.use_peft:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    trainer = _DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=PairDataset(train_tok),
+        eval_dataset=PairDataset(eval_tok) if eval_tok else None,
+        data_collator=PairCollator(pad_id, share_prompt),
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(output_dir)],
+        dpo=config,
+        ref_model=ref_model,
+        compact_head=compact_ok,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_metrics = dict(result.metrics)
+    train_metrics["train_pairs"] = len(train_tok)
+    train_metrics["global_step"] = trainer.state.global_step
+    train_metrics["train_pairs_per_second"] = train_metrics.get("train_samples_per_second")
+    eval_metrics = trainer.evaluate() if eval_tok else {}
+
+    if trainer.is_world_process_zero():
+        staged = staging_folder(output_dir)
+        try:
+            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
+            write_json(staged / "train_results.json", train_metrics)
+            write_json(staged / "eval_results.json", eval_metrics)
+            publish_folder(staged, output_dir)
+        except BaseException:
+            discard_folder(staged)
+            raise
+    trainer.accelerator.wait_for_everyone()
+    return {"train": train_metrics, "eval": eval_metrics}
+
+
+def run_dpo(config: DPOConfig) -> dict[str, Any]:
+    """``tether dpo``: load and check the data, then train; nothing is written if the data is bad."""
+    check_output_dir(Path(config.output_dir), config.overwrite_output_dir,
+                     resolve_resume(config.resume_from_checkpoint) is not None)
+    train_pairs, eval_pairs = load_preference_data(config)
+    return train_dpo(config, train_pairs, eval_pairs)

@@ -1,0 +1,675 @@
+"""Stage 2, ``tether rm``: a Bradley–Terry reward model on preference pairs.
+
+Model: the backbone with a linear head read at the **last real token** (the stop token that ends
+every response), from an SFT checkpoint or any causal LM (``load_scalar_model``).
+
+Loss (``bradley_terry_loss`` and ``reward_centering_penalty``):
+
+    L = mean_i −log σ(r(x_i, y_w,i) − r(x_i, y_l,i) − m_i)  +  c · mean_i (r(x_i, y_w,i) + r(x_i, y_l,i))²
+
+Chosen and rejected of a batch go through the model in one forward pass. By default
+(``--share_prompt``) each pair is one row ``prompt + chosen + rejected``: the rejected tokens see the
+prompt but not the chosen tokens (a custom 4-D attention mask) and take the positions they would
+have after the prompt alone, so both scores equal those of the two separate sequences while the
+prompt is computed once. On the first batch tether checks that equality against two separately
+padded sequences and falls back to them if the model does not support it (flash attention, sliding
+windows, bidirectional encoders).
+
+Saved reward model: ``AutoModelForSequenceClassification.from_pretrained(path)`` and
+``pipeline("text-classification", model=path, function_to_apply="none")`` give tether's scores.
+Hugging Face models pool at the last token that is not ``config.pad_token_id``; when the pad token
+is the stop token (SmolLM2) that lands one token early, so the reward model is saved with a pad
+token distinct from the stop token (see ``choose_distinct_pad_token``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
+
+from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.data.records import PreferencePair
+from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
+from tether.stages.common import (
+    DEFAULT_OUTPUT_ROOT,
+    check_output_dir,
+    discard_folder,
+    load_train_eval,
+    publish_folder,
+    require_dataset,
+    resolve_resume,
+    staging_folder,
+    summarise_lengths,
+    warn_truncation,
+    write_json,
+)
+from tether.stages.sft import ListDataset
+
+logger = logging.getLogger(__name__)
+
+EVAL_RESULTS_FILE = "eval_results.json"
+SUMMARY_FILE = "training_summary.json"
+#: Added only when the tokenizer has no usable special token to pad with.
+NEW_PAD_TOKEN = "<|tether_pad|>"
+
+
+@dataclass
+class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": f"Where the reward model is written (default {DEFAULT_OUTPUT_ROOT}/rm). With --eval_only: "
+                          "where eval_results.json is written (nothing is written when not given)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."}
+    )
+    eval_only: bool = field(
+        default=False,
+        metadata={"help": "Score the preference pairs of --dataset with the reward model --model_name_or_path and print "
+                          "the pairwise accuracy (no training)."},
+    )
+    center_rewards_coefficient: float | None = field(
+        default=None,
+        metadata={"help": "c in the centering term c*mean((r_chosen + r_rejected)^2) that keeps rewards near 0 "
+                          "(Eisenstein et al. 2023 use 0.01). Off when not given."},
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "Score chosen and rejected in one row that holds the prompt once (exact; checked on the first "
+                          "batch, with a fallback to two padded sequences)."},
+    )
+    reward_stats_max_pairs: int = field(
+        default=512,
+        metadata={"help": "Training pairs (chosen and rejected) scored at the end for reward_stats.json, the mean and "
+                          "std used to normalise rewards in PPO."},
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (decayed linearly to 0)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (references: 1)."})
+    adam_epsilon: float = field(default=1e-5, metadata={"help": "AdamW epsilon (1e-5 as in the references)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log loss and training accuracy every N steps."})
+    eval_strategy: str = field(
+        default="epoch",
+        metadata={"help": "When to evaluate on the held-out pairs: no, steps or epoch (a final evaluation always runs "
+                          "when there are held-out pairs)."},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
+
+    def __post_init__(self):
+        self.output_dir_given = self.output_dir is not None
+        if self.output_dir is None:
+            self.output_dir = str(DEFAULT_OUTPUT_ROOT / "rm")
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------------------------------------
+# the equations
+# ---------------------------------------------------------------------------------------------
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """``L = (1/n) Σ_i −log σ(r_w,i − r_l,i − m_i)`` (``m_i = 0`` without margins).
+
+    Computed with ``logsigmoid`` so that large negative differences do not underflow.
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    return -F.logsigmoid(diff).mean()
+
+
+def reward_centering_penalty(chosen: torch.Tensor, rejected: torch.Tensor, coefficient: float) -> torch.Tensor:
+    """``c · (1/n) Σ_i (r_w,i + r_l,i)²``: pulls the pair's rewards to sum to 0 (Eisenstein et al. 2023)."""
+    return coefficient * ((chosen + rejected) ** 2).mean()
+
+
+def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Held-out statistics of a reward model on n pairs:
+
+    * ``accuracy = (1/n) Σ_i (1[r_w,i > r_l,i] + ½·1[r_w,i = r_l,i])`` (a tie is a coin flip),
+    * ``margin = (1/n) Σ_i (r_w,i − r_l,i)``,
+    * ``reward_mean``, ``reward_std``: mean and (biased) std of all 2n rewards,
+    * ``chosen_mean``, ``rejected_mean``.
+    """
+    chosen, rejected = chosen.double().flatten(), rejected.double().flatten()
+    both = torch.cat([chosen, rejected])
+    wins = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    return {
+        "accuracy": wins.mean().item(),
+        "margin": (chosen - rejected).mean().item(),
+        "reward_mean": both.mean().item(),
+        "reward_std": both.var(unbiased=False).sqrt().item(),
+        "chosen_mean": chosen.mean().item(),
+        "rejected_mean": rejected.mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizedPair:
+    """The prompt's tokens once, and each response's tokens (ending with the stop token unless truncated)."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+    margin: float | None = None
+
+    @property
+    def chosen_ids(self) -> list[int]:
+        return list(self.prompt + self.chosen)
+
+    @property
+    def rejected_ids(self) -> list[int]:
+        return list(self.prompt + self.rejected)
+
+
+@dataclass
+class TokenizedPreferences:
+    pairs: list[TokenizedPair]
+    prompt_cut: int = 0
+    response_cut: int = 0
+
+    @property
+    def has_margin(self) -> bool:
+        return any(p.margin is not None for p in self.pairs)
+
+
+def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], max_length: int | None,
+                         max_prompt_length: int | None) -> TokenizedPreferences:
+    """Each pair as ``prompt_ids + response_ids`` (``tether.data.templates``), counting truncations.
+
+    The prompt part depends only on the prompt, so chosen and rejected share it token for token.
+    """
+    from tether.data.templates import prompt_ids, prompt_response_ids
+
+    out = TokenizedPreferences(pairs=[])
+    caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
+    for pair in pairs:
+        chosen, n_prompt, chosen_cut = prompt_response_ids(tokenizer, pair.prompt, pair.chosen, max_length,
+                                                           max_prompt_length)
+        rejected, n_prompt_r, rejected_cut = prompt_response_ids(tokenizer, pair.prompt, pair.rejected, max_length,
+                                                                 max_prompt_length)
+        if n_prompt != n_prompt_r or chosen[:n_prompt] != rejected[:n_prompt]:  # guards the shared-prompt rows
+            raise AssertionError(f"{pair.origin}: chosen and rejected tokenised with different prompts")
+        if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, pair.prompt)) > n_prompt:
+            out.prompt_cut += 1
+        out.response_cut += int(chosen_cut or rejected_cut)
+        out.pairs.append(TokenizedPair(tuple(chosen[:n_prompt]), tuple(chosen[n_prompt:]), tuple(rejected[n_prompt:]),
+                                       None if pair.margin is None else float(pair.margin)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# one forward pass for chosen and rejected
+# ---------------------------------------------------------------------------------------------
+def shared_prompt_attention(prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor,
+                            rejected_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Boolean mask ``[B, 1, T, T]`` (True = may attend) for rows ``prompt | chosen | rejected | pad``.
+
+    Query i may attend key j iff j ≤ i, both are real tokens, and not (i in rejected and j in
+    chosen). Every position may attend itself, so padding rows never have an all-masked softmax.
+    """
+    device = prompt_lengths.device
+    pos = torch.arange(width, device=device)
+    p, c, r = (x.to(device).unsqueeze(1) for x in (prompt_lengths, chosen_lengths, rejected_lengths))
+    real = pos.unsqueeze(0) < (p + c + r)                               # [B, T]
+    in_chosen = (pos >= p) & (pos < p + c)                              # [B, T]
+    in_rejected = (pos >= p + c) & (pos < p + c + r)                    # [B, T]
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)                       # [T(query), T(key)]
+    allowed = causal.unsqueeze(0) & real.unsqueeze(1) & real.unsqueeze(2)
+    allowed = allowed & ~(in_rejected.unsqueeze(2) & in_chosen.unsqueeze(1))
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
+    return allowed.unsqueeze(1)
+
+
+def shared_prompt_positions(prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Position ids ``[B, T]``: ``0..P−1`` for the prompt, ``P..P+C−1`` for chosen, ``P, P+1, ...`` again
+    for rejected (the positions it has in ``prompt + rejected``); padding gets whatever follows."""
+    device = prompt_lengths.device
+    pos = torch.arange(width, device=device).unsqueeze(0)
+    p, c = prompt_lengths.to(device).unsqueeze(1), chosen_lengths.to(device).unsqueeze(1)
+    return torch.where(pos >= p + c, pos - c, pos)
+
+
+def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom boolean mask in the form the model's attention implementation takes."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if impl == "sdpa":
+        return allowed
+    raise NotImplementedError(f"shared-prompt rows need sdpa or eager attention, not {impl}")
+
+
+@dataclass
+class PreferenceCollator:
+    """Batches of pairs for one forward pass.
+
+    ``share_prompt=True``: row i is ``prompt_i + chosen_i + rejected_i`` right-padded, with the
+    segment lengths. ``share_prompt=False``: rows ``chosen_1..chosen_B, rejected_1..rejected_B``
+    right-padded, with their lengths (``[2B]``). Margins come along when the data have them.
+    """
+
+    pad_token_id: int
+    share_prompt: bool = True
+
+    def __call__(self, features: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        batch: dict[str, torch.Tensor] = {}
+        if self.share_prompt:
+            rows = [list(f.prompt + f.chosen + f.rejected) for f in features]
+            batch["prompt_lengths"] = torch.tensor([len(f.prompt) for f in features])
+            batch["chosen_lengths"] = torch.tensor([len(f.chosen) for f in features])
+            batch["rejected_lengths"] = torch.tensor([len(f.rejected) for f in features])
+        else:
+            rows = [f.chosen_ids for f in features] + [f.rejected_ids for f in features]
+            batch["lengths"] = torch.tensor([len(r) for r in rows])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), int(self.pad_token_id), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        batch["input_ids"] = input_ids
+        if any(f.margin is not None for f in features):
+            batch["margin"] = torch.tensor([0.0 if f.margin is None else f.margin for f in features])
+        return batch
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_chosen, r_rejected)``, each ``[B]``, from one forward pass over a ``PreferenceCollator`` batch."""
+    input_ids = batch["input_ids"]
+    width = input_ids.shape[1]
+    if "prompt_lengths" in batch:
+        p, c, r = batch["prompt_lengths"], batch["chosen_lengths"], batch["rejected_lengths"]
+        mask = attention_mask_for(model, shared_prompt_attention(p, c, r, width))
+        scores = token_scores(model, input_ids, mask, shared_prompt_positions(p, c, width))
+        ends = torch.stack([p + c - 1, p + c + r - 1], dim=1).to(scores.device)
+        picked = scores.gather(1, ends)
+        return picked[:, 0], picked[:, 1]
+    lengths = batch["lengths"].to(input_ids.device)
+    attention_mask = (torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    scores = token_scores(model, input_ids, attention_mask)
+    picked = scores.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1).to(scores.device)).squeeze(1)
+    half = picked.shape[0] // 2
+    return picked[:half], picked[half:]
+
+
+def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def shared_prompt_matches(model, pairs: Sequence[TokenizedPair], pad_token_id: int) -> bool:
+    """True when shared-prompt rows give the same rewards as separate sequences on these pairs."""
+    if not pairs:
+        return True
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        separate = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, False)(list(pairs)), device))
+        shared = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, True)(list(pairs)), device))
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
+        logger.info("tether rm: shared-prompt rows not supported by this model (%s); scoring chosen and rejected as "
+                    "separate rows", exc)
+        return False
+    finally:
+        model.train(was_training)
+    dtype = next(model.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(shared, separate))
+    if not ok:
+        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(shared, separate))
+        logger.warning("tether rm: shared-prompt rows differ from separate rows by %.3g on this model; scoring chosen "
+                       "and rejected as separate rows", worst)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def choose_distinct_pad_token(tokenizer, model=None) -> int:
+    """A pad id different from the stop token, set on the tokenizer (and model config).
+
+    Hugging Face sequence classifiers (and ``pipeline("text-classification")``) read the score at
+    the last token that is not ``pad_token_id``. Every response ends with the stop token, so the
+    pad id must differ from it. Choice, in order:
+
+    1. the tokenizer's pad token if it already differs from the stop token;
+    2. an existing special token that is neither the stop token nor the start token and does not
+       occur in the chat template's rendering of a conversation (SmolLM2: ``<|endoftext|>``, id 0);
+    3. a new special token ``<|tether_pad|>``, placed in an unused embedding row when the
+       embedding matrix has one, otherwise by growing the embeddings by one row. Its embedding is
+       never read: padding sits after every real token and outside every real token's attention.
+    """
+    stop = tokenizer.eos_token_id
+    current = tokenizer.pad_token_id
+    if current is not None and current != stop:
+        chosen = int(current)
+    else:
+        used: set[int] = set()
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                text = tokenizer.apply_chat_template(
+                    [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                     {"role": "assistant", "content": "a"}], tokenize=False)
+                used = set(tokenizer(text, add_special_tokens=False)["input_ids"])
+            except Exception:  # a template that rejects this conversation: nothing excluded beyond bos/eos
+                used = set()
+        excluded = used | {stop, tokenizer.bos_token_id}
+        candidates = [tokenizer.unk_token_id]
+        candidates += sorted(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                             if getattr(tok, "special", False))
+        found = next((int(c) for c in candidates if c is not None and c not in excluded), None)
+        if found is None:
+            tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+            found = int(tokenizer.convert_tokens_to_ids(NEW_PAD_TOKEN))
+            if model is not None:
+                rows = model.get_input_embeddings().weight.shape[0]
+                if found >= rows:
+                    model.resize_token_embeddings(found + 1)
+            logger.info("tether rm: no spare special token to pad with; added %s (id %d)", NEW_PAD_TOKEN, found)
+        chosen = found
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(chosen)
+    if model is not None:
+        model.config.pad_token_id = chosen
+    return chosen
+
+
+def _materialise_adapter(path: str, folder: Path, dtype) -> str:
+    """A LoRA adapter folder (e.g. ``tether sft --use_peft``) merged into a full causal LM in ``folder``."""
+    from tether.models.loading import load_causal_lm, load_tokenizer
+
+    merged = load_causal_lm(path, dtype=dtype).merge_and_unload()
+    merged.save_pretrained(folder)
+    load_tokenizer(path).save_pretrained(folder)
+    return str(folder)
+
+
+def load_reward_backbone(config: RewardConfig, scratch: Path):
+    """The scalar model to train (fresh head on a causal LM, or an existing reward model), dropout off."""
+    from tether.models.loading import disable_dropout, load_scalar_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(config.model_name_or_path)
+    if (Path(path) / "adapter_config.json").is_file():
+        path = _materialise_adapter(path, scratch, config.dtype)
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_model(path, dtype=config.dtype)
+    pad = choose_distinct_pad_token(tokenizer, model)
+    disable_dropout(model)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+    if config.use_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config_from(config, task_type="SEQ_CLS"))
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()  # transformers#42489
+    return model, tokenizer, pad
+
+
+# ---------------------------------------------------------------------------------------------
+# the Trainer
+# ---------------------------------------------------------------------------------------------
+class RewardTrainer(Trainer):
+    """``transformers.Trainer`` with the Bradley–Terry loss; evaluation returns ``[r_chosen, r_rejected]``
+    per pair, which ``compute_reward_metrics`` turns into accuracy, margin and reward statistics."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean; the Trainer divides by the accumulation steps
+
+    def __init__(self, *args, center_rewards_coefficient: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self._train_sums = {"accuracy": 0.0, "margin": 0.0, "pairs": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = pair_rewards(model, inputs)
+        loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"))
+        if self.center_rewards_coefficient:
+            loss = loss + reward_centering_penalty(chosen, rejected, self.center_rewards_coefficient)
+        if model.training:
+            with torch.no_grad():
+                self._train_sums["accuracy"] += ((chosen > rejected).float().sum()
+                                                 + 0.5 * (chosen == rejected).float().sum()).item()
+                self._train_sums["margin"] += (chosen - rejected).sum().item()
+                self._train_sums["pairs"] += chosen.shape[0]
+        return (loss, (chosen, rejected)) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, (chosen, rejected) = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        rewards = torch.stack([chosen, rejected], dim=1).detach().float()
+        return loss.detach(), rewards, torch.zeros(rewards.shape[0], device=rewards.device)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        n = self._train_sums["pairs"]
+        if n and "loss" in logs:  # a training log row: add the training-pair statistics since the last one
+            logs["accuracy"] = self._train_sums["accuracy"] / n
+            logs["margin"] = self._train_sums["margin"] / n
+            self._train_sums = {"accuracy": 0.0, "margin": 0.0, "pairs": 0}
+        super().log(logs, start_time)
+
+
+def compute_reward_metrics(eval_prediction) -> dict[str, float]:
+    rewards = torch.as_tensor(eval_prediction.predictions)
+    return preference_metrics(rewards[:, 0], rewards[:, 1])
+
+
+class EvaluationHistory(TrainerCallback):
+    """Keeps every evaluation's metrics for eval_results.json (each also goes to metrics.jsonl)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, Any]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics:
+            self.rows.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+
+
+# ---------------------------------------------------------------------------------------------
+# running the stage
+# ---------------------------------------------------------------------------------------------
+def run_reward(config: RewardConfig) -> Path | dict[str, float]:
+    """``tether rm``: train a reward model (returns its folder) or, with ``--eval_only``, score a
+    preference file with an existing one (prints and returns the metrics)."""
+    from tether.data.loading import load_preferences
+
+    if config.eval_only:
+        dataset = require_dataset(config.dataset, "rm --eval_only")
+        return evaluate_reward_model(config, load_preferences(dataset, split=config.dataset_split))
+    output_dir = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint)
+    check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
+    dataset = require_dataset(config.dataset, "rm")
+    train, held_out = load_train_eval(load_preferences, dataset, config.dataset_split, config.eval_dataset,
+                                      config.eval_split_ratio, config.seed)
+    return train_reward(config, train, held_out)
+
+
+def _tokenize_checked(tokenizer, pairs, config, what: str) -> TokenizedPreferences:
+    tokens = tokenize_preferences(tokenizer, pairs, config.max_length, config.max_prompt_length)
+    warn_truncation(what, len(pairs), tokens.prompt_cut, tokens.response_cut, config.max_length,
+                    config.max_prompt_length, unit="pairs")
+    return tokens
+
+
+def train_reward(config: RewardConfig, train: Sequence[PreferencePair],
+                 held_out: Sequence[PreferencePair] = ()) -> Path:
+    """Train on in-memory pairs (``run_reward`` after loading); returns the output folder."""
+    from tether.tracking import JsonlMetricsCallback
+
+    output_dir = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint)
+    check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
+    if not train:
+        raise ConfigError("no training pairs")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
+
+    with tempfile.TemporaryDirectory(prefix="tether-rm-") as scratch:
+        model, tokenizer, pad = load_reward_backbone(config, Path(scratch))
+    tokens = _tokenize_checked(tokenizer, train, config, "rm")
+    eval_tokens = _tokenize_checked(tokenizer, held_out, config, "rm (held-out)")
+    if not eval_tokens.pairs:
+        config.eval_strategy = IntervalStrategy.NO
+
+    collator = PreferenceCollator(pad_token_id=pad, share_prompt=config.share_prompt)
+    history = EvaluationHistory()
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        data_collator=collator,
+        train_dataset=ListDataset(tokens.pairs),
+        eval_dataset=ListDataset(eval_tokens.pairs) if eval_tokens.pairs else None,
+        processing_class=tokenizer,
+        compute_metrics=compute_reward_metrics,
+        callbacks=[JsonlMetricsCallback(output_dir), history],
+        center_rewards_coefficient=config.center_rewards_coefficient,
+    )
+    started = time.perf_counter()
+    if config.share_prompt:
+        probe = tokens.pairs[: max(1, min(len(tokens.pairs), config.per_device_train_batch_size))]
+        collator.share_prompt = shared_prompt_matches(trainer.model, probe, pad)
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - started
+
+    final_eval: dict[str, float] = {}
+    if eval_tokens.pairs:
+        if history.rows and history.rows[-1]["step"] == trainer.state.global_step:
+            final_eval = {k: v for k, v in history.rows[-1].items() if k not in ("step", "epoch")}
+        else:
+            final_eval = trainer.evaluate()
+    stats = training_reward_stats(trainer, tokens.pairs, config.reward_stats_max_pairs, config.seed)
+
+    summary = {
+        "stage": "rm",
+        "model_name_or_path": config.model_name_or_path,
+        "train_pairs": len(train),
+        "eval_pairs": len(held_out),
+        "prompts_cut": tokens.prompt_cut,
+        "pairs_truncated": tokens.response_cut,
+        "pair_token_lengths": summarise_lengths([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokens.pairs]),
+        "shared_prompt_rows": collator.share_prompt,
+        "pad_token_id": pad,
+        "train_seconds": train_seconds,
+        "train_pairs_per_second": len(train) * config.num_train_epochs / train_seconds if train_seconds else None,
+        "train_loss": result.training_loss,
+        "global_steps": trainer.state.global_step,
+        "eval": final_eval,
+        "reward_stats": {"mean": stats.mean, "std": stats.std, "count": stats.count},
+    }
+    if trainer.is_world_process_zero():
+        staged = staging_folder(output_dir)
+        try:
+            save_reward_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged)
+            save_reward_stats(stats, staged)
+            write_json(staged / EVAL_RESULTS_FILE, {"final": final_eval, "evaluations": history.rows})
+            write_json(staged / SUMMARY_FILE, summary)
+            publish_folder(staged, output_dir)
+        except BaseException:
+            discard_folder(staged)
+            raise
+        if final_eval:
+            logger.info("tether rm: held-out accuracy %.3f on %d pairs", final_eval.get("eval_accuracy", float("nan")),
+                        len(held_out))
+        logger.info("tether rm: wrote %s (%d pairs, %.1f s)", output_dir, len(train), train_seconds)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def training_reward_stats(trainer: RewardTrainer, pairs: Sequence[TokenizedPair], max_pairs: int,
+                          seed: int) -> RewardStats:
+    """Mean and std of the trained model's rewards on (a seeded sample of) the training pairs,
+    chosen and rejected responses together."""
+    sample = list(pairs)
+    if max_pairs and len(sample) > max_pairs:
+        sample = random.Random(seed).sample(sample, max_pairs)
+    rewards = torch.as_tensor(trainer.predict(ListDataset(sample)).predictions)
+    return reward_stats(rewards.flatten(), source=f"reward model on {len(sample)} training pairs "
+                                                   "(chosen and rejected responses)")
+
+
+def save_reward_model(model, tokenizer, folder: Path) -> None:
+    """Full weights (LoRA merged) + tokenizer with the distinct pad token, loadable by
+    ``AutoModelForSequenceClassification`` and ``pipeline("text-classification")``."""
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# --eval_only
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_pairs(model, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int = 8,
+                share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of chosen and rejected for every pair (in order), in batches of ``batch_size`` pairs."""
+    device = next(model.parameters()).device
+    if share_prompt:
+        share_prompt = shared_prompt_matches(model, pairs[:batch_size], pad_token_id)
+    collate = PreferenceCollator(pad_token_id, share_prompt)
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            c, r = pair_rewards(model, _to_device(collate(list(pairs[start:start + batch_size])), device))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """Score a preference set with an existing reward model; print accuracy; write JSON if asked."""
+    from tether.models.loading import load_scalar_model, load_tokenizer, resolve_model_path
+
+    if not pairs:
+        raise ConfigError(f"--dataset {config.dataset}: no preference pairs")
+    path = resolve_model_path(config.model_name_or_path)
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            logger.warning("tether rm --eval_only: %s is not a reward model (architectures %s); its head is random",
+                           path, architectures)
+    tokenizer = load_tokenizer(path)
+    model = load_scalar_model(path, dtype=config.dtype).to(config.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = _tokenize_checked(tokenizer, pairs, config, "rm --eval_only")
+    started = time.perf_counter()
+    chosen, rejected = score_pairs(model, tokens.pairs, pad, config.per_device_eval_batch_size, config.share_prompt)
+    metrics = preference_metrics(chosen, rejected)
+    margins = torch.tensor([0.0 if p.margin is None else p.margin for p in tokens.pairs])
+    metrics["loss"] = bradley_terry_loss(chosen, rejected, margins if tokens.has_margin else None).item()
+    metrics["pairs"] = len(pairs)
+    metrics["pairs_truncated"] = tokens.response_cut
+    metrics["seconds"] = time.perf_counter() - started
+    print(f"accuracy {metrics['accuracy']:.4f} on {len(pairs)} pairs "
+          f"(margin {metrics['margin']:.4f}, reward mean {metrics['reward_mean']:.4f} std {metrics['reward_std']:.4f}, "
+          f"loss {metrics['loss']:.4f})")
+    if config.output_dir_given:
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{EVAL_RESULTS_FILE}.tmp-{os.getpid()}"
+        write_json(tmp, {"model": path, "dataset": config.dataset, **metrics})
+        os.replace(tmp, out / EVAL_RESULTS_FILE)
+    return metrics

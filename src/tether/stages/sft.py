@@ -1,0 +1,353 @@
+"""Stage 1, ``tether sft``: supervised fine-tuning on demonstrations.
+
+The loop is ``transformers.Trainer`` (checkpoints, logging, schedulers, mixed precision,
+multi-process); tether supplies the tokenisation, the labels and the collation:
+
+* ``tokens = prompt_ids(prompt) + response_ids(completion)`` (``tether.data.templates``); the
+  response ends with the stop token, which is a target like any response token;
+* labels are the token ids on response positions and -100 on prompt and padding positions, built
+  from lengths (SmolLM2's pad id is its stop token, so ``ids == pad`` would hide the stop token);
+* ``--packing`` puts several examples into one row of at most ``--max_length`` tokens, with
+  position ids restarting at 0 for every example. Without an attention mask, transformers turns
+  those position ids into a block-diagonal causal mask (sdpa, eager) or variable-length kernels
+  (flash attention), so no token attends across an example boundary.
+
+The loss is the model's own causal-LM cross-entropy with ``num_items_in_batch``:
+
+    L = (1/N) Σ_{b,t : y[b,t] ≠ −100} −log softmax(z[b, t−1])[y[b,t]]
+
+with N the number of response tokens in the whole (gradient-accumulated) batch, so packed and
+unpacked batches give the same loss.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
+
+from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.data.records import Demonstration
+from tether.stages.common import (
+    DEFAULT_OUTPUT_ROOT,
+    check_output_dir,
+    discard_folder,
+    load_train_eval,
+    publish_folder,
+    require_dataset,
+    resolve_resume,
+    staging_folder,
+    summarise_lengths,
+    warn_truncation,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SUMMARY_FILE = "training_summary.json"
+
+
+@dataclass
+class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
+    output_dir: str | None = field(
+        default=None, metadata={"help": f"Where the fine-tuned model is written (default {DEFAULT_OUTPUT_ROOT}/sft)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several examples into each row of up to --max_length tokens (position ids restart per "
+                          "example, so attention never crosses examples). A row then counts as one sample of "
+                          "--per_device_train_batch_size."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With --use_peft: merge the LoRA adapters into the weights and save a full model "
+                          "(default: save the PEFT adapter folder)."},
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (decayed linearly to 0)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training demonstrations."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
+    eval_strategy: str = field(
+        default="epoch",
+        metadata={"help": "When to compute the held-out loss: no, steps or epoch (off when there is no held-out data)."},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = str(DEFAULT_OUTPUT_ROOT / "sft")
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenisation and labels
+# ---------------------------------------------------------------------------------------------
+def response_labels(input_ids: Sequence[int], n_prompt: int) -> list[int]:
+    """Targets of one example: ``y[t] = ids[t]`` for response positions ``t ≥ n_prompt`` (the stop
+    token included) and ``y[t] = −100`` for prompt positions.
+
+    The first position is always −100: nothing in the example precedes it, and in a packed row it
+    must not become the target of the previous example's last token. The causal-LM loss then is
+    ``L = (1/N) Σ_{y[t] ≠ −100} −log p(ids[t] | ids[<t])`` over the N response tokens of the batch.
+    """
+    labels = [IGNORE_INDEX] * n_prompt + list(input_ids[n_prompt:])
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return labels
+
+
+@dataclass
+class TokenizedDemonstrations:
+    examples: list[dict[str, list[int]]]
+    prompt_cut: int = 0
+    response_cut: int = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def tokenize_demonstrations(tokenizer, demonstrations: Sequence[Demonstration], max_length: int | None,
+                            max_prompt_length: int | None) -> TokenizedDemonstrations:
+    """Token ids and labels of every demonstration, counting prompts cut and responses truncated."""
+    from tether.data.templates import prompt_ids, prompt_response_ids
+
+    out = TokenizedDemonstrations(examples=[])
+    limit = None if max_prompt_length is None else max_prompt_length
+    for demo in demonstrations:
+        ids, n_prompt, truncated = prompt_response_ids(tokenizer, demo.prompt, demo.completion, max_length,
+                                                       max_prompt_length)
+        # A cut is only possible when the prompt part is at one of its caps; only then re-tokenise to check.
+        caps = [c for c in (limit, None if max_length is None else max_length - 1) if c is not None]
+        if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, demo.prompt)) > n_prompt:
+            out.prompt_cut += 1
+        out.response_cut += int(truncated)
+        out.examples.append({"input_ids": ids, "labels": response_labels(ids, n_prompt)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+# ---------------------------------------------------------------------------------------------
+def pack_by_length(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: indices of examples grouped into rows of ≤ ``capacity`` tokens.
+
+    Examples are placed longest first, each into the fullest row it still fits in; rows keep their
+    examples in original order. Deterministic for the same lengths.
+    """
+    if capacity < 1:
+        raise ValueError("capacity must be >= 1")
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row capacity {capacity}")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[index]
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos == len(free):
+            rows.append([index])
+            bisect.insort(free, (capacity - n, len(rows) - 1))
+        else:
+            room, row = free.pop(pos)
+            rows[row].append(index)
+            bisect.insort(free, (room - n, row))
+    return [sorted(r) for r in rows]
+
+
+def packed_rows(examples: Sequence[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
+    """Concatenate the examples of each packed row; ``position_ids`` restart at 0 for every example."""
+    rows = []
+    for group in pack_by_length([len(e["input_ids"]) for e in examples], capacity):
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in group:
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += [IGNORE_INDEX] + list(ex["labels"][1:])
+            positions += list(range(len(ex["input_ids"])))
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return rows
+
+
+@dataclass
+class SFTCollator:
+    """Right-pads a batch. Unpacked rows get an attention mask from their lengths; packed rows get
+    no mask, and their padding is a block of its own (position ids 0, 1, ...) with labels −100, so
+    transformers' packed-sequence detection keeps it out of every real example's attention."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        n = len(features)
+        input_ids = torch.full((n, width), int(self.pad_token_id), dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        packed = "position_ids" in features[0]
+        if packed:
+            position_ids = torch.zeros((n, width), dtype=torch.long)
+        else:
+            attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for row, f in enumerate(features):
+            k = len(f["input_ids"])
+            input_ids[row, :k] = torch.tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :k] = torch.tensor(f["labels"], dtype=torch.long)
+            if packed:
+                position_ids[row, :k] = torch.tensor(f["position_ids"], dtype=torch.long)
+                position_ids[row, k:] = torch.arange(width - k)
+            else:
+                attention_mask[row, :k] = 1
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = attention_mask
+        return batch
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def load_policy_for_training(config: SFTConfig):
+    """The causal LM to fine-tune: merged first if the starting point is itself an adapter folder,
+    then wrapped with fresh LoRA adapters under ``--use_peft``; dropout off (N+ detail 7)."""
+    from tether.models.loading import disable_dropout, load_causal_lm
+
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    if hasattr(model, "merge_and_unload"):  # an SFT adapter folder as the starting point
+        model = model.merge_and_unload()
+    disable_dropout(model)
+    # No KV cache while training: besides wasting memory, a cache makes transformers ignore the
+    # packed-sequence position ids and let packed examples attend to each other.
+    model.config.use_cache = False
+    if config.use_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config_from(config, task_type="CAUSAL_LM"))
+        if config.gradient_checkpointing:
+            # transformers#42489: the Trainer does not do this for PEFT models
+            model.enable_input_require_grads()
+    return model
+
+
+def save_policy(model, tokenizer, folder: Path, merge_lora: bool) -> None:
+    """Write the model so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it."""
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge_lora:
+        model = model.merge_and_unload()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# running the stage
+# ---------------------------------------------------------------------------------------------
+def run_sft(config: SFTConfig) -> Path:
+    """``tether sft``: load and check the demonstrations, fine-tune, write the model; returns its folder."""
+    from tether.data.loading import load_demonstrations
+
+    output_dir = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint)
+    check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
+    dataset = require_dataset(config.dataset, "sft")
+    train, held_out = load_train_eval(load_demonstrations, dataset, config.dataset_split, config.eval_dataset,
+                                      config.eval_split_ratio, config.seed)
+    return train_sft(config, train, held_out)
+
+
+def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Sequence[Demonstration] = ()) -> Path:
+    """Fine-tune on in-memory demonstrations (``run_sft`` after loading); returns the output folder."""
+    from tether.models.loading import load_tokenizer
+    from tether.tracking import JsonlMetricsCallback
+
+    output_dir = Path(config.output_dir)
+    resume = resolve_resume(config.resume_from_checkpoint)
+    check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
+    if not train:
+        raise ConfigError("no training demonstrations")
+    if config.max_length is not None and config.max_length < 2:
+        raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
+
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokens = tokenize_demonstrations(tokenizer, train, config.max_length, config.max_prompt_length)
+    eval_tokens = tokenize_demonstrations(tokenizer, held_out, config.max_length, config.max_prompt_length)
+    warn_truncation("sft", len(train), tokens.prompt_cut, tokens.response_cut, config.max_length,
+                    config.max_prompt_length)
+    if config.packing:
+        capacity = config.max_length if config.max_length else max(tokens.lengths)
+        train_items = packed_rows(tokens.examples, capacity)
+        eval_items = packed_rows(eval_tokens.examples, capacity) if eval_tokens.examples else []
+        logger.info("tether sft: packed %d examples into %d rows of <= %d tokens", len(tokens.examples),
+                    len(train_items), capacity)
+    else:
+        train_items, eval_items = tokens.examples, eval_tokens.examples
+    if not eval_items:
+        config.eval_strategy = IntervalStrategy.NO
+
+    model = load_policy_for_training(config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model,
+        args=config,
+        data_collator=SFTCollator(pad_token_id=pad),
+        train_dataset=ListDataset(train_items),
+        eval_dataset=ListDataset(eval_items) if eval_items else None,
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(output_dir)],
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - started
+    eval_metrics = trainer.evaluate() if eval_items and trainer.state.global_step > 0 else {}
+
+    summary = {
+        "stage": "sft",
+        "model_name_or_path": config.model_name_or_path,
+        "train_examples": len(train),
+        "eval_examples": len(held_out),
+        "packed_rows": len(train_items) if config.packing else None,
+        "prompts_cut": tokens.prompt_cut,
+        "responses_truncated": tokens.response_cut,
+        "token_lengths": summarise_lengths(tokens.lengths),
+        "train_seconds": train_seconds,
+        "train_loss": result.training_loss,
+        "global_steps": trainer.state.global_step,
+        "eval": eval_metrics,
+        "use_peft": config.use_peft,
+        "merged_lora": bool(config.use_peft and config.merge_lora),
+    }
+    if trainer.is_world_process_zero():
+        staged = staging_folder(output_dir)
+        try:
+            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
+            write_json(staged / SUMMARY_FILE, summary)
+            publish_folder(staged, output_dir)
+        except BaseException:
+            discard_folder(staged)
+            raise
+        logger.info("tether sft: wrote %s (%d examples, %.1f s)", output_dir, len(train), train_seconds)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir

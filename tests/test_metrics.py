@@ -1,0 +1,209 @@
+"""Evaluation metrics on hand-made inputs with hand-computed answers."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tether.evaluation import metrics as M
+
+
+# ---------------------------------------------------------------------------------------------
+# text statistics
+# ---------------------------------------------------------------------------------------------
+def test_words_lowercases_and_drops_punctuation():
+    assert M.words("Hi, hi! Don't  stop-now.") == ["hi", "hi", "don", "t", "stop", "now"]
+    assert M.words("") == []
+
+
+def test_ngrams_counts():
+    assert M.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+    assert M.ngrams(["a"], 2) == []
+    with pytest.raises(ValueError):
+        M.ngrams(["a"], 0)
+
+
+def test_distinct_n_is_pooled_over_the_corpus():
+    texts = ["a b c", "a b d"]
+    # unigrams a b c a b d: 4 unique of 6; bigrams ab bc ab bd: 3 unique of 4
+    assert M.distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert M.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    # the same answer to every prompt: each is varied, the set is not
+    assert M.distinct_n(["one two three"] * 4, 1) == pytest.approx(3 / 12)
+    assert M.distinct_n(["", "x"], 2) == 0.0
+
+
+def test_repetition_rate_hand_computed():
+    # 3-grams abc bca cab abc: one of four repeats an earlier one
+    assert M.repetition_rate("a b c a b c") == pytest.approx(0.25)
+    # x x x x x: three 3-grams, all "x x x": two repeats
+    assert M.repetition_rate("x x x x x") == pytest.approx(2 / 3)
+    assert M.repetition_rate("Short text") == 0.0  # fewer than 3 words
+    assert M.repetition_rate("The cat sat on the mat.") == 0.0
+    assert M.repetition_rate("A, b. C! a b c", n=3) == pytest.approx(0.25)  # punctuation and case ignored
+    assert M.mean_repetition_rate(["a b c a b c", "x y z"]) == pytest.approx(0.125)
+    assert M.mean_repetition_rate([]) == 0.0
+
+
+def test_length_stats():
+    s = M.length_stats([1, 2, 3, 4])
+    assert s == pytest.approx({"mean": 2.5, "median": 2.5, "std": math.sqrt(1.25), "min": 1.0, "max": 4.0})
+    assert math.isnan(M.length_stats([])["mean"])
+
+
+# ---------------------------------------------------------------------------------------------
+# correlation
+# ---------------------------------------------------------------------------------------------
+def test_pearson_hand_computed():
+    # dx = dy-permuted [-1.5, -.5, .5, 1.5]: Σdxdy = 4, Σdx² = Σdy² = 5
+    assert M.pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(M.pearson([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(M.pearson([1], [2]))
+    with pytest.raises(ValueError):
+        M.pearson([1, 2], [1, 2, 3])
+
+
+def test_rankdata_averages_ties():
+    assert M.rankdata([10, 20, 20, 30]).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert M.rankdata([3, 1, 2]).tolist() == [3.0, 1.0, 2.0]
+
+
+def test_spearman_uses_ranks():
+    # ranks [1,2,3,4] vs [1,3,2,4]: the Pearson example above
+    assert M.spearman([10, 20, 30, 40], [1, 100, 50, 1000]) == pytest.approx(0.8)
+    # monotone but not linear: Spearman 1, Pearson below 1
+    x, y = [1, 2, 3, 4, 5], [1, 4, 9, 16, 1000]
+    assert M.spearman(x, y) == pytest.approx(1.0)
+    assert M.pearson(x, y) < 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# KL
+# ---------------------------------------------------------------------------------------------
+def test_kl_k1_sums_log_ratios_per_response():
+    # (−1 − (−1.5)) + (−2 − (−1)) = 0.5 − 1
+    assert M.kl_k1_per_sequence([[-1.0, -2.0], [-0.5]], [[-1.5, -1.0], [-0.5]]) == pytest.approx([-0.5, 0.0])
+    with pytest.raises(ValueError):
+        M.kl_k1_per_sequence([[-1.0]], [[-1.0, -2.0]])
+
+
+class _S:  # what the log-prob code reads from tether.generation.Sample
+    def __init__(self, prompt_ids, response_ids):
+        self.prompt_ids, self.response_ids = prompt_ids, response_ids
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    from tether.models.loading import load_causal_lm
+
+    return load_causal_lm(str(tiny_model_dir)).eval()
+
+
+def test_response_logprobs_match_an_unpadded_forward_at_temperature(tiny_lm, tokenizer):
+    samples = [_S([5, 6, 7, 8, 9], [10, 11, 2]), _S([12, 13], [14, 15, 16, 17, 2]), _S([18], [19])]
+    got = M.response_token_logprobs(tiny_lm, samples, temperature=0.5, pad_token_id=tokenizer.pad_token_id,
+                                    batch_size=3)
+    for s, lp in zip(samples, got):
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = tiny_lm(input_ids=ids).logits[0].float() / 0.5
+        logp = torch.log_softmax(logits, -1)
+        n = len(s.prompt_ids)
+        expected = [logp[n - 1 + t, tok].item() for t, tok in enumerate(s.response_ids)]
+        assert lp == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError):
+        M.response_token_logprobs(tiny_lm, samples, temperature=0.0, pad_token_id=0)
+
+
+def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(tiny_lm, tiny_model_dir, tokenizer):
+    from tether.generation import SamplingSettings, sample_responses
+    from tether.models.loading import load_causal_lm
+
+    torch.manual_seed(0)
+    groups = sample_responses(tiny_lm, tokenizer, ["hello there", "what is two plus two?"],
+                              SamplingSettings(max_new_tokens=12, temperature=1.0), num_return_sequences=8)
+    samples = [s for g in groups for s in g]
+    assert M.sequence_kl(tiny_lm, tiny_lm, tokenizer, samples, temperature=1.0) == 0.0
+    other = load_causal_lm(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    per = M.per_sequence_kl(tiny_lm, other, tokenizer, samples, temperature=1.0)
+    assert len(per) == 16
+    # k1 on the policy's own samples estimates KL(π‖π_ref) > 0 (single samples may be negative)
+    assert float(np.mean(per)) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# best-of-N
+# ---------------------------------------------------------------------------------------------
+def test_bon_kl_bound():
+    assert M.bon_kl_bound(1) == 0.0
+    assert M.bon_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert M.bon_kl_bound(16) == pytest.approx(2.772588722 - 0.9375)
+    with pytest.raises(ValueError):
+        M.bon_kl_bound(0)
+
+
+def test_best_of_n_expected_hand_computed():
+    proxy, values = [0.1, 0.3, 0.2], [10.0, 30.0, 20.0]
+    assert M.best_of_n_expected(proxy, values, 1) == pytest.approx(20.0)  # the plain mean
+    assert M.best_of_n_expected(proxy, values, 3) == pytest.approx(30.0)  # the proxy's favourite
+    # subsets {10,20} -> 20, {10,30} -> 30, {20,30} -> 30
+    assert M.best_of_n_expected(proxy, values, 2) == pytest.approx(80 / 3)
+    with pytest.raises(ValueError):
+        M.best_of_n_expected(proxy, values, 4)
+
+
+def test_best_of_n_expected_equals_enumeration_of_subsets():
+    rng = np.random.default_rng(3)
+    proxy, values = rng.normal(size=7).tolist(), rng.normal(size=7).tolist()
+    for n in range(1, 8):
+        subsets = list(itertools.combinations(range(7), n))
+        brute = np.mean([values[max(s, key=lambda i: proxy[i])] for s in subsets])
+        assert M.best_of_n_expected(proxy, values, n) == pytest.approx(brute)
+
+
+# ---------------------------------------------------------------------------------------------
+# over-optimisation fits
+# ---------------------------------------------------------------------------------------------
+def test_fit_bon_recovers_known_coefficients():
+    d = np.linspace(0.1, 4.0, 20)
+    r = M.r_bon(d, 2.0, 0.5)
+    alpha, beta = M.fit_bon(d, r)
+    assert (alpha, beta) == pytest.approx((2.0, 0.5), abs=1e-9)
+    assert M.bon_peak(alpha, beta) == pytest.approx(2.0)
+    noisy = r + np.random.default_rng(0).normal(scale=0.02, size=d.size)
+    assert M.fit_bon(d, noisy) == pytest.approx((2.0, 0.5), abs=0.05)
+
+
+def test_fit_rl_recovers_known_coefficients():
+    d = np.concatenate([[0.0], np.linspace(0.2, 6.0, 25)])  # the starting policy at d = 0 is allowed
+    r = M.r_rl(d, 1.0, 0.4)
+    assert r[0] == 0.0
+    alpha, beta = M.fit_rl(d, r)
+    assert (alpha, beta) == pytest.approx((1.0, 0.4), abs=1e-9)
+    # dR/dd = α − β(log d + 1) = 0  ->  d* = e^{α/β − 1} = e^{1.5}
+    assert M.rl_peak(alpha, beta) == pytest.approx(math.exp(1.5))
+    grid = np.linspace(0.01, 10, 20001)
+    assert grid[np.argmax(M.r_rl(grid, alpha, beta))] == pytest.approx(math.exp(1.5), abs=1e-3)
+
+
+def test_fits_refuse_too_few_points_and_report_no_peak_for_negative_beta():
+    with pytest.raises(ValueError):
+        M.fit_rl([0.0, 1.0], [0.0, 1.0])
+    with pytest.raises(ValueError):
+        M.fit_bon([1.0, -1.0], [0.0, 1.0])
+    assert math.isnan(M.rl_peak(1.0, -0.1))
+    assert math.isnan(M.bon_peak(1.0, 0.0))
+    assert M.recentre([1.0, 1.5, 0.5], 1.0) == [0.0, 0.5, -0.5]
+
+
+def test_most_common_response_share():
+    assert M.most_common_response_share(["A b", "a b!", "c"]) == pytest.approx(2 / 3)
+    assert M.most_common_response_share([]) == 0.0

@@ -1,0 +1,212 @@
+"""PPO experience making on tiny real models (DESIGN.md checklist items 1, 3, 5, 14)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ppo_tiny import one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
+from tether.generation import (GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, generation_config,
+                               left_pad)
+from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
+from tether.ppo.losses import logprobs_from_logits
+from tether.ppo.rollout import (PolicyAndValue, build_sequences, disable_all_dropout, last_token_scores,
+                                make_rollout, make_value_head, response_logits, score_responses)
+
+PROMPTS = ["a b c d e f g", "yes", "x y", "good a b c"]
+
+
+def _queries(tok, prompts=PROMPTS):
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return left_pad(ids, tok.pad_token_id)
+
+
+# ---- item 1 -------------------------------------------------------------------------------------
+def test_sampling_logprobs_equal_the_training_forward_with_left_padding_and_a_truncated_response(word_dirs, word_tok):
+    model = load_causal_lm(str(word_dirs["policy"]))
+    disable_all_dropout(model)
+    tok, T = word_tok, 0.7
+    prompts = PROMPTS * 4  # 16 rows, 4 prompt lengths
+    query_ids, query_mask = _queries(tok, prompts)
+    settings = SamplingSettings(max_new_tokens=12, temperature=T)
+    config = generation_config(tok, settings)
+    config.output_logits, config.return_dict_in_generate = True, True
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    sampled = out.sequences[:, query_ids.shape[1]:]
+    gen_logp = logprobs_from_logits(torch.stack(out.logits, 1), sampled, T)  # what the sampler used, at T
+    batch = cut_at_first_stop(sampled, [tok.eos_token_id], tok.pad_token_id)
+    assert batch.stopped.any() and not batch.stopped.all()  # some responses were cut after their stop token
+    assert (batch.lengths < sampled.shape[1]).any()
+
+    model.train()  # the update runs in train mode
+    args = build_sequences(query_ids, query_mask, batch.responses, batch.mask)
+    with torch.no_grad():
+        train_logp = logprobs_from_logits(response_logits(model, *args, query_ids.shape[1]), batch.responses, T)
+    mask = batch.mask
+    assert (train_logp - gen_logp)[mask].abs().max() <= 1e-5
+
+    # the same prompt and response alone (no padding at all) give the same log-probs
+    row = 1  # the shortest prompt: it has the most left padding in the batch
+    p = query_ids[row, query_mask[row].bool()].unsqueeze(0)
+    r = batch.responses[row, :batch.lengths[row]].unsqueeze(0)
+    alone = build_sequences(p, torch.ones_like(p), r, torch.ones_like(r, dtype=torch.bool))
+    with torch.no_grad():
+        alone_logp = logprobs_from_logits(response_logits(model, *alone, p.shape[1]), r, T)
+    assert (alone_logp[0] - train_logp[row, :batch.lengths[row]]).abs().max() <= 1e-5
+
+
+# ---- item 3 -------------------------------------------------------------------------------------
+def test_the_stop_token_is_inside_the_masks_and_what_follows_it_changes_nothing(word_dirs, word_tok):
+    tok = word_tok
+    eos = tok.eos_token_id
+    w = tok.convert_tokens_to_ids
+    raw_a = torch.tensor([[w("a"), w("b"), eos, w("c"), w("d")], [w("x"), w("y"), w("z"), w("no"), w("yes")]])
+    raw_b = torch.tensor([[w("a"), w("b"), eos, w("good"), eos], [w("x"), w("y"), w("z"), w("no"), w("yes")]])
+    cut_a, cut_b = (cut_at_first_stop(r, [eos], tok.pad_token_id) for r in (raw_a, raw_b))
+    assert torch.equal(cut_a.responses, cut_b.responses)
+    assert cut_a.lengths.tolist() == [3, 5] and cut_a.stopped.tolist() == [True, False]
+    assert cut_a.mask.tolist() == [[True, True, True, False, False], [True] * 5]  # the stop token is real
+
+    policy = load_causal_lm(str(word_dirs["policy"]))
+    value = load_scalar_model(str(word_dirs["rm"]))
+    rm = load_scalar_model(str(word_dirs["rm"]))
+    models = PolicyAndValue(policy, value)
+    ref = copy.deepcopy(policy)
+    ref.requires_grad_(False)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.5)  # a reference that differs, so the KL is not zero
+    q, qm = _queries(tok, ["a b", "c"])
+    ro = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
+                         generated=cut_a, temperature=0.7, missing_stop_penalty=-1.0)
+    real = ro.response_mask
+    assert ro.logprobs[0, 2] < 0 and ro.kl[0, 2] != 0  # log-prob and KL of the stop token count
+    for t in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl, ro.kl_penalty):
+        assert t[~real].eq(0).all()  # neutral after the end
+    # the score is read at the stop token (index P + 2), and the row that never stopped gets the penalty
+    args = build_sequences(q, qm, cut_a.responses, cut_a.mask)
+    with torch.no_grad():
+        per_token = torch.stack([r for r in _token_scores(rm, *args)])
+    assert torch.isclose(ro.raw_scores[0], per_token[0, q.shape[1] + 2], atol=1e-6)
+    assert ro.scores.tolist()[1] == -1.0 and ro.scores[0] == ro.raw_scores[0]
+
+
+def _token_scores(model, ids, mask, pos):
+    from tether.models.scoring import token_scores
+
+    return token_scores(model, ids, mask, pos)
+
+
+# ---- item 5 -------------------------------------------------------------------------------------
+def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configured(tmp_path, word_tok):
+    from ppo_tiny import make_policy, make_random_rm
+
+    tok = word_tok
+    policy_dir = make_policy(tmp_path / "p", tok, seed=5, attention_dropout=0.5)
+    rm_dir = make_random_rm(tmp_path / "rm", tok, attention_dropout=0.5)
+    q, qm = _queries(tok)
+    responses = torch.tensor([[tok.convert_tokens_to_ids(x) for x in ("a", "b", "c", "d")]] * len(PROMPTS))
+    batch = cut_at_first_stop(responses, [tok.eos_token_id], tok.pad_token_id)
+
+    def rollout(clean: bool):
+        policy, value, rm = (load_causal_lm(str(policy_dir)), load_scalar_model(str(rm_dir)),
+                             load_scalar_model(str(rm_dir)))
+        ref = copy.deepcopy(policy)
+        for m in (policy, ref, value, rm):
+            (disable_all_dropout if clean else disable_dropout)(m)
+            m.train()  # train mode everywhere: dropout would be live here
+        torch.manual_seed(0)
+        models = PolicyAndValue(policy, value).train()
+        first = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
+                                generated=batch, temperature=0.7)
+        second = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
+                                 generated=batch, temperature=0.7)
+        return first, second
+
+    first, second = rollout(clean=True)
+    assert first.kl.eq(0).all() and first.kl_penalty.eq(0).all()
+    assert torch.equal(first.values, second.values) and torch.equal(first.raw_scores, second.raw_scores)
+    # the guard is needed: zeroing nn.Dropout modules alone leaves Llama's functional attention dropout on
+    leaky, _ = rollout(clean=False)
+    assert leaky.kl.abs().max() > 1e-3
+
+
+# ---- item 14 ------------------------------------------------------------------------------------
+def test_reward_of_ppo_tokens_equals_the_reward_of_the_text_as_the_rm_was_trained(tiny_rm_dir, tokenizer):
+    """SmolLM2's tokenizer (chat template; pad == stop token), a random tiny RM of its vocabulary."""
+    from tether.data.templates import prompt_ids, response_ids
+    from tether.models.scoring import score_texts
+
+    rm = load_scalar_model(str(tiny_rm_dir)).eval()
+    prompts = ["What is the capital of France?", "Hi", "Name three colours, please, and say why you like them."]
+    responses = ["Paris.", "Hello! How can I help you today?", "Red, green and blue."]
+    # PPO holds the prompt's ids (left-padded) and the sampled ids, which end with the stop token
+    q, qm = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    sampled = [response_ids(tokenizer, r) for r in responses]
+    width = max(map(len, sampled)) + 2
+    raw = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sampled])
+    batch = cut_at_first_stop(raw, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    assert batch.stopped.all() and batch.lengths.tolist() == [len(s) for s in sampled]
+    args = build_sequences(q, qm, batch.responses, batch.mask)
+    with torch.no_grad():
+        ppo_scores = last_token_scores(rm, *args, q.shape[1], batch.lengths)
+    trained_way = score_texts(rm, tokenizer, prompts, responses)  # prompt_response_ids, unpadded rule
+    assert torch.allclose(ppo_scores, trained_way, atol=1e-5)
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+def test_generate_batch_ignores_the_models_own_sampling_defaults(word_dirs, word_tok):
+    model = load_causal_lm(str(word_dirs["policy"]))
+    model.generation_config.min_p = 0.99  # would make sampling greedy if generate inherited it
+    model.generation_config.repetition_penalty = 3.0
+    q, qm = _queries(word_tok, ["a b"] * 8)
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+    torch.manual_seed(0)
+    out = generate_batch(model, word_tok, q, qm, settings)
+    assert len({tuple(r.tolist()) for r in out.responses}) > 1  # still pure sampling: rows differ
+    assert model.generation_config.min_p == 0.99  # the model's config is restored afterwards
+
+
+def test_fixed_length_generation_never_stops(word_dirs, word_tok):
+    model = load_causal_lm(str(word_dirs["policy"]))
+    with torch.no_grad():  # make the stop token the likeliest next token
+        model.lm_head.weight[word_tok.eos_token_id] *= 0
+        model.model.norm.weight.fill_(1.0)
+    q, qm = _queries(word_tok)
+    torch.manual_seed(0)
+    fixed = generate_batch(model, word_tok, q, qm, SamplingSettings(max_new_tokens=7, fixed_length=True))
+    assert fixed.responses.shape == (4, 7) and fixed.lengths.eq(7).all() and fixed.stopped.all()
+    free = generate_batch(model, word_tok, q, qm, SamplingSettings(max_new_tokens=7), batch_size=3)
+    assert free.responses.shape[0] == 4 and free.lengths.le(7).all()
+
+
+# ---- a whole rollout ----------------------------------------------------------------------------
+def test_make_rollout_reads_every_model_once_and_keeps_layout(word_dirs, word_tok):
+    policy = load_causal_lm(str(word_dirs["policy"]))
+    disable_all_dropout(policy)
+    models = PolicyAndValue(policy, value_head=make_value_head(policy)).train()
+    rm = load_scalar_model(str(word_dirs["counting_rm"])).eval()
+    ref = copy.deepcopy(policy).eval()
+    q, qm = _queries(word_tok)
+    torch.manual_seed(1)
+    ro = make_rollout(models=models, reference=ref, reward_model=rm, tokenizer=word_tok, query_ids=q, query_mask=qm,
+                      settings=SamplingSettings(max_new_tokens=5, temperature=0.7), forward_batch_size=3,
+                      prompts=PROMPTS)
+    n, width = ro.responses.shape
+    assert n == 4 and width == int(ro.lengths.max()) and ro.input_ids.shape == (4, q.shape[1] + width)
+    assert torch.equal(ro.logprobs, ro.ref_logprobs) and ro.kl.eq(0).all()  # same weights
+    assert ro.values.eq(0).all()  # the value head starts at zero
+    assert ro.time_generate > 0 and ro.time_score > 0
+    texts = ro.response_texts(word_tok)
+    assert len(texts) == 4 and all("<eos>" not in t for t in texts)
+    sub = ro.select(torch.tensor([2, 0]))
+    assert sub.prompts == [PROMPTS[2], PROMPTS[0]] and torch.equal(sub.responses[1], ro.responses[0])
+
+
+def test_generated_batch_mask_comes_from_lengths_not_from_pad_ids():
+    pad = eos = 2
+    batch = cut_at_first_stop(torch.tensor([[5, eos, eos, eos], [eos, 7, 7, 7]]), [eos], pad)
+    assert batch.lengths.tolist() == [2, 1]
+    assert batch.mask.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert isinstance(batch, GeneratedBatch)

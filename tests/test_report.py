@@ -1,0 +1,187 @@
+"""The report (Markdown + HTML + PNG plots), its data-driven sentences, and the study's plotting side."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tether.evaluation import report as R
+from tether.evaluation.metrics import bon_kl_bound, r_rl
+from tether.evaluation.study import StudyConfig, points_from_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _eval_metrics():
+    base = {"reward/score": 0.0, "reward/gold": 0.4, "kl/ref": 0.0, "response/length": 60.0, "response/words": 45.0,
+            "response/stopped": 0.3, "diversity/distinct_1": 0.4, "diversity/distinct_2": 0.8,
+            "response/repetition": 0.02, "bias/reward_length_pearson": 0.1, "bias/reward_length_spearman": 0.12,
+            "bias/gold_length_pearson": -0.2, "probe/factual_accuracy": 0.5, "probe/harmful_refusal_rate": 0.1,
+            "probe/benign_refusal_rate": 0.0, "samples": 40}
+    ppo = dict(base, **{"reward/score": 1.1, "reward/gold": 0.9, "kl/ref": 3.2, "response/length": 30.0})
+    bon = dict(base, **{"reward/score": 0.8, "kl/ref": None, "kl/bon_bound": bon_kl_bound(16),
+                        "probe/factual_accuracy": None})
+    return {"sft": base, "ppo": ppo, "best-of-16": bon}
+
+
+def _overopt_points():
+    # gold follows R_RL with a peak at √KL = e^{1.5} ≈ 4.48... scaled down: α = 1, β = 0.4 on d in [0, 7]
+    d = np.array([0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 7.0])
+    gold = 0.3 + r_rl(d, 1.0, 0.4)
+    proxy = 0.1 + 0.8 * d
+    return [{"name": f"ckpt-{i}", "kl": float(x * x), "gold": float(g), "proxy": float(p)}
+            for i, (x, g, p) in enumerate(zip(d, gold, proxy))]
+
+
+def _full_inputs():
+    rng = np.random.default_rng(0)
+    ppo_rows = [{"step": i, "reward/score": 0.05 * i, "reward/gold": 0.3 + 0.02 * i, "kl/ref": 0.15 * i}
+                for i in range(1, 31)]
+    bon = [{"n": n, "kl_bound": bon_kl_bound(n), "proxy": 0.3 * math.log(n), "gold": 0.1 * math.log(n)}
+           for n in (1, 2, 4, 8, 16)]
+    lengths = rng.integers(5, 64, size=60)
+    points = [{"policy": "sft" if i % 2 else "ppo", "length": int(n), "reward": 0.03 * n + rng.normal(0, 0.2),
+               "gold": rng.normal(0, 0.3)} for i, n in enumerate(lengths)]
+    rounds = [{"round": 1, "gold": 0.5, "proxy": 0.8}, {"round": 2, "gold": 0.7, "proxy": 0.9}]
+    side = [{"prompt": "Why is the sky <blue>?", "responses": {"sft": {"response": "Scattering & stuff.", "reward": 0.1,
+                                                                      "gold": 0.2},
+                                                              "ppo": {"response": "Rayleigh scattering.",
+                                                                      "reward": None, "gold": None}}}]
+    study = {"β = 0.1": _overopt_points()[:4], "β = 0.001": _overopt_points()}
+    return dict(eval_results=_eval_metrics(), ppo_metrics=ppo_rows, overopt_points=_overopt_points(), bon_curve=bon,
+                length_reward_points=points, rounds=rounds, temperature=0.7, side_by_side=side, study_runs=study)
+
+
+def test_full_report_writes_table_and_every_plot(tmp_path):
+    out = R.write_report(tmp_path, **_full_inputs(), notes=["demo run"])
+    md, html = out.markdown.read_text(), out.html.read_text()
+    expected_plots = {"ppo_curves", "overoptimisation", "best_of_n", "length_vs_reward", "rounds", "study"}
+    assert set(out.plots) == expected_plots
+    for key, path in out.plots.items():
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, key
+        assert f"plots/{path.name}" in html and f"plots/{path.name}" in md
+        assert out.sentences[key] and out.sentences[key] in md
+    # the table: every policy and every metric row, best-of-N's KL shown as its bound
+    for name in ("sft", "ppo", "best-of-16"):
+        assert name in md and f"<th>{name}</th>" in html
+    for label, _, _ in R.METRIC_ROWS:
+        assert label in md
+    assert "≤ 1.84 (bound)" in md and "healthy" in md
+    assert "T = 0.7" in md
+    # user text is escaped in HTML
+    assert "Why is the sky &lt;blue&gt;?" in html and "Scattering &amp; stuff." in html
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_report_with_missing_pieces_says_so(tmp_path):
+    out = R.write_report(tmp_path, eval_results=_eval_metrics())
+    md, html = out.markdown.read_text(), out.html.read_text()
+    assert out.plots == {}
+    assert "No PPO metrics were given" in md and "No PPO metrics were given" in html
+    assert "cannot be drawn" in md and "Best-of-N was not evaluated" in md
+    assert "temperature was not recorded" in md
+    assert not (tmp_path / "plots").exists() or not list((tmp_path / "plots").iterdir())
+    empty = R.write_report(tmp_path / "empty")
+    assert "No evaluation results were given" in empty.markdown.read_text()
+
+
+def test_report_accepts_an_eval_json_document(tmp_path):
+    out = R.write_report(tmp_path, eval_results={"temperature": 0.7, "metrics": _eval_metrics()})
+    assert "best-of-16" in out.markdown.read_text()
+
+
+def test_metrics_table_formats_and_gaps():
+    header, rows = R.metrics_table({"a": {"reward/score": 0.5, "kl/ref": 12.0, "samples": 3}, "b": {}})
+    assert header == ["Metric", "a", "b"]
+    table = {r[0]: r[1:] for r in rows}
+    assert table["Reward-model score (proxy)"] == ["+0.500", "–"]
+    assert table["KL health"] == ["drifting", "–"]
+    assert table["Responses evaluated"] == ["3", "–"]
+
+
+def test_kl_band_names():
+    assert R.kl_band(0.5) == "barely changed"
+    assert R.kl_band(4.0) == "healthy"
+    assert R.kl_band(30.0) == "divergence"
+    assert R.kl_band(None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# sentences from numbers
+# ---------------------------------------------------------------------------------------------
+def test_overoptimisation_sentence_reports_the_peak_and_the_rising_proxy():
+    s = R.describe_overoptimisation(_overopt_points())
+    # gold recentred: r_rl(d, 1, .4) is highest at d = 4.5 among the points
+    assert "peaks at √KL ≈ 4.50" in s
+    assert "keeps rising" in s
+    assert "peaks at √KL ≈ 4.48" in s  # the fit recovers e^{1.5}
+
+
+def test_overoptimisation_sentence_when_gold_still_rises():
+    pts = [{"kl": k, "gold": 0.1 * k, "proxy": 0.2 * k} for k in (0.0, 1.0, 2.0, 4.0)]
+    s = R.describe_overoptimisation(pts)
+    assert "no over-optimisation is visible" in s
+    assert "peaks at" not in s.split(";")[0]
+
+
+def test_bon_sentence():
+    rows = [{"n": n, "kl_bound": bon_kl_bound(n), "proxy": float(n), "gold": g}
+            for n, g in ((1, 0.0), (2, 0.3), (4, 0.5), (8, 0.4), (16, 0.2))]
+    s = R.describe_bon(rows)
+    assert "From N = 1 to N = 16" in s and "+15.00" in s and "+0.20" in s
+    assert "gold is highest at N = 4" in s
+
+
+def test_length_sentence_detects_verbosity_bias():
+    lengths = list(range(10, 60, 5))
+    pts = [{"policy": "p", "length": n, "reward": 0.1 * n, "gold": (-1) ** n * 0.1} for n in lengths]
+    s = R.describe_length(pts)
+    assert "r = +1.00" in s and "verbosity bias" in s
+    fair = [{"policy": "p", "length": n, "reward": 0.1 * n, "gold": 0.2 * n} for n in lengths]
+    assert "close to the annotator" in R.describe_length(fair)
+
+
+def test_ppo_sentence_uses_first_and_last_tenth():
+    rows = [{"step": i, "reward/score": float(i), "kl/ref": 0.1 * i} for i in range(1, 21)]
+    s = R.describe_ppo(rows)
+    # first tenth = steps 1-2 (mean 1.5), last tenth = steps 19-20 (mean 19.5); KL ends at 1.95
+    assert "from +1.50 to +19.50" in s and "ended at 1.95 nats" in s
+    assert "hold none" in R.describe_ppo([{"step": 1, "loss": 2.0}])
+
+
+# ---------------------------------------------------------------------------------------------
+# the study's plotting side
+# ---------------------------------------------------------------------------------------------
+def test_points_from_metrics_windows():
+    rows = [{"step": i, "kl/ref": float(i), "reward/score": 2.0 * i, "reward/gold": -float(i)} for i in range(1, 8)]
+    rows.insert(3, {"step": 99, "loss/policy": 1.0})  # rows without kl/ref are skipped
+    pts = points_from_metrics(rows, window=3)
+    assert [p["name"] for p in pts] == ["iter 1-3", "iter 4-6", "iter 7-7"]
+    assert pts[0] == {"name": "iter 1-3", "kl": 2.0, "gold": -2.0, "proxy": 4.0}
+    assert pts[2]["kl"] == 7.0
+    no_gold = points_from_metrics([{"step": 1, "kl/ref": 0.5, "reward/score": 1.0}], window=2)
+    assert no_gold[0]["gold"] is None
+
+
+def test_study_plot_and_sentence(tmp_path):
+    from tether.evaluation.study import draw_study
+
+    runs = {"β = 0.1": _overopt_points()[:4], "β = 0.001": _overopt_points()}
+    out = draw_study(tmp_path, runs, temperature=0.7)
+    assert out["study_json"].is_file()
+    assert out["report"].plots["study"].read_bytes().startswith(PNG_MAGIC)
+    sentence = out["report"].sentences["study"]
+    assert sentence.startswith("With β = 0.1 gold is still at its highest at the last checkpoint (√KL ≈ 3.00)")
+    assert "with β = 0.001 gold peaks at √KL ≈ 4.50" in sentence
+
+
+def test_study_config_and_cli_positional_name(capsys):
+    from tether.cli import main
+
+    assert StudyConfig(study="overoptimisation").study == "overoptimization"
+    assert main(["study", "nonsense"]) == 2
+    assert "unknown study 'nonsense'" in capsys.readouterr().err
+    assert main(["study", "overoptimization", "--kl_coefs", "-1"]) == 2
+    assert "--kl_coefs must be >= 0" in capsys.readouterr().err

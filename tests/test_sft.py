@@ -1,0 +1,320 @@
+"""Stage 1 (`tether sft`): which tokens are targets, the loss on hand-computed numbers, packing
+with correct boundaries, truncation counts, full / LoRA / merged outputs that
+`AutoModelForCausalLM` loads, gradient checkpointing, and the output-folder rules."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.data.records import Demonstration, Message
+from tether.stages.sft import (
+    IGNORE_INDEX,
+    SFTCollator,
+    SFTConfig,
+    pack_by_length,
+    packed_rows,
+    response_labels,
+    tokenize_demonstrations,
+    train_sft,
+)
+
+WORDS = "alpha beta gamma delta river stone cloud light paper green".split()
+
+
+def _demos(n: int, seed: int = 0) -> list[Demonstration]:
+    rng = random.Random(seed)
+    return [Demonstration(prompt=" ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+                          completion=" ".join(rng.choices(WORDS, k=rng.randint(1, 9))))
+            for _ in range(n)]
+
+
+def _tiny(tiny_model_dir, attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+
+
+# ------------------------------------------------------------------------------------------------
+# targets and the loss
+
+
+def test_labels_cover_the_response_and_its_stop_token_only(tokenizer):
+    ids = [11, 12, 13, 21, 22, 2]
+    assert response_labels(ids, 3) == [IGNORE_INDEX] * 3 + [21, 22, 2]
+    assert response_labels(ids, 0)[0] == IGNORE_INDEX  # nothing predicts the first token of an example
+    demo = Demonstration(prompt=(Message("user", "Name a colour."),), completion="Green.")
+    example = tokenize_demonstrations(tokenizer, [demo], 512, 256).examples[0]
+    targets = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(targets) == "Green.<|im_end|>"
+    assert targets[-1] == tokenizer.eos_token_id == tokenizer.pad_token_id  # the stop token is a target
+
+
+def _loss_and_logit_grads(model, batch):
+    out = model(**batch)
+    out.logits.retain_grad()
+    out.loss.backward()
+    model.zero_grad()
+    return out.loss.detach(), out.logits.grad
+
+
+def test_prompt_tokens_never_move_the_targets_and_loss_matches_hand_computation(tiny_model_dir, tokenizer):
+    model = _tiny(tiny_model_dir)
+    demos = [Demonstration("river stone cloud", "paper green"), Demonstration("alpha", "beta gamma delta light")]
+    examples = tokenize_demonstrations(tokenizer, demos, 512, 256).examples
+    batch = SFTCollator(tokenizer.pad_token_id)(examples)
+    loss, grads = _loss_and_logit_grads(model, batch)
+
+    # hand computation: mean over target tokens of -log softmax(logits at t-1)[token t]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = []
+    for b, ex in enumerate(examples):
+        for t, target in enumerate(ex["labels"]):
+            if target != IGNORE_INDEX:
+                terms.append(-torch.log_softmax(logits[b, t - 1].double(), -1)[target].item())
+    n_targets = sum(len(d) for d in [[t for t in ex["labels"] if t != IGNORE_INDEX] for ex in examples])
+    assert len(terms) == n_targets == 2 + 1 + 4 + 1  # both responses plus their stop tokens
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+
+    # the gradient reaches exactly the positions that predict a response token (or its stop token)
+    def target_positions(g):
+        return {(b, t) for b, t in (g.abs().sum(-1) > 0).nonzero().tolist()}
+
+    expected = {(b, t - 1) for b, ex in enumerate(examples) for t, y in enumerate(ex["labels"]) if y != IGNORE_INDEX}
+    assert target_positions(grads) == expected
+    # change each prompt token in turn: all variants in one batch, each row keeps its own targets
+    rng = random.Random(0)
+    variants, owners = [], []
+    for b, ex in enumerate(examples):
+        n_prompt = next(t for t, y in enumerate(ex["labels"]) if y != IGNORE_INDEX)
+        for i in range(n_prompt):
+            ids = list(ex["input_ids"])
+            ids[i] = rng.randrange(100, 40000)
+            variants.append({"input_ids": ids, "labels": ex["labels"]})
+            owners.append(b)
+    _, variant_grads = _loss_and_logit_grads(model, SFTCollator(tokenizer.pad_token_id)(variants))
+    got = target_positions(variant_grads)
+    for row, b in enumerate(owners):
+        assert {t for r, t in got if r == row} == {t for r, t in expected if r == b}
+
+
+def test_loss_is_log_vocab_when_the_model_predicts_uniformly(tiny_model_dir, tokenizer):
+    model = _tiny(tiny_model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()  # every logit 0: p = 1/V for every token
+    examples = tokenize_demonstrations(tokenizer, _demos(2), 512, 256).examples
+    loss = model(**SFTCollator(tokenizer.pad_token_id)(examples)).loss
+    assert loss.item() == pytest.approx(math.log(len(tokenizer)), abs=1e-5)  # ln 49152 = 10.8027
+
+
+# ------------------------------------------------------------------------------------------------
+# packing
+
+
+def test_packing_respects_capacity_and_uses_every_example_once():
+    lengths = [5, 9, 3, 7, 2, 8, 1, 6]
+    rows = pack_by_length(lengths, capacity=10)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    assert len(rows) == math.ceil(sum(lengths) / 10)  # this instance packs perfectly: 41 tokens in 5 rows
+    assert rows == pack_by_length(lengths, capacity=10)
+    with pytest.raises(ValueError, match="more than the row capacity"):
+        pack_by_length([11], capacity=10)
+
+
+def _per_example_losses(logits, labels, spans):
+    """Summed token loss of each example; ``spans`` = (row, start, end) of each example."""
+    logp = torch.log_softmax(logits.double(), -1)
+    out = []
+    for row, start, end in spans:
+        total = 0.0
+        for t in range(start + 1, end):
+            if labels[row, t] != IGNORE_INDEX:
+                total -= logp[row, t - 1, labels[row, t]].item()
+        out.append(total)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir, tokenizer, attn):
+    model = _tiny(tiny_model_dir, attn)
+    examples = tokenize_demonstrations(tokenizer, _demos(7, seed=3), 512, 256).examples
+    lengths = [len(e["input_ids"]) for e in examples]
+
+    unpacked = SFTCollator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        logits = model(input_ids=unpacked["input_ids"], attention_mask=unpacked["attention_mask"]).logits
+    reference = _per_example_losses(logits, unpacked["labels"], [(i, 0, n) for i, n in enumerate(lengths)])
+
+    capacity = 2 * max(lengths) + 5
+    groups = pack_by_length(lengths, capacity)
+    rows = packed_rows(examples, capacity)
+    assert len(rows) < len(examples)
+    packed = SFTCollator(tokenizer.pad_token_id)(rows)
+    assert "attention_mask" not in packed  # boundaries come from the position ids
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    spans, order = [], []
+    for r, group in enumerate(groups):
+        start = 0
+        for i in group:
+            spans.append((r, start, start + lengths[i]))
+            order.append(i)
+            start += lengths[i]
+    got = _per_example_losses(packed_logits, packed["labels"], spans)
+    torch.testing.assert_close(got, reference[order], atol=1e-5, rtol=1e-6)
+    # and the model's own mean loss over the batch is the same packed or not
+    with torch.no_grad():
+        assert model(**packed, use_cache=False).loss.item() == pytest.approx(model(**unpacked).loss.item(), abs=1e-5)
+
+    # the check has teeth: without restarting positions, or with a KV cache (transformers then ignores
+    # packed position ids), the examples see each other; training therefore runs without a cache
+    with torch.no_grad():
+        cached = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=True).logits
+    assert (_per_example_losses(cached, packed["labels"], spans) - reference[order]).abs().max() > 1e-3
+    config = SFTConfig(output_dir=str(tiny_model_dir / "unused"), model_name_or_path=str(tiny_model_dir), use_cpu=True)
+    from tether.stages.sft import load_policy_for_training
+
+    assert load_policy_for_training(config).config.use_cache is False
+    with torch.no_grad():
+        leaky = model(input_ids=packed["input_ids"],
+                      position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]),
+                      use_cache=False).logits
+    assert (_per_example_losses(leaky, packed["labels"], spans) - reference[order]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# truncation
+
+
+def test_truncation_is_counted_and_never_drops_the_whole_response(tokenizer, caplog):
+    demos = [Demonstration("word " * 100, "the answer is here"),      # prompt longer than max_length
+             Demonstration("short question", "word " * 50),          # response cut
+             Demonstration("fine", "fine")]
+    tokens = tokenize_demonstrations(tokenizer, demos, max_length=64, max_prompt_length=48)  # system prompt ~30
+    assert tokens.prompt_cut == 1 and tokens.response_cut == 1
+    for ex in tokens.examples:
+        assert len(ex["input_ids"]) <= 64
+        assert any(y != IGNORE_INDEX for y in ex["labels"])  # some response is always left
+    # max_prompt_length above max_length: the prompt is cut to leave one response token
+    squeezed = tokenize_demonstrations(tokenizer, demos[:1], max_length=8, max_prompt_length=64).examples[0]
+    assert [y != IGNORE_INDEX for y in squeezed["labels"]] == [False] * 7 + [True]
+
+    from tether.stages.common import warn_truncation
+
+    with caplog.at_level(logging.WARNING):
+        warn_truncation("sft", 3, tokens.prompt_cut, tokens.response_cut, 64, 48)
+    assert "1 of 3 examples (33.3%) had prompts longer than --max_prompt_length 48" in caplog.text
+    assert "1 of 3 examples (33.3%) were longer than --max_length 64" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# training and saving
+
+
+def _config(tmp_path: Path, model_dir: Path, **overrides) -> SFTConfig:
+    kwargs = dict(output_dir=str(tmp_path / "sft"), model_name_or_path=str(model_dir), learning_rate=1e-2,
+                  per_device_train_batch_size=4, num_train_epochs=3, logging_steps=2, save_strategy="no",
+                  report_to="none", seed=0, disable_tqdm=True, use_cpu=True)
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def _logits(model, tokenizer, text="alpha beta gamma"):
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_full_fine_tuning_learns_and_saves_a_loadable_model(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train, held_out = _demos(16, seed=1), _demos(8, seed=1)[:4]  # held-out prompts seen: the loss must drop
+    folder = train_sft(_config(tmp_path, tiny_model_dir, packing=True, max_length=64, save_strategy="steps",
+                               save_steps=3), train, held_out)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert any("eval_loss" in r for r in rows)
+    assert (folder / "checkpoint-3").is_dir()  # checkpoints stay in output_dir
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sft")]  # no staging folder left
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert AutoTokenizer.from_pretrained(folder).eos_token_id == tokenizer.eos_token_id
+    summary = json.loads((folder / "training_summary.json").read_text())
+    assert summary["train_examples"] == 16 and summary["packed_rows"] < 16
+    assert not torch.allclose(_logits(model, tokenizer), _logits(_tiny(tiny_model_dir), tokenizer))
+
+
+def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    demos = _demos(8, seed=2)
+    common = dict(num_train_epochs=1, eval_strategy="no")
+    plain = train_sft(_config(tmp_path / "a", tiny_model_dir, **common), demos)
+    checkpointed = train_sft(_config(tmp_path / "b", tiny_model_dir, gradient_checkpointing=True, **common), demos)
+    a = AutoModelForCausalLM.from_pretrained(plain).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(checkpointed).state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_lora_adapter_and_merged_model_load_with_automodel(tmp_path, tiny_model_dir, tokenizer, merge):
+    from transformers import AutoModelForCausalLM
+
+    from tether.models.loading import load_causal_lm
+
+    folder = train_sft(_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, merge_lora=merge,
+                               num_train_epochs=2, gradient_checkpointing=True), _demos(8, seed=4))
+    assert (folder / "adapter_config.json").is_file() != merge
+    assert (folder / "config.json").is_file() == merge
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    ours = load_causal_lm(str(folder))
+    base = _tiny(tiny_model_dir)
+    torch.testing.assert_close(_logits(loaded, tokenizer), _logits(ours, tokenizer), atol=1e-5, rtol=1e-5)
+    assert (_logits(loaded, tokenizer) - _logits(base, tokenizer)).abs().max() > 1e-4  # the adapters did train
+
+
+# ------------------------------------------------------------------------------------------------
+# command line and output folder
+
+
+def test_bad_data_or_no_dataset_leaves_no_output_folder(tmp_path, tiny_model_dir):
+    from tether.cli import main
+
+    bad = tmp_path / "demos.jsonl"
+    bad.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q"}\n')
+    for args, message in [(["--dataset", str(bad)], f"{bad}:2"), ([], "--dataset is required")]:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
+                         "--use_cpu", "true", *args])
+        assert code == 2 and message in err.getvalue()
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_trains_from_a_file_and_refuses_to_overwrite(tmp_path, tiny_model_dir):
+    from tether.cli import main
+
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"prompt": d.prompt, "completion": d.completion}) + "\n" for d in _demos(12)))
+    args = ["sft", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--output_dir",
+            str(tmp_path / "out"), "--use_cpu", "true", "--num_train_epochs", "1", "--report_to", "none",
+            "--eval_split_ratio", "0.25", "--disable_tqdm", "true"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    assert (summary["train_examples"], summary["eval_examples"]) == (9, 3)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 2
+    assert "exists and is not empty" in err.getvalue()
+    assert main(args + ["--overwrite_output_dir", "true"]) == 0
