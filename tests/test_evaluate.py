@@ -43,7 +43,7 @@ def test_evaluate_policies_on_tiny_models(tiny_model_dir, perturbed_model_dir, t
     results = E.evaluate_policies(
         {"ref": str(tiny_model_dir), "moved": str(perturbed_model_dir)}, str(tiny_model_dir), str(tiny_rm_dir),
         tokenizer, prompts, temperature=1.0, max_new_tokens=6, samples_per_prompt=2, gold=annotator,
-        probes=True, probe_max_new_tokens=3, best_of_n={"best-of-4": ("ref", 4)}, batch_size=8)
+        probes=True, probe_max_new_tokens=2, best_of_n={"best-of-4": ("ref", 4)}, batch_size=64)
     assert list(results.metrics) == ["ref", "moved", "best-of-4"]
     for name in ("ref", "moved"):
         assert EXPECTED_KEYS | PROBE_KEYS <= set(results.metrics[name])

@@ -170,15 +170,21 @@ def test_generate_batch_ignores_the_models_own_sampling_defaults(word_dirs, word
 
 def test_fixed_length_generation_never_stops(word_dirs, word_tok):
     model = load_causal_lm(str(word_dirs["policy"]))
-    with torch.no_grad():  # make the stop token the likeliest next token
-        model.lm_head.weight[word_tok.eos_token_id] *= 0
-        model.model.norm.weight.fill_(1.0)
+    eos = word_tok.eos_token_id
+
+    def stop_is_likeliest(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., eos] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(stop_is_likeliest)
     q, qm = _queries(word_tok)
     torch.manual_seed(0)
+    free = generate_batch(model, word_tok, q, qm, SamplingSettings(max_new_tokens=7), batch_size=3)
+    assert free.lengths.tolist() == [1, 1, 1, 1] and free.stopped.all()
     fixed = generate_batch(model, word_tok, q, qm, SamplingSettings(max_new_tokens=7, fixed_length=True))
     assert fixed.responses.shape == (4, 7) and fixed.lengths.eq(7).all() and fixed.stopped.all()
-    free = generate_batch(model, word_tok, q, qm, SamplingSettings(max_new_tokens=7), batch_size=3)
-    assert free.responses.shape[0] == 4 and free.lengths.le(7).all()
+    assert fixed.responses.eq(eos).all()  # nothing was cut although every token is the stop token
 
 
 # ---- a whole rollout ----------------------------------------------------------------------------

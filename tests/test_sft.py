@@ -239,11 +239,12 @@ def test_full_fine_tuning_learns_and_saves_a_loadable_model(tmp_path, tiny_model
 
     train, held_out = _demos(16, seed=1), _demos(8, seed=1)[:4]  # held-out prompts seen: the loss must drop
     folder = train_sft(_config(tmp_path, tiny_model_dir, packing=True, max_length=64, save_strategy="steps",
-                               save_steps=3), train, held_out)
+                               save_steps=3, per_device_train_batch_size=2), train, held_out)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses[-1] < 0.5 * losses[0]
-    assert any("eval_loss" in r for r in rows)
+    eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert losses[-1] < 0.75 * losses[0]
+    assert eval_losses[-1] < 0.75 * eval_losses[0]
     assert (folder / "checkpoint-3").is_dir()  # checkpoints stay in output_dir
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sft")]  # no staging folder left
     model = AutoModelForCausalLM.from_pretrained(folder)
