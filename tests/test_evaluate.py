@@ -99,8 +99,10 @@ def test_text_metrics_hand_computed():
 def test_parse_policy_specs():
     from tether.config import ConfigError
 
+    from tether.models.loading import EMBEDDED_MODEL
+
     assert E.parse_policy_specs(["sft=out/sft", "out/ppo/", "embedded"]) == {
-        "sft": "out/sft", "ppo": "out/ppo/", "embedded": "embedded"}
+        "sft": "out/sft", "ppo": "out/ppo/", "embedded": EMBEDDED_MODEL}
     with pytest.raises(ConfigError):
         E.parse_policy_specs(["a=x", "a=y"])
     with pytest.raises(ConfigError):
@@ -127,7 +129,8 @@ def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path)
     out = tmp_path / "eval"
     code = main(["eval", "--policies", f"tiny={tiny_model_dir}", "--reference", str(tiny_model_dir),
                  "--reward_model_path", str(tiny_rm_dir), "--prompts", str(prompts), "--samples_per_prompt", "2",
-                 "--max_new_tokens", "4", "--probes", "false", "--best_of_n", "2", "--output_dir", str(out)])
+                 "--max_new_tokens", "4", "--probes", "false", "--best_of_n", "2", "--bon_curve", "1", "2",
+                 "--output_dir", str(out)])
     assert code == 0
     doc = json.loads((out / "eval.json").read_text())
     assert set(doc["metrics"]) == {"tiny", "best-of-2"}
@@ -138,6 +141,7 @@ def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path)
     assert (out / "report.md").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
     assert "best-of-2" in (out / "report.md").read_text()
     assert (out / "plots" / "length_vs_reward.png").stat().st_size > 0
+    assert [r["n"] for r in doc["bon_curve"]] == [1, 2] and (out / "plots" / "best_of_n.png").stat().st_size > 0
 
 
 def test_run_eval_rejects_bad_options(tmp_path, capsys):
@@ -146,4 +150,4 @@ def test_run_eval_rejects_bad_options(tmp_path, capsys):
     assert main(["eval", "--output_dir", str(tmp_path)]) == 2
     assert "name at least one policy" in capsys.readouterr().err
     assert main(["eval", "--policies", "a=b", "--best_of_n", "4", "--output_dir", str(tmp_path)]) == 2
-    assert "--best_of_n needs --reward_model_path" in capsys.readouterr().err
+    assert "--best_of_n and --bon_curve need --reward_model_path" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_report_with_missing_pieces_says_so(tmp_path):
     md, html = out.markdown.read_text(), out.html.read_text()
     assert out.plots == {}
     assert "No PPO metrics were given" in md and "No PPO metrics were given" in html
-    assert "cannot be drawn" in md and "Best-of-N was not evaluated" in md
+    assert "cannot be drawn" in md and "No best-of-N curve was computed" in md
     assert "temperature was not recorded" in md
     assert not (tmp_path / "plots").exists() or not list((tmp_path / "plots").iterdir())
     empty = R.write_report(tmp_path / "empty")
@@ -124,6 +124,14 @@ def test_overoptimisation_sentence_when_gold_still_rises():
     s = R.describe_overoptimisation(pts)
     assert "no over-optimisation is visible" in s
     assert "peaks at" not in s.split(";")[0]
+
+
+def test_overoptimisation_sentence_when_gold_only_falls():
+    pts = [{"kl": k, "gold": -0.1 * k, "proxy": 0.2 * k} for k in (0.0, 1.0, 4.0)]
+    s = R.describe_overoptimisation(pts)
+    assert s.startswith("Gold reward never rises above the starting policy's and is 0.40 lower at √KL ≈ 2.00")
+    assert "do not carry over" in s
+    assert "never rises above its start" in R.describe_study({"β = 0": pts})
 
 
 def test_bon_sentence():
@@ -185,3 +193,28 @@ def test_study_config_and_cli_positional_name(capsys):
     assert "unknown study 'nonsense'" in capsys.readouterr().err
     assert main(["study", "overoptimization", "--kl_coefs", "-1"]) == 2
     assert "--kl_coefs must be >= 0" in capsys.readouterr().err
+
+
+def test_run_study_trains_evaluates_checkpoints_and_skips_finished_runs(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """The orchestration against the real PPO trainer, on tiny models (2 iterations, 1 coefficient)."""
+    import json
+
+    from tether.evaluation.study import run_folder, run_study
+
+    config = StudyConfig(model_name_or_path=str(tiny_model_dir), reward_model_path=str(tiny_rm_dir), kl_coefs=[0.05],
+                         num_iterations=2, batch_size=2, max_new_tokens=3, eval_checkpoints=True, save_every=1,
+                         eval_num_prompts=2, output_dir=str(tmp_path))
+    out = run_study(config)
+    doc = json.loads(out["study_json"].read_text())
+    points = doc["runs"]["β = 0.05"]
+    # the starting policy, two checkpoints and the final policy, evaluated on held-out prompts with gold
+    # (the final policy is checkpoint-2, so it is not evaluated twice)
+    assert [p["name"] for p in points] == ["start", "checkpoint-1", "checkpoint-2"]
+    assert points[0]["kl"] == 0.0 and all(p["gold"] is not None and p["proxy"] is not None for p in points)
+    summary = run_folder(tmp_path, 0.05) / "ppo_summary.json"
+    rows = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/gold" in r for r in rows if "kl/ref" in r)  # the gold hook logged every iteration
+    stamps = [summary.stat().st_mtime_ns, (summary.parent / "checkpoint_points.json").stat().st_mtime_ns]
+    again = run_study(config)  # a finished run is reused, not retrained, and its evaluation is not redone
+    assert [summary.stat().st_mtime_ns, (summary.parent / "checkpoint_points.json").stat().st_mtime_ns] == stamps
+    assert json.loads(again["study_json"].read_text())["runs"] == doc["runs"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether.data.records import PreferencePair
+from tether.data.records import Message, PreferencePair
 from tether.models.scoring import (
     RewardStats,
     last_token_indices,
@@ -329,3 +329,32 @@ def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):
     assert f"{bad}:2" in err.getvalue()
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# ------------------------------------------------------------------------------------------------
+# the embedded model
+
+
+@pytest.mark.slow
+def test_embedded_model_shared_prompt_rows_and_hf_pooling_read_the_stop_token(embedded_model_dir):
+    """SmolLM2-135M (30 layers, grouped-query attention): shared-prompt rows score like separate
+    sequences, and with the distinct pad token HF's own pooling reads the same (stop) token."""
+    from tether.data.templates import prompt_response_ids
+    from tether.models.loading import load_scalar_model, load_tokenizer
+
+    tok = load_tokenizer(str(embedded_model_dir))
+    model = load_scalar_model(str(embedded_model_dir))
+    pad = choose_distinct_pad_token(tok, model)
+    pairs = [PreferencePair((Message("user", "What is the capital of France?"),), "Paris.", "It is Lyon, I think."),
+             PreferencePair("Name two fruits.", "Apple and pear.", "Carrots.")]
+    tokens = tokenize_preferences(tok, pairs, 256, 128)
+    shared = pair_rewards(model, PreferenceCollator(pad, True)(tokens.pairs))
+    separate = pair_rewards(model, PreferenceCollator(pad, False)(tokens.pairs))
+    for got, want in zip(shared, separate):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    texts = [tok.decode(prompt_response_ids(tok, p.prompt, r)[0]) for p in pairs for r in (p.chosen, p.rejected)]
+    enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        hf = model(**enc).logits.squeeze(-1)
+    ours = torch.stack([shared[0][0], shared[1][0], shared[0][1], shared[1][1]])
+    torch.testing.assert_close(hf, ours, atol=1e-4, rtol=1e-4)

@@ -238,8 +238,8 @@ def test_full_fine_tuning_learns_and_saves_a_loadable_model(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train, held_out = _demos(16, seed=1), _demos(8, seed=1)[:4]  # held-out prompts seen: the loss must drop
-    folder = train_sft(_config(tmp_path, tiny_model_dir, packing=True, max_length=64, save_strategy="steps",
-                               save_steps=3, per_device_train_batch_size=2), train, held_out)
+    folder = train_sft(_config(tmp_path, tiny_model_dir, packing=True, max_length=128, save_strategy="steps",
+                               save_steps=3, per_device_train_batch_size=2, learning_rate=3e-2), train, held_out)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
@@ -260,7 +260,9 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_model_dir,
     demos = _demos(8, seed=2)
     common = dict(num_train_epochs=1, eval_strategy="no")
     plain = train_sft(_config(tmp_path / "a", tiny_model_dir, **common), demos)
-    checkpointed = train_sft(_config(tmp_path / "b", tiny_model_dir, gradient_checkpointing=True, **common), demos)
+    checkpointed = train_sft(_config(tmp_path / "b", tiny_model_dir, activation_checkpointing=True, **common), demos)
+    assert [json.loads((f / "training_summary.json").read_text())["activation_checkpointing"]
+            for f in (plain, checkpointed)] == [False, True]
     a = AutoModelForCausalLM.from_pretrained(plain).state_dict()
     b = AutoModelForCausalLM.from_pretrained(checkpointed).state_dict()
     assert set(a) == set(b)
@@ -275,7 +277,7 @@ def test_lora_adapter_and_merged_model_load_with_automodel(tmp_path, tiny_model_
     from tether.models.loading import load_causal_lm
 
     folder = train_sft(_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, merge_lora=merge,
-                               num_train_epochs=2, gradient_checkpointing=True), _demos(8, seed=4))
+                               num_train_epochs=1, activation_checkpointing=True), _demos(8, seed=4))
     assert (folder / "adapter_config.json").is_file() != merge
     assert (folder / "config.json").is_file() == merge
     loaded = AutoModelForCausalLM.from_pretrained(folder)

@@ -62,7 +62,8 @@ class EvalConfig:
                           "is the embedded default model). Example: --policies sft=out/sft ppo=out/ppo."},
     )
     reference: str = field(default=EMBEDDED_MODEL,
-                           metadata={"help": "Reference policy for KL (usually the SFT model)."})
+                           metadata={"help": "Reference policy for KL (usually the SFT model; `embedded` for the "
+                                             "embedded default; `none` to skip KL)."})
     reward_model_path: str | None = field(default=None,
                                           metadata={"help": "Reward-model folder (from `tether rm`). Without it the "
                                                             "reward-model metrics and best-of-N are skipped."})
@@ -85,6 +86,9 @@ class EvalConfig:
     best_of_n_base: str | None = field(default=None,
                                        metadata={"help": "Policy name (from --policies) that best-of-N samples "
                                                          "from. Default: the first policy."})
+    bon_curve: list[int] = field(default_factory=list,
+                                 metadata={"help": "N values of the report's best-of-N curve (e.g. 1 2 4 8 16): "
+                                                   "max(N) samples per prompt from --best_of_n_base, scored once."})
     side_by_side: int = field(default=4, metadata={"help": "Prompts shown with every policy's response."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for sampling and scoring."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are cut from the left."})
@@ -183,7 +187,7 @@ class _Models:
     def causal_lm(self, model_or_path):
         if not isinstance(model_or_path, (str, os.PathLike)):
             return model_or_path
-        key = str(model_or_path)
+        key = EMBEDDED_MODEL if str(model_or_path) == "embedded" else str(model_or_path)
         if key not in self._cache:
             from tether.models.loading import disable_dropout, load_causal_lm
 
@@ -445,7 +449,10 @@ def overopt_points(results: EvalResults | Mapping[str, Mapping[str, Any]],
 # command line
 # ---------------------------------------------------------------------------------------------
 def parse_policy_specs(specs: Sequence[str]) -> dict[str, str]:
-    """``["sft=out/sft", "out/ppo"] -> {"sft": "out/sft", "ppo": "out/ppo"}``; names must be unique."""
+    """``["sft=out/sft", "out/ppo"] -> {"sft": "out/sft", "ppo": "out/ppo"}``; names must be unique.
+
+    ``embedded`` (alone or as a path) is the embedded default model.
+    """
     out: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -457,7 +464,7 @@ def parse_policy_specs(specs: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--policies {spec!r}: expected NAME=PATH")
         if name in out:
             raise ConfigError(f"--policies: the name {name!r} is used twice")
-        out[name] = path
+        out[name] = EMBEDDED_MODEL if path == "embedded" else path
     return out
 
 
@@ -489,8 +496,10 @@ def run_eval(config: EvalConfig) -> EvalResults:
         raise ConfigError("--samples_per_prompt must be >= 1")
     if config.temperature <= 0:
         raise ConfigError("--temperature must be > 0: the temperature is part of the policy and KL is measured at it")
-    if config.best_of_n and not config.reward_model_path:
-        raise ConfigError("--best_of_n needs --reward_model_path")
+    if (config.best_of_n or config.bon_curve) and not config.reward_model_path:
+        raise ConfigError("--best_of_n and --bon_curve need --reward_model_path")
+    if any(n < 1 for n in [*config.best_of_n, *config.bon_curve]):
+        raise ConfigError("--best_of_n / --bon_curve values must be >= 1")
     if config.prompts is None:
         prompts = heldout_prompts()
     else:
@@ -501,10 +510,10 @@ def run_eval(config: EvalConfig) -> EvalResults:
         prompts = prompts[: config.num_prompts]
     gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))
     base = config.best_of_n_base or next(iter(policies))
-    if config.best_of_n and base not in policies:
+    if (config.best_of_n or config.bon_curve) and base not in policies:
         raise ConfigError(f"--best_of_n_base {base!r} is not one of the --policies names {list(policies)}")
     best = {f"best-of-{n}": (base, int(n)) for n in config.best_of_n}
-    tokenizer = load_tokenizer(next(iter(policies.values())))
+    tokenizer = load_tokenizer(next(iter(policies.values())))  # policies share the reference's vocabulary
     reference = None if config.reference in ("", "none") else config.reference
     results = evaluate_policies(
         policies, reference, config.reward_model_path, tokenizer, prompts,
@@ -514,11 +523,16 @@ def run_eval(config: EvalConfig) -> EvalResults:
         best_of_n=best, batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,
         seed=config.seed, dtype=config.dtype,
     )
-    write_eval_outputs(config.output_dir, results, {"config": asdict(config)})
+    curve = None
+    if config.bon_curve:
+        curve = bon_curve(policies[base], tokenizer, config.reward_model_path, prompts, ns=config.bon_curve, gold=gold,
+                          temperature=config.temperature, max_new_tokens=config.max_new_tokens,
+                          batch_size=config.batch_size, max_prompt_length=config.max_prompt_length, seed=config.seed)
+    write_eval_outputs(config.output_dir, results, {"config": asdict(config), "bon_curve": curve})
     if config.report:
         from tether.evaluation.report import write_report
 
-        write_report(config.output_dir, eval_results=results, temperature=config.temperature,
+        write_report(config.output_dir, eval_results=results, temperature=config.temperature, bon_curve=curve,
                      length_reward_points=results.length_reward_points(),
                      side_by_side=results.side_by_side(config.side_by_side))
     logger.info("eval: wrote %s", Path(config.output_dir) / EVAL_FILE)

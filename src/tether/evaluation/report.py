@@ -185,11 +185,17 @@ def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
         return (f"Without a gold score only the proxy can be read: it changes by {proxy[-1]:+.2f} "
                 f"between √KL = {d[0]:.2f} and √KL = {d[-1]:.2f}.")
     i = int(np.argmax(gold))
-    if i == len(pts) - 1 or len(pts) < 3:
+    if i == len(pts) - 1:
         sentence = (f"Gold reward is highest at the largest KL measured (√KL ≈ {d[i]:.2f}, {gold[i]:+.2f} over the "
                     f"starting policy), so no over-optimisation is visible in this range")
         if proxy is not None:
-            sentence += f"; the proxy rose by {proxy[-1]:+.2f} over the same range"
+            sentence += f"; the proxy changed by {proxy[-1]:+.2f} over the same range"
+    elif i == 0:
+        sentence = (f"Gold reward never rises above the starting policy's and is {-gold[-1]:.2f} lower at "
+                    f"√KL ≈ {d[-1]:.2f}")
+        if proxy is not None:
+            sentence += (f" while the proxy changed by {proxy[-1]:+.2f}: the reward model's gains do not carry "
+                         "over to the gold reward" if proxy[-1] > 0 else f", and the proxy changed by {proxy[-1]:+.2f}")
     else:
         drop = gold[i] - gold[-1]
         sentence = f"Gold reward peaks at √KL ≈ {d[i]:.2f} ({gold[i]:+.2f} over the start) and is {drop:.2f} lower at √KL ≈ {d[-1]:.2f}"
@@ -281,7 +287,10 @@ def describe_study(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
             continue
         d = _sqrt_kl(pts)
         i = int(np.argmax(gold))
-        if i < len(pts) - 1 and gold[-1] < gold[i]:
+        if i == 0 and gold[-1] < gold[0]:
+            clauses.append(f"with {label} gold never rises above its start and ends {-gold[-1]:.2f} lower "
+                           f"at √KL ≈ {d[-1]:.2f}")
+        elif i < len(pts) - 1 and gold[-1] < gold[i]:
             clauses.append(f"with {label} gold peaks at √KL ≈ {d[i]:.2f} and ends {gold[i] - gold[-1]:.2f} lower "
                            f"at √KL ≈ {d[-1]:.2f}")
         else:
@@ -595,7 +604,8 @@ def write_report(
         plot_overoptimisation, describe_overoptimisation,
         "No checkpoint evaluations were given, so the over-optimisation curve cannot be drawn.")
     add("best_of_n", "Best-of-N: reward against the analytic KL bound", list(bon_curve or []), plot_bon,
-        describe_bon, "Best-of-N was not evaluated (it needs a reward model).")
+        describe_bon, "No best-of-N curve was computed (it needs a reward model; `tether eval --bon_curve 1 2 4 8 16` "
+        "or the pipeline draws it).")
     add("length_vs_reward", "Length against reward (verbosity bias)", list(length_reward_points or []),
         plot_length_reward, describe_length, "No scored responses were given.")
     if rounds:

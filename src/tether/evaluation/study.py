@@ -224,10 +224,28 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     return draw_study(config.output_dir, runs, config.temperature, notes)
 
 
+CHECKPOINT_POINTS_FILE = "checkpoint_points.json"
+
+
 def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool, checkpoints: list[Path]):
+    """Evaluate the start, every checkpoint and the final policy on held-out prompts (cached per run folder)."""
     from tether.demo.task import heldout_prompts
     from tether.evaluation.evaluate import evaluate_policies, overopt_points
+    from tether.evaluation.report import write_text_atomic
 
+    policies = {"start": config.model_name_or_path}
+    policies.update({c.parent.name: str(c) for c in checkpoints})
+    summary = json.loads((folder / "ppo_summary.json").read_text(encoding="utf-8"))
+    if f"checkpoint-{summary.get('iterations')}" not in policies:  # the final policy is not a checkpoint already
+        policies["final"] = str(folder / "policy")
+    settings = {"policies": policies, "eval_dataset": config.eval_dataset, "eval_num_prompts": config.eval_num_prompts,
+                "temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "gold": gold,
+                "seed": config.seed}
+    cache = folder / CHECKPOINT_POINTS_FILE
+    if cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("settings") == settings:
+            return cached["points"]
     if config.eval_dataset is None:
         prompts = heldout_prompts()
     else:
@@ -235,10 +253,9 @@ def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool,
 
         prompts = load_prompts(config.eval_dataset)
     prompts = prompts[: config.eval_num_prompts]
-    policies = {"start": config.model_name_or_path}
-    policies.update({c.parent.name: str(c) for c in checkpoints})
-    policies["final"] = str(folder / "policy")
     results = evaluate_policies(policies, config.model_name_or_path, config.reward_model_path, tokenizer, prompts,
                                 temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                 gold=gold, probes=False, seed=config.seed)
-    return overopt_points(results, list(policies))
+    points = overopt_points(results, list(policies))
+    write_text_atomic(cache, json.dumps({"settings": settings, "points": points}, indent=2) + "\n")
+    return points

@@ -178,13 +178,16 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return ValueLossOutput(0.5 * masked_mean(per_token, mask, denominator), clipfrac)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       all_reduce=None) -> torch.Tensor:
     """How much of the returns' variance the value function explains, over real tokens:
 
         EV = 1 − Var(R − V) / Var(R)        (biased variances; 1 is perfect, ≤ 0 is no better than a constant)
+
+    ``all_reduce`` (a sum over processes) makes the variances global.
     """
     from tether.ppo.advantages import masked_moments
 
-    _, var_returns = masked_moments(returns, mask)
-    _, var_residual = masked_moments(returns - values, mask)
+    _, var_returns = masked_moments(returns, mask, all_reduce)
+    _, var_residual = masked_moments(returns - values, mask, all_reduce)
     return 1.0 - var_residual / var_returns.clamp(min=1e-12)

@@ -414,7 +414,7 @@ class PPOTrainer:
         if isinstance(tid, int) and tid != tok.unk_token_id:
             return tid
         ids = tok(token, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
+        if len(ids) == 1 and (ids[0] != tok.unk_token_id or token == tok.unk_token):
             return ids[0]
         raise ConfigError(f"--stop_token {token!r} is not a single token of this tokenizer (it encodes to {ids})")
 
@@ -597,49 +597,13 @@ class PPOTrainer:
         stopped_reason, metrics = "completed", {}
         try:
             while st.iteration < self.num_iterations:
-                iteration = st.iteration
                 started = time.perf_counter()
-                beta = self.kl_ctl.value
-                learning_rate = self.scheduler.get_last_lr()[0]  # constant within the iteration
 
                 # 1-2. rollout and scoring: sample, then one no-grad pass of each model
-                prompts, token_ids = self._next_prompts()
-                query_ids, query_mask = left_pad(token_ids, self._pad_id())
-                rollout = make_rollout(
-                    models=unwrap_model(self.models), reference=self.reference, reward_model=self.reward_model,
-                    tokenizer=self.tokenizer, query_ids=query_ids.to(acc.device), query_mask=query_mask.to(acc.device),
-                    settings=self.sampling, kl_estimator=cfg.kl_penalty,
-                    generation_batch_size=self.generation_batch, forward_batch_size=self.forward_batch,
-                    reward_stats=self.reward_stats, missing_stop_penalty=cfg.missing_eos_penalty,
-                    autocast=acc.autocast, prompts=prompts, synchronize=self._synchronize)
-                mask = rollout.response_mask
+                rollout = self.collect_rollout()
 
-                # 3. token rewards: r_t = −β·KL_t, plus the score at the stop token
-                rewards = token_rewards(rollout.kl_penalty, rollout.scores, mask, beta)
-                if cfg.whiten_rewards:
-                    rewards = whiten(rewards, mask, shift_mean=False, all_reduce=self._sum)
-
-                # 4. advantages: GAE over response tokens; returns before whitening; whiten over real tokens
-                advantages, returns = gae_advantages(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-                advantages = whiten(advantages, mask, all_reduce=self._sum)
-
-                finite = self._all_finite(rollout, rewards)
-                update_started = time.perf_counter()
-                if finite:
-                    # 5. PPO epochs over shuffled minibatches (only the critic during warm-up)
-                    train_policy = iteration >= cfg.value_warmup_steps
-                    update_stats = self._update(rollout, advantages, returns, train_policy)
-                else:
-                    self._record_bad_step(iteration, rollout, "non-finite score, reward, log-prob or value")
-                    update_stats = {}
-                self._synchronize()
-                time_update = time.perf_counter() - update_started
-
-                # 6. KL control, from the rollout KL (per-response sum, before the update)
-                kl_ref = self._global_mean(rollout.kl.sum(1))
-                if finite:
-                    self.kl_ctl.update(kl_ref, cfg.batch_size)
-                self.scheduler.step()
+                # 3-6. rewards, advantages, PPO epochs, KL control (see `learn`)
+                metrics = self.learn(rollout)
                 st.iteration += 1
                 st.episodes += cfg.batch_size
                 generated_tokens = int(self._sum(rollout.lengths.sum()).item())
@@ -647,11 +611,15 @@ class PPOTrainer:
 
                 # 7. metrics
                 elapsed = time.perf_counter() - started
-                metrics = self._metrics(rollout, rewards, returns, beta, kl_ref, update_stats, time_update, elapsed,
-                                        generated_tokens, skipped=not finite)
-                metrics["train/learning_rate"] = learning_rate
+                metrics.update({
+                    "time/generate": rollout.time_generate, "time/score": rollout.time_score,
+                    "time/total": elapsed, "throughput/episodes_per_s": cfg.batch_size / elapsed,
+                    "throughput/tokens_per_s": generated_tokens / elapsed, "train/episodes": st.episodes,
+                })
+                if self.extra_metrics is not None:
+                    metrics.update(self._reduce_extra(self.extra_metrics(rollout) or {}))
                 # 8. KL health
-                report = self.monitor.update(kl_ref, iteration=st.iteration)
+                report = self.monitor.update(metrics["kl/ref"], iteration=st.iteration)
                 metrics["kl/band"] = report.band.name
                 if writer is not None:
                     writer.log(st.iteration, metrics)
@@ -665,7 +633,7 @@ class PPOTrainer:
                     break
                 # 9. checkpoint (never of a step that was skipped)
                 save_every = self._every(cfg.save_steps)
-                if save_every and st.iteration % save_every == 0 and finite:
+                if save_every and st.iteration % save_every == 0 and not metrics.get("train/skipped"):
                     self.save_checkpoint()
         finally:
             if progress is not None:
@@ -673,6 +641,60 @@ class PPOTrainer:
             if writer is not None:
                 writer.close()
         return self._finish(stopped_reason, metrics)
+
+    def collect_rollout(self) -> Rollout:
+        """Responses to this process's share of the next prompts, scored by every model once."""
+        cfg, acc = self.config, self.accelerator
+        prompts, token_ids = self._next_prompts()
+        query_ids, query_mask = left_pad(token_ids, self._pad_id())
+        return make_rollout(
+            models=unwrap_model(self.models), reference=self.reference, reward_model=self.reward_model,
+            tokenizer=self.tokenizer, query_ids=query_ids.to(acc.device), query_mask=query_mask.to(acc.device),
+            settings=self.sampling, kl_estimator=cfg.kl_penalty, generation_batch_size=self.generation_batch,
+            forward_batch_size=self.forward_batch, reward_stats=self.reward_stats,
+            missing_stop_penalty=cfg.missing_eos_penalty, autocast=acc.autocast, prompts=prompts,
+            synchronize=self._synchronize)
+
+    def learn(self, rollout: Rollout) -> dict[str, Any]:
+        """One PPO update from one rollout batch (this process's share); returns the iteration's metrics."""
+        cfg = self.config
+        iteration = self.state.iteration
+        beta = self.kl_ctl.value
+        learning_rate = self.scheduler.get_last_lr()[0]  # constant within the iteration
+        mask = rollout.response_mask
+
+        # 3. token rewards: r_t = −β·KL_t, plus the score at the stop token
+        rewards = token_rewards(rollout.kl_penalty, rollout.scores, mask, beta)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False, all_reduce=self._sum)
+
+        # 4. advantages: GAE over response tokens; returns before whitening; whiten over real tokens (all processes)
+        advantages, returns = gae_advantages(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask, all_reduce=self._sum)
+
+        # 5. PPO epochs over shuffled minibatches (only the critic during warm-up); a batch with
+        #    non-finite rewards is skipped, counted and logged
+        finite = self._all_finite(rollout, rewards)
+        update_started = time.perf_counter()
+        if finite:
+            update_stats = self._update(rollout, advantages, returns, train_policy=iteration >= cfg.value_warmup_steps)
+        else:
+            self._record_bad_step(iteration, rollout, "non-finite score, reward, log-prob or value")
+            update_stats = {}
+        self._synchronize()
+        time_update = time.perf_counter() - update_started
+
+        # 6. KL control from the rollout KL (per-response sum, before the update); the learning rate
+        #    schedule advances once per iteration
+        kl_ref = self._global_mean(rollout.kl.sum(1))
+        if finite:
+            self.kl_ctl.update(kl_ref, cfg.batch_size)
+        self.scheduler.step()
+
+        metrics = self._metrics(rollout, returns, beta, kl_ref, update_stats, skipped=not finite)
+        metrics.update({"time/update": time_update, "train/learning_rate": learning_rate,
+                        "train/policy_updated": float(iteration >= cfg.value_warmup_steps and finite)})
+        return metrics
 
     # ---- one rollout's update ----------------------------------------------------------------
     def _update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
@@ -807,9 +829,10 @@ class PPOTrainer:
                          "scores": [float(x) for x in rollout.scores.cpu().tolist()]})
 
     # ---- metrics ------------------------------------------------------------------------------
-    def _metrics(self, rollout: Rollout, rewards, returns, beta: float, kl_ref: float, update: dict,
-                 time_update: float, elapsed: float, generated_tokens: int, skipped: bool) -> dict[str, Any]:
-        cfg, st = self.config, self.state
+    def _metrics(self, rollout: Rollout, returns, beta: float, kl_ref: float, update: dict,
+                 skipped: bool) -> dict[str, Any]:
+        """Rollout and update statistics, reduced over all processes."""
+        st = self.state
         mask = rollout.response_mask
         non_score = torch.where(mask, -beta * rollout.kl_penalty, torch.zeros_like(rollout.kl_penalty)).sum(1)
         m: dict[str, Any] = {
@@ -819,43 +842,26 @@ class PPOTrainer:
             "reward/total": self._global_mean(rollout.scores + non_score),
             "kl/ref": kl_ref,
             "kl/coef": beta,
+            "kl/coef_next": self.kl_ctl.value,
             "response/length": self._global_mean(rollout.lengths.float()),
             "response/stopped": self._global_mean(rollout.stopped.float()),
         }
         if not skipped:
-            ev = explained_variance(rollout.values, returns, mask)
-            m["value/explained_var"] = ev.item() if self.world == 1 else self._explained_variance_global(rollout, returns)
+            m["value/explained_var"] = explained_variance(rollout.values, returns, mask, self._sum).item()
         m.update(update)
-        m.update({
-            "time/generate": rollout.time_generate,
-            "time/score": rollout.time_score,
-            "time/update": time_update,
-            "time/total": elapsed,
-            "throughput/episodes_per_s": cfg.batch_size / elapsed,
-            "throughput/tokens_per_s": generated_tokens / elapsed,
-            "train/episodes": st.episodes,
-            "train/optimizer_steps": st.optimizer_steps,
-            "train/bad_steps": st.bad_steps_total,
-            "train/early_stops": st.early_stops,
-            "train/policy_updated": float(st.iteration > cfg.value_warmup_steps and not skipped),
-            "kl/coef_next": self.kl_ctl.value,
-        })
+        m.update({"train/optimizer_steps": st.optimizer_steps, "train/bad_steps": st.bad_steps_total,
+                  "train/early_stops": st.early_stops})
         if skipped:
             m["train/skipped"] = 1.0
-        if torch.cuda.is_available() and self.accelerator.device.type == "cuda":
+        if self.accelerator.device.type == "cuda":
             m["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if self.extra_metrics is not None:
-            extra = self.extra_metrics(rollout) or {}
-            for key, value in extra.items():
-                m[key] = self._global_mean(torch.as_tensor(float(value), device=self.accelerator.device).reshape(1)) \
-                    if isinstance(value, (int, float)) else value
         return m
 
-    def _explained_variance_global(self, rollout: Rollout, returns: torch.Tensor) -> float:
-        mask = rollout.response_mask
-        _, var_returns = masked_moments(returns, mask, self._sum)
-        _, var_residual = masked_moments(returns - rollout.values, mask, self._sum)
-        return (1.0 - var_residual / var_returns.clamp(min=1e-12)).item()
+    def _reduce_extra(self, extra: dict) -> dict:
+        """Numbers from the extra-metrics hook are averaged over processes; other values pass through."""
+        device = self.accelerator.device
+        return {k: self._global_mean(torch.tensor([float(v)], device=device))
+                if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in extra.items()}
 
     def _progress_bar(self):
         if not self.accelerator.is_main_process or self.config.disable_tqdm:

@@ -408,13 +408,13 @@ def load_reward_backbone(config: RewardConfig, scratch: Path):
     model = load_scalar_model(path, dtype=config.dtype)
     pad = choose_distinct_pad_token(tokenizer, model)
     disable_dropout(model)
-    if config.gradient_checkpointing:
+    if config.activation_checkpointing:
         model.config.use_cache = False
     if config.use_peft:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config_from(config, task_type="SEQ_CLS"))
-        if config.gradient_checkpointing:
+        if config.activation_checkpointing:
             model.enable_input_require_grads()  # transformers#42489
     return model, tokenizer, pad
 

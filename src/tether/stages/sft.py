@@ -245,10 +245,19 @@ def load_policy_for_training(config: SFTConfig):
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config_from(config, task_type="CAUSAL_LM"))
-        if config.gradient_checkpointing:
+        if config.activation_checkpointing:
             # transformers#42489: the Trainer does not do this for PEFT models
             model.enable_input_require_grads()
     return model
+
+
+def final_evaluation(trainer: Trainer) -> dict[str, float]:
+    """Held-out metrics at the last step: the Trainer's own if it just evaluated, else a new evaluation."""
+    step = trainer.state.global_step
+    for row in reversed(trainer.state.log_history):
+        if row.get("step") == step and any(k.startswith("eval_") for k in row):
+            return {k: v for k, v in row.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def save_policy(model, tokenizer, folder: Path, merge_lora: bool) -> None:
@@ -321,7 +330,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
-    eval_metrics = trainer.evaluate() if eval_items and trainer.state.global_step > 0 else {}
+    eval_metrics = final_evaluation(trainer) if eval_items else {}
 
     summary = {
         "stage": "sft",
@@ -336,6 +345,8 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         "train_loss": result.training_loss,
         "global_steps": trainer.state.global_step,
         "eval": eval_metrics,
+        "activation_checkpointing": bool(getattr(trainer.accelerator.unwrap_model(trainer.model),
+                                                 "is_activation_checkpointing", False)),
         "use_peft": config.use_peft,
         "merged_lora": bool(config.use_peft and config.merge_lora),
     }

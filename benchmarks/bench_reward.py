@@ -1,0 +1,238 @@
+"""Reward-model training: tether vs TRL 1.16 `RewardTrainer`, same work, one script run.
+
+    .venv/bin/python benchmarks/bench_reward.py            # writes benchmarks/results/reward.json
+
+Both sides get the same model (the embedded SmolLM2-135M-Instruct unless --model), the same
+preference pairs tokenised once by tether's template rule (TRL receives them pre-tokenised as
+``chosen_ids``/``rejected_ids``, so no pair is filtered or truncated on either side), the same
+batch size, learning rate and schedule (linear decay, no warmup), AdamW eps, epochs, fp32, no
+gradient checkpointing, dropout off, seed. TRL is told to pad with ``<|endoftext|>`` (the pad
+tether saves its reward models with) so its sequence classifier reads the score at the final stop
+token like tether does; with its default pad (= the stop token for SmolLM2) it would read one token
+early.
+
+Each side runs in its own subprocess and interpreter (TRL lives in ``benchmarks/.venv-trl116``),
+in the order tether, TRL, TRL, tether, ... (``--rounds``), so drift in machine load hits both.
+Throughput is training pairs / seconds of ``trainer.train()`` (for tether including its one-batch
+check of the shared-prompt rows); held-out accuracy is each trainer's own evaluation on the same
+held-out pairs, after training. The script never imports tether in the TRL process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TRL_PYTHON = HERE / ".venv-trl116" / "bin" / "python"
+TETHER_PYTHON = ROOT / ".venv" / "bin" / "python"
+PAD_TOKEN = "<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------------------
+# the two sides (each runs in its own process)
+
+
+def _common(settings: dict) -> dict:
+    return dict(per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=settings["batch_size"],
+                num_train_epochs=settings["epochs"], learning_rate=settings["learning_rate"],
+                lr_scheduler_type="linear", warmup_steps=0, adam_epsilon=1e-5, weight_decay=0.0,
+                logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=settings["seed"],
+                disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0)
+
+
+def run_tether(work: Path, settings: dict) -> dict:
+    from tether.data.records import PreferencePair
+    from tether.stages.reward import RewardConfig, train_reward
+
+    def read(name):
+        rows = [json.loads(line) for line in (work / name).read_text().splitlines()]
+        return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+    config = RewardConfig(output_dir=str(work / f"tether-{os.getpid()}"), model_name_or_path=settings["model"],
+                          max_length=settings["max_length"], max_prompt_length=settings["max_length"],
+                          reward_stats_max_pairs=64, **_common(settings))
+    folder = train_reward(config, read("train.jsonl"), read("eval.jsonl"))
+    summary = json.loads((folder / "training_summary.json").read_text())
+    return {"train_seconds": summary["train_seconds"], "steps": summary["global_steps"],
+            "eval_accuracy": summary["eval"]["eval_accuracy"], "eval_loss": summary["eval"]["eval_loss"],
+            "train_loss": summary["train_loss"], "shared_prompt_rows": summary["shared_prompt_rows"]}
+
+
+def run_trl(work: Path, settings: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    def read(name):
+        return Dataset.from_list([json.loads(line) for line in (work / name).read_text().splitlines()])
+
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+    tokenizer.pad_token = PAD_TOKEN
+    args = RewardConfig(output_dir=str(work / f"trl-{os.getpid()}"), max_length=settings["max_length"],
+                        disable_dropout=True, model_init_kwargs={"dtype": torch.float32}, **_common(settings))
+    trainer = RewardTrainer(model=settings["model"], args=args, processing_class=tokenizer,
+                            train_dataset=read("train_ids.jsonl"), eval_dataset=read("eval_ids.jsonl"))
+    assert len(trainer.train_dataset) == settings["train_pairs"], "TRL filtered pairs: raise --max_length"
+    started = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - started
+    metrics = trainer.evaluate()
+    return {"train_seconds": train_seconds, "steps": trainer.state.global_step,
+            "eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
+            "train_loss": result.training_loss}
+
+
+def child(side: str, work: Path) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    settings = json.loads((work / "settings.json").read_text())
+    result = (run_tether if side == "tether" else run_trl)(work, settings)
+    result["pairs_per_s"] = settings["train_pairs"] * settings["epochs"] / result["train_seconds"]
+    (work / f"result-{side}-{os.getpid()}.json").write_text(json.dumps(result))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the parent: data, alternation, JSON
+
+
+def prepare(work: Path, settings: dict) -> dict:
+    sys.path.insert(0, str(HERE))
+    from preference_data import make_pairs
+
+    from tether.data.templates import prompt_response_ids
+    from tether.models.loading import load_tokenizer, resolve_model_path
+
+    settings["model"] = resolve_model_path(settings["model"])
+    tokenizer = load_tokenizer(settings["model"])
+    pairs = make_pairs(settings["train_pairs"] + settings["eval_pairs"], seed=settings["seed"])
+    splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"]:]}
+    lengths = []
+    for name, rows in splits.items():
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ids = []
+        for r in rows:
+            chosen, _, cut_c = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], settings["max_length"])
+            rejected, _, cut_r = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], settings["max_length"])
+            if cut_c or cut_r:
+                raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}")
+            ids.append({"chosen_ids": chosen, "rejected_ids": rejected})
+            lengths += [len(chosen), len(rejected)]
+        (work / f"{name}_ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ids))
+    (work / "settings.json").write_text(json.dumps(settings))
+    return {"mean_tokens_per_sequence": statistics.mean(lengths), "max_tokens_per_sequence": max(lengths),
+            "kinds": sorted({r["kind"] for r in pairs})}
+
+
+def launch(side: str, work: Path) -> dict:
+    python = TETHER_PYTHON if side == "tether" else TRL_PYTHON
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if side == "trl":  # make sure the TRL interpreter cannot see tether's sources
+        env.pop("PYTHONPATH", None)
+    started = time.perf_counter()
+    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
+                          capture_output=True, text=True, env=env, cwd=str(work))
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
+    line = next(l for l in proc.stdout.splitlines()[::-1] if l.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    result["process_seconds"] = wall
+    return result
+
+
+def versions(python: Path) -> dict:
+    code = ("import json, torch, transformers, accelerate\n"
+            "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
+            "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", choices=["tether", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--train_pairs", type=int, default=192)
+    parser.add_argument("--eval_pairs", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--rounds", type=int, default=1, help="each round runs both sides; order alternates")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "reward.json")
+    args = parser.parse_args()
+    if args.side:
+        child(args.side, args.work)
+        return
+    if not TRL_PYTHON.exists():
+        raise SystemExit(f"{TRL_PYTHON} missing: python3 -m venv {TRL_PYTHON.parent.parent} && "
+                         f"{TRL_PYTHON.parent}/pip install torch==2.13.0 && {TRL_PYTHON.parent}/pip install trl==1.16.0 "
+                         "transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0")
+    settings = {k: getattr(args, k) for k in ("model", "train_pairs", "eval_pairs", "batch_size", "max_length",
+                                               "epochs", "learning_rate", "seed")}
+    (HERE / "results").mkdir(exist_ok=True)
+    load_before = os.getloadavg()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="tmp-reward-", dir=HERE / "results") as tmp:
+        work = Path(tmp)
+        data = prepare(work, settings)
+        runs = []
+        for round_index in range(args.rounds):
+            order = ["tether", "trl"] if round_index % 2 == 0 else ["trl", "tether"]
+            for side in order:
+                result = launch(side, work)
+                result.update(side=side, round=round_index)
+                runs.append(result)
+                print(f"round {round_index} {side}: {result['pairs_per_s']:.3f} pairs/s, "
+                      f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s)", flush=True)
+    load_after = os.getloadavg()
+
+    def side_summary(side):
+        rs = [r for r in runs if r["side"] == side]
+        return {"pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+                "eval_accuracy": statistics.median(r["eval_accuracy"] for r in rs),
+                "train_seconds": statistics.median(r["train_seconds"] for r in rs),
+                "runs": len(rs)}
+
+    tether, trl = side_summary("tether"), side_summary("trl")
+    report = {
+        "benchmark": "reward model training (Bradley-Terry), tether vs TRL 1.16 RewardTrainer",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "command": "python benchmarks/bench_reward.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
+        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "note": ("shared 2-core machine: other jobs were running during the measurement (see load averages), so "
+                 "absolute times are noisy; the sides alternate so both see similar load"),
+        "settings": {**settings, "model": settings["model"] or "embedded SmolLM2-135M-Instruct", "precision": "fp32",
+                     "gradient_checkpointing": False, "scheduler": "linear, no warmup", "adam_epsilon": 1e-5},
+        "data": {**data, "source": "benchmarks/preference_data.py (synthetic, five kinds of preference rule)"},
+        "versions": {"tether_venv": versions(TETHER_PYTHON), "trl_venv": versions(TRL_PYTHON)},
+        "tether": tether,
+        "trl": trl,
+        "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"],
+        "accuracy_difference": tether["eval_accuracy"] - trl["eval_accuracy"],
+        "wall_seconds": time.time() - started,
+        "runs": runs,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("tether", "trl", "ratio_pairs_per_s")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""``tether bon``: best-of-N sampling. For each prompt, sample N responses from the policy, score
+them with the reward model, keep the best.
+
+Best-of-N needs no training and is the baseline every RLHF method is compared with (Gao et al.
+2022; Stiennon et al. 2020). Its distance from the sampling policy is bounded analytically:
+
+    KL(π_bon ‖ π) ≤ log N − (N − 1)/N          (Beirami et al. 2024: an upper bound, exact only
+                                                 when the N samples are all distinct)
+
+reported as ``kl/bon_bound`` next to the reward gain over plain sampling (the mean best score
+minus the mean score of all samples, i.e. minus the N = 1 expectation), so best-of-N and PPO can
+be placed on one KL axis.
+
+The output, ``best_of_n.jsonl``, has one line per prompt with ``prompt`` (a string or a list of
+messages, as given), ``completion`` (the best response), ``score`` and ``n`` (plus ``ranked``, every
+sample with its score, best first, with ``--return_all``), so ``tether sft --dataset
+OUT/best_of_n.jsonl`` fine-tunes on it directly (rejection-sampling fine-tuning).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tether.config import ConfigError
+from tether.data.records import Prompt
+from tether.generation import Sample, SamplingSettings, sample_responses
+from tether.models.loading import EMBEDDED_MODEL
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILE = "best_of_n.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class BestOfNConfig:
+    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
+        "help": "The policy to sample from: hub id, local folder (full model or PEFT adapter) or the embedded default."})
+    reward_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The reward model that ranks the samples (a `tether rm` output folder or any sequence-classification "
+                "model with one label). Required."})
+    dataset: str | None = field(default=None, metadata={
+        "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
+                "(preference and demonstration files work too), or a Hugging Face dataset name. Required."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    n: int = field(default=4, metadata={"help": "Samples per prompt (N of best-of-N)."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (pure sampling: top-k 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off, the policy as is)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per sampled response."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Maximum prompt tokens (cut from the left)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Maximum prompt + response tokens when scoring (default: no limit)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (each gives N sequences)."})
+    reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
+    missing_stop_score: float | None = field(default=None, metadata={
+        "help": "Score given to a response that hit --max_new_tokens without its stop token, replacing the reward "
+                "model's (raw units). Default: score it as it is."})
+    return_all: bool = field(default=False, metadata={
+        "help": "Also write every sample with its score, best first, under 'ranked'."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype of both models: float32, bfloat16 or float16."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is available."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": f"Folder for {OUTPUT_FILE} and {SUMMARY_FILE} (default outputs/bon)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "outputs/bon"
+        if self.n < 1:
+            raise ConfigError(f"--n {self.n}: need at least one sample per prompt")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature {self.temperature}: must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"--top_p {self.top_p}: must lie in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max_new_tokens {self.max_new_tokens}: must be >= 1")
+        if self.batch_size < 1 or self.reward_batch_size < 1:
+            raise ConfigError("--batch_size and --reward_batch_size must be >= 1")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"--max_prompts {self.max_prompts}: must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# The equations
+# --------------------------------------------------------------------------------------------
+
+def bon_kl_bound(n: int) -> float:
+    """Upper bound on ``KL(π_bon ‖ π)``: ``log N − (N − 1)/N`` (Beirami et al. 2024).
+
+    Exact only when the N samples are distinct; 0 for N = 1. N = 4 → 0.6363, N = 16 → 1.8351.
+    """
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def reward_gain(best_scores: Sequence[float], all_scores: Sequence[float]) -> float:
+    """Gain of best-of-N over plain sampling: ``mean(best) − mean(all samples)`` (the N = 1 expectation)."""
+    return sum(best_scores) / len(best_scores) - sum(all_scores) / len(all_scores)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and ranking
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ScoredSample:
+    text: str
+    score: float
+    stopped: bool  # ended with the stop token (False: cut at max_new_tokens)
+    num_tokens: int  # generated tokens, the stop token included
+    index: int  # order in which it was sampled
+
+    @property
+    def usable(self) -> bool:
+        """Non-empty text: something a demonstration loader (and a user) can take."""
+        return bool(self.text.strip())
+
+
+@dataclass
+class BestOfNResult:
+    prompt: Prompt
+    ranked: list[ScoredSample]  # best first
+
+    @property
+    def best(self) -> ScoredSample | None:
+        """The highest-scoring sample with non-empty text (None if every sample is empty)."""
+        return next((s for s in self.ranked if s.usable), None)
+
+
+def rank(samples: list[ScoredSample]) -> list[ScoredSample]:
+    """Highest score first; ties keep sampling order."""
+    return sorted(samples, key=lambda s: (-s.score, s.index))
+
+
+def score_samples(reward_model, rm_tokenizer, prompts: Sequence[Prompt], groups: Sequence[Sequence[Sample]],
+                  batch_size: int = 16, max_length: int | None = None, max_prompt_length: int | None = None,
+                  missing_stop_score: float | None = None) -> list[list[ScoredSample]]:
+    """Reward-model scores for groups of samples (one group per prompt), each group ranked best first."""
+    from tether.models.scoring import score_texts
+
+    flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+    flat_texts = [s.text for g in groups for s in g]
+    scores = score_texts(reward_model, rm_tokenizer, flat_prompts, flat_texts, batch_size=batch_size,
+                         max_length=max_length, max_prompt_length=max_prompt_length).tolist() if flat_texts else []
+    out, k = [], 0
+    for group in groups:
+        scored = []
+        for i, s in enumerate(group):
+            score = float(scores[k])
+            if missing_stop_score is not None and not s.stopped:
+                score = float(missing_stop_score)
+            scored.append(ScoredSample(s.text, score, s.stopped, len(s.response_ids), i))
+            k += 1
+        out.append(rank(scored))
+    return out
+
+
+def best_of_n(policy, reward_model, tokenizer, prompts: Sequence[Prompt], n: int, settings: SamplingSettings,
+              batch_size: int = 8, rm_tokenizer=None, reward_batch_size: int = 16,
+              max_prompt_length: int | None = None, max_length: int | None = None,
+              missing_stop_score: float | None = None) -> list[BestOfNResult]:
+    """Sample ``n`` responses per prompt from ``policy``, score them with ``reward_model``, rank them.
+
+    ``rm_tokenizer`` defaults to ``tokenizer``; a reward model with its own tokenizer re-tokenises
+    the response texts with the shared template rule. Returns one ``BestOfNResult`` per prompt.
+    """
+    groups = sample_responses(policy, tokenizer, list(prompts), settings, num_return_sequences=n,
+                              batch_size=batch_size, max_prompt_length=max_prompt_length)
+    ranked = score_samples(reward_model, rm_tokenizer if rm_tokenizer is not None else tokenizer, prompts, groups,
+                           reward_batch_size, max_length, max_prompt_length, missing_stop_score)
+    return [BestOfNResult(p, r) for p, r in zip(prompts, ranked)]
+
+
+def _prompt_json(prompt: Prompt) -> Any:
+    if isinstance(prompt, str):
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def result_row(result: BestOfNResult, n: int, return_all: bool) -> dict[str, Any] | None:
+    """One JSON line: prompt, completion (the best usable sample), score, n (and ranked)."""
+    best = result.best
+    if best is None:
+        return None
+    row: dict[str, Any] = {"prompt": _prompt_json(result.prompt), "completion": best.text, "score": best.score,
+                           "n": n, "stopped": best.stopped}
+    if return_all:
+        row["ranked"] = [{"completion": s.text, "score": s.score, "stopped": s.stopped, "num_tokens": s.num_tokens}
+                         for s in result.ranked]
+    return row
+
+
+def summarise(results: Sequence[BestOfNResult], n: int, reward_stats=None) -> dict[str, Any]:
+    """Reward gain over plain sampling next to the analytic KL bound, plus response statistics."""
+    usable = [r for r in results if r.best is not None]
+    all_scores = [s.score for r in results for s in r.ranked]
+    best_scores = [r.best.score for r in usable]
+    samples = [s for r in results for s in r.ranked]
+    summary: dict[str, Any] = {
+        "n": n,
+        "prompts": len(results),
+        "prompts_written": len(usable),
+        "prompts_without_usable_sample": len(results) - len(usable),
+        "samples": len(samples),
+        "reward/best_mean": sum(best_scores) / len(best_scores) if best_scores else None,
+        "reward/sample_mean": sum(all_scores) / len(all_scores) if all_scores else None,
+        "reward/gain": reward_gain(best_scores, all_scores) if best_scores else None,
+        "kl/bon_bound": bon_kl_bound(n),
+        "kl/bon_bound_note": "upper bound log N - (N-1)/N on KL(best-of-N || policy), Beirami et al. 2024",
+        "response/length": sum(s.num_tokens for s in samples) / max(1, len(samples)),
+        "response/stopped": sum(s.stopped for s in samples) / max(1, len(samples)),
+    }
+    if reward_stats is not None and summary["reward/gain"] is not None:
+        summary["reward/gain_normalised"] = summary["reward/gain"] / reward_stats.std
+        summary["reward/best_mean_normalised"] = (summary["reward/best_mean"] - reward_stats.mean) / reward_stats.std
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Running the command
+# --------------------------------------------------------------------------------------------
+
+def _device(config: BestOfNConfig) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+
+
+def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
+    """``tether bon``: load prompts (checked before anything is written), sample, score, write JSONL + summary."""
+    from tether.data.loading import load_prompts
+    from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.stages.common import (check_output_dir, discard_folder, publish_folder, require_dataset,
+                                      staging_folder, write_json)
+    from tether.tracking import append_jsonl
+
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.overwrite_output_dir, resuming=False)
+    if not config.reward_model_name_or_path:
+        raise ConfigError("--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
+                          "(train one with `tether rm`)")
+    dataset = require_dataset(config.dataset, "bon")
+    records = load_prompts(dataset, split=config.dataset_split)
+    if config.max_prompts is not None:
+        records = records[:config.max_prompts]
+    if not records:
+        raise ConfigError(f"--dataset {dataset}: no prompts found")
+    prompts = [r.prompt for r in records]
+
+    device = _device(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, padding_side="left")
+    policy = load_causal_lm(config.model_name_or_path, dtype=config.dtype).to(device).eval()
+    rm_tokenizer = load_tokenizer(config.reward_model_name_or_path)
+    reward_model = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype).to(device).eval()
+    reward_stats = _maybe_reward_stats(config.reward_model_name_or_path)
+
+    torch.manual_seed(config.seed)
+    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                top_p=config.top_p)
+    started = time.perf_counter()
+    results = best_of_n(policy, reward_model, tokenizer, prompts, config.n, settings, batch_size=config.batch_size,
+                        rm_tokenizer=rm_tokenizer, reward_batch_size=config.reward_batch_size,
+                        max_prompt_length=config.max_prompt_length, max_length=config.max_length,
+                        missing_stop_score=config.missing_stop_score)
+    summary = summarise(results, config.n, reward_stats)
+    summary.update({"seconds": time.perf_counter() - started, "temperature": config.temperature,
+                    "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
+                    "policy": config.model_name_or_path, "reward_model": config.reward_model_name_or_path,
+                    "dataset": dataset})
+    if summary["prompts_without_usable_sample"]:
+        logger.warning("tether bon: %d prompt(s) got only empty responses and are left out of %s",
+                       summary["prompts_without_usable_sample"], OUTPUT_FILE)
+
+    staged = staging_folder(output_dir)
+    try:
+        for result in results:
+            row = result_row(result, config.n, config.return_all)
+            if row is not None:
+                append_jsonl(staged / OUTPUT_FILE, row)
+        if not (staged / OUTPUT_FILE).exists():
+            (staged / OUTPUT_FILE).touch()
+        write_json(staged / SUMMARY_FILE, summary)
+        publish_folder(staged, output_dir)
+    except BaseException:
+        discard_folder(staged)
+        raise
+    logger.info("tether bon: best of %d over %d prompts: reward gain %.4f at KL <= %.4f nats -> %s", config.n,
+                len(results), summary["reward/gain"] or float("nan"), summary["kl/bon_bound"], output_dir)
+    return summary
+
+
+def _maybe_reward_stats(path: str):
+    from tether.models.scoring import load_reward_stats
+
+    try:
+        return load_reward_stats(path)
+    except (FileNotFoundError, ValueError, OSError):
+        return None

@@ -1,0 +1,63 @@
+"""Run by tests/test_ppo_multiprocess.py under ``torch.distributed.run`` (1 or 2 CPU processes, gloo).
+
+Every process builds the same trainer, takes its share of one fixed rollout batch (fixed prompts
+and responses, so sampling plays no part), runs one PPO update with ``PPOTrainer.learn`` and, on
+rank 0, writes the metrics and the trained policy weights. It also samples one response per rank
+to the same prompt, to show that ranks sample with different seeds.
+
+usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
+# three responses never stop (they get the missing-stop penalty); the others end with the stop token
+RESPONSES = ["a good <eos>", "b c d e f", "good good <eos>", "x <eos>", "no yes no yes", "m <eos>", "good", "t u <eos>"]
+
+
+def main(out: str, policy: str, rm: str) -> None:
+    torch.set_num_threads(1)
+    from tether.generation import GeneratedBatch, generate_batch, left_pad
+    from tether.ppo.rollout import score_responses, unwrap_model
+    from tether.ppo.trainer import PPOConfig, PPOTrainer
+
+    config = PPOConfig(output_dir=str(Path(out) / "run"), model_name_or_path=policy, reward_model_path=rm,
+                       use_cpu=True, batch_size=8, mini_batch_size=8, per_device_train_batch_size=2, ppo_epochs=2,
+                       learning_rate=1e-2, num_iterations=1, max_new_tokens=6, save_steps=0, disable_tqdm=True,
+                       logging_steps=1000, report_to="none", target_kl=1.0, init_kl_coef=0.2)
+    trainer = PPOTrainer(config, PROMPTS)
+    tok, acc = trainer.tokenizer, trainer.accelerator
+    share = slice(trainer.rank * trainer.local_batch, (trainer.rank + 1) * trainer.local_batch)
+    q, qm = left_pad([tok(p)["input_ids"] for p in PROMPTS[share]], tok.pad_token_id)
+    responses = [tok(r)["input_ids"] for r in RESPONSES[share]]
+    width = max(map(len, responses))
+    generated = GeneratedBatch(
+        responses=torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses]),
+        lengths=torch.tensor([len(r) for r in responses]),
+        stopped=torch.tensor([r[-1] == tok.eos_token_id for r in responses]))
+    rollout = score_responses(models=unwrap_model(trainer.models), reference=trainer.reference,
+                              reward_model=trainer.reward_model, query_ids=q, query_mask=qm, generated=generated,
+                              temperature=config.temperature, forward_batch_size=trainer.forward_batch,
+                              missing_stop_penalty=-1.0)
+    metrics = trainer.learn(rollout)
+
+    # one sample per rank for the same prompt: different ranks, different seeds
+    torch.manual_seed(config.seed + 100003 * trainer.rank)
+    same_q, same_m = left_pad([tok("a b")["input_ids"]] * 4, tok.pad_token_id)
+    sample = generate_batch(unwrap_model(trainer.models).policy, tok, same_q, same_m, trainer.sampling)
+    padded = torch.nn.functional.pad(sample.responses, (0, 6 - sample.responses.shape[1]), value=-1)
+    samples = acc.gather(padded)
+    if acc.is_main_process:
+        policy_state = unwrap_model(trainer.models).policy.state_dict()
+        torch.save({k: v.detach().clone() for k, v in policy_state.items()}, Path(out) / "policy.pt")
+        (Path(out) / "result.json").write_text(json.dumps({
+            "world": trainer.world, "metrics": metrics, "samples": samples.tolist()}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

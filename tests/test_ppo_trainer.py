@@ -1,0 +1,411 @@
+"""The PPO loop end to end on tiny real models (DESIGN.md checklist items 2, 8-13; learning, resume,
+non-finite handling, divergence stop, outputs, CLI)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ppo_tiny import GOOD, one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
+from tether.config import ConfigError
+from tether.data.errors import DataError
+from tether.tracking import read_jsonl
+
+PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
+DESIGN_METRICS = ["reward/score", "kl/ref", "kl/coef", "kl/band", "reward/non_score", "loss/policy", "loss/value",
+                  "policy/approx_kl", "policy/clipfrac", "value/clipfrac", "policy/entropy", "value/explained_var",
+                  "response/length", "response/stopped", "time/generate", "time/score", "time/update",
+                  "throughput/episodes_per_s", "throughput/tokens_per_s"]
+
+
+def make_config(tmp_path, dirs, name="run", **overrides):
+    from tether.ppo.trainer import PPOConfig
+
+    values = dict(output_dir=str(tmp_path / name), model_name_or_path=str(dirs["policy"]),
+                  reward_model_path=str(dirs["rm"]), batch_size=8, mini_batch_size=4, ppo_epochs=2,
+                  max_new_tokens=6, learning_rate=1e-2, num_iterations=2, save_steps=0, disable_tqdm=True,
+                  logging_steps=1000, report_to="none")
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def trainer(config, prompts=PROMPTS, **kwargs):
+    from tether.ppo.trainer import PPOTrainer
+
+    return PPOTrainer(config, prompts, **kwargs)
+
+
+def rows(config):
+    return read_jsonl(f"{config.output_dir}/metrics.jsonl")
+
+
+# ---- items 2 and 8 -------------------------------------------------------------------------------
+def test_first_minibatch_has_ratio_one_and_old_logprobs_stay_fixed_across_epochs(tmp_path, word_dirs):
+    seen = []
+
+    def check_rollout(rollout):
+        # called after the PPO epochs: at iteration 1 the old log-probs still equal the reference's
+        # (same starting weights), so nothing wrote into them, and no graph hangs on them
+        seen.append((torch.equal(rollout.logprobs, rollout.ref_logprobs), rollout.logprobs.requires_grad,
+                     rollout.values.requires_grad))
+        return {}
+
+    config = make_config(tmp_path, word_dirs, per_device_train_batch_size=2, num_iterations=1, ppo_epochs=3)
+    t = trainer(config, extra_metrics=check_rollout)
+    t.train()
+    assert seen == [(True, False, False)]
+    log = t.update_log
+    assert len(log) == 3 * 2  # 3 epochs × 2 minibatches
+    first = log[0]
+    assert first["policy/ratio_max_dev"] <= 1e-6 and first["policy/approx_kl"] <= 1e-12
+    assert first["policy/clipfrac"] == 0.0 and first["value/clipfrac"] == 0.0
+    assert log[1]["policy/approx_kl"] > 1e-8  # the policy moved after the first step
+    for epoch in range(3):  # each epoch is a fresh permutation covering every episode once
+        epoch_rows = [r for e in log if e["epoch"] == epoch for r in e["rows"]]
+        assert sorted(epoch_rows) == list(range(8))
+    orders = [[r for e in log if e["epoch"] == epoch for r in e["rows"]] for epoch in range(3)]
+    assert len({tuple(o) for o in orders}) > 1
+
+
+# ---- item 9 -------------------------------------------------------------------------------------
+def test_value_model_is_a_separate_copy_of_the_whole_reward_model(tmp_path, word_dirs):
+    from tether.ppo.rollout import unwrap_model
+
+    t = trainer(make_config(tmp_path, word_dirs, num_iterations=1))
+    value = unwrap_model(t.models).value_model
+    rm_params, value_params = dict(t.reward_model.named_parameters()), dict(value.named_parameters())
+    assert rm_params.keys() == value_params.keys()  # backbone and head
+    for name, p in value_params.items():
+        assert torch.equal(p, rm_params[name]) and p.data_ptr() != rm_params[name].data_ptr()
+        assert p.requires_grad and not rm_params[name].requires_grad
+    before = {k: v.clone() for k, v in rm_params.items()}
+    t.train()
+    assert all(torch.equal(before[k], v) for k, v in t.reward_model.named_parameters())  # frozen
+    assert not torch.equal(value.score.weight, before["score.weight"])  # the critic trained
+
+
+def test_value_head_on_the_policy_starts_at_zero_and_trains(tmp_path, word_dirs):
+    from tether.ppo.rollout import unwrap_model
+
+    values = []
+    t = trainer(make_config(tmp_path, word_dirs, value_head_on_policy=True, num_iterations=1),
+                extra_metrics=lambda ro: values.append(ro.values.clone()) or {})
+    head = unwrap_model(t.models).value_head
+    assert unwrap_model(t.models).value_model is None and head.weight.eq(0).all()
+    t.train()
+    assert values[0].eq(0).all()  # zero-initialised head
+    assert head.weight.abs().sum() > 0
+    assert (tmp_path / "run" / "value_head" / "value_head.safetensors").is_file()
+
+
+# ---- item 10 -------------------------------------------------------------------------------------
+def test_optimizer_defaults_follow_the_references_and_the_schedule_decays_linearly_to_zero(tmp_path, word_dirs):
+    from tether.ppo.trainer import PPOConfig
+
+    defaults = PPOConfig(reward_model_path="unused")
+    assert defaults.adam_epsilon == 1e-5 and defaults.max_grad_norm is None and defaults.warmup_steps == 0
+    assert str(getattr(defaults.lr_scheduler_type, "value", defaults.lr_scheduler_type)) == "linear"
+    assert defaults.weight_decay == 0.0 and defaults.vf_coef == 0.1 and defaults.cliprange == 0.2
+    assert defaults.gamma == 1.0 and defaults.lam == 0.95 and defaults.kl_penalty == "k1"
+    assert defaults.temperature == 0.7 and defaults.top_k == 0 and defaults.top_p == 1.0
+
+    config = make_config(tmp_path, word_dirs, num_iterations=4, learning_rate=1e-3)
+    t = trainer(config)
+    group = t.optimizer.param_groups[0]
+    assert group["eps"] == 1e-5 and group["weight_decay"] == 0.0
+    norms = []
+    t.optimizer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: norms.append(torch.nn.utils.get_total_norm(
+            [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]).item()))
+    t.train()
+    lrs = [r["train/learning_rate"] for r in rows(config)]
+    assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert t.optimizer.param_groups[0]["lr"] == 0.0
+    # no clipping by default: the optimizer sees the raw gradient norm
+    raw = [e["loss/grad_norm"] for e in t.update_log]
+    assert norms[-len(raw):] == pytest.approx(raw, rel=1e-5)
+
+
+def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, num_iterations=1, max_grad_norm=1e-3)
+    t = trainer(config)
+    norms = []
+    t.optimizer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: norms.append(torch.nn.utils.get_total_norm(
+            [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]).item()))
+    t.train()
+    raw = [e["loss/grad_norm"] for e in t.update_log]
+    assert len(norms) == 4 and all(r > 1e-2 for r in raw)  # the gradients were well above the bound
+    assert all(n == pytest.approx(1e-3, rel=1e-4) for n in norms)
+
+
+# ---- item 12 -------------------------------------------------------------------------------------
+def test_approx_kl_early_stop_ends_the_epochs_and_is_counted(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=4, approx_kl_stop=1e-9)
+    t = trainer(config)
+    t.train()
+    # minibatch 1 has approx KL 0 (ratio 1); minibatch 2 sees the moved policy, passes the bound, and stops
+    assert len(t.update_log) == 2
+    row = rows(config)[0]
+    assert row["policy/early_stopped"] == 1.0 and row["train/early_stops"] == 1
+    assert row["policy/minibatch_steps"] == 2.0 and row["train/optimizer_steps"] == 2
+    off = trainer(make_config(tmp_path, word_dirs, name="off", num_iterations=1, ppo_epochs=4))
+    off.train()
+    assert len(off.update_log) == 8
+
+
+# ---- item 13 -------------------------------------------------------------------------------------
+def test_lora_reference_is_the_adapter_disabled_policy_and_equals_the_starting_policy(tmp_path, word_dirs, word_tok):
+    from transformers import AutoModelForCausalLM
+
+    from tether.generation import left_pad
+    from tether.models.loading import load_causal_lm
+    from tether.ppo.losses import logprobs_from_logits
+    from tether.ppo.rollout import adapters_disabled, build_sequences, response_logits, unwrap_model
+
+    config = make_config(tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2,
+                         num_iterations=2)
+    t = trainer(config)
+    assert t.reference is None  # no second copy of the network
+    t.train()
+    assert rows(config)[1]["kl/ref"] != 0.0  # the adapters moved the policy
+
+    q, qm = left_pad([word_tok(p)["input_ids"] for p in PROMPTS[:3]], word_tok.pad_token_id)
+    r = torch.tensor([[word_tok.convert_tokens_to_ids(w) for w in ("a", GOOD, "b", "<eos>")]] * 3)
+    args = build_sequences(q, qm, r, torch.ones_like(r, dtype=torch.bool))
+    base = load_causal_lm(str(word_dirs["policy"]))
+    policy = unwrap_model(t.models).policy
+
+    def logp(model):
+        with torch.no_grad():
+            return logprobs_from_logits(response_logits(model, *args, q.shape[1]), r, 0.7)
+
+    with adapters_disabled(policy):
+        reference = logp(policy)
+    assert torch.allclose(reference, logp(base), atol=1e-6)
+    assert not torch.allclose(logp(policy), reference, atol=1e-3)
+    # outputs: a merged policy loadable by AutoModelForCausalLM, and the adapter alone
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy")
+    assert torch.allclose(logp(merged), logp(policy), atol=1e-5)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+# ---- learning ------------------------------------------------------------------------------------
+def test_policy_learns_a_known_reward_and_the_kl_term_tethers_it(tmp_path, word_dirs):
+    """The counting RM scores the share of the word "good": PPO must raise it. Without the KL term and
+    with a high learning rate, the same run moves much further from the reference."""
+    prompts = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q"]
+    common = dict(reward_model_path=str(word_dirs["counting_rm"]), batch_size=16, mini_batch_size=8, ppo_epochs=2,
+                  max_new_tokens=8, temperature=1.0, missing_eos_penalty=None, num_iterations=15)
+    tethered = make_config(tmp_path, word_dirs, name="tethered", learning_rate=3e-3, init_kl_coef=0.05, **common)
+    trainer(tethered, prompts).train()
+    loose = make_config(tmp_path, word_dirs, name="loose", learning_rate=3e-2, init_kl_coef=0.0,
+                        stop_on_divergence=False, **common)
+    trainer(loose, prompts).train()
+    a, b = rows(tethered), rows(loose)
+    score = [r["reward/score"] for r in a]
+    kl_a, kl_b = [r["kl/ref"] for r in a], [r["kl/ref"] for r in b]
+    assert sum(score[-3:]) / 3 > sum(score[:3]) / 3 + 1.0  # the mean reward rose clearly
+    assert max(kl_a) < 10  # finite and moderate with β = 0.05
+    assert max(kl_b) > 2.5 * max(kl_a) and max(kl_b) > 12
+
+
+def test_divergence_stops_the_run_and_writes_no_policy(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["counting_rm"]), learning_rate=0.1,
+                         init_kl_coef=0.0, temperature=1.0, max_new_tokens=12, missing_eos_penalty=None,
+                         num_iterations=6, save_steps=1, save_total_limit=5)
+    result = trainer(config).train()
+    assert result.stopped_reason == "divergence" and result.iterations < 6
+    last = rows(config)[-1]
+    assert last["kl/band"] == "divergence" and last["kl/ref"] > 20
+    assert result.policy_dir is None and not (tmp_path / "run" / "policy").exists()
+    # the checkpoint written just before holds the divergent weights: it is not called good
+    assert not (tmp_path / "run" / f"checkpoint-{result.iterations}").exists()
+    assert result.last_good_checkpoint is None or int(result.last_good_checkpoint.rsplit("-", 1)[1]) <= result.iterations - 2
+    summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
+    assert summary["stopped_reason"] == "divergence"
+
+
+# ---- resume -------------------------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+def crash_in_iteration(n):
+    """An extra-metrics hook that kills the run inside iteration ``n`` (after checkpoint n−1 is written)."""
+    calls = []
+
+    def hook(rollout):
+        calls.append(1)
+        if len(calls) == n:
+            raise Interrupt
+        return {}
+
+    return hook
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith(("time", "throughput"))}
+
+
+def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_one(tmp_path, word_dirs):
+    from tether.models.loading import load_causal_lm
+
+    base = dict(num_iterations=4, save_steps=2, save_total_limit=1, target_kl=1.0, init_kl_coef=0.2,
+                reward_model_path=str(word_dirs["counting_rm"]), per_device_train_batch_size=2)
+    whole = make_config(tmp_path, word_dirs, name="whole", **base)
+    trainer(whole).train()
+
+    parts = make_config(tmp_path, word_dirs, name="parts", **base)
+    with pytest.raises(Interrupt):
+        trainer(parts, extra_metrics=crash_in_iteration(3)).train()
+    assert [c.name for c in sorted((tmp_path / "parts").glob("checkpoint-*"))] == ["checkpoint-2"]
+    resumed = make_config(tmp_path, word_dirs, name="parts", resume_from_checkpoint="latest", **base)
+    t = trainer(resumed)
+    assert t.state.iteration == 2
+    t.train()
+    a, b = rows(whole), rows(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [_comparable(r) for r in b] == [_comparable(r) for r in a]
+    # the same final weights, and only the newest checkpoint kept, with no temporary folders left
+    w1 = load_causal_lm(str(tmp_path / "whole" / "policy")).state_dict()
+    w2 = load_causal_lm(str(tmp_path / "parts" / "policy")).state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, num_iterations=1, resume_from_checkpoint="latest")
+    t = trainer(config)
+    assert t.state.iteration == 0
+    with pytest.raises(ConfigError, match="not a complete tether ppo checkpoint"):
+        trainer(make_config(tmp_path, word_dirs, resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+# ---- non-finite -----------------------------------------------------------------------------------
+def test_non_finite_rewards_are_skipped_counted_logged_and_stop_the_run(tmp_path, word_dirs):
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.ppo.trainer import NonFiniteError
+
+    good = make_config(tmp_path, word_dirs, num_iterations=4, save_steps=2, save_total_limit=3)
+    with pytest.raises(Interrupt):
+        trainer(good, extra_metrics=crash_in_iteration(3)).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    snapshot = {p.name: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+
+    nan_rm = tmp_path / "nan-rm"
+    shutil.copytree(word_dirs["rm"], nan_rm)
+    model = AutoModelForSequenceClassification.from_pretrained(nan_rm)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(nan_rm)
+    bad = make_config(tmp_path, word_dirs, num_iterations=4, save_steps=1, save_total_limit=3, max_bad_steps=2,
+                      reward_model_path=str(nan_rm), resume_from_checkpoint="latest")
+    with pytest.raises(NonFiniteError, match="2 consecutive steps with non-finite"):
+        trainer(bad).train()
+    logged = read_jsonl(tmp_path / "run" / "bad_batches.jsonl")
+    assert [r["iteration"] for r in logged] == [3, 4] and len(logged[0]["responses"]) == 8
+    assert all(isinstance(p, str) and p for p in logged[0]["prompts"])
+    metrics = rows(bad)
+    assert [r.get("train/skipped") for r in metrics[2:]] == [1.0, 1.0] and metrics[-1]["train/bad_steps"] == 2
+    assert {p.name for p in (tmp_path / "run").glob("checkpoint-*")} == {"checkpoint-2"}
+    assert snapshot == {p.name: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}  # intact
+    summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
+    assert summary["stopped_reason"] == "non_finite" and summary["last_good_checkpoint"].endswith("checkpoint-2")
+    assert not (tmp_path / "run" / "policy").exists()
+
+
+# ---- other options ---------------------------------------------------------------------------------
+def test_value_warmup_trains_only_the_critic_first(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, value_warmup_steps=1, num_iterations=3)
+    trainer(config).train()
+    r = rows(config)
+    assert [x["train/policy_updated"] for x in r] == [0.0, 1.0, 1.0]
+    assert r[1]["kl/ref"] == 0.0 and r[2]["kl/ref"] != 0.0  # the policy did not move during warm-up
+    assert r[0]["loss/value"] > 0
+
+
+def test_reward_normalisation_uses_the_stats_saved_with_the_reward_model(tmp_path, word_dirs):
+    from tether.models.scoring import RewardStats, save_reward_stats
+
+    rm = tmp_path / "rm-with-stats"
+    shutil.copytree(word_dirs["rm"], rm)
+    save_reward_stats(RewardStats(mean=0.3, std=0.5, count=256, source="test"), rm)
+    config = make_config(tmp_path, word_dirs, reward_model_path=str(rm), missing_eos_penalty=None, num_iterations=1)
+    trainer(config).train()
+    row = rows(config)[0]
+    assert row["reward/score"] == pytest.approx((row["reward/raw_score"] - 0.3) / 0.5, abs=1e-5)
+
+
+def test_fixed_response_length_for_benchmarks_and_extra_metrics_hook(tmp_path, word_dirs):
+    config = make_config(tmp_path, word_dirs, response_length=5, num_iterations=1)
+    trainer(config, extra_metrics=lambda ro: {"reward/gold": float(ro.lengths.float().mean())}).train()
+    row = rows(config)[0]
+    assert row["response/length"] == 5.0 and row["response/stopped"] == 1.0 and row["reward/gold"] == 5.0
+
+
+@pytest.mark.parametrize("estimator", ["abs", "mse", "k3", "full"])
+def test_every_kl_estimator_runs_and_full_kl_is_reported_exactly(tmp_path, word_dirs, estimator):
+    config = make_config(tmp_path, word_dirs, kl_penalty=estimator, num_iterations=2, batch_size=4,
+                         mini_batch_size=4, ppo_epochs=1)
+    trainer(config).train()
+    r = rows(config)
+    assert r[0]["kl/ref"] == 0.0 and r[0]["reward/non_score"] == 0.0
+    if estimator == "full":
+        assert r[1]["kl/ref"] > 0  # the exact KL is never negative
+    assert r[1]["reward/non_score"] != 0.0
+
+
+def test_bad_configurations_fail_with_clear_errors(tmp_path, word_dirs, word_tok):
+    with pytest.raises(ConfigError, match="mini_batch_size 3 must divide"):
+        make_config(tmp_path, word_dirs, mini_batch_size=3)
+    with pytest.raises(ConfigError, match="kl_penalty"):
+        make_config(tmp_path, word_dirs, kl_penalty="kl2")
+    with pytest.raises(ConfigError, match="per_device_train_batch_size 3 must divide"):
+        trainer(make_config(tmp_path, word_dirs, per_device_train_batch_size=3))
+    with pytest.raises(ConfigError, match="reward_model_path is required"):
+        trainer(make_config(tmp_path, word_dirs, reward_model_path=None))
+    with pytest.raises(ConfigError, match="not a reward model"):
+        trainer(make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["policy"])))
+    with pytest.raises(DataError, match=r"prompts\[1\]: the prompt renders to no tokens"):
+        trainer(make_config(tmp_path, word_dirs), prompts=["a b", "   "])
+    with pytest.raises(ConfigError, match="--dataset is required"):
+        trainer(make_config(tmp_path, word_dirs), prompts=None)
+    with pytest.raises(ConfigError, match="stop_token"):
+        trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word"))
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tmp_path, word_dirs):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tether.cli import main
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "cli"
+    code = main(["ppo", "--model_name_or_path", str(word_dirs["policy"]), "--reward_model_path", str(word_dirs["rm"]),
+                 "--dataset", str(data), "--output_dir", str(out), "--batch_size", "4", "--mini_batch_size", "2",
+                 "--ppo_epochs", "1", "--max_new_tokens", "4", "--num_iterations", "3", "--save_steps", "1",
+                 "--save_total_limit", "2", "--target_kl", "6", "--init_kl_coef", "0.2", "--disable_tqdm", "true",
+                 "--stop_token", "no"])
+    assert code == 0
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    for name in DESIGN_METRICS:
+        assert all(name in r for r in metrics), name
+    assert metrics[1]["kl/coef"] != 0.2  # the adaptive controller moved β
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+    AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]
+    ckpt = out / "checkpoint-3"
+    for name in ("policy/config.json", "value_model/config.json", "optimizer.pt", "scheduler.pt",
+                 "rng_state_0.pth", "trainer_state.json"):
+        assert (ckpt / name).is_file(), name
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["state"]["iteration"] == 3 and state["kl_controller"]["kind"] == "adaptive"
+    assert state["state"]["data_position"] == 4 and state["state"]["data_epoch"] == 1
+    assert json.loads((out / "ppo_summary.json").read_text())["stopped_reason"] == "completed"
