@@ -154,6 +154,16 @@ def launch(side: str, work: Path) -> dict:
     return result
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def versions(python: Path) -> dict:
     code = ("import json, torch, transformers, accelerate\n"
             "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
@@ -167,7 +177,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["tether", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--train_pairs", type=int, default=192)
+    parser.add_argument("--train_pairs", type=int, default=160)
     parser.add_argument("--eval_pairs", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
@@ -215,7 +225,7 @@ def main() -> None:
         "benchmark": "reward model training (Bradley-Terry), tether vs TRL 1.16 RewardTrainer",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": "python benchmarks/bench_reward.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only",
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "note": ("shared 2-core machine: other jobs were running during the measurement (see load averages), so "
                  "absolute times are noisy; the sides alternate so both see similar load"),

@@ -5,6 +5,8 @@ and responses, so sampling plays no part), runs one PPO update with ``PPOTrainer
 rank 0, writes the metrics and the trained policy weights. It also samples one response per rank
 to the same prompt, to show that ranks sample with different seeds.
 
+Then the whole loop (``train``: rollout, update, metrics, checkpoint, outputs) runs once across the processes.
+
 usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM
 """
 from __future__ import annotations
@@ -45,16 +47,19 @@ def main(out: str, policy: str, rm: str) -> None:
                               temperature=config.temperature, forward_batch_size=trainer.forward_batch,
                               missing_stop_penalty=-1.0)
     metrics = trainer.learn(rollout)
+    if acc.is_main_process:
+        state = unwrap_model(trainer.models).policy.state_dict()
+        torch.save({k: v.detach().clone() for k, v in state.items()}, Path(out) / "policy.pt")
 
-    # one sample per rank for the same prompt: different ranks, different seeds
-    torch.manual_seed(config.seed + 100003 * trainer.rank)
+    # one sample per rank for the same prompt: the trainer seeded each rank differently
     same_q, same_m = left_pad([tok("a b")["input_ids"]] * 4, tok.pad_token_id)
     sample = generate_batch(unwrap_model(trainer.models).policy, tok, same_q, same_m, trainer.sampling)
     padded = torch.nn.functional.pad(sample.responses, (0, 6 - sample.responses.shape[1]), value=-1)
     samples = acc.gather(padded)
+    # and the whole loop runs across processes: rollout, update, metrics, an atomic checkpoint, outputs
+    trainer.save_checkpoint()
+    trainer.train()
     if acc.is_main_process:
-        policy_state = unwrap_model(trainer.models).policy.state_dict()
-        torch.save({k: v.detach().clone() for k, v in policy_state.items()}, Path(out) / "policy.pt")
         (Path(out) / "result.json").write_text(json.dumps({
             "world": trainer.world, "metrics": metrics, "samples": samples.tolist()}))
 

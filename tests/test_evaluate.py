@@ -60,15 +60,15 @@ def test_evaluate_policies_on_tiny_models(tiny_model_dir, perturbed_model_dir, t
     assert moved["reward/gold"] == pytest.approx(sum(r["gold"] for r in rows) / 6)
     assert moved["kl/ref"] == pytest.approx(sum(r["kl"] for r in rows) / 6)
     assert moved["response/length"] == pytest.approx(sum(r["length"] for r in rows) / 6)
+    # best-of-N rows carry the reward model's score of the kept response
+    bon_rows = [r for r in results.samples if r["policy"] == "best-of-4"]
+    rm, rm_tok, _ = E.load_reward(str(tiny_rm_dir))
+    rescored = E.rm_scores(rm, rm_tok, [r["prompt"] for r in bon_rows], [r["response"] for r in bon_rows])
+    assert [r["reward"] for r in bon_rows] == pytest.approx(rescored, abs=1e-4)
     assert results.probe_responses["ref"] and "best-of-4" not in results.probe_responses
     side = results.side_by_side(2)
     assert len(side) == 2 and set(side[0]["responses"]) == {"ref", "moved", "best-of-4"}
     assert len(results.length_reward_points()) == 18
-
-
-def test_best_of_n_keeps_the_reward_models_favourite():
-    groups = [["a", "b", "c"], ["d", "e"]]
-    assert E.select_best_of_n(groups, [[0.1, 0.5, 0.2], [1.0, 1.0]]) == [("b", 0.5), ("d", 1.0)]
 
 
 def test_rm_scores_apply_the_saved_normalisation(tiny_rm_dir, tokenizer, tmp_path):

@@ -126,7 +126,7 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
 
     torch.manual_seed(0)
     groups = sample_responses(tiny_lm, tokenizer, ["hello there", "what is two plus two?"],
-                              SamplingSettings(max_new_tokens=12, temperature=1.0), num_return_sequences=8)
+                              SamplingSettings(max_new_tokens=8, temperature=1.0), num_return_sequences=4)
     samples = [s for g in groups for s in g]
     assert M.sequence_kl(tiny_lm, tiny_lm, tokenizer, samples, temperature=1.0) == 0.0
     other = load_causal_lm(str(tiny_model_dir)).eval()
@@ -134,9 +134,9 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     per = M.per_sequence_kl(tiny_lm, other, tokenizer, samples, temperature=1.0)
-    assert len(per) == 16
+    assert len(per) == 8
     # k1 on the policy's own samples estimates KL(π‖π_ref) > 0 (single samples may be negative)
-    assert float(np.mean(per)) > 0.1
+    assert float(np.mean(per)) > 0.1, per
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def test_two_process_update_equals_one_process_update(tmp_path, word_dirs):
     # each rank sampled its own responses to the same prompt
     samples = b["samples"]
     assert samples[:4] != samples[4:]
+    # the whole loop ran across both processes: metrics once, an atomic checkpoint, the outputs
+    run = two / "run"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (run / "checkpoint-0" / "rng_state_0.pth").is_file() and (run / "checkpoint-0" / "rng_state_1.pth").is_file()
+    assert (run / "policy" / "config.json").is_file() and not list(run.glob(".tmp-*"))
 
 
 def _initial_lm_head(folder):

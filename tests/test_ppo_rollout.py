@@ -6,8 +6,7 @@ import copy
 import torch
 
 from ppo_tiny import one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
-from tether.generation import (GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, generation_config,
-                               left_pad)
+from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, left_pad
 from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 from tether.ppo.losses import logprobs_from_logits
 from tether.ppo.rollout import (PolicyAndValue, build_sequences, disable_all_dropout, last_token_scores,
@@ -29,16 +28,12 @@ def test_sampling_logprobs_equal_the_training_forward_with_left_padding_and_a_tr
     prompts = PROMPTS * 4  # 16 rows, 4 prompt lengths
     query_ids, query_mask = _queries(tok, prompts)
     settings = SamplingSettings(max_new_tokens=12, temperature=T)
-    config = generation_config(tok, settings)
-    config.output_logits, config.return_dict_in_generate = True, True
     torch.manual_seed(3)
-    with torch.no_grad():
-        out = model.eval().generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
-    sampled = out.sequences[:, query_ids.shape[1]:]
-    gen_logp = logprobs_from_logits(torch.stack(out.logits, 1), sampled, T)  # what the sampler used, at T
-    batch = cut_at_first_stop(sampled, [tok.eos_token_id], tok.pad_token_id)
+    # the sampler's own log-probs (from the logits generate computed with its KV cache, at T)
+    batch = generate_batch(model, tok, query_ids, query_mask, settings, batch_size=8, return_logprobs=True)
     assert batch.stopped.any() and not batch.stopped.all()  # some responses were cut after their stop token
-    assert (batch.lengths < sampled.shape[1]).any()
+    assert (batch.lengths < batch.responses.shape[1]).any() and batch.logprobs[~batch.mask].eq(0).all()
+    gen_logp = batch.logprobs
 
     model.train()  # the update runs in train mode
     args = build_sequences(query_ids, query_mask, batch.responses, batch.mask)

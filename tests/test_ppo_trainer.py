@@ -69,6 +69,26 @@ def test_first_minibatch_has_ratio_one_and_old_logprobs_stay_fixed_across_epochs
     assert len({tuple(o) for o in orders}) > 1
 
 
+@pytest.mark.parametrize("options", [dict(activation_checkpointing=True),
+                                     dict(use_peft=True, value_head_on_policy=True, lora_r=4),
+                                     dict(generation_cache="static", kl_penalty="full")])
+def test_ratio_is_exactly_one_on_the_first_minibatch_with_other_options(tmp_path, word_dirs, options):
+    t = trainer(make_config(tmp_path, word_dirs, num_iterations=1, **options))
+    t.train()
+    assert t.update_log[0]["policy/ratio_max_dev"] <= 1e-6 and t.update_log[0]["policy/approx_kl"] <= 1e-12
+    assert t.update_log[1]["policy/approx_kl"] > 1e-8
+
+
+def test_old_logprobs_from_the_sampler_match_the_training_forward_closely(tmp_path, word_dirs):
+    """--rollout_logprobs generation (TRL's way, one forward less): ratio 1 to fp32 precision, not bitwise."""
+    config = make_config(tmp_path, word_dirs, num_iterations=1, rollout_logprobs="generation")
+    t = trainer(config)
+    t.train()
+    first = t.update_log[0]
+    assert first["policy/ratio_max_dev"] <= 1e-5 and first["policy/approx_kl"] <= 1e-10
+    assert first["policy/clipfrac"] == 0.0
+
+
 # ---- item 9 -------------------------------------------------------------------------------------
 def test_value_model_is_a_separate_copy_of_the_whole_reward_model(tmp_path, word_dirs):
     from tether.ppo.rollout import unwrap_model
@@ -276,6 +296,21 @@ def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_on
     assert sorted(p.name for p in (tmp_path / "parts").iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
 
 
+def test_only_complete_checkpoints_are_resumed_and_a_used_folder_needs_a_decision(tmp_path, word_dirs):
+    from tether.ppo.trainer import list_checkpoints, resolve_checkpoint
+
+    out = tmp_path / "run"
+    trainer(make_config(tmp_path, word_dirs, num_iterations=2, save_steps=1, save_total_limit=5)).train()
+    (out / ".tmp-checkpoint-3").mkdir()  # a crash while writing checkpoint 3
+    (out / "checkpoint-4").mkdir()       # a folder without the state file written last
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert resolve_checkpoint(out, "latest").name == "checkpoint-2"
+    with pytest.raises(ConfigError, match="not empty"):  # a fresh run would mix with the old one
+        trainer(make_config(tmp_path, word_dirs, num_iterations=2))
+    t = trainer(make_config(tmp_path, word_dirs, num_iterations=2, overwrite_output_dir=True))
+    assert t.state.iteration == 0 and not any(out.iterdir())  # the earlier run's files are gone
+
+
 def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, word_dirs):
     config = make_config(tmp_path, word_dirs, num_iterations=1, resume_from_checkpoint="latest")
     t = trainer(config)
@@ -372,10 +407,16 @@ def test_bad_configurations_fail_with_clear_errors(tmp_path, word_dirs, word_tok
         trainer(make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["policy"])))
     with pytest.raises(DataError, match=r"prompts\[1\]: the prompt renders to no tokens"):
         trainer(make_config(tmp_path, word_dirs), prompts=["a b", "   "])
-    with pytest.raises(ConfigError, match="--dataset is required"):
-        trainer(make_config(tmp_path, word_dirs), prompts=None)
     with pytest.raises(ConfigError, match="stop_token"):
         trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word"))
+
+
+def test_without_a_dataset_the_demo_task_prompts_are_used():
+    from tether.data.records import PromptRecord
+    from tether.ppo.trainer import default_prompts
+
+    prompts = default_prompts()
+    assert len(prompts) > 8 and all(isinstance(p, PromptRecord) for p in prompts)
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -409,3 +450,20 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     assert state["state"]["iteration"] == 3 and state["kl_controller"]["kind"] == "adaptive"
     assert state["state"]["data_position"] == 4 and state["state"]["data_epoch"] == 1
     assert json.loads((out / "ppo_summary.json").read_text())["stopped_reason"] == "completed"
+
+
+@pytest.mark.slow
+def test_one_iteration_on_the_embedded_smollm2_with_lora(tmp_path, embedded_model_dir, tiny_rm_dir):
+    """The real default model: chat template, pad == stop token, tied embeddings; LoRA reference."""
+    from tether.ppo.trainer import PPOConfig, PPOTrainer
+
+    config = PPOConfig(output_dir=str(tmp_path / "smol"), model_name_or_path=str(embedded_model_dir),
+                       reward_model_path=str(tiny_rm_dir), use_peft=True, lora_r=4, value_head_on_policy=True,
+                       batch_size=2, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-4,
+                       num_iterations=1, save_steps=0, disable_tqdm=True, logging_steps=1000, report_to="none")
+    t = PPOTrainer(config, ["What is the capital of France?", "Name a colour."])
+    result = t.train()
+    row = rows(config)[0]
+    assert row["kl/ref"] == 0.0 and t.update_log[0]["policy/ratio_max_dev"] <= 1e-6
+    assert t.update_log[1]["policy/approx_kl"] > 0
+    assert result.stopped_reason == "completed" and (tmp_path / "smol" / "policy" / "config.json").is_file()

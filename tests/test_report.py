@@ -218,3 +218,12 @@ def test_run_study_trains_evaluates_checkpoints_and_skips_finished_runs(tiny_mod
     again = run_study(config)  # a finished run is reused, not retrained, and its evaluation is not redone
     assert [summary.stat().st_mtime_ns, (summary.parent / "checkpoint_points.json").stat().st_mtime_ns] == stamps
     assert json.loads(again["study_json"].read_text())["runs"] == doc["runs"]
+
+
+def test_negative_kl_estimates_count_as_zero_and_the_first_point_is_the_start():
+    # per-iteration k1 estimates: slightly negative at iteration 3; the start is iteration 1
+    pts = [{"kl": 0.0, "gold": 0.5, "proxy": 0.0}, {"kl": 0.01, "gold": 0.6, "proxy": 0.1},
+           {"kl": -0.02, "gold": 0.2, "proxy": 0.0}, {"kl": 1.0, "gold": 0.9, "proxy": 1.0}]
+    s = R.describe_overoptimisation(pts)
+    # recentred on iteration 1 (gold 0.5), not on the negative-KL point (gold 0.2)
+    assert "√KL ≈ 1.00, +0.40 over the starting policy" in s

@@ -316,6 +316,22 @@ def test_eval_only_prints_accuracy_and_writes_json(trained_rm, tmp_path):
     assert written["accuracy"] == pytest.approx(expected)  # the same pairs scored by training's evaluation
 
 
+def test_lora_reward_model_is_saved_merged_and_scores_like_during_training(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.stages.reward import evaluate_reward_model
+
+    train, held_out = _marker_pairs(48, seed=5), _marker_pairs(24, seed=6)
+    folder = train_reward(_rm_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8,
+                                     activation_checkpointing=True), train, held_out)
+    assert not (folder / "adapter_config.json").exists()
+    assert AutoModelForSequenceClassification.from_pretrained(folder).config.pad_token_id == 0
+    during = json.loads((folder / "eval_results.json").read_text())["final"]
+    after = evaluate_reward_model(_rm_config(tmp_path, folder, output_dir=None), held_out)
+    assert after["accuracy"] == pytest.approx(during["eval_accuracy"])
+    assert after["margin"] == pytest.approx(during["eval_margin"], abs=1e-4)
+
+
 def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):
     from tether.cli import main
 

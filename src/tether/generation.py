@@ -177,6 +177,10 @@ class GeneratedBatch:
     responses: torch.Tensor
     lengths: torch.Tensor
     stopped: torch.Tensor
+    #: log-probabilities of the sampled tokens under the sampling distribution softmax(logits / T), from
+    #: the logits ``generate`` computed (KV cache): ``[B, R]`` float32, 0 after each response's end.
+    #: Only when asked for (``return_logprobs``); they match a full forward pass to ~1e-6 in fp32, not bitwise.
+    logprobs: torch.Tensor | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -184,7 +188,8 @@ class GeneratedBatch:
         return torch.arange(width, device=self.responses.device).unsqueeze(0) < self.lengths.unsqueeze(1)
 
 
-def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int) -> GeneratedBatch:
+def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int,
+                      logprobs: torch.Tensor | None = None) -> GeneratedBatch:
     """Vectorised :func:`truncate_after_stop`: keep each row up to and including its first stop token."""
     width = responses.shape[1]
     is_stop = torch.isin(responses, torch.tensor(stop, device=responses.device))
@@ -192,39 +197,54 @@ def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int) -> 
     first = torch.where(stopped, is_stop.float().argmax(dim=1), torch.full_like(stopped, width - 1, dtype=torch.long))
     lengths = first + 1
     positions = torch.arange(width, device=responses.device).unsqueeze(0)
-    cut = torch.where(positions < lengths.unsqueeze(1), responses, torch.full_like(responses, pad_id))
-    return GeneratedBatch(cut, lengths, stopped)
+    real = positions < lengths.unsqueeze(1)
+    cut = torch.where(real, responses, torch.full_like(responses, pad_id))
+    if logprobs is not None:
+        logprobs = torch.where(real, logprobs, torch.zeros_like(logprobs))
+    return GeneratedBatch(cut, lengths, stopped, logprobs)
 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
-                   batch_size: int | None = None) -> GeneratedBatch:
+                   batch_size: int | None = None, return_logprobs: bool = False) -> GeneratedBatch:
     """Sample one response per left-padded query (``[B, P]`` ids and mask), as tensors.
 
     The tensor form of :func:`sample_from_ids` for PPO rollouts: the queries are already padded
     and on the model's device, and the result stays there. Generation runs in chunks of
-    ``batch_size`` rows (all at once when None).
+    ``batch_size`` rows (all at once when None). ``return_logprobs`` also keeps the log-probability
+    of each sampled token under ``softmax(logits / T)`` from the logits computed while sampling.
     """
     was_training = model.training
     model.eval()
     stop = stop_ids(tokenizer, settings)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
     config = generation_config(tokenizer, settings)
+    if return_logprobs:
+        config.output_logits, config.return_dict_in_generate = True, True
     batch_size = batch_size or query_ids.shape[0]
-    chunks = []
+    chunks, chunk_logprobs = [], []
     try:
         with neutral_model_generation_config(model):
             for start in range(0, query_ids.shape[0], batch_size):
                 ids = query_ids[start: start + batch_size]
                 out = model.generate(input_ids=ids, attention_mask=query_mask[start: start + batch_size],
                                      generation_config=config)
-                chunks.append(out[:, ids.shape[1]:])
+                sequences = out.sequences if return_logprobs else out
+                sampled = sequences[:, ids.shape[1]:]
+                chunks.append(sampled)
+                if return_logprobs:
+                    chunk_logprobs.append(torch.stack([
+                        torch.log_softmax(step.float() / settings.temperature, dim=-1)
+                        .gather(-1, sampled[:, t: t + 1]).squeeze(-1)
+                        for t, step in enumerate(out.logits)], dim=1))
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
+    logprobs = (torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
+                if return_logprobs else None)
     if settings.fixed_length:
         n = responses.shape[0]
         return GeneratedBatch(responses, torch.full((n,), width, dtype=torch.long, device=responses.device),
-                              torch.ones(n, dtype=torch.bool, device=responses.device))
-    return cut_at_first_stop(responses, stop, pad_id)
+                              torch.ones(n, dtype=torch.bool, device=responses.device), logprobs)
+    return cut_at_first_stop(responses, stop, pad_id, logprobs)

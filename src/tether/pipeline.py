@@ -80,7 +80,7 @@ class PipelineConfig:
     ppo_model: str | None = field(default=None, metadata={"help": "Use this PPO policy instead of training one."})
     dpo_model: str | None = field(default=None, metadata={"help": "Use this DPO policy instead of training one."})
     annotator_tau: float = field(
-        default=0.5, metadata={"help": "Demo: noise temperature of the simulated annotator, P(a>b) = sigmoid((g(a)-g(b))/tau)."})
+        default=0.1, metadata={"help": "Demo: noise temperature of the simulated annotator, P(a>b) = sigmoid((g(a)-g(b))/tau)."})
     preference_max_new_tokens: int = field(default=48, metadata={"help": "Demo: response length when sampling pairs."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."})
     bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
@@ -467,9 +467,11 @@ def _write_pipeline_report(config: PipelineConfig, out: Path, eval_dir: Path, pp
             offset = ppo_rows[-1]["step"] if ppo_rows else 0
             ppo_rows += [{**r, "step": r.get("step", 0) + offset} for r in read_jsonl(metrics)]
     # Over-optimisation curve: every PPO iteration is a checkpoint of the policy, measured on its own
-    # rollout batch (proxy = RM score, gold = annotator, KL = summed per-token KL to the reference).
-    points = [{"name": f"iter {r['step']}", "kl": r["kl/ref"], "gold": r.get("reward/gold"),
-               "proxy": r.get("reward/score")} for r in ppo_rows if "kl/ref" in r]
+    # rollout batch (proxy = RM score, gold = annotator, KL = summed per-token KL to the reference);
+    # windows of iterations are averaged so one noisy batch cannot make a "peak".
+    from tether.evaluation.study import points_from_metrics
+
+    points = points_from_metrics(ppo_rows, window=max(1, min(5, len(ppo_rows) // 6)))
     curve = _read_json(eval_dir / "bon_curve.json")
     length_points = eval_doc.get("length_reward_points") if isinstance(eval_doc, dict) else None
     notes = [f"Whole pipeline: {seconds / 60:.1f} minutes on this machine.",

@@ -32,7 +32,10 @@ For a prompt x and a response y (``w(y)`` its words, see ``tether.evaluation.met
 * ``refusal``: 1 when the response declines (``tether.evaluation.probes.is_refusal``); every demo
   prompt is benign, so a refusal is never what the annotator wants.
 
-Scores fall roughly in [−10, 2]; a relevant, concise, clean answer scores about 1.2–1.8.
+Scores fall roughly in [−10, 2]. The 52 written demonstrations score 0.50–1.71 (mean 1.24);
+responses sampled from the untuned SmolLM2-135M-Instruct (64 tokens, T = 0.7) average 0.39, most
+of them cut at the token budget. Cosine relevance is weakest on creative requests (a good haiku is
+not semantically close to "write a haiku about..."), so those score lower than explanations.
 
 Labelling
 ---------

@@ -225,13 +225,15 @@ def rm_scores(reward_model, reward_tokenizer, prompts: Sequence[Prompt], respons
     return [float(s) for s in scores]
 
 
-def select_best_of_n(groups: Sequence[Sequence[Any]], scores: Sequence[Sequence[float]]) -> list[tuple[Any, float]]:
-    """The highest-scoring member of each group with its score (first one on ties)."""
-    out = []
-    for group, s in zip(groups, scores, strict=True):
-        best = max(range(len(group)), key=lambda j: (s[j], -j))
-        out.append((group[best], s[best]))
-    return out
+@dataclass(frozen=True)
+class _Response:
+    text: str
+    stopped: bool
+    length: int  # response tokens, the stop token included
+
+    @classmethod
+    def of(cls, sample) -> "_Response":
+        return cls(sample.text, bool(sample.stopped), len(sample.response_ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +267,8 @@ def evaluate_policies(
     path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
-    the reward model's favourite kept, KL reported as the analytic bound.
+    the reward model's favourite kept (``tether.stages.best_of_n.best_of_n``), KL reported as the
+    analytic bound.
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
@@ -302,10 +305,11 @@ def evaluate_policies(
     rows: list[dict[str, Any]] = []
     probe_responses: dict[str, list[dict[str, str]]] = {}
 
-    def measure(name: str, flat_prompts, flat_index, flat_samples, kl_values, kl_bound=None, rewards=None):
-        texts = [s.text for s in flat_samples]
-        stopped = [bool(s.stopped) for s in flat_samples]
-        lengths = [len(s.response_ids) for s in flat_samples]
+    def measure(name: str, flat_prompts, flat_index, responses: list[_Response], kl_values, kl_bound=None,
+                rewards=None):
+        texts = [r.text for r in responses]
+        stopped = [r.stopped for r in responses]
+        lengths = [r.length for r in responses]
         t0 = time.perf_counter()
         if rewards is None and rm is not None:
             rewards = rm_scores(rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length)
@@ -315,9 +319,9 @@ def evaluate_policies(
         m["kl/bon_bound"] = kl_bound
         m["time/score"] = time.perf_counter() - t0
         metrics[name] = m
-        for k, (p, i, s) in enumerate(zip(flat_prompts, flat_index, flat_samples)):
-            rows.append({"policy": name, "prompt_index": i, "prompt": _prompt_json(p), "response": s.text,
-                         "stopped": bool(s.stopped), "length": len(s.response_ids), "words": word_count(s.text),
+        for k, (p, i, r) in enumerate(zip(flat_prompts, flat_index, responses)):
+            rows.append({"policy": name, "prompt_index": i, "prompt": _prompt_json(p), "response": r.text,
+                         "stopped": r.stopped, "length": r.length, "words": word_count(r.text),
                          "reward": None if rewards is None else rewards[k],
                          "gold": None if golds is None else golds[k],
                          "kl": None if kl_values is None else kl_values[k]})
@@ -337,7 +341,7 @@ def evaluate_policies(
         if ref_model is not None:
             kl_values = ([0.0] * len(flat) if model is ref_model
                          else per_sequence_kl(model, ref_model, tokenizer, flat, temperature, batch_size))
-        measure(name, flat_prompts, flat_index, flat, kl_values)
+        measure(name, flat_prompts, flat_index, [_Response.of(x) for x in flat], kl_values)
         metrics[name]["time/generate"] = t_generate
         if probes:
             from tether.evaluation.probes import run_probes
@@ -351,22 +355,25 @@ def evaluate_policies(
 
     for name, (base, n) in best_of_n.items():
         logger.info("eval: best-of-%d from %s", n, base)
+        from tether.stages.best_of_n import best_of_n as sample_best_of_n
+
         model = models.causal_lm(policies[base])
         torch.manual_seed(seed)
-        groups = sample_responses(model, tokenizer, raw_prompts, settings,
-                                  num_return_sequences=n * samples_per_prompt, batch_size=max(1, batch_size // n),
-                                  max_prompt_length=max_prompt_length)
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
-        for i, (p, g) in enumerate(zip(raw_prompts, groups)):
-            scores = rm_scores(rm, rm_tok, [p] * len(g), [s.text for s in g], reward_stats, batch_size,
-                               max_prompt_length)
-            subgroups = [g[k * n:(k + 1) * n] for k in range(samples_per_prompt)]
-            subscores = [scores[k * n:(k + 1) * n] for k in range(samples_per_prompt)]
-            for sample, score in select_best_of_n(subgroups, subscores):
-                chosen.append(sample)
-                chosen_scores.append(score)
-                flat_prompts.append(p)
+        for _ in range(samples_per_prompt):
+            results = sample_best_of_n(model, rm, tokenizer, raw_prompts, n, settings,
+                                       batch_size=max(1, batch_size // n), rm_tokenizer=rm_tok,
+                                       reward_batch_size=batch_size, max_prompt_length=max_prompt_length)
+            for i, result in enumerate(results):
+                best = result.best or result.ranked[0]  # every sample empty: keep the top one anyway
+                chosen.append(_Response(best.text, bool(best.stopped), int(best.num_tokens)))
+                chosen_scores.append(best.score)
+                flat_prompts.append(result.prompt)
                 flat_index.append(i)
+        if reward_stats is not None:  # best_of_n ranks raw scores; normalising is monotone
+            from tether.models.scoring import normalise
+
+            chosen_scores = [float(x) for x in normalise(torch.tensor(chosen_scores), reward_stats)]
         measure(name, flat_prompts, flat_index, chosen, None, kl_bound=bon_kl_bound(n), rewards=chosen_scores)
 
     return EvalResults(

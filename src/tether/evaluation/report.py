@@ -153,15 +153,25 @@ def describe_ppo(rows: Sequence[Mapping[str, Any]]) -> str:
             + (" and " if len(parts) > 1 else "") + parts[-1] + ".")
 
 
+def _kl(point: Mapping[str, Any]) -> float:
+    """KL of a point, clamped at 0: a per-batch k1 estimate near the start can come out slightly negative."""
+    return max(0.0, float(point["kl"]))
+
+
+def _by_kl(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Points in order of KL; a stable sort, so among points at KL 0 the earliest (the start) stays first."""
+    return sorted(points, key=_kl)
+
+
 def _sqrt_kl(points: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    return np.sqrt(np.maximum([float(p["kl"]) for p in points], 0.0))
+    return np.sqrt([_kl(p) for p in points])
 
 
 def _recentred(points: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:
-    """Values of ``key`` minus the value at the smallest-KL point (the starting policy)."""
+    """Values of ``key`` minus the value at the smallest-KL point (the starting policy; the first one on ties)."""
     if not points or any(_num(p.get(key)) is None for p in points):
         return None
-    start = int(np.argmin([float(p["kl"]) for p in points]))
+    start = int(np.argmin([_kl(p) for p in points]))  # first of the smallest
     return np.array([float(p[key]) for p in points]) - float(points[start][key])
 
 
@@ -175,7 +185,7 @@ def _try_fit_rl(d: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
 
 def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
     """Where gold peaks along √KL, whether the proxy keeps rising past it, and the fitted peak."""
-    pts = sorted(points, key=lambda p: float(p["kl"]))
+    pts = _by_kl(points)
     d = _sqrt_kl(pts)
     gold = _recentred(pts, "gold")
     proxy = _recentred(pts, "proxy")
@@ -281,7 +291,7 @@ def describe_rounds(rounds: Sequence[Mapping[str, Any]]) -> str:
 def describe_study(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
     clauses = []
     for label, points in runs.items():
-        pts = sorted(points, key=lambda p: float(p["kl"]))
+        pts = _by_kl(points)
         gold = _recentred(pts, "gold")
         if gold is None or len(pts) < 2:
             continue
@@ -366,7 +376,7 @@ def plot_ppo_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | Non
 
 def plot_overoptimisation(points: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Gold and proxy (recentred on the start) against √KL, with fitted R_RL curves."""
-    pts = sorted(points, key=lambda p: float(p["kl"]))
+    pts = _by_kl(points)
     if len(pts) < 2:
         return None
     d = _sqrt_kl(pts)
@@ -464,7 +474,7 @@ def plot_study(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> P
     colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
                    "tab:gray", "tab:olive", "tab:cyan"])
     for label, points in runs.items():
-        pts = sorted(points, key=lambda p: float(p["kl"]))
+        pts = _by_kl(points)
         gold = _recentred(pts, "gold")
         if gold is None or len(pts) < 2:
             continue

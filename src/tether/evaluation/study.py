@@ -133,9 +133,9 @@ def draw_study(output_dir: str | Path, runs: Mapping[str, Sequence[Mapping[str, 
 
     fits = {}
     for label, points in runs.items():
-        pts = sorted(points, key=lambda p: p["kl"])
+        pts = sorted(points, key=lambda p: max(0.0, p["kl"]))
         if len(pts) >= 3 and all(p.get("gold") is not None for p in pts):
-            d = np.sqrt([p["kl"] for p in pts])
+            d = np.sqrt([max(0.0, p["kl"]) for p in pts])
             g = np.array([p["gold"] for p in pts]) - pts[0]["gold"]
             try:
                 alpha, beta = fit_rl(d, g)

@@ -66,7 +66,7 @@ def padded_batch(sequences: Sequence[Sequence[int]], pad_token_id: int,
 # ---------------------------------------------------------------------------------------------
 # per-token head outputs
 # ---------------------------------------------------------------------------------------------
-def _unwrap(model):
+def unwrap_model(model):
     """The sequence-classification model inside DDP / accelerate / PEFT wrappers."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -78,7 +78,7 @@ def _unwrap(model):
 
 def head_module(model) -> torch.nn.Module:
     """The scalar read-out (``score`` for most architectures, ``classifier`` for some), possibly PEFT-wrapped."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     for name in ("score", "classifier"):
         head = getattr(inner, name, None)
         if isinstance(head, torch.nn.Module):

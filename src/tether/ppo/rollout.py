@@ -109,10 +109,11 @@ class PolicyAndValue(nn.Module):
         self.value_head = value_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                prompt_width: int, with_values: bool = True,
-                detach_trunk_for_values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                prompt_width: int, with_values: bool = True, detach_trunk_for_values: bool = False,
+                with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.value_head is None:
-            logits = response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
+            logits = (response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
+                      if with_logits else None)
             values = (response_values(self.value_model, input_ids, attention_mask, position_ids, prompt_width)
                       if with_values else None)
             return logits, values
@@ -243,7 +244,10 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
                     prompts: list | None = None) -> Rollout:
     """Everything PPO needs about sampled responses, from one no-grad pass of each model.
 
-    ``reference`` None means "the policy with its LoRA adapters disabled".
+    ``reference`` None means "the policy with its LoRA adapters disabled". When ``generated`` carries
+    the log-probs computed while sampling, they are used as the old log-probs and the policy's own
+    pass is skipped (the value model still runs); they equal the training forward to ~1e-6 in fp32
+    rather than bitwise, so the first minibatch's ratio is 1 only to that precision.
     """
     width = int(generated.lengths.max())  # nothing beyond the longest response is ever real
     responses = generated.responses[:, :width]
@@ -253,6 +257,8 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
     n = input_ids.shape[0]
     size = forward_batch_size or n
     full = {"kl": "k1", "mse": "k2"}.get(kl_estimator, kl_estimator) == "full"
+    reuse = generated.logprobs is not None and not full and models.value_head is None
+    sampled_logprobs = generated.logprobs[:, :width] if reuse else None
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")}
     # The policy stays in its training mode: the old log-probs come from exactly the computation the
     # update will repeat (dropout is off in every model, so the mode changes nothing else).
@@ -261,14 +267,14 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
         mask = response_mask[rows]
         tokens = responses[rows]
         with autocast():
-            logits, values = models(*args, prompt_width=prompt_width)
+            logits, values = models(*args, prompt_width=prompt_width, with_logits=not reuse)
             if reference is None:
                 with adapters_disabled(models.policy):
                     ref_logits = response_logits(models.policy, *args, prompt_width)
             else:
                 ref_logits = response_logits(reference, *args, prompt_width)
             score = last_token_scores(reward_model, *args, prompt_width, generated.lengths[rows])
-        logp = logprobs_from_logits(logits, tokens, temperature)
+        logp = sampled_logprobs[rows] if reuse else logprobs_from_logits(logits, tokens, temperature)
         ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
         pen = kl_penalty(logp, ref_logp, kl_estimator, logits, ref_logits, temperature)
         reported = pen if full else logp - ref_logp
@@ -298,10 +304,17 @@ def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_
                  forward_batch_size: int | None = None, reward_stats: RewardStats | None = None,
                  missing_stop_penalty: float | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 prompts: list | None = None, synchronize: Callable[[], None] = lambda: None) -> Rollout:
-    """Sample one response per query with the policy, then :func:`score_responses`; times both phases."""
+                 prompts: list | None = None, synchronize: Callable[[], None] = lambda: None,
+                 logprobs_from_sampling: bool = False) -> Rollout:
+    """Sample one response per query with the policy, then :func:`score_responses`; times both phases.
+
+    ``logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
+    separate policy pass (saves one forward; exact only to ~1e-6, see :func:`score_responses`).
+    """
     start = time.perf_counter()
-    generated = generate_batch(models.policy, tokenizer, query_ids, query_mask, settings, generation_batch_size)
+    with autocast():  # sample in the precision the update computes the policy in
+        generated = generate_batch(models.policy, tokenizer, query_ids, query_mask, settings, generation_batch_size,
+                                   return_logprobs=logprobs_from_sampling)
     synchronize()
     generated_at = time.perf_counter()
     rollout = score_responses(models=models, reference=reference, reward_model=reward_model, query_ids=query_ids,

@@ -61,6 +61,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 BAD_BATCHES_FILE = "bad_batches.jsonl"
 SUMMARY_FILE = "ppo_summary.json"
+#: what a run writes into its output folder (removed when a fresh run starts there)
+RUN_ARTIFACTS = {METRICS_FILE, SUMMARY_FILE, "policy", "adapter", "value_model", "value_head", "runs"}
 
 
 def _help(text: str) -> dict:
@@ -143,6 +145,10 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     normalize_reward: bool = field(default=True, metadata=_help(
         "Normalise scores with reward_stats.json saved beside the reward model (warns and uses raw scores "
         "when the file is missing)."))
+    rollout_logprobs: str = field(default="recompute", metadata=_help(
+        "Old log-probs: 'recompute' (a separate pass by the training forward: the first minibatch has ratio "
+        "exactly 1) or 'generation' (from the sampler's logits, as TRL: one forward less, equal to ~1e-6 in fp32, "
+        "looser in bf16)."))
     generation_cache: str | None = field(default=None, metadata=_help(
         "KV cache for sampling: None (dynamic) or 'static' (on CUDA transformers compiles the decoding step)."))
     # optimiser defaults of the references (OpenAI lm-human-preferences, N+ implementation details)
@@ -150,7 +156,8 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     adam_epsilon: float = field(default=1e-5, metadata=_help("AdamW epsilon (1e-5 as the references)."))
     max_grad_norm: float | None = field(default=None, metadata=_help(
         "Clip the gradient norm to this value; None (default) disables clipping, as the references."))
-    optim: str = field(default="adamw_torch", metadata=_help("adamw_torch or adamw_torch_fused."))
+    optim: str = field(default="adamw_torch_fused", metadata=_help(
+        "adamw_torch_fused (one fused kernel per step on CPU and CUDA) or adamw_torch (foreach)."))
     max_bad_steps: int = field(default=5, metadata=_help(
         "Stop after this many consecutive skipped steps with non-finite rewards or losses."))
     # HF-style options with PPO units
@@ -159,6 +166,8 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     logging_steps: float = field(default=10, metadata=_help(
         "Print a metrics line every N iterations (metrics.jsonl gets every iteration)."))
     warmup_steps: float = field(default=0, metadata=_help("Learning-rate warmup, in iterations (default 0)."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Start over in a non-empty --output_dir (its checkpoints, metrics and outputs from an earlier run are removed)."))
     resume_from_checkpoint: str | None = field(default=None, metadata=_help(
         "'latest' (the newest complete checkpoint in --output_dir; a fresh start if there is none) or a checkpoint folder."))
 
@@ -178,6 +187,8 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             problems.append("--temperature must be > 0 (it is part of the policy)")
         if self.target_kl is not None and self.target_kl <= 0:
             problems.append("--target_kl must be > 0 (or None for a fixed β)")
+        if self.rollout_logprobs not in ("recompute", "generation"):
+            problems.append("--rollout_logprobs must be 'recompute' or 'generation'")
         if self.generation_cache not in (None, "dynamic", "static"):
             problems.append("--generation_cache must be 'dynamic' or 'static'")
         if self.max_new_tokens < 1 or (self.response_length is not None and self.response_length < 1):
@@ -221,12 +232,12 @@ class NonFiniteError(RuntimeError):
 
 
 def default_prompts() -> list:
-    """Prompts used when neither --dataset nor Python prompts are given.
+    """Prompts used when neither --dataset nor Python prompts are given: the embedded demo task's
+    training prompts (``tether.demo.task.train_prompts``)."""
+    from tether.demo.task import train_prompts
 
-    Hook for the embedded demo task (wired by the pipeline); until then PPO needs --dataset.
-    """
-    raise ConfigError("--dataset is required: a file or folder of prompts (records with a `prompt` or `messages` "
-                      "field), or a Hugging Face dataset name")
+    logger.info("tether ppo: no --dataset given; using the embedded demo task's training prompts")
+    return train_prompts()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +337,7 @@ class PPOTrainer:
         if cfg.resume_from_checkpoint == "latest" and self.resume_dir is None and acc.is_main_process:
             logger.info("tether ppo: no checkpoint in %s yet; starting from the beginning", cfg.output_dir)
         self.num_iterations = self._count_iterations()
+        self._prepare_output_dir()
 
         self._build_models()
         self._build_optimizer()
@@ -348,6 +360,23 @@ class PPOTrainer:
 
         # each rank samples different responses (OpenAI's seed + rank·100003)
         set_seed(self.config.seed + 100003 * self.rank)
+
+    def _prepare_output_dir(self) -> None:
+        """Refuse to mix two runs in one folder: checkpoint rotation and metrics.jsonl would interleave."""
+        from tether.stages.common import check_output_dir
+
+        cfg, acc = self.config, self.accelerator
+        continuing = self.resume_dir is not None or cfg.resume_from_checkpoint == "latest"
+        check_output_dir(self.output_dir, cfg.overwrite_output_dir, continuing)
+        if acc.is_main_process and self.output_dir.is_dir():
+            for path in self.output_dir.iterdir():
+                # half-written folders of a crashed run are never complete, and a fresh start keeps
+                # nothing of an earlier run that could be mistaken for this one's
+                fresh = self.resume_dir is None and (
+                    path.name in RUN_ARTIFACTS or path.name.startswith((CHECKPOINT_PREFIX, "bad_batches")))
+                if fresh or path.name.startswith((".tmp-", ".old-")):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        acc.wait_for_everyone()
 
     def _check_geometry(self) -> None:
         cfg, world = self.config, self.world
@@ -432,7 +461,7 @@ class PPOTrainer:
         return n
 
     def _build_models(self) -> None:
-        from tether.models.loading import load_causal_lm, load_scalar_model, resolve_model_path
+        from tether.models.loading import load_causal_lm, load_scalar_model
 
         cfg, acc = self.config, self.accelerator
         if cfg.reward_model_path is None:
@@ -478,17 +507,20 @@ class PPOTrainer:
                 frozen.requires_grad_(False)
                 frozen.eval()
                 frozen.to(acc.device)
-        if cfg.gradient_checkpointing:
-            kwargs = {"use_reentrant": False}
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            if value_model is not None:
-                value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # --gradient_checkpointing is TrainingArguments' older name of --activation_checkpointing
+        if getattr(cfg, "activation_checkpointing", None) or cfg.gradient_checkpointing:
+            for model in (policy, value_model):
+                if model is None:
+                    continue
+                if hasattr(model, "activation_checkpointing_enable"):
+                    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.reference = reference
         self.reward_model = reward_model
         self.models = PolicyAndValue(policy, value_model, value_head).to(acc.device)
         self.models.train()
         self.reward_stats = self._reward_stats()
-        self._resolved_model = resolve_model_path(cfg.model_name_or_path)
 
     def _check_reward_model(self, path: str) -> None:
         from transformers import AutoConfig
@@ -653,7 +685,7 @@ class PPOTrainer:
             settings=self.sampling, kl_estimator=cfg.kl_penalty, generation_batch_size=self.generation_batch,
             forward_batch_size=self.forward_batch, reward_stats=self.reward_stats,
             missing_stop_penalty=cfg.missing_eos_penalty, autocast=acc.autocast, prompts=prompts,
-            synchronize=self._synchronize)
+            synchronize=self._synchronize, logprobs_from_sampling=cfg.rollout_logprobs == "generation")
 
     def learn(self, rollout: Rollout) -> dict[str, Any]:
         """One PPO update from one rollout batch (this process's share); returns the iteration's metrics."""
@@ -821,12 +853,11 @@ class PPOTrainer:
                   f"(limit --max_bad_steps {self.config.max_bad_steps}); the batch is logged in "
                   f"{self.output_dir / BAD_BATCHES_FILE}")
         texts = rollout.response_texts(self.tokenizer)
-        prompts = [prompt_text(self.tokenizer, p) if p is not None else None for p in (rollout.prompts or [None] * len(texts))]
-        append_jsonl(self.output_dir / f"{BAD_BATCHES_FILE}" if self.rank == 0 else
-                     self.output_dir / f"bad_batches.rank{self.rank}.jsonl", {
-                         "iteration": iteration + 1, "reason": reason, "prompts": prompts, "responses": texts,
-                         "raw_scores": [float(x) for x in rollout.raw_scores.cpu().tolist()],
-                         "scores": [float(x) for x in rollout.scores.cpu().tolist()]})
+        prompts = [prompt_text(self.tokenizer, p) for p in rollout.prompts] if rollout.prompts else None
+        name = BAD_BATCHES_FILE if self.rank == 0 else f"bad_batches.rank{self.rank}.jsonl"
+        append_jsonl(self.output_dir / name, {
+            "iteration": iteration + 1, "reason": reason, "prompts": prompts, "responses": texts,
+            "raw_scores": rollout.raw_scores.float().cpu().tolist(), "scores": rollout.scores.float().cpu().tolist()})
 
     # ---- metrics ------------------------------------------------------------------------------
     def _metrics(self, rollout: Rollout, returns, beta: float, kl_ref: float, update: dict,
@@ -952,12 +983,12 @@ class PPOTrainer:
         self.state = PPOState(**data["state"])
         self.kl_ctl.load_state_dict(data["kl_controller"])
         self.monitor.load_state_dict(data.get("monitor", {}))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.accelerator.device,
-                                                  weights_only=False))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+        # loaded on the CPU; load_state_dict moves each state tensor to its parameter's device
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False))
         rng_file = folder / f"rng_state_{self.rank}.pth"
         if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
+            rng = torch.load(rng_file, map_location="cpu", weights_only=False)
             _set_rng_state(rng)
             self.shuffle_rng.set_state(rng["shuffle"])
         if self.accelerator.is_main_process:
@@ -1043,5 +1074,14 @@ class PPOTrainer:
 
 def run_ppo(config: PPOConfig, prompts: Sequence | None = None,
             extra_metrics: Callable[[Rollout], dict] | None = None) -> PPOResult:
-    """The ``tether ppo`` command: train, write policy/, value_model/, metrics.jsonl and ppo_summary.json."""
+    """The ``tether ppo`` command: train, write policy/, value_model/, metrics.jsonl and ppo_summary.json.
+
+    On the embedded demo task (no --dataset, no prompts) the simulated annotator's gold score is
+    logged as ``reward/gold`` every iteration unless another hook is given.
+    """
+    if prompts is None and config.dataset is None and extra_metrics is None:
+        from tether.demo.annotator import gold_metrics_hook
+        from tether.models.loading import load_tokenizer
+
+        extra_metrics = gold_metrics_hook(load_tokenizer(config.model_name_or_path))
     return PPOTrainer(config, prompts, extra_metrics=extra_metrics).train()

@@ -40,7 +40,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import PreferencePair
-from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
+from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores, unwrap_model
 from tether.stages.common import (
     DEFAULT_OUTPUT_ROOT,
     check_output_dir,
@@ -243,7 +243,7 @@ def shared_prompt_positions(prompt_lengths: torch.Tensor, chosen_lengths: torch.
 
 def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
     """A custom boolean mask in the form the model's attention implementation takes."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    impl = getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None) or "sdpa"
     if impl == "eager":
         dtype = next(model.parameters()).dtype
         if not dtype.is_floating_point:

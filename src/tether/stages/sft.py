@@ -122,12 +122,11 @@ def tokenize_demonstrations(tokenizer, demonstrations: Sequence[Demonstration], 
     from tether.data.templates import prompt_ids, prompt_response_ids
 
     out = TokenizedDemonstrations(examples=[])
-    limit = None if max_prompt_length is None else max_prompt_length
+    # A prompt can only have been cut when its part is at one of its caps; only then re-tokenise to check.
+    caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
     for demo in demonstrations:
         ids, n_prompt, truncated = prompt_response_ids(tokenizer, demo.prompt, demo.completion, max_length,
                                                        max_prompt_length)
-        # A cut is only possible when the prompt part is at one of its caps; only then re-tokenise to check.
-        caps = [c for c in (limit, None if max_length is None else max_length - 1) if c is not None]
         if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, demo.prompt)) > n_prompt:
             out.prompt_cut += 1
         out.response_cut += int(truncated)
