@@ -75,3 +75,19 @@ def test_disable_dropout_zeroes_every_dropout():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.3))
     loading.disable_dropout(model)
     assert model[1].p == 0.0
+
+
+def test_disable_dropout_zeroes_the_functional_attention_dropout_of_llama(tiny_model_dir):
+    # LlamaAttention keeps config.attention_dropout as a float and applies it in train mode.
+    model = loading.load_causal_lm(str(tiny_model_dir))
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    loading.disable_dropout(model)
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in model.model.layers)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.manual_seed(0)
+    a = model(ids).logits
+    torch.manual_seed(1)
+    b = model(ids).logits
+    assert torch.equal(a, b)

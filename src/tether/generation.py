@@ -7,6 +7,12 @@ Used by PPO rollouts, best-of-N, evaluation and the server. Two things make the 
   own ``generation_config`` overridden (``generate(do_sample=True)`` otherwise samples with top-k 50);
 * stopping: generation stops at the stop token(s); each response is cut after its first stop token,
   which is kept (it is part of the response and of every loss); tokens after it are padding.
+
+``sample_responses`` / ``sample_from_ids`` return decoded ``Sample`` lists; ``generate_batch`` is the
+tensor form PPO rollouts use (left-padded queries in, right-padded responses with lengths, stop
+flags and optionally the sampler's own log-probs out). While sampling, the model's own
+``generation_config`` is hidden (``neutral_model_generation_config``): transformers would otherwise
+fill every option tether leaves unset (min_p, no_repeat_ngram_size...) from it.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class PipelineConfig:
                           "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
                           "become a preference file in any accepted format. Demo: the simulated annotator."})
     pairs_per_round: int = field(
-        default=0, metadata={"help": "Prompts sampled for new pairs in each later round (0: all PPO prompts)."})
+        default=0, metadata={"help": "Demo and --rounds: prompts sampled for new pairs in each round (0: all PPO prompts)."})
     skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
     reward_model: str | None = field(default=None, metadata={"help": "Use this reward model instead of training one."})
@@ -294,7 +294,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
             policy = load_causal_lm(sft_path)
             pairs = build_preference_dataset(
-                policy, load_tokenizer(sft_path), train_prompts,
+                policy, load_tokenizer(sft_path), _prompts_for_round(config, train_prompts, 1),
                 SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature),
                 tau=config.annotator_tau, seed=config.seed)
         path = write_preferences(pairs, out / "data" / "preferences_round1.jsonl")
@@ -340,9 +340,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             from tether.ppo.trainer import PPOConfig, run_ppo
 
             cfg = stage_config(PPOConfig, config, "ppo", model_name_or_path=start, reward_model_path=rm,
-                               output_dir=str(out / f"ppo{suffix}"), seed=config.seed, temperature=temperature)
+                               output_dir=str(out / f"ppo{suffix}"), seed=config.seed, temperature=temperature,
+                               overwrite_output_dir=True)
             hook = gold_metrics_hook(tokenizer) if config.is_demo else None
             result = run_ppo(cfg, train_prompts, extra_metrics=hook)
+            if result.policy_dir is None:
+                raise ConfigError(
+                    f"PPO stopped early ({result.stopped_reason}) after {result.iterations} iterations; the last good "
+                    f"checkpoint is {result.last_good_checkpoint}. Raise `init_kl_coef` or lower `learning_rate` in "
+                    f"the `ppo:` section and run the pipeline again (finished stages are kept).")
             return result.policy_dir, {"stopped_reason": result.stopped_reason, "iterations": result.iterations,
                                        "final_metrics": result.final_metrics}
 
@@ -426,6 +432,16 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: int) -> list[PromptRecord]:
+    """All prompts, or a seeded sample of ``--pairs_per_round`` of them (a different one each round)."""
+    import random
+
+    chosen = list(prompts)
+    if config.pairs_per_round and config.pairs_per_round < len(chosen):
+        chosen = random.Random(config.seed + k).sample(chosen, config.pairs_per_round)
+    return chosen
+
+
 def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str, prompts: list[PromptRecord],
                      temperature: float):
     """Sample two responses per prompt from the current policy and have them labelled."""
@@ -435,10 +451,7 @@ def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str
     from tether.generation import SamplingSettings, sample_responses
     from tether.models.loading import load_causal_lm, load_tokenizer
 
-    chosen = list(prompts)
-    if config.pairs_per_round and config.pairs_per_round < len(chosen):
-        chosen = random.Random(config.seed + k).sample(chosen, config.pairs_per_round)
-    raw = [p.prompt for p in chosen]
+    raw = [p.prompt for p in _prompts_for_round(config, prompts, k)]
     policy, tok = load_causal_lm(policy_path), load_tokenizer(policy_path)
     settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature)
     groups = sample_responses(policy, tok, raw, settings, num_return_sequences=2)

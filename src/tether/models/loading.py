@@ -186,7 +186,7 @@ def init_scalar_head(model, std: float | None = None) -> None:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set p=0 on every dropout module and dropout-like config field.
+    """Set p=0 on every dropout module, dropout-rate attribute and dropout-like config field.
 
     In train mode dropout would make the ratio differ from 1 and the KL from 0 at identical weights
     (PPO checklist item 5), so all four PPO models and the RM run without it.
@@ -194,6 +194,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        # Many attention classes (Llama, Qwen2, Mistral, Phi-3...) copy config.attention_dropout into
+        # a float attribute at construction and apply it functionally in train mode.
+        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p", "hidden_dropout", "resid_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",

@@ -135,20 +135,11 @@ class PolicyAndValue(nn.Module):
 
 
 def disable_all_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere, train mode included (PPO checklist item 5).
-
-    ``tether.models.loading.disable_dropout`` zeroes ``nn.Dropout`` modules and config fields; many
-    attention classes (Llama, Qwen2, Mistral, Phi-3...) also copy ``config.attention_dropout`` into a
-    float attribute at construction and apply it functionally in train mode, so those attributes are
-    zeroed here too. Without this, ratio ≠ 1 and KL ≠ 0 at identical weights.
-    """
+    """Dropout off everywhere, train mode included (PPO checklist item 5): without it ratio ≠ 1 and
+    KL ≠ 0 at identical weights."""
     from tether.models.loading import disable_dropout
 
     disable_dropout(model)
-    for module in model.modules():
-        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p", "hidden_dropout", "resid_dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
 
 
 def make_value_head(policy: nn.Module) -> nn.Linear:

@@ -1,6 +1,7 @@
 """`tether ppo`: the four-model RLHF loop (policy, frozen reference, frozen reward model, value model).
 
-``PPOTrainer.train`` reads like the method's pseudo-code; each equation lives in a small pure
+``PPOTrainer.train`` (the loop) and ``PPOTrainer.learn`` (one update from one rollout) read like the
+method's pseudo-code; each equation lives in a small pure
 function of ``tether.ppo.losses`` / ``advantages`` / ``kl_control``, and experience making in
 ``tether.ppo.rollout``::
 
@@ -227,8 +228,7 @@ class PPOResult:
     final_metrics: dict
 
 
-class NonFiniteError(RuntimeError):
-    """Raised after --max_bad_steps consecutive steps had non-finite rewards or losses."""
+from tether.errors import NonFiniteError  # noqa: E402  (re-exported: raised after --max_bad_steps bad steps)
 
 
 def default_prompts() -> list:
@@ -301,8 +301,11 @@ def _set_rng_state(state: dict) -> None:
 class PPOTrainer:
     """PPO for RLHF. ``PPOTrainer(config, prompts).train()``; models load from the config's paths.
 
-    ``prompts``: strings, chat-message tuples or ``PromptRecord``s (default: ``--dataset``).
-    ``extra_metrics(rollout) -> dict`` adds metrics every iteration (e.g. ``reward/gold``).
+    ``prompts``: strings, chat-message tuples or ``PromptRecord``s (default: ``--dataset``, else the
+    demo task's prompts). ``extra_metrics(rollout) -> dict`` adds metrics every iteration (e.g.
+    ``reward/gold``). Pieces usable on their own: ``collect_rollout()``, ``learn(rollout)`` (one PPO
+    update, returns the metrics), ``save_checkpoint()``; ``update_log`` holds the per-minibatch
+    statistics of the last update.
     """
 
     def __init__(self, config: PPOConfig, prompts: Sequence | None = None, *,
@@ -426,6 +429,9 @@ class PPOTrainer:
         extra = []
         if cfg.stop_token not in (None, "", "eos"):
             extra.append(self._token_id(cfg.stop_token))
+        if cfg.torch_compile:
+            self._say("--torch_compile is not used by tether ppo (with --generation_cache static transformers "
+                      "compiles the decoding step on CUDA)")
         if cfg.top_k or cfg.top_p < 1.0:
             self._say("top_k/top_p change the sampling distribution away from softmax(logits/T): the PPO ratio "
                       "and the KL are then biased")

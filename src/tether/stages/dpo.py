@@ -379,10 +379,6 @@ def precompute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, b
 # The trainer
 # --------------------------------------------------------------------------------------------
 
-METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-               "logps/rejected")
-
-
 def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """Per-pair values of every DPO metric (averaged by the caller over all pairs)."""

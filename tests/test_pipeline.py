@@ -1,0 +1,106 @@
+"""`tether pipeline` end to end on tiny models: every stage, the report, and re-runs that skip work."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tether.config import ConfigError, parse_config
+from tether.pipeline import PipelineConfig, PipelineState, run_pipeline
+
+TINY_STAGES = {
+    "pairs_per_round": 12,
+    "eval_max_prompts": 3,
+    "preference_max_new_tokens": 6,
+    "bon_n": "1,2",
+    "sft": {"max_steps": 2, "per_device_train_batch_size": 4},
+    "rm": {"max_steps": 2, "per_device_train_batch_size": 4},
+    "ppo": {"num_iterations": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
+            "save_steps": 0},
+    "dpo": {"max_steps": 2, "per_device_train_batch_size": 4},
+    "eval": {"max_new_tokens": 6, "probes": False},
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("pipeline")
+    config_file = folder / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump({**TINY_STAGES, "model_name_or_path": str(tiny_model_dir)}))
+    out = folder / "out"
+    config = parse_config(PipelineConfig, ["--config", str(config_file), "--output_dir", str(out)])
+    summary = run_pipeline(config)
+    return config, out, summary
+
+
+def test_pipeline_runs_every_stage_and_writes_the_report(pipeline_run):
+    _, out, summary = pipeline_run
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert set(state) == {"sft", "preferences", "rm", "ppo", "dpo", "eval"}
+    for stage in ("sft", "rm", "dpo"):
+        assert (out / stage / "config.json").is_file(), stage
+    assert (out / "ppo" / "policy" / "config.json").is_file()
+    assert (out / "rm" / "reward_stats.json").is_file()
+    pairs = [json.loads(line) for line in (out / "data" / "preferences_round1.jsonl").read_text().splitlines()]
+    assert 1 <= len(pairs) <= 12 and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    eval_doc = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(eval_doc["metrics"]) == {"sft", "ppo", "dpo", "bon2"}
+    for name in ("sft", "ppo", "dpo"):
+        assert eval_doc["metrics"][name]["reward/gold"] is not None
+    report = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "| Gold score" in report and "| sft | ppo | dpo | bon2 |" in report
+    plots = sorted((out / "plots").glob("*.png"))
+    assert {p.name for p in plots} >= {"ppo_curves.png", "overoptimisation.png", "best_of_n.png",
+                                       "length_vs_reward.png"}
+    for p in plots:
+        assert p.stat().st_size > 1000 and p.name in html
+    assert summary["report"] == str(out / "report.html")
+
+
+def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch):
+    config, out, _ = pipeline_run
+    before = json.loads((out / "pipeline_state.json").read_text())
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished stage was run again")
+
+    import tether.ppo.trainer
+    import tether.stages.dpo
+    import tether.stages.reward
+    import tether.stages.sft
+
+    for module, name in ((tether.stages.sft, "train_sft"), (tether.stages.reward, "train_reward"),
+                         (tether.ppo.trainer, "run_ppo"), (tether.stages.dpo, "train_dpo")):
+        monkeypatch.setattr(module, name, must_not_train)
+    summary = run_pipeline(config)
+    after = json.loads((out / "pipeline_state.json").read_text())
+    assert after == before
+    assert summary["ppo"] == str(out / "ppo" / "policy")
+
+
+def test_a_deleted_artifact_is_redone(tmp_path):
+    state = PipelineState(tmp_path)
+    artifact = tmp_path / "sft"
+    artifact.mkdir()
+    state.record("sft", artifact, 1.0)
+    assert PipelineState(tmp_path).done("sft") is not None
+    artifact.rmdir()
+    assert PipelineState(tmp_path).done("sft") is None
+
+
+def test_pipeline_config_rejects_bad_combinations(tmp_path):
+    with pytest.raises(ConfigError, match="unknown stage"):
+        PipelineConfig(skip="sft,typo")
+    with pytest.raises(ConfigError, match="label_command"):
+        PipelineConfig(rounds=2, preferences="pairs.jsonl")
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"ppo": {"not_an_option": 1}}))
+    config = parse_config(PipelineConfig, ["--config", str(bad), "--output_dir", str(tmp_path / "o")])
+    from tether.pipeline import stage_config
+    from tether.ppo.trainer import PPOConfig
+
+    with pytest.raises(ConfigError, match="not_an_option"):
+        stage_config(PPOConfig, config, "ppo")
