@@ -81,7 +81,7 @@ def count_optimizer_steps(optimizer) -> list[int]:
     import torch
 
     inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):  # accelerate's wrapper
         inner = inner.optimizer
     counter = [0]
     inner.register_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
@@ -225,7 +225,12 @@ def child(side: str, work: Path) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     settings = json.loads((work / "settings.json").read_text())
     result = (run_tether if side == "tether" else run_trl)(work, settings)
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["cpu_user_seconds"], result["cpu_system_seconds"] = usage.ru_utime, usage.ru_stime
+    result["minor_page_faults"] = usage.ru_minflt
     result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result), flush=True)
 

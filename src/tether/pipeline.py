@@ -73,7 +73,8 @@ class PipelineConfig:
                           "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
                           "become a preference file in any accepted format. Demo: the simulated annotator."})
     pairs_per_round: int = field(
-        default=0, metadata={"help": "Demo and --rounds: prompts sampled for new pairs in each round (0: all PPO prompts)."})
+        default=128,
+        metadata={"help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."})
     skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
     reward_model: str | None = field(default=None, metadata={"help": "Use this reward model instead of training one."})
@@ -84,7 +85,9 @@ class PipelineConfig:
     preference_max_new_tokens: int = field(default=48, metadata={"help": "Demo: response length when sampling pairs."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."})
     bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
-    eval_max_prompts: int = field(default=48, metadata={"help": "Held-out prompts used by the evaluation (0: all)."})
+    eval_max_prompts: int = field(default=32, metadata={"help": "Held-out prompts used by the evaluation (0: all)."})
+    bon_curve_prompts: int = field(
+        default=12, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."})
     seed: int = field(default=42, metadata={"help": "Seed for every stage."})
     # Per-stage options: YAML sections only (e.g. `ppo: {learning_rate: 1e-5}`); the names are those of
     # `tether sft/rm/ppo/dpo/eval --help`.
@@ -126,14 +129,17 @@ class PipelineConfig:
 # Defaults that make the embedded demo finish in ~15 minutes on 2 CPU cores; each can be overridden
 # in the YAML section of its stage. They are the demo's, not general advice (see README).
 DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
-            "eval_split_ratio": 0.0},
+    "sft": {"num_train_epochs": 1, "learning_rate": 2e-5, "per_device_train_batch_size": 8, "max_length": 256,
+            "eval_split_ratio": 0.0, "logging_steps": 1},
     "rm": {"num_train_epochs": 1, "learning_rate": 3e-5, "per_device_train_batch_size": 8, "max_length": 256,
-           "eval_split_ratio": 0.15},
-    "ppo": {},
-    "dpo": {"num_train_epochs": 1, "learning_rate": 5e-6, "per_device_train_batch_size": 8, "max_length": 256,
-            "eval_split_ratio": 0.15},
-    "eval": {},
+           "eval_split_ratio": 0.15, "logging_steps": 2},
+    # value head on the policy trunk: one network to run forward and backward instead of two
+    "ppo": {"batch_size": 16, "mini_batch_size": 16, "per_device_train_batch_size": 8, "ppo_epochs": 2,
+            "num_iterations": 12, "max_new_tokens": 48, "learning_rate": 2e-5, "init_kl_coef": 0.05,
+            "value_head_on_policy": True, "save_steps": 4, "logging_steps": 1},
+    "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
+            "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
+    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 32},
 }
 
 
@@ -385,7 +391,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 policies["ppo"] = policy_path
             if dpo_path:
                 policies["dpo"] = dpo_path
-            opts = {"max_new_tokens": 48, **config.eval}
+            opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
             bon = {} if "bon" in skipped or rm_path is None else {f"bon{max(config.bon_ns())}": ("sft", max(config.bon_ns()))}
             results = evaluate_policies(policies, sft_path, rm_path, tokenizer, eval_prompts, temperature=temperature,
                                         gold=config.is_demo, best_of_n=bon, seed=config.seed, **opts)
@@ -398,7 +404,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                                                        "side_by_side": results.side_by_side()})
             curve = None
             if "bon" not in skipped and rm_path is not None:
-                curve = bon_curve(sft_path, tokenizer, rm_path, eval_prompts, ns=config.bon_ns(), gold=config.is_demo,
+                curve_prompts = eval_prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else eval_prompts
+                curve = bon_curve(sft_path, tokenizer, rm_path, curve_prompts, ns=config.bon_ns(), gold=config.is_demo,
                                   temperature=temperature, max_new_tokens=opts["max_new_tokens"], seed=config.seed)
                 write_json_atomic(eval_dir / "bon_curve.json", curve)
             return eval_dir / "eval.json", {}

@@ -5,13 +5,15 @@ Output folder contract
 ----------------------
 * Data are loaded and validated before anything is written: a bad data file leaves no folder.
 * During training the Trainer's checkpoints (``checkpoint-N/``) and ``metrics.jsonl`` live in
-  ``output_dir`` as usual, so ``--resume_from_checkpoint`` works after a crash.
+  ``output_dir`` as usual, so ``--resume_from_checkpoint`` works after a crash. Each checkpoint
+  is written into ``.tmp-checkpoint-N/`` and renamed when complete (``TetherTrainerMixin``).
 * The final model is written into a temporary folder beside ``output_dir``; the run's other files
   are moved into it and the folder is then renamed into place. A crash while saving therefore
   never leaves a half-written model that ``from_pretrained`` would load.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,7 +22,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from transformers import TrainerCallback
+
 from tether.config import ConfigError
+from tether.errors import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +133,6 @@ def warn_truncation(stage: str, n_total: int, n_prompt_cut: int, n_response_cut:
 
 
 def write_json(path: Path, data: Any) -> None:
-    import json
-
     path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
 
 
@@ -139,3 +142,316 @@ def summarise_lengths(lengths: Sequence[int]) -> dict[str, float]:
     ordered = sorted(lengths)
     return {"count": len(ordered), "min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
             "mean": sum(ordered) / len(ordered)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the Trainer behaviour every Trainer-based stage shares (sft, rm, dpo)
+# ---------------------------------------------------------------------------------------------
+#: Trainer's name for a checkpoint folder is ``checkpoint-<global step>``; its state file is written last.
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_FILE = "trainer_state.json"
+BAD_BATCHES_FILE = "bad_batches.jsonl"
+DEFAULT_MAX_BAD_STEPS = 5
+MAX_BAD_STEPS_HELP = ("Skip (and log to bad_batches.jsonl) every optimizer step whose loss or gradients are not "
+                      "finite; stop the run after this many such steps in a row (the last good checkpoint stays).")
+LATEST = ("true", "last", "latest")
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Trainer checkpoints ``checkpoint-N`` that hold their ``trainer_state.json``, oldest (lowest N) first.
+
+    Checkpoints are published by a rename (``TetherTrainerMixin``), so a folder of that name is
+    complete; the state file check also rejects folders left by other tools or older versions.
+    """
+    import re
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and path.is_dir() and (path / TRAINER_STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``output_dir`` (``--resume_from_checkpoint latest``), or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (and ``protect``, e.g. the best one).
+
+    Only complete checkpoints count: a stray folder such as an unfinished ``checkpoint-999`` can
+    neither push a good checkpoint out nor be mistaken for the newest. Returns the deleted folders.
+    """
+    if not keep or keep <= 0:
+        return []
+    found = complete_checkpoints(output_dir)
+    protected = {Path(protect).resolve()} if protect else set()
+    doomed = [p for p in found[:-keep] if p.resolve() not in protected]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _finite_or_text(value: Any) -> Any:
+    """JSON has no NaN or infinity: such floats are written as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, list):
+        return [_finite_or_text(v) for v in value]
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    return value
+
+
+def _jsonable_batch(inputs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """The loggable part of a collated batch: tensors of at most two dimensions as lists (4-D
+    attention masks are left out), and the rows decoded as text when a tokenizer is at hand."""
+    import torch
+
+    row: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() <= 2:
+            row[key] = _finite_or_text(value.detach().cpu().tolist())
+    ids = inputs.get("input_ids")
+    if tokenizer is not None and hasattr(tokenizer, "batch_decode") and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        row["texts"] = tokenizer.batch_decode(ids.detach().cpu(), skip_special_tokens=False)
+    return row
+
+
+class TetherTrainerMixin:
+    """Put before ``transformers.Trainer`` in a stage's trainer class (``class X(TetherTrainerMixin, Trainer)``).
+
+    Atomic checkpoints
+        Trainer writes ``checkpoint-N`` file by file. Here it writes into ``.tmp-checkpoint-N/``
+        and the finished folder is renamed ``checkpoint-N`` (all processes' files are in it
+        first), so a crash at any moment leaves either a complete checkpoint or none. Only the
+        newest ``--save_total_limit`` complete checkpoints are kept.
+    Resume
+        ``train(resume_from_checkpoint=True)`` (``--resume_from_checkpoint latest``) continues
+        from the newest *complete* checkpoint, or starts from the beginning when there is none;
+        ``metrics.jsonl`` rows written after that checkpoint by the crashed run are dropped.
+    Non-finite steps
+        An optimizer step whose loss (any micro-batch, any process) or gradients are not finite
+        is skipped: the weights and the optimizer state stay as they were (the step counter and
+        the learning-rate schedule move on). The micro-batches are logged to
+        ``bad_batches.jsonl`` (``bad_batches.rankR.jsonl`` on process R > 0), no checkpoint is
+        saved at that step, and after ``--max_bad_steps`` skipped steps in a row the run stops
+        with ``NonFiniteError``. Under DeepSpeed the optimizer steps inside ``backward``, and
+        under fp16 loss scaling the scaler decides: there the steps are counted, logged and the
+        run stopped, but the update is the engine's or the scaler's business.
+    """
+
+    def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and training_args is not None and training_args.world_size == 1:
+            # torch.distributed.run / accelerate launch on a machine without GPUs: unless told to use the
+            # CPU, every process would silently train alone on all the data and write the same folder
+            raise ConfigError(f"{launched} processes were launched but they do not train together: on a machine "
+                              "without GPUs pass --use_cpu true (data parallel over gloo)")
+        max_bad_steps = int(getattr(training_args, "max_bad_steps", DEFAULT_MAX_BAD_STEPS))
+        if max_bad_steps < 1:
+            raise ConfigError(f"--max_bad_steps {max_bad_steps}: must be at least 1")
+        super().__init__(*args, **kwargs)
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_total = 0
+        self.bad_steps_in_a_row = 0
+        self._micro_batches: list[tuple[dict[str, Any], Any]] = []  # (loggable inputs, detached loss) of this step
+        self._skipping_step = False
+        self._last_step_skipped = False
+        self._checkpoint_staging: Path | None = None
+        self.add_callback(_NonFiniteStepCallback(self))
+
+    # ---- resume ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        output_dir = Path(self.args.output_dir)
+        resuming = bool(resume_from_checkpoint)
+        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str)
+                                              and resume_from_checkpoint.lower() in LATEST):
+            found = latest_checkpoint(output_dir)
+            if found is None:
+                logger.info("no complete checkpoint in %s yet; starting from the beginning", output_dir)
+            resume_from_checkpoint = str(found) if found is not None else None
+        elif resume_from_checkpoint and not (Path(resume_from_checkpoint) / TRAINER_STATE_FILE).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a complete checkpoint "
+                              f"(no {TRAINER_STATE_FILE})")
+        if self.is_world_process_zero() and output_dir.is_dir():
+            for stale in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # saves that a crash interrupted
+                shutil.rmtree(stale, ignore_errors=True)
+            if resuming:  # the crashed run's rows after the checkpoint would repeat steps
+                step = 0
+                if resume_from_checkpoint is not None:
+                    state = json.loads((Path(resume_from_checkpoint) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+                    step = int(state.get("global_step", 0))
+                truncate_metrics(output_dir, step)
+        self.accelerator.wait_for_everyone()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- atomic checkpoints ------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        if self._checkpoint_staging is not None:
+            return str(self._checkpoint_staging)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging, final = run_dir / f".tmp-{name}", run_dir / name
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # everything into staging/checkpoint-N
+        finally:
+            self._checkpoint_staging = None
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staging / name:
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_FILE))
+        self.accelerator.wait_for_everyone()  # every process's files (rng states, shards) are written
+        if self.args.should_save:
+            self._publish_checkpoint(staging, name, final)
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save and self.accelerator.is_local_main_process and (staging / name).is_dir():
+            self._publish_checkpoint(staging, name, final)  # a node that does not share the main one's disk
+        self.accelerator.wait_for_everyone()
+
+    def _publish_checkpoint(self, staging: Path, name: str, final: Path) -> None:
+        if final.exists():  # the same step saved again (a resumed run): replace it
+            parked = final.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
+            os.replace(final, parked)
+            os.replace(staging / name, final)
+            shutil.rmtree(parked, ignore_errors=True)
+        else:
+            os.replace(staging / name, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(final.parent, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    # ---- non-finite losses ------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # kept until the optimizer step (token ids are small; 4-D masks are not kept)
+        small = {k: v for k, v in inputs.items() if not hasattr(v, "dim") or v.dim() <= 2}
+        self._micro_batches.append((small, loss.detach()))
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.bad_steps_total:
+            logs["bad_steps"] = self.bad_steps_total
+        super().log(logs, *args, **kwargs)
+
+    def _check_step(self, model) -> None:
+        """Before the optimizer step: decide (on all processes alike) whether this step is skipped."""
+        import torch
+
+        micro, self._micro_batches = self._micro_batches, []
+        if not micro:
+            return
+        losses = torch.stack([loss.float().reshape(()) for _, loss in micro])
+        bad_loss = ~torch.isfinite(losses)
+        local_bad_grads = torch.tensor(False, device=losses.device)
+        if not bad_loss.any():
+            local_bad_grads = ~_gradients_finite(model)
+        flag = (bad_loss.any() | local_bad_grads).float().to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if float(flag) == 0.0:
+            return
+        step = self.state.global_step + 1
+        rows = []
+        for index, ((inputs, loss), bad) in enumerate(zip(micro, bad_loss.tolist())):
+            if bad or bool(local_bad_grads):
+                rows.append({"step": step, "micro_batch": index,
+                             "reason": "non-finite loss" if bad else "non-finite gradients",
+                             "loss": str(float(loss.float())), **_jsonable_batch(inputs, self.processing_class)})
+        if rows:
+            from tether.tracking import append_jsonl
+
+            index = self.accelerator.process_index
+            name = BAD_BATCHES_FILE if index == 0 else BAD_BATCHES_FILE.replace(".jsonl", f".rank{index}.jsonl")
+            for row in rows:
+                append_jsonl(Path(self.args.output_dir) / name, row)
+        self._skipping_step = True
+        if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
+            self.optimizer.step = _skipped_optimizer_step  # this one step only; see _after_optimizer_step
+
+    def _after_optimizer_step(self) -> None:
+        if vars(self.optimizer).get("step") is _skipped_optimizer_step:
+            del self.optimizer.step
+
+    def _end_step(self, control) -> None:
+        skipped, self._skipping_step = self._skipping_step, False
+        self._last_step_skipped = skipped
+        if not skipped:
+            self.bad_steps_in_a_row = 0
+            return
+        self.bad_steps_total += 1
+        self.bad_steps_in_a_row += 1
+        control.should_save = False  # never checkpoint a skipped step
+        where = Path(self.args.output_dir) / BAD_BATCHES_FILE
+        if self.is_world_process_zero():
+            logger.warning("step %d: skipped (non-finite loss or gradients); %d in a row (limit --max_bad_steps %d); "
+                           "the batch is logged in %s", self.state.global_step, self.bad_steps_in_a_row,
+                           self.max_bad_steps, where)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            last_good = latest_checkpoint(self.args.output_dir)
+            message = (f"stopped at step {self.state.global_step} after {self.bad_steps_in_a_row} consecutive steps "
+                       f"with non-finite losses or gradients (--max_bad_steps {self.max_bad_steps}); the batches are "
+                       f"in {where}; last good checkpoint: {last_good if last_good else 'none'}")
+            logger.error(message)
+            raise NonFiniteError(message)
+
+
+def _skipped_optimizer_step(closure=None):
+    """Stands in for the optimizer's step on a skipped step: parameters and optimizer state stay."""
+    return None
+
+
+def _gradients_finite(model):
+    """True (a 0-d bool tensor) when every gradient held by this process is finite (DTensor shards: the local part)."""
+    import torch
+
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    return torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop the ``metrics.jsonl`` rows written after ``step`` (by a run that crashed later), atomically."""
+    from tether.tracking import METRICS_FILE, read_jsonl
+
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    rows = [r for r in read_jsonl(path) if int(r.get("step", 0) or 0) <= step]
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class _NonFiniteStepCallback(TrainerCallback):
+    """Hooks of ``TetherTrainerMixin`` into the Trainer loop (added after Trainer's own flow callback,
+    so its ``should_save = False`` on a skipped step has the last word)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_step(self.trainer.model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._end_step(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer._last_step_skipped:
+            control.should_save = False

@@ -43,6 +43,7 @@ from tether.data.records import PreferencePair
 from tether.data.templates import prompt_response_ids
 from tether.stages.common import (DEFAULT_OUTPUT_ROOT, check_output_dir, discard_folder, load_train_eval,
                                   publish_folder, require_dataset, resolve_resume, staging_folder, write_json)
+from tether.stages.common import DEFAULT_MAX_BAD_STEPS, MAX_BAD_STEPS_HELP, TetherTrainerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
     logging_steps: float = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: tether collates its own batches."})
+    max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -394,7 +396,7 @@ def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     }
 
 
-class _DPOTrainer(Trainer):
+class _DPOTrainer(TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the DPO loss; the loop, schedules, checkpoints and logging are Trainer's."""
 
     def __init__(self, *args, dpo: DPOConfig, ref_model=None, compact_head: bool = True, **kwargs):

@@ -42,7 +42,10 @@ from tether.config import ConfigError, DataArguments, ModelArguments, peft_confi
 from tether.data.records import PreferencePair
 from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores, unwrap_model
 from tether.stages.common import (
+    DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
+    MAX_BAD_STEPS_HELP,
+    TetherTrainerMixin,
     check_output_dir,
     discard_folder,
     load_train_eval,
@@ -104,6 +107,7 @@ class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
                           "when there are held-out pairs)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
+    max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
 
     def __post_init__(self):
         self.output_dir_given = self.output_dir is not None
@@ -422,7 +426,7 @@ def load_reward_backbone(config: RewardConfig, scratch: Path):
 # ---------------------------------------------------------------------------------------------
 # the Trainer
 # ---------------------------------------------------------------------------------------------
-class RewardTrainer(Trainer):
+class RewardTrainer(TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the Bradley–Terry loss; evaluation returns ``[r_chosen, r_rejected]``
     per pair, which ``compute_reward_metrics`` turns into accuracy, margin and reward statistics."""
 
@@ -456,10 +460,14 @@ class RewardTrainer(Trainer):
         return loss.detach(), rewards, torch.zeros(rewards.shape[0], device=rewards.device)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        n = self._train_sums["pairs"]
-        if n and "loss" in logs:  # a training log row: add the training-pair statistics since the last one
-            logs["accuracy"] = self._train_sums["accuracy"] / n
-            logs["margin"] = self._train_sums["margin"] / n
+        if "loss" in logs:  # a training log row: add the training-pair statistics since the last one
+            sums = torch.tensor([self._train_sums["accuracy"], self._train_sums["margin"], self._train_sums["pairs"]],
+                                dtype=torch.float32, device=self.args.device)
+            if self.accelerator.num_processes > 1:  # every process logs; the statistics are over all of their pairs
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            if sums[2] > 0:
+                logs["accuracy"] = float(sums[0] / sums[2])
+                logs["margin"] = float(sums[1] / sums[2])
             self._train_sums = {"accuracy": 0.0, "margin": 0.0, "pairs": 0}
         super().log(logs, start_time)
 
@@ -520,6 +528,9 @@ def train_reward(config: RewardConfig, train: Sequence[PreferencePair],
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
 
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the new reward head is random: --seed makes a run reproducible, whatever ran before
     with tempfile.TemporaryDirectory(prefix="tether-rm-") as scratch:
         model, tokenizer, pad = load_reward_backbone(config, Path(scratch))
     tokens = _tokenize_checked(tokenizer, train, config, "rm")

@@ -35,7 +35,10 @@ from transformers.trainer_utils import IntervalStrategy
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import Demonstration
 from tether.stages.common import (
+    DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
+    MAX_BAD_STEPS_HELP,
+    TetherTrainerMixin,
     check_output_dir,
     discard_folder,
     load_train_eval,
@@ -81,6 +84,7 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
         metadata={"help": "When to compute the held-out loss: no, steps or epoch (off when there is no held-out data)."},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
+    max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -214,6 +218,11 @@ class SFTCollator:
         return batch
 
 
+class SFTTrainer(TetherTrainerMixin, Trainer):
+    """``transformers.Trainer`` with tether's atomic checkpoints, resume from the newest complete
+    checkpoint and skipping of non-finite steps (``TetherTrainerMixin``)."""
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, items: Sequence[Any]):
         self.items = list(items)
@@ -317,7 +326,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
 
     model = load_policy_for_training(config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=config,
         data_collator=SFTCollator(pad_token_id=pad),
