@@ -300,6 +300,8 @@ def main() -> None:
     parser.add_argument("--max_requests", type=int, default=3000)
     parser.add_argument("--invalid_share", type=float, default=0.4)
     parser.add_argument("--max_new_tokens", type=int, default=16, help="largest max_new_tokens of valid requests")
+    parser.add_argument("--num_threads", type=int, default=1, help="server torch threads (1 on a busy shared "
+                        "machine: with more, OpenMP threads stall waiting on each other)")
     parser.add_argument("--output", default=str(HERE / "results" / "serve.json"))
     args = parser.parse_args()
 
@@ -312,7 +314,8 @@ def main() -> None:
     log = Path(args.output).with_suffix(".server.log")
     serve_args = ["--model_name_or_path", model, "--reward_model_name_or_path", reward_model,
                   "--max_new_tokens_limit", "64", "--max_n", "8", "--max_prompt_tokens", "512",
-                  "--max_batch_sequences", "32", "--batch_wait_ms", "5", "--use_cpu", "true"]
+                  "--max_batch_sequences", "32", "--batch_wait_ms", "5", "--use_cpu", "true",
+                  "--num_threads", str(args.num_threads)]
     with ServerProcess(serve_args, log) as server:
         result = asyncio.run(run_load(server.base_url, API_KEY, args.duration, args.concurrency, args.max_requests,
                                       args.invalid_share, args.max_new_tokens, server.process.pid))
@@ -327,7 +330,7 @@ def main() -> None:
                      "reward_model": "SmolLM2-135M backbone + fresh scalar head" if args.reward_model is None
                      else args.reward_model, "duration_s": args.duration, "concurrency": args.concurrency,
                      "invalid_share": args.invalid_share, "max_new_tokens": args.max_new_tokens,
-                     "max_batch_sequences": 32, "batch_wait_ms": 5},
+                     "max_batch_sequences": 32, "batch_wait_ms": 5, "server_torch_threads": args.num_threads},
         "every_valid_answered": result["valid_ok"] == result["valid"],
         "every_invalid_4xx": result["invalid_4xx"] == result["invalid"],
         "memory_stable": memory_stable(result),

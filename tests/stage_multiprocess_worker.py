@@ -7,6 +7,8 @@ each process sees are recorded (a wrapper around the stage trainer's ``training_
 the original) and written to ``OUT/STAGE/batches.rankR.json``, so the test can check that the global
 batch of every step is the same set of pairs in both layouts.
 
+The reward model also saves a checkpoint every 2 steps (the atomic save with every process's files).
+
 usage: accelerate launch --config_file configs/accelerate/multi_cpu.yaml stage_multiprocess_worker.py \
            OUT MODEL DATA_DIR PER_DEVICE_BATCH
 """
@@ -56,7 +58,8 @@ def run_rm(out: Path, model: str, data: Path, per_device: int) -> None:
 
     config = RewardConfig(dataset=str(data / "pairs.jsonl"), eval_dataset=str(data / "held_out_rm.jsonl"),
                           learning_rate=3e-3, reward_stats_max_pairs=16, max_length=64,
-                          **common_flags(out, model, per_device))
+                          **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2,
+                                                                       save_total_limit=1))
     with recorded_batches(RewardTrainer, []) as log:
         run_reward(config)
     _write_batches(out, log)

@@ -294,7 +294,7 @@ def test_dpo_against_a_broken_reference_stops_after_max_bad_steps(tmp_path, tiny
     config = DPOConfig(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(broken),
                        output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, learning_rate=1e-3,
                        logging_steps=1, save_steps=1, max_bad_steps=2, report_to="none", disable_tqdm=True,
-                       use_cpu=True, max_length=32)
+                       use_cpu=True, max_length=64)
     pairs = [PreferencePair(prompt=f"Say {w}.", chosen=f"{w} banana", rejected=f"{w} window")
              for w in "abcdefgh"]
     with pytest.raises(NonFiniteError, match="2 consecutive steps .* last good checkpoint: none"):

@@ -154,7 +154,7 @@ def test_held_out_implicit_reward_accuracy_rises_well_above_chance(tmp_path, tin
 
     train = separable_pairs(64, seed=2, topics=TOPICS[:14])
     held_out = separable_pairs(24, seed=3, topics=TOPICS[14:])  # topics never seen in training
-    config = fast_config(tmp_path, tiny_model_dir, num_train_epochs=2)
+    config = fast_config(tmp_path, tiny_model_dir, num_train_epochs=1)
     metrics = train_dpo(config, train, held_out, tokenizer=tokenizer)
     out = tmp_path / "dpo"
     assert metrics["eval"]["eval_pairs"] == 24

@@ -27,6 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TOL = dict(rel=1e-5, abs=1e-5)
@@ -143,6 +145,10 @@ def test_reward_model_on_two_processes_equals_one_process(runs, tiny_model_dir):
     stats_a, stats_b = (json.loads((f / "reward_stats.json").read_text()) for f in (one, two))
     _same_numbers(stats_a, stats_b, "rm reward_stats.json")
     assert json.loads((two / "training_summary.json").read_text())["eval_pairs"] == 8
+    # checkpoints every 2 steps, the last one kept, published whole with both processes' RNG states
+    assert [p.name for p in two.glob("checkpoint-*")] == ["checkpoint-4"] and not list(two.glob(".tmp-*"))
+    assert {p.name for p in (two / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert (two / "checkpoint-4" / "trainer_state.json").is_file() and (one / "checkpoint-4" / "rng_state.pth").is_file()
     assert _max_weight_difference(one, two) < 1e-5
     assert _initial_weights_differ(one, tiny_model_dir)
 
@@ -173,8 +179,22 @@ def test_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp_pat
         pytest.skip("on a GPU machine the processes do train together")
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torch.distributed.run sets in each process it starts
     config = DPOConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "dpo"), report_to="none",
-                       save_strategy="no", max_length=32, disable_tqdm=True)
+                       save_strategy="no", max_length=64, disable_tqdm=True)
     pairs = [PreferencePair(prompt="Say a.", chosen="banana", rejected="window")] * 2
     with pytest.raises(ConfigError, match="pass --use_cpu true"):
         train_dpo(config, pairs)
     assert not (tmp_path / "dpo").exists()
+
+
+def test_ppo_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp_path, word_dirs, monkeypatch):
+    from tether.config import ConfigError
+    from tether.ppo.trainer import PPOConfig, PPOTrainer
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the processes do train together")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = PPOConfig(output_dir=str(tmp_path / "ppo"), model_name_or_path=str(word_dirs["policy"]),
+                       reward_model_path=str(word_dirs["rm"]), batch_size=2, report_to="none", disable_tqdm=True)
+    with pytest.raises(ConfigError, match="pass --use_cpu true"):
+        PPOTrainer(config, ["a b", "c d"])
+    assert not (tmp_path / "ppo").exists()

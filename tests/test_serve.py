@@ -247,7 +247,7 @@ def test_tether_serve_under_a_short_mixed_load(tmp_path, tiny_model_dir, tiny_rm
     bench = load_bench_serve()
     args = ["--model_name_or_path", str(tiny_model_dir), "--reward_model_name_or_path", str(tiny_rm_dir),
             "--max_new_tokens_limit", "16", "--max_n", "8", "--max_prompt_tokens", "64", "--max_request_bytes", "20000",
-            "--use_cpu", "true"]
+            "--use_cpu", "true", "--num_threads", "1"]
     with bench.ServerProcess(args, tmp_path / "server.log", api_key="load-key") as server:
         result = asyncio.run(bench.run_load(server.base_url, "load-key", duration_s=4.0, concurrency=6,
                                             max_requests=400, max_new_tokens=6, server_pid=server.process.pid))

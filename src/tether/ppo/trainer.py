@@ -321,6 +321,9 @@ class PPOTrainer:
             kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.value_warmup_steps > 0)]
             accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs)
         self.accelerator = acc = accelerator
+        from tether.stages.common import require_joint_processes
+
+        require_joint_processes(acc.num_processes)  # CPU-only machine launched without --use_cpu true
         self.world = acc.num_processes
         self.rank = acc.process_index
         self.output_dir = Path(cfg.output_dir)

@@ -81,6 +81,9 @@ class ServeConfig:
     reward_batch_size: int = field(default=32, metadata={"help": "Sequences per reward-model forward pass."})
     seed: int | None = field(default=None, metadata={"help": "Seed the sampler once at start (reproducible runs)."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is available."})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for the models (torch.set_num_threads). On a machine shared with other busy "
+                "processes, 1 avoids OpenMP threads waiting on each other (or set OMP_WAIT_POLICY=PASSIVE)."})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level."})
 
     def __post_init__(self):
@@ -102,6 +105,8 @@ class ServeConfig:
             raise ConfigError(f"--max_n {self.max_n} exceeds --max_batch_sequences {self.max_batch_sequences}")
         if not 0 <= self.default_temperature <= 2:
             raise ConfigError(f"--default_temperature {self.default_temperature}: must lie in [0, 2]")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"--num_threads {self.num_threads}: must be >= 1")
         if self.batch_wait_ms < 0:
             raise ConfigError(f"--batch_wait_ms {self.batch_wait_ms}: must be >= 0")
 
@@ -554,6 +559,8 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
     from tether.data.templates import prompt_ids
 
     config = config or ServeConfig()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     if policy is None:
         loaded = load_models(config)
         policy, tokenizer = loaded["policy"], loaded["tokenizer"]

@@ -1,4 +1,4 @@
-"""What the Trainer-based stages (SFT, reward model) share: data loading with a clear error when
+"""What the Trainer-based stages (SFT, reward model, DPO) share: data loading with a clear error when
 nothing was given, the output-folder rules, and the atomic publication of the final model.
 
 Output folder contract
@@ -64,7 +64,8 @@ def load_train_eval(loader: Callable[..., list], dataset: str, split: str, eval_
 
 
 def resolve_resume(resume_from_checkpoint: str | None) -> str | bool | None:
-    """``--resume_from_checkpoint true`` (or ``last``) means the newest checkpoint in output_dir."""
+    """``--resume_from_checkpoint true`` (or ``last``, ``latest``) means the newest complete checkpoint in
+    output_dir, or a fresh start when there is none (resolved by ``TetherTrainerMixin.train``)."""
     if resume_from_checkpoint is None or resume_from_checkpoint == "":
         return None
     if str(resume_from_checkpoint).lower() in ("true", "last", "latest"):
@@ -222,6 +223,19 @@ def _jsonable_batch(inputs: dict[str, Any], tokenizer) -> dict[str, Any]:
     return row
 
 
+def require_joint_processes(processes_seen: int) -> None:
+    """Refuse a multi-process launch whose processes do not form one run.
+
+    ``torch.distributed.run`` / ``accelerate launch`` on a machine without GPUs: unless the run is
+    told to use the CPU (``--use_cpu true``, gloo), accelerate leaves every process on its own, and
+    each would silently train alone on all the data and write the same folder.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and processes_seen == 1:
+        raise ConfigError(f"{launched} processes were launched but they do not train together: on a machine "
+                          "without GPUs pass --use_cpu true (data parallel over gloo)")
+
+
 class TetherTrainerMixin:
     """Put before ``transformers.Trainer`` in a stage's trainer class (``class X(TetherTrainerMixin, Trainer)``).
 
@@ -247,12 +261,8 @@ class TetherTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if launched > 1 and training_args is not None and training_args.world_size == 1:
-            # torch.distributed.run / accelerate launch on a machine without GPUs: unless told to use the
-            # CPU, every process would silently train alone on all the data and write the same folder
-            raise ConfigError(f"{launched} processes were launched but they do not train together: on a machine "
-                              "without GPUs pass --use_cpu true (data parallel over gloo)")
+        if training_args is not None:
+            require_joint_processes(training_args.world_size)
         max_bad_steps = int(getattr(training_args, "max_bad_steps", DEFAULT_MAX_BAD_STEPS))
         if max_bad_steps < 1:
             raise ConfigError(f"--max_bad_steps {max_bad_steps}: must be at least 1")
@@ -264,6 +274,7 @@ class TetherTrainerMixin:
         self._skipping_step = False
         self._last_step_skipped = False
         self._checkpoint_staging: Path | None = None
+        self._replaced_step: Any = _NOT_SET
         self.add_callback(_NonFiniteStepCallback(self))
 
     # ---- resume ---------------------------------------------------------------------------------
@@ -379,11 +390,18 @@ class TetherTrainerMixin:
                 append_jsonl(Path(self.args.output_dir) / name, row)
         self._skipping_step = True
         if self.accelerator.scaler is None and not self.is_deepspeed_enabled:
-            self.optimizer.step = _skipped_optimizer_step  # this one step only; see _after_optimizer_step
+            # this one step only (see _after_optimizer_step); an instance-level step (the LR scheduler's
+            # call-tracking wrapper) is put back afterwards
+            self._replaced_step = vars(self.optimizer).get("step", _NOT_SET)
+            self.optimizer.step = _skipped_optimizer_step
 
     def _after_optimizer_step(self) -> None:
         if vars(self.optimizer).get("step") is _skipped_optimizer_step:
-            del self.optimizer.step
+            if self._replaced_step is _NOT_SET:
+                del self.optimizer.step
+            else:
+                self.optimizer.step = self._replaced_step
+            self._replaced_step = _NOT_SET
 
     def _end_step(self, control) -> None:
         skipped, self._skipping_step = self._skipping_step, False
@@ -406,6 +424,9 @@ class TetherTrainerMixin:
                        f"in {where}; last good checkpoint: {last_good if last_good else 'none'}")
             logger.error(message)
             raise NonFiniteError(message)
+
+
+_NOT_SET = object()
 
 
 def _skipped_optimizer_step(closure=None):
