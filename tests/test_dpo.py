@@ -215,3 +215,17 @@ def test_bad_data_exits_cleanly_and_leaves_no_output_dir(tmp_path, tiny_model_di
     code = main(["dpo", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--use_cpu", "true"])
     assert code == 2 and "--dataset is required" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fast_paths_are_checked_and_hold_for_sdpa_and_eager_attention(tiny_model_dir, tokenizer):
+    from tether.models.loading import load_causal_lm
+    from tether.stages.dpo import check_fast_paths
+
+    pair = TokenizedPair(prompt=[10, 11, 12, 13], chosen=[20, 21, 2], rejected=[30, 31, 32, 33, 2])
+    for implementation in ("sdpa", "eager"):  # boolean 4-D mask vs additive float mask
+        model = load_causal_lm(str(tiny_model_dir), attn_implementation=implementation).eval()
+        assert check_fast_paths(model, pair, pad_id=2) == (True, True)
+        with torch.no_grad():
+            shared = torch.stack(response_logps(model, collate_pairs([pair, pair], 2, share_prompt=True)))
+            separate = torch.stack(response_logps(model, collate_pairs([pair, pair], 2, share_prompt=False)))
+        assert shared.flatten().tolist() == pytest.approx(separate.flatten().tolist(), abs=1e-4)

@@ -148,7 +148,8 @@ def test_reward_model_on_two_processes_equals_one_process(runs, tiny_model_dir):
     # checkpoints every 2 steps, the last one kept, published whole with both processes' RNG states
     assert [p.name for p in two.glob("checkpoint-*")] == ["checkpoint-4"] and not list(two.glob(".tmp-*"))
     assert {p.name for p in (two / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    assert (two / "checkpoint-4" / "trainer_state.json").is_file() and (one / "checkpoint-4" / "rng_state.pth").is_file()
+    assert (two / "checkpoint-4" / "trainer_state.json").is_file()
+    assert (one / "checkpoint-4" / "rng_state.pth").is_file()
     assert _max_weight_difference(one, two) < 1e-5
     assert _initial_weights_differ(one, tiny_model_dir)
 

@@ -218,7 +218,8 @@ def _jsonable_batch(inputs: dict[str, Any], tokenizer) -> dict[str, Any]:
         if isinstance(value, torch.Tensor) and value.dim() <= 2:
             row[key] = _finite_or_text(value.detach().cpu().tolist())
     ids = inputs.get("input_ids")
-    if tokenizer is not None and hasattr(tokenizer, "batch_decode") and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+    decodable = tokenizer is not None and hasattr(tokenizer, "batch_decode")
+    if decodable and isinstance(ids, torch.Tensor) and ids.dim() == 2:
         row["texts"] = tokenizer.batch_decode(ids.detach().cpu(), skip_special_tokens=False)
     return row
 
@@ -280,7 +281,8 @@ class TetherTrainerMixin:
     # ---- resume ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         output_dir = Path(self.args.output_dir)
-        resuming = bool(resume_from_checkpoint)
+        resume_from_checkpoint = resume_from_checkpoint or None  # False and "" mean a fresh start
+        resuming = resume_from_checkpoint is not None
         if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str)
                                               and resume_from_checkpoint.lower() in LATEST):
             found = latest_checkpoint(output_dir)
