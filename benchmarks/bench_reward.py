@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--rounds", type=int, default=1, help="each round runs both sides; order alternates")
+    parser.add_argument("--start_with", choices=["tether", "trl"], default="tether", help="side of the first round")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rounds to the runs already in --out (same settings), e.g. a reversed round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "reward.json")
     args = parser.parse_args()
@@ -197,17 +200,27 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("model", "train_pairs", "eval_pairs", "batch_size", "max_length",
                                                "epochs", "learning_rate", "seed")}
     (HERE / "results").mkdir(exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
     load_before = os.getloadavg()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tmp-reward-", dir=HERE / "results") as tmp:
         work = Path(tmp)
         data = prepare(work, settings)
-        runs = []
-        for round_index in range(args.rounds):
-            order = ["tether", "trl"] if round_index % 2 == 0 else ["trl", "tether"]
+        runs = list(previous["runs"]) if previous else []
+        first_round = 1 + max((r["round"] for r in runs), default=-1)
+        if previous:
+            data = previous["data"]
+            if {k: previous["settings"][k] for k in settings if k != "model"} != {k: v for k, v in settings.items()
+                                                                                  if k != "model"}:
+                raise SystemExit(f"--append: settings differ from those in {args.out}")
+        sides = ["tether", "trl"] if args.start_with == "tether" else ["trl", "tether"]
+        for round_index in range(first_round, first_round + args.rounds):
+            order = sides if (round_index - first_round) % 2 == 0 else sides[::-1]
             for side in order:
+                load_at_start = os.getloadavg()[0]
                 result = launch(side, work)
-                result.update(side=side, round=round_index)
+                result.update(side=side, round=round_index, load_average_at_start=round(load_at_start, 2),
+                              load_average_at_end=round(os.getloadavg()[0], 2))
                 runs.append(result)
                 print(f"round {round_index} {side}: {result['pairs_per_s']:.3f} pairs/s, "
                       f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s)", flush=True)
@@ -224,9 +237,11 @@ def main() -> None:
     report = {
         "benchmark": "reward model training (Bradley-Terry), tether vs TRL 1.16 RewardTrainer",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python benchmarks/bench_reward.py " + " ".join(sys.argv[1:]),
+        "command": ((previous["command"] + " ; then ") if previous else "")
+                   + "python benchmarks/bench_reward.py " + " ".join(sys.argv[1:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only",
-        "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "load_average_before_after": ((previous["load_average_before_after"] if previous else [])
+                                      + [round(load_before[0], 2), round(load_after[0], 2)]),
         "note": ("shared 2-core machine: other jobs were running during the measurement (see load averages), so "
                  "absolute times are noisy; the sides alternate so both see similar load"),
         "settings": {**settings, "model": settings["model"] or "embedded SmolLM2-135M-Instruct", "precision": "fp32",
@@ -237,7 +252,7 @@ def main() -> None:
         "trl": trl,
         "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"],
         "accuracy_difference": tether["eval_accuracy"] - trl["eval_accuracy"],
-        "wall_seconds": time.time() - started,
+        "wall_seconds": time.time() - started + (previous["wall_seconds"] if previous else 0.0),
         "runs": runs,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -291,12 +291,22 @@ def test_lora_adapter_and_merged_model_load_with_automodel(tmp_path, tiny_model_
 # command line and output folder
 
 
-def test_bad_data_or_no_dataset_leaves_no_output_folder(tmp_path, tiny_model_dir):
+def test_without_a_dataset_sft_trains_on_the_demo_demonstrations(tmp_path, tiny_model_dir, caplog):
+    from tether.cli import main
+
+    with caplog.at_level("INFO"):
+        code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
+                     "--use_cpu", "true", "--max_steps", "1", "--per_device_train_batch_size", "2"])
+    assert code == 0 and (tmp_path / "out" / "config.json").is_file()
+    assert "demo task's demonstrations" in caplog.text
+
+
+def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):
     from tether.cli import main
 
     bad = tmp_path / "demos.jsonl"
     bad.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q"}\n')
-    for args, message in [(["--dataset", str(bad)], f"{bad}:2"), ([], "--dataset is required")]:
+    for args, message in [(["--dataset", str(bad)], f"{bad}:2")]:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),

@@ -134,7 +134,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "rm": {"num_train_epochs": 1, "learning_rate": 3e-5, "per_device_train_batch_size": 8, "max_length": 256,
            "eval_split_ratio": 0.15, "logging_steps": 2},
     # value head on the policy trunk: one network to run forward and backward instead of two
-    "ppo": {"batch_size": 16, "mini_batch_size": 16, "per_device_train_batch_size": 8, "ppo_epochs": 2,
+    "ppo": {"batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 2,
             "num_iterations": 12, "max_new_tokens": 48, "learning_rate": 2e-5, "init_kl_coef": 0.05,
             "value_head_on_policy": True, "save_steps": 4, "logging_steps": 1},
     "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,

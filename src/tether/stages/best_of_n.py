@@ -237,8 +237,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     """``tether bon``: load prompts (checked before anything is written), sample, score, write JSONL + summary."""
     from tether.data.loading import load_prompts
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
-    from tether.stages.common import (check_output_dir, discard_folder, publish_folder, require_dataset,
-                                      staging_folder, write_json)
+    from tether.stages.common import check_output_dir, discard_folder, publish_folder, staging_folder, write_json
     from tether.tracking import append_jsonl
 
     output_dir = Path(config.output_dir)
@@ -246,8 +245,13 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     if not config.reward_model_name_or_path:
         raise ConfigError("--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
                           "(train one with `tether rm`)")
-    dataset = require_dataset(config.dataset, "bon")
-    records = load_prompts(dataset, split=config.dataset_split)
+    if config.dataset is None:  # the embedded demo task's held-out prompts
+        from tether.demo.task import heldout_prompts
+
+        dataset, records = "the demo task's held-out prompts", heldout_prompts()
+    else:
+        dataset = config.dataset
+        records = load_prompts(dataset, split=config.dataset_split)
     if config.max_prompts is not None:
         records = records[:config.max_prompts]
     if not records:

@@ -35,10 +35,11 @@ DEFAULT_OUTPUT_ROOT = Path("outputs")
 
 def require_dataset(dataset: str | None, stage: str) -> str:
     if dataset is None or str(dataset).strip() == "":
-        # TODO(lead): default to the embedded demo task (tether.demo.task.demonstrations() for sft,
-        # tether.demo.task.preference_pairs() for rm) once tether.demo lands.
+        # The demo task has prompts and demonstrations but no fixed preference pairs: they are sampled
+        # from the SFT policy and labelled by the simulated annotator, which is the pipeline's job.
         raise ConfigError(f"--dataset is required for `tether {stage}` (a .jsonl/.json/.parquet/.csv file, "
-                          "a folder of them, or a Hugging Face dataset name)")
+                          "a folder of them, or a Hugging Face dataset name); `tether pipeline` builds the "
+                          "embedded demo task's preference pairs for you")
     return str(dataset)
 
 
