@@ -104,3 +104,22 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
 
     with pytest.raises(ConfigError, match="not_an_option"):
         stage_config(PPOConfig, config, "ppo")
+
+
+def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_section():
+    from tether.pipeline import DEMO_STAGE_DEFAULTS, stage_config
+    from tether.ppo.trainer import PPOConfig
+    from tether.stages.dpo import DPOConfig
+    from tether.stages.reward import RewardConfig
+    from tether.stages.sft import SFTConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    from_file = parse_config(PipelineConfig, ["--config", str(path)])
+    defaults = PipelineConfig()
+    for f in ("rounds", "pairs_per_round", "annotator_tau", "eval_max_prompts", "bon_n", "temperature"):
+        assert getattr(from_file, f) == getattr(defaults, f), f
+    for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
+        assert getattr(from_file, stage) == DEMO_STAGE_DEFAULTS[stage]
+        built = stage_config(cls, from_file, stage, output_dir="unused")
+        for key, value in DEMO_STAGE_DEFAULTS[stage].items():
+            assert getattr(built, key) == value, (stage, key)
