@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from tether.data.records import Prompt
 from tether.data.templates import prompt_ids, stop_token_id
@@ -144,7 +145,9 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
     device = next(model.parameters()).device
     out: list[list[Sample]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        # a progress bar for long sampling jobs (preference pairs, evaluation, best-of-N)
+        for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 4, leave=False):
             chunk = prompts[start: start + batch_size]
             ids, mask = left_pad(chunk, pad_id)
             with neutral_model_generation_config(model):
