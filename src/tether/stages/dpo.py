@@ -44,6 +44,7 @@ from tether.data.templates import prompt_response_ids
 from tether.stages.common import (DEFAULT_OUTPUT_ROOT, check_output_dir, discard_folder, load_train_eval,
                                   publish_folder, require_dataset, resolve_resume, staging_folder, write_json)
 from tether.stages.common import DEFAULT_MAX_BAD_STEPS, MAX_BAD_STEPS_HELP, TetherTrainerMixin
+from tether.stages.sft import save_policy
 
 logger = logging.getLogger(__name__)
 
@@ -502,16 +503,6 @@ def _load_policy(config: DPOConfig):
     disable_dropout(model)
     model.config.use_cache = False
     return model
-
-
-def save_policy(model, tokenizer, folder: Path, merge_lora: bool) -> None:
-    """Write the model so ``AutoModelForCausalLM.from_pretrained(folder)`` loads it (LoRA: adapter or merged)."""
-    if hasattr(model, "peft_config") and merge_lora:
-        model = model.merge_and_unload()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = True
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None,
