@@ -197,7 +197,7 @@ def stage_config(config_class: type, pipeline: PipelineConfig, stage: str, **val
     if pipeline.is_demo:
         options.update(DEMO_STAGE_DEFAULTS.get(stage, {}))
     options.update(values)
-    section = getattr(pipeline, stage if stage != "rm" else "rm")
+    section = getattr(pipeline, stage)
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(section) - known)
     if unknown:
@@ -452,8 +452,6 @@ def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: i
 def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str, prompts: list[PromptRecord],
                      temperature: float):
     """Sample two responses per prompt from the current policy and have them labelled."""
-    import random
-
     from tether.demo.task import write_preferences
     from tether.generation import SamplingSettings, sample_responses
     from tether.models.loading import load_causal_lm, load_tokenizer

@@ -741,7 +741,7 @@ class PPOTrainer:
     def _update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                 train_policy: bool) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; old log-probs and values stay fixed throughout."""
-        cfg, acc = self.config, self.accelerator
+        cfg = self.config
         n = len(rollout)
         sums: dict[str, float] = defaultdict(float)
         steps = 0
