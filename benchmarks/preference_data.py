@@ -135,3 +135,21 @@ def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind})
     rng.shuffle(out)
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="write train.jsonl and eval.jsonl of synthetic preference pairs")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--train_pairs", type=int, default=160)
+    parser.add_argument("--eval_pairs", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pairs = make_pairs(args.train_pairs + args.eval_pairs, seed=args.seed)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", pairs[: args.train_pairs]), ("eval", pairs[args.train_pairs:])):
+        (args.folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {args.folder}/train.jsonl ({args.train_pairs} pairs) and eval.jsonl ({args.eval_pairs} pairs)")
