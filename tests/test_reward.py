@@ -160,6 +160,22 @@ def test_pad_token_for_saved_reward_model_differs_from_stop_token(tokenizer):
     assert choose_distinct_pad_token(tok) == 1
 
 
+@pytest.mark.parametrize("embedding_rows", [3, 8])
+def test_a_new_pad_token_is_added_when_no_special_token_is_free(embedding_rows):
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from conftest import tiny_llama_config
+
+    raw = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token=None))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", pad_token="</s>")
+    model = LlamaForSequenceClassification(tiny_llama_config(embedding_rows, 2, 2, None, num_labels=1))
+    assert choose_distinct_pad_token(tok, model) == 3 and tok.pad_token == "<|tether_pad|>"
+    assert model.config.pad_token_id == 3
+    # grown by one row only when the embedding matrix had no unused row for it
+    assert model.get_input_embeddings().weight.shape[0] == max(4, embedding_rows)
+
+
 # ------------------------------------------------------------------------------------------------
 # training
 
@@ -330,6 +346,24 @@ def test_lora_reward_model_is_saved_merged_and_scores_like_during_training(tmp_p
     after = evaluate_reward_model(_rm_config(tmp_path, folder, output_dir=None), held_out)
     assert after["accuracy"] == pytest.approx(during["eval_accuracy"])
     assert after["margin"] == pytest.approx(during["eval_margin"], abs=1e-4)
+
+
+def test_reward_model_starts_from_a_lora_sft_adapter_folder(tmp_path, tiny_model_dir, tokenizer):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    sft.save_pretrained(tmp_path / "sft-adapter")
+    tokenizer.save_pretrained(tmp_path / "sft-adapter")
+    merged = sft.merge_and_unload()
+    # learning rate 0: the saved backbone is exactly the merged SFT model
+    folder = train_reward(_rm_config(tmp_path, tmp_path / "sft-adapter", learning_rate=0.0),
+                          _marker_pairs(16, seed=7), _marker_pairs(8, seed=8))
+    rm = AutoModelForSequenceClassification.from_pretrained(folder)
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight", "embed_tokens.weight"):
+        torch.testing.assert_close(rm.model.state_dict()[name], merged.model.state_dict()[name])
 
 
 def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):

@@ -107,11 +107,22 @@ def capture_token_scores(model) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(unwrap_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Head output at every position, shape ``[B, T]`` (``attention_mask`` may be 2-D or a 4-D custom mask)."""
+    kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}  # no KV cache to build and throw away
     with capture_token_scores(model) as captured:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     if not captured:
         raise RuntimeError("the model's forward pass did not call its score head")
     out = captured[-1]
