@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -244,16 +243,11 @@ def default_prompts() -> list:
 # checkpoints on disk
 # ---------------------------------------------------------------------------------------------
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-N`` with its state file), oldest first."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if m and path.is_dir() and (path / STATE_FILE).is_file():
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    """Complete checkpoints (``checkpoint-N`` with its state file), oldest first: the same rule as the
+    Trainer-based stages, whose folder and state-file names PPO shares."""
+    from tether.stages.common import complete_checkpoints
+
+    return complete_checkpoints(output_dir)
 
 
 def resolve_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
