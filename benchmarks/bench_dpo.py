@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from _harness import OFFLINE_ENV, run_side  # noqa: E402  (benchmarks/ is the script's folder)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRL_VENV = HERE / ".venv-trl116"
@@ -175,22 +177,17 @@ def trl_python() -> Path:
     return python
 
 
-def run_side(side: str, python: Path, args, out_dir: Path) -> dict:
+def launch(side: str, python: Path, args, out_dir: Path) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--out", str(out_dir / side)]
     for key in ("model", "train_pairs", "eval_pairs", "batch_size", "epochs", "learning_rate", "beta", "max_length",
                 "seed", "threads"):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.cpu:
         cmd += ["--cpu"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=str(ROOT / "src"))
     if side == "trl":
         env.pop("PYTHONPATH")  # TRL's venv must not see tether
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_side(side, cmd, env, ROOT)
 
 
 def main() -> None:
@@ -228,7 +225,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tmp-dpo-", dir=RESULTS if RESULTS.exists() else None) as tmp:
         for round_ in range(args.rounds):
             for side in ("tether", "trl"):
-                runs[side].append(run_side(side, Path(sys.executable) if side == "tether" else python, args,
+                runs[side].append(launch(side, Path(sys.executable) if side == "tether" else python, args,
                                            Path(tmp) / f"round{round_}"))
                 print(f"{side} round {round_ + 1}: {runs[side][-1]}", flush=True)
 

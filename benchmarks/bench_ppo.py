@@ -42,12 +42,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _harness import OFFLINE_ENV, cpu_name, run_side, versions  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -271,46 +272,19 @@ def prepare(work: Path, s: dict) -> dict:
     return {"prompts": len(ids), "prompt_tokens": sorted({len(i) for i in ids})}
 
 
-def launch(side: str, work: Path, threads: int) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+def side_env(side: str, threads: int | None = None) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV}
+    if threads is not None:
+        env.update(BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     env.pop("PYTHONPATH", None)
     if side == "trl":
         env["PYTHONPATH"] = str(TRL_PATH)
-    started = time.perf_counter()
-    proc = subprocess.run([str(PYTHON), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
-                          capture_output=True, text=True, env=env, cwd=str(work))
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
-    line = next(l for l in proc.stdout.splitlines()[::-1] if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    result["process_seconds"] = wall
-    result["load_average_after"] = os.getloadavg()[0]
-    return result
+    return env
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def versions(trl: bool) -> dict:
-    code = ("import json, torch, transformers, accelerate\n"
-            "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
-            "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))")
-    env = {**os.environ}
-    env.pop("PYTHONPATH", None)
-    if trl:
-        env["PYTHONPATH"] = str(TRL_PATH)
-    out = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, env=env)
-    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
+def launch(side: str, work: Path, threads: int) -> dict:
+    return run_side(side, [str(PYTHON), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
+                    side_env(side, threads), work)
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -381,7 +355,7 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads_per_side": args.threads,
                     "platform": platform.platform()},
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "versions": {"tether_side": versions(False), "trl_side": versions(True)},
+        "versions": {"tether_side": versions(PYTHON, side_env("tether")), "trl_side": versions(PYTHON, side_env("trl"))},
         "command": "python benchmarks/bench_ppo.py " + " ".join(sys.argv[1:]),
         "settings": settings | data,
         "summary": summary,

@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from _harness import OFFLINE_ENV, cpu_name, run_side, versions  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -138,38 +138,10 @@ def prepare(work: Path, settings: dict) -> dict:
 
 def launch(side: str, work: Path) -> dict:
     python = TETHER_PYTHON if side == "tether" else TRL_PYTHON
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **OFFLINE_ENV}
     if side == "trl":  # make sure the TRL interpreter cannot see tether's sources
         env.pop("PYTHONPATH", None)
-    started = time.perf_counter()
-    proc = subprocess.run([str(python), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
-                          capture_output=True, text=True, env=env, cwd=str(work))
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
-    line = next(l for l in proc.stdout.splitlines()[::-1] if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    result["process_seconds"] = wall
-    return result
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def versions(python: Path) -> dict:
-    code = ("import json, torch, transformers, accelerate\n"
-            "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
-            "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))")
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
+    return run_side(side, [str(python), str(Path(__file__).resolve()), "--side", side, "--work", str(work)], env, work)
 
 
 def main() -> None:

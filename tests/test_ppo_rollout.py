@@ -7,9 +7,9 @@ import torch
 
 from ppo_tiny import one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
 from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, left_pad
-from tether.models.loading import load_causal_lm, load_scalar_model
+from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 from tether.ppo.losses import logprobs_from_logits
-from tether.ppo.rollout import (PolicyAndValue, build_sequences, disable_all_dropout, last_token_scores,
+from tether.ppo.rollout import (PolicyAndValue, build_sequences, last_token_scores,
                                 make_rollout, make_value_head, response_logits, score_responses)
 
 PROMPTS = ["a b c d e f g", "yes", "x y", "good a b c"]
@@ -23,7 +23,7 @@ def _queries(tok, prompts=PROMPTS):
 # ---- item 1 -------------------------------------------------------------------------------------
 def test_sampling_logprobs_equal_the_training_forward_with_left_padding_and_a_truncated_response(word_dirs, word_tok):
     model = load_causal_lm(str(word_dirs["policy"]))
-    disable_all_dropout(model)
+    disable_dropout(model)
     tok, T = word_tok, 0.7
     prompts = PROMPTS * 4  # 16 rows, 4 prompt lengths
     query_ids, query_mask = _queries(tok, prompts)
@@ -110,7 +110,7 @@ def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configu
         ref = copy.deepcopy(policy)
         for m in (policy, ref, value, rm):
             if clean:
-                disable_all_dropout(m)
+                disable_dropout(m)
             m.train()  # train mode everywhere: dropout would be live here
         torch.manual_seed(0)
         models = PolicyAndValue(policy, value).train()
@@ -186,7 +186,7 @@ def test_fixed_length_generation_never_stops(word_dirs, word_tok):
 # ---- a whole rollout ----------------------------------------------------------------------------
 def test_make_rollout_reads_every_model_once_and_keeps_layout(word_dirs, word_tok):
     policy = load_causal_lm(str(word_dirs["policy"]))
-    disable_all_dropout(policy)
+    disable_dropout(policy)
     models = PolicyAndValue(policy, value_head=make_value_head(policy)).train()
     rm = load_scalar_model(str(word_dirs["counting_rm"])).eval()
     ref = copy.deepcopy(policy).eval()

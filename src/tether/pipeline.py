@@ -139,8 +139,12 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
             "value_head_on_policy": True, "save_steps": 4, "logging_steps": 1},
     "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
             "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
-    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 32},
+    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 32, "batch_size": 32},
 }
+# Prompts per generate() call when sampling preference pairs (two responses each). On CPU a decoding
+# step costs nearly the same for 8 rows as for 64 (it is bound by reading the weights), so wide
+# batches are ~3x faster per response: 0.9 responses/s at 8 rows, 2.95 at 64 (SmolLM2-135M, 2 cores).
+SAMPLING_BATCH_PROMPTS = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             pairs = build_preference_dataset(
                 policy, load_tokenizer(sft_path), _prompts_for_round(config, train_prompts, 1),
                 SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature),
-                tau=config.annotator_tau, seed=config.seed)
+                tau=config.annotator_tau, seed=config.seed, batch_size=SAMPLING_BATCH_PROMPTS)
         path = write_preferences(pairs, out / "data" / "preferences_round1.jsonl")
         return path, {"pairs": len(pairs)}
 
@@ -406,7 +410,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             if "bon" not in skipped and rm_path is not None:
                 curve_prompts = eval_prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else eval_prompts
                 curve = bon_curve(sft_path, tokenizer, rm_path, curve_prompts, ns=config.bon_ns(), gold=config.is_demo,
-                                  temperature=temperature, max_new_tokens=opts["max_new_tokens"], seed=config.seed)
+                                  temperature=temperature, max_new_tokens=opts["max_new_tokens"], seed=config.seed,
+                                  batch_size=opts.get("batch_size", 8))
                 write_json_atomic(eval_dir / "bon_curve.json", curve)
             return eval_dir / "eval.json", {}
 
@@ -459,7 +464,7 @@ def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str
     raw = [p.prompt for p in _prompts_for_round(config, prompts, k)]
     policy, tok = load_causal_lm(policy_path), load_tokenizer(policy_path)
     settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature)
-    groups = sample_responses(policy, tok, raw, settings, num_return_sequences=2)
+    groups = sample_responses(policy, tok, raw, settings, num_return_sequences=2, batch_size=SAMPLING_BATCH_PROMPTS)
     a, b = [g[0].text for g in groups], [g[1].text for g in groups]
     if config.label_command:
         pairs = label_with_command(config.label_command, raw, a, b, out / "data" / f"round{k}")

@@ -386,17 +386,10 @@ def _json_rows(data: bytes, display: str, problems: _Problems) -> Iterator[tuple
     if len(lines) > 1 and all(line.startswith("{") for line in lines):  # JSON Lines saved as .json
         yield from _jsonl_rows(data, display, problems)
         return
-    try:
-        value, end = _JSON.raw_decode(text, start)
-    except json.JSONDecodeError as exc:
-        problems.add(f"{display}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+    decoded = _decode_json_value(doc, start, display, problems)
+    if decoded is None:
         return
-    except ValueError as exc:
-        problems.add(f"{display}:{doc.line_at(start)}: invalid JSON ({_first_line(exc)})")
-        return
-    except RecursionError:
-        problems.add(f"{display}:{doc.line_at(start)}: invalid JSON (nested too deeply)")
-        return
+    value, end = decoded
     after = doc.skip_ws(end)
     if after < len(text):
         problems.add(f"{display}:{doc.line_at(after)}: invalid JSON (unexpected content after the first object)")
@@ -406,6 +399,19 @@ def _json_rows(data: bytes, display: str, problems: _Problems) -> Iterator[tuple
         yield from _json_array(doc, array_at, display, problems)
     else:
         yield _Where(display, doc.line_at(start)), value
+
+
+def _decode_json_value(doc: _JsonText, pos: int, display: str, problems: _Problems) -> tuple[Any, int] | None:
+    """The JSON value starting at ``pos`` and where it ends, or None with the problem recorded."""
+    try:
+        return _JSON.raw_decode(doc.text, pos)
+    except json.JSONDecodeError as exc:
+        problems.add(f"{display}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+    except ValueError as exc:
+        problems.add(f"{display}:{doc.line_at(pos)}: invalid JSON ({_first_line(exc)})")
+    except RecursionError:
+        problems.add(f"{display}:{doc.line_at(pos)}: invalid JSON (nested too deeply)")
+    return None
 
 
 def _member_array(doc: _JsonText, start: int, key: str) -> int | None:
@@ -432,17 +438,10 @@ def _json_array(doc: _JsonText, start: int, display: str, problems: _Problems) -
         problems.add(f"{display}:{doc.line_at(start)}: no records (an empty list)")
         return
     while True:
-        try:
-            value, end = _JSON.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            problems.add(f"{display}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+        decoded = _decode_json_value(doc, pos, display, problems)
+        if decoded is None:
             return
-        except ValueError as exc:
-            problems.add(f"{display}:{doc.line_at(pos)}: invalid JSON ({_first_line(exc)})")
-            return
-        except RecursionError:
-            problems.add(f"{display}:{doc.line_at(pos)}: invalid JSON (nested too deeply)")
-            return
+        value, end = decoded
         yield _Where(display, doc.line_at(pos)), value
         pos = doc.skip_ws(end)
         if pos < len(text) and text[pos] == ",":

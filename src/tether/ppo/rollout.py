@@ -134,14 +134,6 @@ class PolicyAndValue(nn.Module):
         return logits, values
 
 
-def disable_all_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere, train mode included (PPO checklist item 5): without it ratio ≠ 1 and
-    KL ≠ 0 at identical weights."""
-    from tether.models.loading import disable_dropout
-
-    disable_dropout(model)
-
-
 def make_value_head(policy: nn.Module) -> nn.Linear:
     """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences)."""
     config = hf_model(policy).config

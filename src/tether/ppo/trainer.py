@@ -51,7 +51,7 @@ from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import make_kl_controller
 from tether.ppo.losses import (KL_ESTIMATORS, entropy_from_logits, explained_variance, logprobs_from_logits,
                                masked_mean, policy_loss, token_rewards, value_loss)
-from tether.ppo.rollout import (PolicyAndValue, Rollout, disable_all_dropout, make_rollout, make_value_head,
+from tether.ppo.rollout import (PolicyAndValue, Rollout, make_rollout, make_value_head,
                                 unwrap_model)
 from tether.tracking import METRICS_FILE, MetricsWriter, append_jsonl, read_jsonl
 
@@ -464,7 +464,7 @@ class PPOTrainer:
         return n
 
     def _build_models(self) -> None:
-        from tether.models.loading import load_causal_lm, load_scalar_model
+        from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 
         cfg, acc = self.config, self.accelerator
         if cfg.reward_model_path is None:
@@ -504,7 +504,7 @@ class PPOTrainer:
         reward_model = load_scalar_model(cfg.reward_model_path, cfg.dtype)
         for model in (policy, reference, value_model, reward_model):
             if model is not None:
-                disable_all_dropout(model)  # ratio 1 and KL 0 at equal weights, in train mode too
+                disable_dropout(model)  # ratio 1 and KL 0 at equal weights, in train mode too
         for frozen in (reference, reward_model):
             if frozen is not None:
                 frozen.requires_grad_(False)

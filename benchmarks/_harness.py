@@ -1,0 +1,52 @@
+"""What every side-by-side benchmark needs: run one side in a fresh process and read its result,
+and describe the machine and the library versions in the JSON it writes."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Never let a benchmark reach for the hub: both sides load local folders only.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_side(side: str, cmd: list[str], env: dict[str, str], cwd: Path | str) -> dict:
+    """Run one side's worker process; it must print ``RESULT <json>`` as its last result line.
+
+    Adds ``process_seconds`` (wall time of the whole process, model loading included) and
+    ``load_average_after`` so a disturbed run can be recognised in the JSON.
+    """
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(cwd))
+    wall = time.perf_counter() - started
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{side} run failed (exit {proc.returncode})")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_seconds"] = wall
+    result["load_average_after"] = os.getloadavg()[0]
+    return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def versions(python: Path | str, env: dict[str, str] | None = None) -> dict:
+    """torch/transformers/accelerate (and trl when importable) as seen by ``python`` with ``env``."""
+    code = ("import json, torch, transformers, accelerate\n"
+            "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
+            "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env)
+    return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
