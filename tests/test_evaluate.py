@@ -96,6 +96,26 @@ def test_text_metrics_hand_computed():
     assert m["diversity/distinct_1"] == pytest.approx(5 / 8)
 
 
+def test_paired_gains_average_samples_per_prompt_first():
+    rows = [{"policy": "sft", "prompt_index": 0, "gold": 1.0, "reward": 0.0},
+            {"policy": "sft", "prompt_index": 1, "gold": 0.0, "reward": 0.0},
+            {"policy": "sft", "prompt_index": 2, "gold": 2.0, "reward": None},
+            # ppo: two samples on prompt 0 (mean 2.0), one each on 1 and 2
+            {"policy": "ppo", "prompt_index": 0, "gold": 1.5, "reward": 1.0},
+            {"policy": "ppo", "prompt_index": 0, "gold": 2.5, "reward": 1.0},
+            {"policy": "ppo", "prompt_index": 1, "gold": 2.0, "reward": 3.0},
+            {"policy": "ppo", "prompt_index": 2, "gold": 3.0, "reward": 2.0}]
+    metrics = {"sft": {}, "ppo": {}}
+    E.add_paired_gains(metrics, rows, baseline="sft")
+    # gold differences [1, 2, 1]: mean 4/3, s_d^2 = (1/9 + 4/9 + 1/9)/2 = 1/3, SE = 1/3
+    assert metrics["ppo"]["gain/gold"] == pytest.approx(4 / 3)
+    assert metrics["ppo"]["gain/gold_se"] == pytest.approx(1 / 3)
+    # proxy: prompt 2 has no SFT score, so only prompts 0 and 1: differences [1, 3] -> mean 2, SE 1
+    assert metrics["ppo"]["gain/score"] == pytest.approx(2.0)
+    assert metrics["ppo"]["gain/score_se"] == pytest.approx(1.0)
+    assert metrics["ppo"]["gain/baseline"] == "sft" and "gain/gold" not in metrics["sft"]
+
+
 def test_parse_policy_specs():
     from tether.config import ConfigError
 

@@ -142,6 +142,17 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
 # ---------------------------------------------------------------------------------------------
 # best-of-N
 # ---------------------------------------------------------------------------------------------
+def test_paired_difference_hand_computed():
+    # d = [1, 2, 2]: mean 5/3; s_d^2 = ((1-5/3)^2 + 2*(1/3)^2) / 2 = 1/3; SE = sqrt(1/3)/sqrt(3) = 1/3
+    mean, se = M.paired_difference([1.0, 2.0, 3.0], [0.0, 0.0, 1.0])
+    assert mean == pytest.approx(5 / 3) and se == pytest.approx(1 / 3)
+    # a constant shift has no spread: SE 0, whatever the prompt-to-prompt spread of each side
+    assert M.paired_difference([5.0, -3.0, 10.0], [4.0, -4.0, 9.0]) == pytest.approx((1.0, 0.0))
+    assert math.isnan(M.paired_difference([1.0], [0.0])[1])
+    with pytest.raises(ValueError):
+        M.paired_difference([1.0, 2.0], [1.0])
+
+
 def test_bon_kl_bound():
     assert M.bon_kl_bound(1) == 0.0
     assert M.bon_kl_bound(2) == pytest.approx(math.log(2) - 0.5)

@@ -99,6 +99,9 @@ def test_metrics_table_formats_and_gaps():
     assert table["Reward-model score (proxy)"] == ["+0.500", "–"]
     assert table["KL health"] == ["drifting", "–"]
     assert table["Responses evaluated"] == ["3", "–"]
+    _, rows = R.metrics_table({"sft": {}, "ppo": {"gain/gold": 0.25, "gain/gold_se": 0.05}})
+    assert {r[0]: r[1:] for r in rows}["Gold gain over the first policy (paired by prompt, ± s.e.)"] == \
+        ["–", "+0.250 ± 0.050"]
 
 
 def test_kl_band_names():

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -376,6 +377,7 @@ def evaluate_policies(
             chosen_scores = [float(x) for x in normalise(torch.tensor(chosen_scores), reward_stats)]
         measure(name, flat_prompts, flat_index, chosen, None, kl_bound=bon_kl_bound(n), rewards=chosen_scores)
 
+    add_paired_gains(metrics, rows, baseline=next(iter(policies)))
     return EvalResults(
         metrics=metrics, samples=rows, probe_responses=probe_responses, temperature=temperature,
         settings={"temperature": temperature, "max_new_tokens": max_new_tokens,
@@ -383,6 +385,35 @@ def evaluate_policies(
                   "reward_normalised": reward_stats is not None, "gold": annotator is not None,
                   "probe_temperature": probe_temperature, "kl_estimator": "k1, nats per response at T"},
     )
+
+
+def add_paired_gains(metrics: dict[str, dict[str, Any]], rows: Sequence[Mapping[str, Any]], baseline: str) -> None:
+    """``gain/gold``, ``gain/score`` (± ``_se``) of every policy over ``baseline``, paired by prompt.
+
+    Each policy's responses to a prompt are averaged first (several samples per prompt count once),
+    then :func:`tether.evaluation.metrics.paired_difference` runs over the prompts both policies
+    answered. ``gain/baseline`` names the policy compared against.
+    """
+    from tether.evaluation.metrics import paired_difference
+
+    per_prompt: dict[tuple[str, str], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for key, column in (("gold", "gold"), ("score", "reward")):
+            v = r.get(column)
+            if v is not None and math.isfinite(v):
+                per_prompt[(r["policy"], key)][r["prompt_index"]].append(float(v))
+    for name, m in metrics.items():
+        if name == baseline:
+            continue
+        for key in ("gold", "score"):
+            mine, base = per_prompt.get((name, key), {}), per_prompt.get((baseline, key), {})
+            common = sorted(set(mine) & set(base))
+            if len(common) < 2:
+                continue
+            mean, se = paired_difference([float(np.mean(mine[i])) for i in common],
+                                         [float(np.mean(base[i])) for i in common])
+            m[f"gain/{key}"], m[f"gain/{key}_se"] = mean, se
+            m["gain/baseline"] = baseline
 
 
 def bon_curve(base_model, tokenizer, reward_model, prompts: Sequence[Prompt | PromptRecord], *,

@@ -192,6 +192,24 @@ def sequence_kl(policy, reference, tokenizer, samples: Sequence, temperature: fl
     return float(np.mean(values)) if values else math.nan
 
 
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """Mean paired difference and its standard error, for two policies scored on the same prompts.
+
+        d_i = x_i − y_i,   d̄ = (1/n) Σ d_i,   SE = s_d / √n,   s_d² = Σ (d_i − d̄)² / (n − 1)
+
+    Pairing by prompt removes the prompt-to-prompt spread that two independent means would carry,
+    so "PPO beats SFT by d̄ ± SE" is judged on the differences alone. SE is NaN for n < 2.
+    """
+    x, y = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"{len(x)} values but {len(y)} baseline values")
+    if len(x) == 0:
+        raise ValueError("no pairs")
+    d = x - y
+    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
 # ---------------------------------------------------------------------------------------------
 # best-of-N
 # ---------------------------------------------------------------------------------------------

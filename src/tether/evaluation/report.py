@@ -39,6 +39,8 @@ REPORT_HTML = "report.html"
 METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Reward-model score (proxy)", "reward/score", "{:+.3f}"),
     ("Gold score (simulated annotator)", "reward/gold", "{:+.3f}"),
+    ("Gold gain over the first policy (paired by prompt, ± s.e.)", "gain/gold", "{:+.3f}"),
+    ("Proxy gain over the first policy (paired by prompt, ± s.e.)", "gain/score", "{:+.3f}"),
     ("KL to reference (nats/response)", "kl/ref", "{:.2f}"),
     ("KL health", "kl/band", "{}"),
     ("Response length (tokens)", "response/length", "{:.1f}"),
@@ -118,6 +120,9 @@ def metrics_table(eval_metrics: Mapping[str, Mapping[str, Any]]) -> tuple[list[s
                 cells.append(f"≤ {float(m['kl/bon_bound']):.2f} (bound)")
                 continue
             v = m.get(key)
+            if key.startswith("gain/") and v is not None and _num(m.get(f"{key}_se")) is not None:
+                cells.append(f"{v:+.3f} ± {m[f'{key}_se']:.3f}")
+                continue
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 cells.append("–")
             else:
