@@ -15,6 +15,7 @@ TINY_STAGES = {
     "eval_max_prompts": 3,
     "preference_max_new_tokens": 6,
     "bon_n": "1,2",
+    "best_of_n": 2,
     "sft": {"max_steps": 2, "per_device_train_batch_size": 4},
     "rm": {"max_steps": 2, "per_device_train_batch_size": 4},
     "ppo": {"num_iterations": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
@@ -116,7 +117,8 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
     path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     from_file = parse_config(PipelineConfig, ["--config", str(path)])
     defaults = PipelineConfig()
-    for f in ("rounds", "pairs_per_round", "annotator_tau", "eval_max_prompts", "bon_n", "temperature"):
+    for f in ("rounds", "pairs_per_round", "annotator_tau", "eval_max_prompts", "bon_n", "best_of_n",
+              "bon_curve_prompts", "preference_max_new_tokens", "temperature"):
         assert getattr(from_file, f) == getattr(defaults, f), f
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
         assert getattr(from_file, stage) == DEMO_STAGE_DEFAULTS[stage]

@@ -85,6 +85,10 @@ class PipelineConfig:
     preference_max_new_tokens: int = field(default=48, metadata={"help": "Demo: response length when sampling pairs."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."})
     bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
+    best_of_n: int = field(
+        default=4,
+        metadata={"help": "N of the best-of-N policy (from SFT, ranked by the reward model) in the comparison table; "
+                          "0 leaves it out. The curve above covers the other N on fewer prompts."})
     eval_max_prompts: int = field(default=32, metadata={"help": "Held-out prompts used by the evaluation (0: all)."})
     bon_curve_prompts: int = field(
         default=12, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."})
@@ -103,6 +107,8 @@ class PipelineConfig:
         if skipped - known:
             raise ConfigError(f"--skip {self.skip}: unknown stage(s) {', '.join(sorted(skipped - known))}; "
                               f"use {', '.join(sorted(known))}")
+        if self.best_of_n < 0:
+            raise ConfigError(f"--best_of_n must be >= 0, got {self.best_of_n}")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.rounds > 1 and self.preferences and not self.label_command:
@@ -396,7 +402,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             if dpo_path:
                 policies["dpo"] = dpo_path
             opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
-            bon = {} if "bon" in skipped or rm_path is None else {f"bon{max(config.bon_ns())}": ("sft", max(config.bon_ns()))}
+            bon = ({} if "bon" in skipped or rm_path is None or not config.best_of_n
+                   else {f"bon{config.best_of_n}": ("sft", config.best_of_n)})
             results = evaluate_policies(policies, sft_path, rm_path, tokenizer, eval_prompts, temperature=temperature,
                                         gold=config.is_demo, best_of_n=bon, seed=config.seed, **opts)
             eval_dir.mkdir(parents=True, exist_ok=True)
