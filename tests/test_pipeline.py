@@ -80,6 +80,11 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
     after = json.loads((out / "pipeline_state.json").read_text())
     assert after == before
     assert summary["ppo"] == str(out / "ppo" / "policy")
+    # the report quotes the time each stage took when it ran, not just this (skipping) run's time
+    stage_seconds = {name: entry["seconds"] for name, entry in before["stages"].items()}
+    assert summary["stage_seconds"] == stage_seconds
+    total = sum(stage_seconds.values()) / 60
+    assert f"{total:.1f} minutes in all" in (out / "report.md").read_text()
 
 
 def test_a_deleted_artifact_is_redone(tmp_path):

@@ -73,7 +73,7 @@ class PipelineConfig:
                           "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
                           "become a preference file in any accepted format. Demo: the simulated annotator."})
     pairs_per_round: int = field(
-        default=96,
+        default=80,
         metadata={"help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."})
     skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
@@ -142,17 +142,17 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # value head on the policy trunk: one network to run forward and backward instead of two. One
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
     # one, for half the backward passes (the update is GEMM-bound on CPU).
-    "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1, "per_device_train_batch_size": 8,
+    "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
             "num_iterations": 10, "max_new_tokens": 48, "learning_rate": 3e-5, "init_kl_coef": 0.05,
             "value_head_on_policy": True, "save_steps": 5, "logging_steps": 1},
     "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
             "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
-    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 24, "batch_size": 32},
+    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 24, "batch_size": 64},
 }
 # Prompts per generate() call when sampling preference pairs (two responses each). On CPU a decoding
-# step costs nearly the same for 8 rows as for 64 (it is bound by reading the weights), so wide
-# batches are ~3x faster per response: 0.9 responses/s at 8 rows, 2.95 at 64 (SmolLM2-135M, 2 cores).
-SAMPLING_BATCH_PROMPTS = 32
+# step over many rows costs little more per row than over a few (measured, SmolLM2-135M, 2 cores, 48
+# tokens: 0.9 responses/s at 8 rows, 2.4 at 32, 2.95 at 64), so pairs are sampled in wide batches.
+SAMPLING_BATCH_PROMPTS = 40
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +183,10 @@ class PipelineState:
         if artifact is not None and not Path(artifact).exists():
             return None  # deleted by hand: redo
         return entry
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds each finished stage took when it ran (possibly in an earlier invocation)."""
+        return {name: float(entry["seconds"]) for name, entry in self.stages.items() if "seconds" in entry}
 
     def record(self, name: str, artifact: str | Path | None, seconds: float, **extra) -> None:
         self.stages[name] = {"artifact": str(artifact) if artifact is not None else None,
@@ -430,10 +434,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     report_paths = None
     if "report" not in skipped and (eval_dir / "eval.json").is_file():
         report_paths = _write_pipeline_report(config, out, eval_dir, ppo_dirs, rounds_summary, temperature,
-                                              time.time() - started)
+                                              time.time() - started, state.stage_seconds())
     summary = {"output_dir": str(out), "sft": sft_path, "reward_model": rm_path, "ppo": policy_path, "dpo": dpo_path,
                "rounds": rounds_summary, "report": str(report_paths.html) if report_paths else None,
-               "seconds": round(time.time() - started, 1)}
+               "seconds": round(time.time() - started, 1), "stage_seconds": state.stage_seconds()}
     write_json_atomic(out / "pipeline_summary.json", summary)
     print(json.dumps(summary, indent=2))
     return summary
@@ -487,7 +491,8 @@ def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str
 
 
 def _write_pipeline_report(config: PipelineConfig, out: Path, eval_dir: Path, ppo_dirs: list[str],
-                           rounds: list[dict[str, Any]], temperature: float, seconds: float):
+                           rounds: list[dict[str, Any]], temperature: float, seconds: float,
+                           stage_seconds: dict[str, float]):
     from tether.evaluation.report import write_report
     from tether.tracking import read_jsonl
 
@@ -506,7 +511,10 @@ def _write_pipeline_report(config: PipelineConfig, out: Path, eval_dir: Path, pp
     points = points_from_metrics(ppo_rows, window=max(1, min(5, len(ppo_rows) // 6)))
     curve = _read_json(eval_dir / "bon_curve.json")
     length_points = eval_doc.get("length_reward_points") if isinstance(eval_doc, dict) else None
-    notes = [f"Whole pipeline: {seconds / 60:.1f} minutes on this machine.",
+    stages = ", ".join(f"{name} {t:.0f} s" for name, t in stage_seconds.items())
+    notes = [f"Stage times: {stages}; {sum(stage_seconds.values()) / 60:.1f} minutes in all (stages finished by "
+             f"earlier runs on this folder count with the time they took then; this run: {seconds / 60:.1f} "
+             f"minutes).",
              f"Sampling temperature T = {temperature}: KL figures and bands hold at this T."]
     return write_report(out, eval_results=eval_doc, ppo_metrics=ppo_rows, overopt_points=points, bon_curve=curve,
                         length_reward_points=length_points, rounds=rounds if config.rounds > 1 else None,
