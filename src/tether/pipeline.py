@@ -73,7 +73,7 @@ class PipelineConfig:
                           "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
                           "become a preference file in any accepted format. Demo: the simulated annotator."})
     pairs_per_round: int = field(
-        default=80,
+        default=96,
         metadata={"help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."})
     skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
@@ -143,16 +143,16 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
     # one, for half the backward passes (the update is GEMM-bound on CPU).
     "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
-            "num_iterations": 10, "max_new_tokens": 48, "learning_rate": 3e-5, "init_kl_coef": 0.05,
-            "value_head_on_policy": True, "save_steps": 5, "logging_steps": 1},
+            "num_iterations": 8, "max_new_tokens": 48, "learning_rate": 4e-5, "init_kl_coef": 0.05,
+            "value_head_on_policy": True, "save_steps": 4, "logging_steps": 1},
     "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
             "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
-    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 24, "batch_size": 64},
+    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 16, "batch_size": 64},
 }
 # Prompts per generate() call when sampling preference pairs (two responses each). On CPU a decoding
 # step over many rows costs little more per row than over a few (measured, SmolLM2-135M, 2 cores, 48
 # tokens: 0.9 responses/s at 8 rows, 2.4 at 32, 2.95 at 64), so pairs are sampled in wide batches.
-SAMPLING_BATCH_PROMPTS = 40
+SAMPLING_BATCH_PROMPTS = 48
 
 
 # ---------------------------------------------------------------------------------------------
