@@ -73,7 +73,7 @@ class PipelineConfig:
                           "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
                           "become a preference file in any accepted format. Demo: the simulated annotator."})
     pairs_per_round: int = field(
-        default=96,
+        default=80,
         metadata={"help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."})
     skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
@@ -82,7 +82,7 @@ class PipelineConfig:
     dpo_model: str | None = field(default=None, metadata={"help": "Use this DPO policy instead of training one."})
     annotator_tau: float = field(
         default=0.1, metadata={"help": "Demo: noise temperature of the simulated annotator, P(a>b) = sigmoid((g(a)-g(b))/tau)."})
-    preference_max_new_tokens: int = field(default=48, metadata={"help": "Demo: response length when sampling pairs."})
+    preference_max_new_tokens: int = field(default=40, metadata={"help": "Demo: response length when sampling pairs."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."})
     bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
     best_of_n: int = field(
@@ -91,7 +91,7 @@ class PipelineConfig:
                           "0 leaves it out. The curve above covers the other N on fewer prompts."})
     eval_max_prompts: int = field(default=32, metadata={"help": "Held-out prompts used by the evaluation (0: all)."})
     bon_curve_prompts: int = field(
-        default=8, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."})
+        default=6, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."})
     seed: int = field(default=42, metadata={"help": "Seed for every stage."})
     # Per-stage options: YAML sections only (e.g. `ppo: {learning_rate: 1e-5}`); the names are those of
     # `tether sft/rm/ppo/dpo/eval --help`.
@@ -143,16 +143,16 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
     # one, for half the backward passes (the update is GEMM-bound on CPU).
     "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
-            "num_iterations": 8, "max_new_tokens": 48, "learning_rate": 4e-5, "init_kl_coef": 0.05,
-            "value_head_on_policy": True, "save_steps": 4, "logging_steps": 1},
+            "num_iterations": 6, "max_new_tokens": 40, "learning_rate": 5e-5, "init_kl_coef": 0.05,
+            "value_head_on_policy": True, "save_steps": 3, "logging_steps": 1},
     "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
             "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
-    "eval": {"max_new_tokens": 48, "probe_max_new_tokens": 16, "batch_size": 64},
+    "eval": {"max_new_tokens": 40, "probe_max_new_tokens": 16, "batch_size": 64},
 }
 # Prompts per generate() call when sampling preference pairs (two responses each). On CPU a decoding
 # step over many rows costs little more per row than over a few (measured, SmolLM2-135M, 2 cores, 48
 # tokens: 0.9 responses/s at 8 rows, 2.4 at 32, 2.95 at 64), so pairs are sampled in wide batches.
-SAMPLING_BATCH_PROMPTS = 48
+SAMPLING_BATCH_PROMPTS = 40
 
 
 # ---------------------------------------------------------------------------------------------
