@@ -110,6 +110,14 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
 
     with pytest.raises(ConfigError, match="not_an_option"):
         stage_config(PPOConfig, config, "ppo")
+    # every section is checked before the first stage runs: nothing is written
+    for section in ({"ppo": {"not_an_option": 1}}, {"eval": {"seed": 3}}, {"eval": {"max_new_tokns": 8}}):
+        bad.write_text(yaml.safe_dump(section))
+        config = parse_config(PipelineConfig, ["--config", str(bad), "--output_dir", str(tmp_path / "o")])
+        key = next(iter(next(iter(section.values()))))
+        with pytest.raises(ConfigError, match=f"unknown option\\(s\\) {key}"):
+            run_pipeline(config)
+        assert not (tmp_path / "o").exists()
 
 
 def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_section():

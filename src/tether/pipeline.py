@@ -214,12 +214,37 @@ def stage_config(config_class: type, pipeline: PipelineConfig, stage: str, **val
         options.update(DEMO_STAGE_DEFAULTS.get(stage, {}))
     options.update(values)
     section = getattr(pipeline, stage)
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ConfigError(f"pipeline section `{stage}`: unknown option(s) {', '.join(unknown)} for {config_class.__name__}")
+    check_section(stage, section, {f.name for f in dataclasses.fields(config_class)}, config_class.__name__)
     options.update(section)
     return config_class(**options)
+
+
+def check_section(stage: str, section: dict, known: set[str], owner: str) -> None:
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"pipeline section `{stage}`: unknown option(s) {', '.join(unknown)} for {owner}")
+
+
+# Options of `evaluate_policies` that the pipeline sets itself; the `eval:` section may set the rest.
+_EVAL_SET_BY_PIPELINE = {"policies", "reference", "reward_model", "tokenizer", "prompts", "temperature", "gold",
+                         "best_of_n", "seed"}
+
+
+def check_sections(pipeline: PipelineConfig) -> None:
+    """Every YAML stage section's option names, checked before the first stage runs (not when its
+    stage starts, possibly an hour later)."""
+    import inspect
+
+    from tether.evaluation.evaluate import evaluate_policies
+    from tether.ppo.trainer import PPOConfig
+    from tether.stages.dpo import DPOConfig
+    from tether.stages.reward import RewardConfig
+    from tether.stages.sft import SFTConfig
+
+    for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
+        check_section(stage, getattr(pipeline, stage), {f.name for f in dataclasses.fields(cls)}, cls.__name__)
+    check_section("eval", pipeline.eval, set(inspect.signature(evaluate_policies).parameters) - _EVAL_SET_BY_PIPELINE,
+                  "evaluate_policies")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +289,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     skipped = config.skipped()
     # Read and validate every user input before anything is written.
+    check_sections(config)
     demonstrations = (load_demonstrations(config.demonstrations) if config.demonstrations
                       else demo.demonstrations())
     user_pairs = load_preferences(config.preferences) if config.preferences else None
