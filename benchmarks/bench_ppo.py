@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/bench_ppo.py                 # writes benchmarks/results/ppo_cpu.json
     .venv/bin/python benchmarks/bench_ppo.py --memory        # writes benchmarks/results/ppo_memory.json
+    # issue 7's H100 settings (writes results/ppo_cuda.json; peak GPU memory of each side is recorded):
+    .venv/bin/python benchmarks/bench_ppo.py --device cuda --precision bf16 --batch_size 64 \
+        --mini_batch_size 16 --ppo_epochs 4 --response_length 53 [--architecture 24x1024]
 
 Same work on both sides (issue 7's CPU setting): policy = the embedded SmolLM2-135M-Instruct, fp32;
 reward model = value model = one SmolLM2-135M ``LlamaForSequenceClassification`` (the same backbone
@@ -115,8 +118,8 @@ def run_tether(work: Path, s: dict) -> dict:
         temperature=s["temperature"], learning_rate=s["learning_rate"], adam_epsilon=1e-5,
         lr_scheduler_type="linear", init_kl_coef=s["kl_coef"], vf_coef=0.1, normalize_reward=False,
         missing_eos_penalty=None, seed=s["seed"], save_steps=0, logging_steps=1000, report_to="none",
-        disable_tqdm=True, use_cpu=True, dtype="float32", optim="adamw_torch_fused",
-        **s.get("tether_options", {}))
+        disable_tqdm=True, use_cpu=s["device"] == "cpu", dtype="float32", bf16=s["precision"] == "bf16",
+        optim="adamw_torch_fused", **s.get("tether_options", {}))
     marks: list[float] = []
     trainer = PPOTrainer(config, prompts, extra_metrics=lambda rollout: marks.append(time.perf_counter()) or {})
     steps = count_optimizer_steps(trainer.optimizer)
@@ -162,7 +165,8 @@ def run_trl(work: Path, s: dict) -> dict:
         temperature=s["temperature"], learning_rate=s["learning_rate"], adam_epsilon=1e-5,
         lr_scheduler_type="linear", kl_coef=s["kl_coef"], vf_coef=0.1, missing_eos_penalty=None,
         num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=1, seed=s["seed"],
-        disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        disable_tqdm=True, use_cpu=s["device"] == "cpu", bf16=s["precision"] == "bf16", fp16=False,
+        gradient_checkpointing=False,
         optim="adamw_torch_fused", dataloader_num_workers=0)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward_model, value_model=value_model,
@@ -230,6 +234,10 @@ def child(side: str, work: Path) -> None:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        result["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
     result["cpu_user_seconds"], result["cpu_system_seconds"] = usage.ru_utime, usage.ru_stime
     result["minor_page_faults"] = usage.ru_minflt
     result["threads"] = torch.get_num_threads()
@@ -249,6 +257,8 @@ def prepare(work: Path, s: dict) -> dict:
 
     s["model"] = resolve_model_path(s["model"])
     tokenizer = load_tokenizer(s["model"])
+    if s.get("architecture"):
+        s["model"] = str(random_model(work / "policy", s["model"], s["architecture"], s["seed"]))
     n = s["batch_size"] * (s["warmup"] + s["iterations"])
     texts, ids = [], []
     for record in train_prompts():
@@ -258,8 +268,8 @@ def prepare(work: Path, s: dict) -> dict:
             ids.append(tokens)
         if len(ids) == n:
             break
-    if len(ids) < n:
-        raise SystemExit(f"only {len(ids)} demo prompts of {PROMPT_LENGTHS} tokens; lower --iterations")
+    unique = len(ids)
+    texts, ids = [texts[i % unique] for i in range(n)], [ids[i % unique] for i in range(n)]  # repeated if too few
     if isinstance(texts[0], (list, tuple)):  # chat messages → plain dicts for JSON
         texts = [[{"role": m.role, "content": m.content} for m in t] for t in texts]
     (work / "prompts.json").write_text(json.dumps({"texts": texts, "ids": ids}))
@@ -269,7 +279,33 @@ def prepare(work: Path, s: dict) -> dict:
     rm.save_pretrained(work / "rm", safe_serialization=True)
     tokenizer.save_pretrained(work / "rm")
     (work / "settings.json").write_text(json.dumps(s))
-    return {"prompts": len(ids), "prompt_tokens": sorted({len(i) for i in ids})}
+    return {"prompts": len(ids), "unique_prompts": unique, "prompt_tokens": sorted({len(i) for i in ids})}
+
+
+def random_model(folder: Path, base: str, architecture: str, seed: int) -> Path:
+    """Random weights of the base model's family with ``LAYERSxWIDTH`` (e.g. ``24x1024``).
+
+    Heads of 64 dimensions; a third as many key/value heads when that divides (SmolLM2-135M: 9 and
+    3), else a quarter; the MLP 8/3 times as wide (SmolLM2's 1536/576), rounded to a multiple of 64.
+    Throughput benchmarks only: the same tokenizer and chat template as the base.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tether.models.loading import load_tokenizer
+
+    layers, width = (int(x) for x in architecture.lower().split("x"))
+    heads = width // 64
+    kv_heads = heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads
+    config = AutoConfig.from_pretrained(base)
+    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = layers, width, heads
+    config.num_key_value_heads, config.head_dim = kv_heads, 64
+    config.intermediate_size = round(width * 8 / 3 / 64) * 64
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    load_tokenizer(base).save_pretrained(folder)
+    return folder
 
 
 def side_env(side: str, threads: int | None = None) -> dict[str, str]:
@@ -295,6 +331,8 @@ def aggregate(runs: list[dict]) -> dict:
                                             for k in runs[0]["split_seconds"]},
             "seconds_per_iteration": statistics.median(r["timed_seconds"] / r["timed_iterations"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            **({"peak_gpu_allocated_mb": max(r["peak_gpu_allocated_mb"] for r in runs)}
+               if "peak_gpu_allocated_mb" in runs[0] else {}),
             "optimizer_steps_per_iteration": runs[0]["optimizer_steps_per_iteration"]}
 
 
@@ -315,8 +353,13 @@ def main() -> None:
     parser.add_argument("--tether_options", default="{}",
                         help="JSON of extra PPOConfig fields for tether (e.g. '{\"rollout_logprobs\": \"generation\"}')")
     parser.add_argument("--sides", default="tether,trl", help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: fp32 weights with bf16 autocast on both sides (TrainingArguments' bf16)")
+    parser.add_argument("--architecture", default=None,
+                        help="LAYERSxWIDTH (e.g. 24x1024): random weights of that size in the model's family")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "ppo_cpu.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/ppo_DEVICE.json")
     args = parser.parse_args()
     if args.side:
         child(args.side, args.work)
@@ -330,7 +373,9 @@ def main() -> None:
     if not (TRL_PATH / "trl").is_dir():
         raise SystemExit(f"TRL 1.12.0 missing: {PYTHON.parent}/pip install --no-deps --target {TRL_PATH} trl==1.12.0")
     settings = {k: getattr(args, k) for k in ("model", "batch_size", "mini_batch_size", "ppo_epochs",
-                                               "response_length", "warmup", "iterations", "seed")}
+                                               "response_length", "warmup", "iterations", "seed", "device",
+                                               "precision", "architecture")}
+    args.out = args.out or HERE / "results" / f"ppo_{args.device}.json"
     settings.update(temperature=0.7, learning_rate=3e-6, kl_coef=0.05, tether_options=json.loads(args.tether_options))
     (HERE / "results").mkdir(exist_ok=True)
     load_before = os.getloadavg()
@@ -351,7 +396,7 @@ def main() -> None:
                       f"peak RSS {result['peak_rss_mb']:.0f} MiB, load {result['load_average_after']:.2f}", flush=True)
     summary = {side: aggregate(rs) for side, rs in runs.items()}
     report = {
-        "benchmark": "ppo_cpu", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "benchmark": f"ppo_{args.device}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads_per_side": args.threads,
                     "platform": platform.platform()},
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
@@ -365,6 +410,9 @@ def main() -> None:
     if "tether" in summary and "trl" in summary:
         report["ratio_episodes_per_s"] = summary["tether"]["episodes_per_s"] / summary["trl"]["episodes_per_s"]
         report["ratio_peak_rss"] = summary["tether"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
+        if "peak_gpu_allocated_mb" in summary["tether"]:
+            report["ratio_peak_gpu_allocated"] = (summary["tether"]["peak_gpu_allocated_mb"]
+                                                  / summary["trl"]["peak_gpu_allocated_mb"])
         print(f"tether {summary['tether']['episodes_per_s']:.3f} vs TRL {summary['trl']['episodes_per_s']:.3f} "
               f"episodes/s: {report['ratio_episodes_per_s']:.2f}x; peak RSS {summary['tether']['peak_rss_mb']:.0f} vs "
               f"{summary['trl']['peak_rss_mb']:.0f} MiB")

@@ -14,7 +14,8 @@ interpreter + torch + transformers baseline, the same for every configuration):
   fine-tuning, frozen reference copy, reward model, separate value model (a copy of the reward model);
 * ``ppo_full_value_head``: the same with a value head on the policy instead of a value model;
 * ``ppo_lora``: LoRA on the policy (r 16, all linear layers; the reference is the adapter-disabled
-  policy), separate trainable value model;
+  policy) and the default critic, which under LoRA is the reward model with its own adapters and a
+  trainable copy of its head (the reward is that network with the adapters disabled);
 * ``ppo_lora_value_head``: LoRA, value head on the policy: the four roles in two networks (policy
   with adapters and the frozen reward model).
 

@@ -106,6 +106,45 @@ def test_value_model_is_a_separate_copy_of_the_whole_reward_model(tmp_path, word
     assert not torch.equal(value.score.weight, before["score.weight"])  # the critic trained
 
 
+def test_with_lora_the_critic_is_adapters_on_the_reward_model_which_still_scores_exactly(tmp_path, word_dirs, word_tok):
+    """LoRA: the value model is the reward model plus adapters and a trainable copy of its head; with the
+    adapters disabled the same network gives the reward model's exact scores, before and after training."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.generation import left_pad
+    from tether.models.loading import load_scalar_model
+    from tether.models.scoring import token_scores
+    from tether.ppo.rollout import adapters_disabled, build_sequences, unwrap_model
+
+    config = make_config(tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2,
+                         num_iterations=2, save_steps=1)
+    t = trainer(config)
+    value = unwrap_model(t.models).value_model
+    assert t.reward_model is None and t.reference is None  # four roles, two networks
+    trained = {n for n, p in value.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "modules_to_save" in n for n in trained)
+    assert any("score" in n and "modules_to_save" in n for n in trained)  # the head trains in full
+
+    q, qm = left_pad([word_tok(p)["input_ids"] for p in PROMPTS[:3]], word_tok.pad_token_id)
+    r = torch.tensor([[word_tok.convert_tokens_to_ids(w) for w in ("a", GOOD, "b", "<eos>")]] * 3)
+    args = build_sequences(q, qm, r, torch.ones_like(r, dtype=torch.bool))
+    rm = load_scalar_model(str(word_dirs["rm"]))
+
+    def scores(model):
+        with torch.no_grad():
+            return token_scores(model, *args)
+
+    assert torch.equal(scores(value), scores(rm))  # the critic starts as the reward model
+    t.train()
+    with adapters_disabled(value):
+        assert torch.equal(scores(value), scores(rm))  # the reward model did not move
+    assert not torch.allclose(scores(value), scores(rm), atol=1e-3)  # the critic did
+    # outputs: checkpoints hold the adapter, the final value_model/ is a full merged model
+    assert (tmp_path / "run" / "checkpoint-2" / "value_model" / "adapter_config.json").is_file()
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "value_model")
+    assert torch.allclose(scores(merged), scores(value), atol=1e-5)
+
+
 def test_value_head_on_the_policy_starts_at_zero_and_trains(tmp_path, word_dirs):
     from tether.ppo.rollout import unwrap_model
 
@@ -270,11 +309,12 @@ def _comparable(row):
     return {k: v for k, v in row.items() if not k.startswith(("time", "throughput"))}
 
 
-def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_one(tmp_path, word_dirs):
-    from tether.models.loading import load_causal_lm
+@pytest.mark.parametrize("options", [{}, dict(use_peft=True, lora_r=4, lora_alpha=8)], ids=["full", "lora"])
+def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_one(tmp_path, word_dirs, options):
+    from tether.models.loading import load_causal_lm, load_scalar_model
 
     base = dict(num_iterations=4, save_steps=2, save_total_limit=1, target_kl=1.0, init_kl_coef=0.2,
-                reward_model_path=str(word_dirs["counting_rm"]), per_device_train_batch_size=2)
+                reward_model_path=str(word_dirs["counting_rm"]), per_device_train_batch_size=2, **options)
     whole = make_config(tmp_path, word_dirs, name="whole", **base)
     trainer(whole).train()
 
@@ -293,6 +333,9 @@ def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_on
     w1 = load_causal_lm(str(tmp_path / "whole" / "policy")).state_dict()
     w2 = load_causal_lm(str(tmp_path / "parts" / "policy")).state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    v1 = load_scalar_model(str(tmp_path / "whole" / "value_model")).state_dict()
+    v2 = load_scalar_model(str(tmp_path / "parts" / "value_model")).state_dict()
+    assert v1.keys() == v2.keys() and all(torch.equal(v1[k], v2[k]) for k in v1)
     assert sorted(p.name for p in (tmp_path / "parts").iterdir() if "checkpoint" in p.name) == ["checkpoint-4"]
 
 

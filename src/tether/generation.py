@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tether.data.records import Prompt
 from tether.data.templates import prompt_ids, stop_token_id
+from tether.memory import run_fitting_memory
 
 
 @dataclass
@@ -190,6 +191,8 @@ class GeneratedBatch:
     #: the logits ``generate`` computed (KV cache): ``[B, R]`` float32, 0 after each response's end.
     #: Only when asked for (``return_logprobs``); they match a full forward pass to ~1e-6 in fp32, not bitwise.
     logprobs: torch.Tensor | None = None
+    #: prompts per ``generate`` call that fitted in memory (the next call starts from it)
+    batch_size: int | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -220,8 +223,9 @@ def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.
 
     The tensor form of :func:`sample_from_ids` for PPO rollouts: the queries are already padded
     and on the model's device, and the result stays there. Generation runs in chunks of
-    ``batch_size`` rows (all at once when None). ``return_logprobs`` also keeps the log-probability
-    of each sampled token under ``softmax(logits / T)`` from the logits computed while sampling.
+    ``batch_size`` rows (all at once when None), halved after an out-of-memory error; the size that
+    fitted is returned as ``batch_size``. ``return_logprobs`` also keeps the log-probability of each
+    sampled token under ``softmax(logits / T)`` from the logits computed while sampling.
     """
     was_training = model.training
     model.eval()
@@ -230,22 +234,28 @@ def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.
     config = generation_config(tokenizer, settings)
     if return_logprobs:
         config.output_logits, config.return_dict_in_generate = True, True
-    batch_size = batch_size or query_ids.shape[0]
-    chunks, chunk_logprobs = [], []
+
+    def sample_in_chunks(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        chunks, chunk_logprobs = [], []
+        for start in range(0, query_ids.shape[0], size):
+            ids = query_ids[start: start + size]
+            out = model.generate(input_ids=ids, attention_mask=query_mask[start: start + size],
+                                 generation_config=config)
+            sequences = out.sequences if return_logprobs else out
+            sampled = sequences[:, ids.shape[1]:]
+            chunks.append(sampled)
+            if return_logprobs:
+                chunk_logprobs.append(torch.stack([
+                    torch.log_softmax(step.float() / settings.temperature, dim=-1)
+                    .gather(-1, sampled[:, t: t + 1]).squeeze(-1)
+                    for t, step in enumerate(out.logits)], dim=1))
+            del out
+        return chunks, chunk_logprobs
+
     try:
         with neutral_model_generation_config(model):
-            for start in range(0, query_ids.shape[0], batch_size):
-                ids = query_ids[start: start + batch_size]
-                out = model.generate(input_ids=ids, attention_mask=query_mask[start: start + batch_size],
-                                     generation_config=config)
-                sequences = out.sequences if return_logprobs else out
-                sampled = sequences[:, ids.shape[1]:]
-                chunks.append(sampled)
-                if return_logprobs:
-                    chunk_logprobs.append(torch.stack([
-                        torch.log_softmax(step.float() / settings.temperature, dim=-1)
-                        .gather(-1, sampled[:, t: t + 1]).squeeze(-1)
-                        for t, step in enumerate(out.logits)], dim=1))
+            (chunks, chunk_logprobs), used = run_fitting_memory(
+                sample_in_chunks, batch_size or query_ids.shape[0], "sampling")
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -254,6 +264,9 @@ def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.
                 if return_logprobs else None)
     if settings.fixed_length:
         n = responses.shape[0]
-        return GeneratedBatch(responses, torch.full((n,), width, dtype=torch.long, device=responses.device),
-                              torch.ones(n, dtype=torch.bool, device=responses.device), logprobs)
-    return cut_at_first_stop(responses, stop, pad_id, logprobs)
+        generated = GeneratedBatch(responses, torch.full((n,), width, dtype=torch.long, device=responses.device),
+                                   torch.ones(n, dtype=torch.bool, device=responses.device), logprobs)
+    else:
+        generated = cut_at_first_stop(responses, stop, pad_id, logprobs)
+    generated.batch_size = used
+    return generated

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
+from tether.memory import run_fitting_memory
 from tether.models.scoring import RewardStats, normalise, position_ids_from_mask, token_scores
 from tether.ppo.losses import apply_missing_stop_penalty, kl_penalty, logprobs_from_logits
 
@@ -94,8 +95,9 @@ class PolicyAndValue(nn.Module):
     """The two trained networks as one module (one optimiser, one DDP wrapper).
 
     The critic is either a separate scalar model (by default a copy of the whole reward model,
-    backbone and head: Stiennon et al., InstructGPT) or a zero-initialised linear head on the
-    policy's last hidden state (``value_head``, Ziegler et al.; saves one network).
+    backbone and head: Stiennon et al., InstructGPT; with LoRA, adapters and a trainable head copy
+    on the frozen reward model itself) or a zero-initialised linear head on the policy's last hidden
+    state (``value_head``, Ziegler et al.; saves one network).
     ``forward`` returns the response logits and values for a ``[query | response]`` batch; the
     rollout and the update both call it, so old and new log-probs come from the same computation.
     """
@@ -146,9 +148,10 @@ def make_value_head(policy: nn.Module) -> nn.Linear:
 
 
 @contextlib.contextmanager
-def adapters_disabled(policy: nn.Module):
-    """The reference of a LoRA policy: the same network with its adapters switched off."""
-    with unwrap_model(policy).disable_adapter():
+def adapters_disabled(model: nn.Module):
+    """The network under a LoRA model's adapters: the reference of a LoRA policy, the reward model
+    under a LoRA critic started from it."""
+    with unwrap_model(model).disable_adapter():
         yield
 
 
@@ -182,6 +185,9 @@ class Rollout:
     prompts: list | None = None  # the prompts as given (for hooks and logs), when known
     time_generate: float = 0.0
     time_score: float = 0.0
+    #: chunk sizes that fitted in memory (the next rollout starts from them)
+    generation_batch_size: int | None = None
+    forward_batch_size: int | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -219,7 +225,7 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module,
+def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module | None,
                     query_ids: torch.Tensor, query_mask: torch.Tensor, generated: GeneratedBatch,
                     temperature: float, kl_estimator: str = "k1", forward_batch_size: int | None = None,
                     reward_stats: RewardStats | None = None, missing_stop_penalty: float | None = None,
@@ -227,10 +233,14 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
                     prompts: list | None = None) -> Rollout:
     """Everything PPO needs about sampled responses, from one no-grad pass of each model.
 
-    ``reference`` None means "the policy with its LoRA adapters disabled". When ``generated`` carries
+    ``reference`` None means "the policy with its LoRA adapters disabled", ``reward_model`` None
+    "the (LoRA) value model with its adapters disabled". When ``generated`` carries
     the log-probs computed while sampling, they are used as the old log-probs and the policy's own
     pass is skipped (the value model still runs); they equal the training forward to ~1e-6 in fp32
     rather than bitwise, so the first minibatch's ratio is 1 only to that precision.
+    The passes run on ``forward_batch_size`` rows at a time (default: all), halved after an
+    out-of-memory error (:func:`tether.memory.run_fitting_memory`); ``Rollout.forward_batch_size``
+    records the size that fitted.
     """
     width = int(generated.lengths.max())  # nothing beyond the longest response is ever real
     responses = generated.responses[:, :width]
@@ -238,37 +248,44 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
     input_ids, attention_mask, position_ids = build_sequences(query_ids, query_mask, responses, response_mask)
     prompt_width = query_ids.shape[1]
     n = input_ids.shape[0]
-    size = forward_batch_size or n
     full = {"kl": "k1", "mse": "k2"}.get(kl_estimator, kl_estimator) == "full"
     reuse = generated.logprobs is not None and not full and models.value_head is None
     sampled_logprobs = generated.logprobs[:, :width] if reuse else None
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")}
-    # The policy stays in its training mode: the old log-probs come from exactly the computation the
-    # update will repeat (dropout is off in every model, so the mode changes nothing else).
-    for rows in _chunks(n, size):
-        args = (input_ids[rows], attention_mask[rows], position_ids[rows])
-        mask = response_mask[rows]
-        tokens = responses[rows]
-        with autocast():
-            logits, values = models(*args, prompt_width=prompt_width, with_logits=not reuse)
-            if reference is None:
-                with adapters_disabled(models.policy):
-                    ref_logits = response_logits(models.policy, *args, prompt_width)
-            else:
-                ref_logits = response_logits(reference, *args, prompt_width)
-            score = last_token_scores(reward_model, *args, prompt_width, generated.lengths[rows])
-        logp = sampled_logprobs[rows] if reuse else logprobs_from_logits(logits, tokens, temperature)
-        ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
-        pen = kl_penalty(logp, ref_logp, kl_estimator, logits, ref_logits, temperature)
-        reported = pen if full else logp - ref_logp
-        zeros = torch.zeros_like(logp)
-        out["logprobs"].append(torch.where(mask, logp, zeros))
-        out["ref_logprobs"].append(torch.where(mask, ref_logp, zeros))
-        out["values"].append(torch.where(mask, values, zeros))
-        out["kl"].append(torch.where(mask, reported, zeros))
-        out["pen"].append(torch.where(mask, pen, zeros))
-        out["score"].append(score)
-        del logits, ref_logits
+    def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")}
+        # The policy stays in its training mode: the old log-probs come from exactly the computation the
+        # update will repeat (dropout is off in every model, so the mode changes nothing else).
+        for rows in _chunks(n, size):
+            args = (input_ids[rows], attention_mask[rows], position_ids[rows])
+            mask = response_mask[rows]
+            tokens = responses[rows]
+            with autocast():
+                logits, values = models(*args, prompt_width=prompt_width, with_logits=not reuse)
+                if reference is None:
+                    with adapters_disabled(models.policy):
+                        ref_logits = response_logits(models.policy, *args, prompt_width)
+                else:
+                    ref_logits = response_logits(reference, *args, prompt_width)
+                if reward_model is None:
+                    with adapters_disabled(models.value_model):
+                        score = last_token_scores(models.value_model, *args, prompt_width, generated.lengths[rows])
+                else:
+                    score = last_token_scores(reward_model, *args, prompt_width, generated.lengths[rows])
+            logp = sampled_logprobs[rows] if reuse else logprobs_from_logits(logits, tokens, temperature)
+            ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
+            pen = kl_penalty(logp, ref_logp, kl_estimator, logits, ref_logits, temperature)
+            reported = pen if full else logp - ref_logp
+            zeros = torch.zeros_like(logp)
+            out["logprobs"].append(torch.where(mask, logp, zeros))
+            out["ref_logprobs"].append(torch.where(mask, ref_logp, zeros))
+            out["values"].append(torch.where(mask, values, zeros))
+            out["kl"].append(torch.where(mask, reported, zeros))
+            out["pen"].append(torch.where(mask, pen, zeros))
+            out["score"].append(score)
+            del logits, ref_logits
+        return out
+
+    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n, "the rollout's scoring pass")
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, reward_stats) if reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, missing_stop_penalty)
@@ -277,11 +294,12 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
         lengths=generated.lengths, stopped=generated.stopped, input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids, logprobs=torch.cat(out["logprobs"]), ref_logprobs=torch.cat(out["ref_logprobs"]),
         values=torch.cat(out["values"]), kl=torch.cat(out["kl"]), kl_penalty=torch.cat(out["pen"]),
-        raw_scores=raw_scores, scores=scores, prompts=prompts,
+        raw_scores=raw_scores, scores=scores, prompts=prompts, forward_batch_size=size,
     )
 
 
-def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module, tokenizer,
+def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module | None,
+                 tokenizer,
                  query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
                  kl_estimator: str = "k1", generation_batch_size: int | None = None,
                  forward_batch_size: int | None = None, reward_stats: RewardStats | None = None,
@@ -306,6 +324,7 @@ def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_
                               reward_stats=reward_stats, missing_stop_penalty=missing_stop_penalty,
                               autocast=autocast, prompts=prompts)
     synchronize()
+    rollout.generation_batch_size = generated.batch_size
     rollout.time_generate = generated_at - start
     rollout.time_score = time.perf_counter() - generated_at
     return rollout

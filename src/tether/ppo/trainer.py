@@ -47,6 +47,7 @@ from tether.data.templates import prompt_ids as render_prompt_ids
 from tether.data.templates import prompt_text
 from tether.evaluation.monitor import KLMonitor
 from tether.generation import SamplingSettings, left_pad
+from tether.memory import run_fitting_memory
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import make_kl_controller
 from tether.ppo.losses import (KL_ESTIMATORS, entropy_from_logits, explained_variance, logprobs_from_logits,
@@ -96,11 +97,13 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         "Episodes per optimizer step, over all processes; default: --batch_size (one minibatch per epoch)."))
     per_device_train_batch_size: int | None = field(default=None, metadata=_help(
         "Micro-batch: episodes per forward/backward on each process (gradient accumulation fills the "
-        "minibatch); default: the whole per-process minibatch at once."))
+        "minibatch); default: the whole per-process minibatch at once. Halved after an out-of-memory error."))
     forward_batch_size: int | None = field(default=None, metadata=_help(
-        "Episodes per no-grad forward in the rollout (policy, reference, value, reward); default: the micro-batch."))
+        "Episodes per no-grad forward in the rollout (policy, reference, value, reward); default: the whole "
+        "per-process batch. Halved after an out-of-memory error."))
     generation_batch_size: int | None = field(default=None, metadata=_help(
-        "Prompts per generate() call on each process; default: the whole per-process batch."))
+        "Prompts per generate() call on each process; default: the whole per-process batch. Halved after an "
+        "out-of-memory error."))
     ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
     num_iterations: int | None = field(default=None, metadata=_help("PPO iterations to run (overrides the others)."))
     total_episodes: int | None = field(default=None, metadata=_help(
@@ -395,7 +398,7 @@ class PPOTrainer:
             raise ConfigError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} disagrees with "
                               f"mini_batch_size / (per_device_train_batch_size × processes) = {self.accumulation}; "
                               "leave it unset")
-        self.forward_batch = cfg.forward_batch_size or self.micro
+        self.forward_batch = cfg.forward_batch_size or self.local_batch
         self.generation_batch = cfg.generation_batch_size or self.local_batch
 
     def _load_prompts(self, prompts: Sequence | None) -> tuple[list, list[list[int]]]:
@@ -489,6 +492,8 @@ class PPOTrainer:
             reference = copy.deepcopy(policy)
             if ckpt is not None:
                 policy = load_causal_lm(str(ckpt / "policy"), cfg.dtype)
+        reward_model = load_scalar_model(cfg.reward_model_path, cfg.dtype)
+        reward_model.requires_grad_(False)
         if cfg.value_head_on_policy:
             value_model = None
             value_head = make_value_head(policy)
@@ -496,12 +501,27 @@ class PPOTrainer:
                 from safetensors.torch import load_file
 
                 value_head.load_state_dict(load_file(str(ckpt / "value_head" / "value_head.safetensors")))
+        elif cfg.use_peft:
+            from peft import PeftModel, get_peft_model
+
+            # A LoRA critic: adapters plus a trainable copy of the score head on a frozen backbone.
+            # Started from the reward model (the default), it IS the reward model with its adapters
+            # disabled (PEFT keeps the original head for that state), so the two roles share one
+            # network, as the reference and the policy do.
+            value_head = None
+            base = reward_model if cfg.value_model_path is None else load_scalar_model(cfg.value_model_path, cfg.dtype)
+            base.requires_grad_(False)
+            if ckpt is not None:
+                value_model = PeftModel.from_pretrained(base, ckpt / "value_model", is_trainable=True)
+            else:
+                value_model = get_peft_model(base, peft_config_from(cfg, task_type="SEQ_CLS"))
+            if cfg.value_model_path is None:
+                reward_model = None  # scored by the value model with its adapters disabled
         else:
             value_head = None
             value_source = str(ckpt / "value_model") if ckpt is not None else (
                 cfg.value_model_path or cfg.reward_model_path)
             value_model = load_scalar_model(value_source, cfg.dtype)
-        reward_model = load_scalar_model(cfg.reward_model_path, cfg.dtype)
         for model in (policy, reference, value_model, reward_model):
             if model is not None:
                 disable_dropout(model)  # ratio 1 and KL 0 at equal weights, in train mode too
@@ -682,13 +702,16 @@ class PPOTrainer:
         cfg, acc = self.config, self.accelerator
         prompts, token_ids = self._next_prompts()
         query_ids, query_mask = left_pad(token_ids, self._pad_id())
-        return make_rollout(
+        rollout = make_rollout(
             models=unwrap_model(self.models), reference=self.reference, reward_model=self.reward_model,
             tokenizer=self.tokenizer, query_ids=query_ids.to(acc.device), query_mask=query_mask.to(acc.device),
             settings=self.sampling, kl_estimator=cfg.kl_penalty, generation_batch_size=self.generation_batch,
             forward_batch_size=self.forward_batch, reward_stats=self.reward_stats,
             missing_stop_penalty=cfg.missing_eos_penalty, autocast=acc.autocast, prompts=prompts,
             synchronize=self._synchronize, logprobs_from_sampling=cfg.rollout_logprobs == "generation")
+        # chunk sizes that fitted in memory (smaller than asked after an out-of-memory error) stay
+        self.generation_batch, self.forward_batch = rollout.generation_batch_size, rollout.forward_batch_size
+        return rollout
 
     def learn(self, rollout: Rollout) -> dict[str, Any]:
         """One PPO update from one rollout batch (this process's share); returns the iteration's metrics."""
@@ -750,8 +773,12 @@ class PPOTrainer:
                 # processes add up to exactly the same gradient as one big batch
                 n_tokens = self._sum(rollout.response_mask[minibatch].sum().float())
                 denominator = n_tokens / self.world
-                stats = self._minibatch_step(rollout, minibatch, advantages, returns, old_logprobs, old_values,
-                                             denominator, train_policy)
+                # micro-batches start at the whole minibatch (or the size asked for) and halve after an
+                # out-of-memory error; the gradient is the same sum whichever way the rows are split
+                stats, self.micro = run_fitting_memory(
+                    lambda micro: self._minibatch_step(rollout, minibatch, advantages, returns, old_logprobs,
+                                                       old_values, denominator, train_policy, micro),
+                    self.micro, "the PPO update")
                 self.update_log.append({"epoch": epoch, "rows": minibatch.tolist(), **stats})
                 for key, value in stats.items():
                     sums[key] += value
@@ -770,12 +797,13 @@ class PPOTrainer:
         return out
 
     def _minibatch_step(self, rollout: Rollout, minibatch: torch.Tensor, advantages, returns, old_logprobs,
-                        old_values, denominator, train_policy: bool) -> dict[str, float]:
+                        old_values, denominator, train_policy: bool, micro: int) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
         P = rollout.prompt_width
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         ratio_dev = torch.zeros((), device=acc.device)
-        micro_batches = [minibatch[i: i + self.micro] for i in range(0, len(minibatch), self.micro)]
+        self.optimizer.zero_grad(set_to_none=True)  # a retry after an out-of-memory error starts clean
+        micro_batches = [minibatch[i: i + micro] for i in range(0, len(minibatch), micro)]
         for k, idx in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.models)
@@ -925,20 +953,19 @@ class PPOTrainer:
             torch.cuda.synchronize()
 
     # ---- saving --------------------------------------------------------------------------------
-    def _save_models(self, folder: Path, merged_policy: bool) -> None:
-        """policy/ (adapter or full; ``merged_policy``: a full model even with LoRA), value_model/ or value_head/."""
+    def _save_models(self, folder: Path, merged: bool) -> None:
+        """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/."""
         models = unwrap_model(self.models)
-        policy = models.policy
-        if merged_policy and hasattr(policy, "merge_and_unload"):
-            import copy
+        for name, model in (("policy", models.policy), ("value_model", models.value_model)):
+            if model is None:
+                continue
+            if merged and hasattr(model, "merge_and_unload"):
+                import copy
 
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(folder / "policy", safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "policy")
-        if models.value_model is not None:
-            models.value_model.save_pretrained(folder / "value_model", safe_serialization=True)
-            self.tokenizer.save_pretrained(folder / "value_model")
-        else:
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(folder / name, safe_serialization=True)
+            self.tokenizer.save_pretrained(folder / name)
+        if models.value_head is not None:
             from safetensors.torch import save_file
 
             (folder / "value_head").mkdir(parents=True, exist_ok=True)
@@ -956,7 +983,7 @@ class PPOTrainer:
         acc.wait_for_everyone()
         torch.save(_rng_state() | {"shuffle": self.shuffle_rng.get_state()}, tmp / f"rng_state_{self.rank}.pth")
         if acc.is_main_process:
-            self._save_models(tmp, merged_policy=False)
+            self._save_models(tmp, merged=False)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "ppo_config.json").write_text(self.config.to_json_string(), encoding="utf-8")
@@ -1054,7 +1081,7 @@ class PPOTrainer:
         return result
 
     def save_final(self) -> tuple[str, str]:
-        """Write policy/ (a full model, LoRA merged; the adapter alone in adapter/) and the value model, atomically."""
+        """Write policy/ and value_model/ (full models, LoRA merged; the policy's adapter alone in adapter/), atomically."""
         acc = self.accelerator
         policy_dir = self.output_dir / "policy"
         models = unwrap_model(self.models)
@@ -1064,7 +1091,7 @@ class PPOTrainer:
             tmp = self.output_dir / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self._save_models(tmp, merged_policy=True)
+            self._save_models(tmp, merged=True)
             if hasattr(models.policy, "merge_and_unload"):
                 models.policy.save_pretrained(tmp / "adapter", safe_serialization=True)
                 _replace_dir(tmp / "adapter", self.output_dir / "adapter")
