@@ -137,7 +137,11 @@ class Sample:
 @torch.no_grad()
 def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings,
                     num_return_sequences: int = 1, batch_size: int = 16) -> list[list[Sample]]:
-    """Sample ``num_return_sequences`` responses for each tokenised prompt."""
+    """Sample ``num_return_sequences`` responses for each tokenised prompt.
+
+    ``batch_size`` prompts per ``generate`` call; after an out-of-memory error the call is retried
+    with half as many (:func:`tether.memory.run_fitting_memory`) and the smaller size is kept.
+    """
     was_training = model.training
     model.eval()
     stop = set(stop_ids(tokenizer, settings))
@@ -145,16 +149,24 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
     config = generation_config(tokenizer, settings, num_return_sequences)
     device = next(model.parameters()).device
     out: list[list[Sample]] = []
+    fitted = batch_size
     try:
         starts = range(0, len(prompts), batch_size)
         # a progress bar for long sampling jobs (preference pairs, evaluation, best-of-N)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 4, leave=False):
             chunk = prompts[start: start + batch_size]
-            ids, mask = left_pad(chunk, pad_id)
-            with neutral_model_generation_config(model):
-                generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                           generation_config=config)
-            responses = generated[:, ids.shape[1]:].tolist()
+
+            def generate_rows(rows: int) -> list[list[int]]:
+                responses = []
+                for first in range(0, len(chunk), rows):
+                    ids, mask = left_pad(chunk[first: first + rows], pad_id)
+                    with neutral_model_generation_config(model):
+                        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                                   generation_config=config)
+                    responses += generated[:, ids.shape[1]:].tolist()
+                return responses
+
+            responses, fitted = run_fitting_memory(generate_rows, min(fitted, len(chunk)), "sampling")
             for i, p in enumerate(chunk):
                 group = []
                 for j in range(num_return_sequences):
