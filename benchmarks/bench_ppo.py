@@ -282,25 +282,34 @@ def prepare(work: Path, s: dict) -> dict:
     return {"prompts": len(ids), "unique_prompts": unique, "prompt_tokens": sorted({len(i) for i in ids})}
 
 
-def random_model(folder: Path, base: str, architecture: str, seed: int) -> Path:
-    """Random weights of the base model's family with ``LAYERSxWIDTH`` (e.g. ``24x1024``).
+def family_config(base: str, architecture: str | None) -> dict:
+    """The base model's config (a dict), resized to ``LAYERSxWIDTH`` (e.g. ``24x1024``) when given.
 
     Heads of 64 dimensions; a third as many key/value heads when that divides (SmolLM2-135M: 9 and
     3), else a quarter; the MLP 8/3 times as wide (SmolLM2's 1536/576), rounded to a multiple of 64.
-    Throughput benchmarks only: the same tokenizer and chat template as the base.
     """
+    config = json.loads((Path(base) / "config.json").read_text())
+    if architecture:
+        layers, width = (int(x) for x in architecture.lower().split("x"))
+        heads = width // 64
+        config.update(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, head_dim=64,
+                      num_key_value_heads=heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads,
+                      intermediate_size=round(width * 8 / 3 / 64) * 64)
+    return config
+
+
+def random_model(folder: Path, base: str, architecture: str, seed: int) -> Path:
+    """Random weights of :func:`family_config` (throughput benchmarks only; the base's tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tether.models.loading import load_tokenizer
 
-    layers, width = (int(x) for x in architecture.lower().split("x"))
-    heads = width // 64
-    kv_heads = heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads
     config = AutoConfig.from_pretrained(base)
-    config.num_hidden_layers, config.hidden_size, config.num_attention_heads = layers, width, heads
-    config.num_key_value_heads, config.head_dim = kv_heads, 64
-    config.intermediate_size = round(width * 8 / 3 / 64) * 64
+    for key, value in family_config(base, architecture).items():
+        if key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads",
+                   "intermediate_size"):
+            setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
