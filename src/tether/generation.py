@@ -166,7 +166,7 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
                     responses += generated[:, ids.shape[1]:].tolist()
                 return responses
 
-            responses, fitted = run_fitting_memory(generate_rows, min(fitted, len(chunk)), "sampling")
+            responses, fitted = run_fitting_memory(generate_rows, min(fitted, len(chunk)), "sampling (--batch_size)")
             for i, p in enumerate(chunk):
                 group = []
                 for j in range(num_return_sequences):
@@ -267,7 +267,7 @@ def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.
     try:
         with neutral_model_generation_config(model):
             (chunks, chunk_logprobs), used = run_fitting_memory(
-                sample_in_chunks, batch_size or query_ids.shape[0], "sampling")
+                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)")
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)

@@ -32,20 +32,21 @@ def run_fitting_memory(step: Callable[[int], T], size: int, what: str) -> tuple[
     they keep dividing power-of-two batches. Returns ``step``'s result and the size that ran, which
     the caller keeps as the next call's starting size.
 
-    Under several processes an error is raised as it is: the others would wait forever in their
-    next collective (FSDP and ZeRO-3 forwards gather weights) while one process retries alone.
-    A single row that does not fit raises too.
+    Under several processes the error is raised (naming ``what``, which names the option): the
+    others would wait forever in their next collective (FSDP and ZeRO-3 forwards gather weights)
+    while one process retried alone. A single row that does not fit raises too.
     """
     from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
-    if _several_processes():
-        return step(size), size
     while True:
         try:
             return step(size), size
         except Exception as exc:  # noqa: BLE001  (only out-of-memory errors are retried)
             if not should_reduce_batch_size(exc):
                 raise
+            if _several_processes():
+                raise RuntimeError(f"{what}: out of memory at {size} rows per process; several processes cannot "
+                                   "shrink it on their own: set the size lower") from exc
             if size <= 1:
                 raise RuntimeError(f"{what}: out of memory with a single row; lower --max_new_tokens, "
                                    "--max_prompt_length or the model's size") from exc

@@ -285,7 +285,7 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
             del logits, ref_logits
         return out
 
-    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n, "the rollout's scoring pass")
+    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n, "the rollout's scoring pass (--forward_batch_size)")
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, reward_stats) if reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, missing_stop_penalty)

@@ -778,7 +778,7 @@ class PPOTrainer:
                 stats, self.micro = run_fitting_memory(
                     lambda micro: self._minibatch_step(rollout, minibatch, advantages, returns, old_logprobs,
                                                        old_values, denominator, train_policy, micro),
-                    self.micro, "the PPO update")
+                    self.micro, "the PPO update (--per_device_train_batch_size)")
                 self.update_log.append({"epoch": epoch, "rows": minibatch.tolist(), **stats})
                 for key, value in stats.items():
                     sums[key] += value
