@@ -7,7 +7,8 @@ to the same prompt, to show that ranks sample with different seeds.
 
 Then the whole loop (``train``: rollout, update, metrics, checkpoint, outputs) runs once across the processes.
 
-usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM
+usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM [lora]
+(``lora``: LoRA policy, reference = adapters off, critic = LoRA on the reward model)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t
 RESPONSES = ["a good <eos>", "b c d e f", "good good <eos>", "x <eos>", "no yes no yes", "m <eos>", "good", "t u <eos>"]
 
 
-def main(out: str, policy: str, rm: str) -> None:
+def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     torch.set_num_threads(1)
     from tether.generation import GeneratedBatch, generate_batch, left_pad
     from tether.ppo.rollout import score_responses, unwrap_model
@@ -31,7 +32,8 @@ def main(out: str, policy: str, rm: str) -> None:
     config = PPOConfig(output_dir=str(Path(out) / "run"), model_name_or_path=policy, reward_model_path=rm,
                        use_cpu=True, batch_size=8, mini_batch_size=8, per_device_train_batch_size=2, ppo_epochs=2,
                        learning_rate=1e-2, num_iterations=1, max_new_tokens=6, save_steps=0, disable_tqdm=True,
-                       logging_steps=1000, report_to="none", target_kl=1.0, init_kl_coef=0.2)
+                       logging_steps=1000, report_to="none", target_kl=1.0, init_kl_coef=0.2,
+                       **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}))
     trainer = PPOTrainer(config, PROMPTS)
     tok, acc = trainer.tokenizer, trainer.accelerator
     share = slice(trainer.rank * trainer.local_batch, (trainer.rank + 1) * trainer.local_batch)
@@ -65,4 +67,4 @@ def main(out: str, policy: str, rm: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -24,18 +24,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_update_equals_one_process_update(tmp_path, word_dirs):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_two_process_update_equals_one_process_update(tmp_path, word_dirs, mode):
     from ppo_multiprocess_worker import main
 
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
-    main(str(one), str(word_dirs["policy"]), str(word_dirs["rm"]))  # one process, in this interpreter
+    main(str(one), str(word_dirs["policy"]), str(word_dirs["rm"]), mode)  # one process, in this interpreter
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(_free_port()), str(HERE / "ppo_multiprocess_worker.py"), str(two),
-         str(word_dirs["policy"]), str(word_dirs["rm"])],
+         str(word_dirs["policy"]), str(word_dirs["rm"]), mode],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
@@ -51,8 +52,10 @@ def test_two_process_update_equals_one_process_update(tmp_path, word_dirs):
             assert mb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     wa, wb = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    assert not torch.equal(torch.load(one / "policy.pt")["lm_head.weight"],
-                           _initial_lm_head(word_dirs["policy"]))  # the update did move the policy
+    if mode == "full":
+        assert not torch.equal(wa["lm_head.weight"], _initial_lm_head(word_dirs["policy"]))  # the policy moved
+    else:  # LoRA B matrices start at zero: the adapters moved
+        assert any(wa[k].abs().max() > 0 for k in wa if "lora_B" in k)
     # each rank sampled its own responses to the same prompt
     samples = b["samples"]
     assert samples[:4] != samples[4:]

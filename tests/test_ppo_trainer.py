@@ -71,6 +71,7 @@ def test_first_minibatch_has_ratio_one_and_old_logprobs_stay_fixed_across_epochs
 
 @pytest.mark.parametrize("options", [dict(activation_checkpointing=True),
                                      dict(use_peft=True, value_head_on_policy=True, lora_r=4),
+                                     dict(use_peft=True, lora_r=4, activation_checkpointing=True),
                                      dict(generation_cache="static", kl_penalty="full")])
 def test_ratio_is_exactly_one_on_the_first_minibatch_with_other_options(tmp_path, word_dirs, options):
     t = trainer(make_config(tmp_path, word_dirs, num_iterations=1, **options))
