@@ -282,34 +282,33 @@ def prepare(work: Path, s: dict) -> dict:
     return {"prompts": len(ids), "unique_prompts": unique, "prompt_tokens": sorted({len(i) for i in ids})}
 
 
-def family_config(base: str, architecture: str | None) -> dict:
-    """The base model's config (a dict), resized to ``LAYERSxWIDTH`` (e.g. ``24x1024``) when given.
+def family_overrides(architecture: str) -> dict:
+    """Config fields of the base model's family resized to ``LAYERSxWIDTH`` (e.g. ``24x1024``).
 
     Heads of 64 dimensions; a third as many key/value heads when that divides (SmolLM2-135M: 9 and
     3), else a quarter; the MLP 8/3 times as wide (SmolLM2's 1536/576), rounded to a multiple of 64.
     """
+    layers, width = (int(x) for x in architecture.lower().split("x"))
+    heads = width // 64
+    return {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads, "head_dim": 64,
+            "num_key_value_heads": heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads,
+            "intermediate_size": round(width * 8 / 3 / 64) * 64}
+
+
+def family_config(base: str, architecture: str | None) -> dict:
+    """The base model's config (a dict), resized by :func:`family_overrides` when ``architecture`` is given."""
     config = json.loads((Path(base) / "config.json").read_text())
-    if architecture:
-        layers, width = (int(x) for x in architecture.lower().split("x"))
-        heads = width // 64
-        config.update(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads, head_dim=64,
-                      num_key_value_heads=heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads,
-                      intermediate_size=round(width * 8 / 3 / 64) * 64)
-    return config
+    return config | family_overrides(architecture) if architecture else config
 
 
 def random_model(folder: Path, base: str, architecture: str, seed: int) -> Path:
-    """Random weights of :func:`family_config` (throughput benchmarks only; the base's tokenizer)."""
+    """Random weights of :func:`family_overrides` (throughput benchmarks only; the base's tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tether.models.loading import load_tokenizer
 
-    config = AutoConfig.from_pretrained(base)
-    for key, value in family_config(base, architecture).items():
-        if key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim", "num_key_value_heads",
-                   "intermediate_size"):
-            setattr(config, key, value)
+    config = AutoConfig.from_pretrained(base, **family_overrides(architecture))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)

@@ -251,8 +251,10 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
     full = {"kl": "k1", "mse": "k2"}.get(kl_estimator, kl_estimator) == "full"
     reuse = generated.logprobs is not None and not full and models.value_head is None
     sampled_logprobs = generated.logprobs[:, :width] if reuse else None
+
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")}
+        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen",
+                                                               "score")}
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
         for rows in _chunks(n, size):
@@ -285,7 +287,8 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
             del logits, ref_logits
         return out
 
-    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n, "the rollout's scoring pass (--forward_batch_size)")
+    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n,
+                                   "the rollout's scoring pass (--forward_batch_size)")
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, reward_stats) if reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, missing_stop_penalty)
@@ -299,8 +302,7 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
 
 
 def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module | None,
-                 tokenizer,
-                 query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
+                 tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
                  kl_estimator: str = "k1", generation_batch_size: int | None = None,
                  forward_batch_size: int | None = None, reward_stats: RewardStats | None = None,
                  missing_stop_penalty: float | None = None,

@@ -493,7 +493,6 @@ class PPOTrainer:
             if ckpt is not None:
                 policy = load_causal_lm(str(ckpt / "policy"), cfg.dtype)
         reward_model = load_scalar_model(cfg.reward_model_path, cfg.dtype)
-        reward_model.requires_grad_(False)
         if cfg.value_head_on_policy:
             value_model = None
             value_head = make_value_head(policy)
@@ -507,10 +506,9 @@ class PPOTrainer:
             # A LoRA critic: adapters plus a trainable copy of the score head on a frozen backbone.
             # Started from the reward model (the default), it IS the reward model with its adapters
             # disabled (PEFT keeps the original head for that state), so the two roles share one
-            # network, as the reference and the policy do.
+            # network, as the reference and the policy do. PEFT freezes the backbone and the original head.
             value_head = None
             base = reward_model if cfg.value_model_path is None else load_scalar_model(cfg.value_model_path, cfg.dtype)
-            base.requires_grad_(False)
             if ckpt is not None:
                 value_model = PeftModel.from_pretrained(base, ckpt / "value_model", is_trainable=True)
             else:
