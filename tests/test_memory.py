@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ENV = {**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# One malloc arena and a fixed mmap threshold with trimming: every block over 128 KiB is mapped and unmapped on
+# its own, so freed memory leaves the address space and the limit measures what a run really needs
+# (glibc's dynamic threshold would otherwise keep freed blocks mapped and hand them to the next run).
+ENV = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
 
 
