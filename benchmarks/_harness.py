@@ -1,5 +1,6 @@
 """What every side-by-side benchmark needs: run one side in a fresh process and read its result,
 and describe the machine and the library versions in the JSON it writes."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def run_side(side: str, cmd: list[str], env: dict[str, str], cwd: Path | str) ->
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise SystemExit(f"{side} run failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["process_seconds"] = wall
     result["load_average_after"] = os.getloadavg()[0]
     return result
@@ -45,8 +46,11 @@ def cpu_name() -> str:
 
 def versions(python: Path | str, env: dict[str, str] | None = None) -> dict:
     """torch/transformers/accelerate (and trl when importable) as seen by ``python`` with ``env``."""
-    code = ("import json, torch, transformers, accelerate\n"
-            "v = {'torch': torch.__version__, 'transformers': transformers.__version__, 'accelerate': accelerate.__version__}\n"
-            "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))")
+    code = (
+        "import json, torch, transformers, accelerate\n"
+        "v = {'torch': torch.__version__, 'transformers': transformers.__version__, "
+        "'accelerate': accelerate.__version__}\n"
+        "try:\n import trl; v['trl'] = trl.__version__\nexcept ImportError: pass\nprint(json.dumps(v))"
+    )
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env)
     return json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}

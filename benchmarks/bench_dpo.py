@@ -16,6 +16,7 @@ implicit-reward accuracy on the same held-out pairs after training.
 
 Timings on a shared machine are noisy: the JSON records the load average before and after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,27 +37,70 @@ ROOT = HERE.parent
 TRL_VENV = HERE / ".venv-trl116"
 RESULTS = HERE / "results"
 
-TOPICS = ["the ocean", "a rainy day", "learning to cook", "an old library", "mountain hiking", "city buses",
-          "growing tomatoes", "the night sky", "a first job", "playing chess", "winter mornings", "bicycles",
-          "reading poetry", "a quiet village", "honey bees", "train journeys", "baking bread", "a busy market",
-          "ancient maps", "learning a language", "river fishing", "solar panels", "a school garden", "jazz music",
-          "making pottery", "desert plants", "lighthouses", "birdwatching", "paper airplanes", "the moon landing",
-          "public parks", "tea ceremonies", "old cameras", "snowy forests", "sailing boats", "a science fair",
-          "street food", "wooden furniture", "volcanoes", "museum visits"]
-QUESTIONS = ["Can you tell me something interesting about {t}?", "Write two sentences about {t}.",
-             "What should a beginner know about {t}?", "Describe {t} for a child.",
-             "Why do people enjoy {t}?"]
-GOOD = ["Of course! {T} is a wonderful subject: people often find that it rewards patience and curiosity, "
-        "and there is always something new to notice.",
-        "Happy to help. {T} can be surprisingly rich; a good way to start is to look closely, ask questions, "
-        "and enjoy the small details.",
-        "Great question! Many people love {t} because it brings calm, a sense of discovery, and good stories "
-        "to share with friends.",
-        "Sure. {T} is worth exploring slowly; start simple, stay curious, and you will learn a lot along the way."]
-BAD = ["Ugh, {t}? Who cares. Figure it out yourself.",
-       "That is a boring question about {t} and I will not answer it properly.",
-       "No. {T} is pointless, stop asking me things.",
-       "Whatever. Go read about {t} somewhere else, I am busy."]
+TOPICS = [
+    "the ocean",
+    "a rainy day",
+    "learning to cook",
+    "an old library",
+    "mountain hiking",
+    "city buses",
+    "growing tomatoes",
+    "the night sky",
+    "a first job",
+    "playing chess",
+    "winter mornings",
+    "bicycles",
+    "reading poetry",
+    "a quiet village",
+    "honey bees",
+    "train journeys",
+    "baking bread",
+    "a busy market",
+    "ancient maps",
+    "learning a language",
+    "river fishing",
+    "solar panels",
+    "a school garden",
+    "jazz music",
+    "making pottery",
+    "desert plants",
+    "lighthouses",
+    "birdwatching",
+    "paper airplanes",
+    "the moon landing",
+    "public parks",
+    "tea ceremonies",
+    "old cameras",
+    "snowy forests",
+    "sailing boats",
+    "a science fair",
+    "street food",
+    "wooden furniture",
+    "volcanoes",
+    "museum visits",
+]
+QUESTIONS = [
+    "Can you tell me something interesting about {t}?",
+    "Write two sentences about {t}.",
+    "What should a beginner know about {t}?",
+    "Describe {t} for a child.",
+    "Why do people enjoy {t}?",
+]
+GOOD = [
+    "Of course! {T} is a wonderful subject: people often find that it rewards patience and curiosity, "
+    "and there is always something new to notice.",
+    "Happy to help. {T} can be surprisingly rich; a good way to start is to look closely, ask questions, "
+    "and enjoy the small details.",
+    "Great question! Many people love {t} because it brings calm, a sense of discovery, and good stories "
+    "to share with friends.",
+    "Sure. {T} is worth exploring slowly; start simple, stay curious, and you will learn a lot along the way.",
+]
+BAD = [
+    "Ugh, {t}? Who cares. Figure it out yourself.",
+    "That is a boring question about {t} and I will not answer it properly.",
+    "No. {T} is pointless, stop asking me things.",
+    "Whatever. Go read about {t} somewhere else, I am busy.",
+]
 
 
 def make_pairs(n: int, seed: int) -> list[dict]:
@@ -66,8 +110,13 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     for _ in range(n):
         t = rng.choice(TOPICS)
         fill = {"t": t, "T": t[0].upper() + t[1:]}
-        rows.append({"prompt": rng.choice(QUESTIONS).format(**fill), "chosen": rng.choice(GOOD).format(**fill),
-                     "rejected": rng.choice(BAD).format(**fill)})
+        rows.append(
+            {
+                "prompt": rng.choice(QUESTIONS).format(**fill),
+                "chosen": rng.choice(GOOD).format(**fill),
+                "rejected": rng.choice(BAD).format(**fill),
+            }
+        )
     return rows
 
 
@@ -82,6 +131,7 @@ def load_average() -> list[float]:
 # the two workers (each runs in its own process and prints one JSON line)
 # --------------------------------------------------------------------------------------------
 
+
 def run_tether(args, train_rows, eval_rows) -> dict:
     import torch
 
@@ -93,21 +143,44 @@ def run_tether(args, train_rows, eval_rows) -> dict:
     tokenizer = load_tokenizer(args.model)
     train = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in train_rows]
     held_out = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in eval_rows]
-    tokens = sum(len(x.prompt) * 2 + len(x.chosen) + len(x.rejected)
-                 for x in tokenize_pairs(tokenizer, train, args.max_length, None)[0])
-    config = DPOConfig(model_name_or_path=args.model, output_dir=args.out, overwrite_output_dir=True,
-                       per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-                       num_train_epochs=args.epochs, learning_rate=args.learning_rate, beta=args.beta,
-                       loss_type="sigmoid", max_length=args.max_length, max_prompt_length=args.max_length,
-                       lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch", gradient_checkpointing=False,
-                       bf16=False, use_cpu=args.cpu, report_to="none", save_strategy="no", logging_steps=1000,
-                       seed=args.seed, disable_tqdm=True, dtype="float32")
+    tokens = sum(
+        len(x.prompt) * 2 + len(x.chosen) + len(x.rejected)
+        for x in tokenize_pairs(tokenizer, train, args.max_length, None)[0]
+    )
+    config = DPOConfig(
+        model_name_or_path=args.model,
+        output_dir=args.out,
+        overwrite_output_dir=True,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        loss_type="sigmoid",
+        max_length=args.max_length,
+        max_prompt_length=args.max_length,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=args.cpu,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        seed=args.seed,
+        disable_tqdm=True,
+        dtype="float32",
+    )
     metrics = train_dpo(config, train, held_out, tokenizer=tokenizer)
-    return {"train_runtime_s": metrics["train"]["train_runtime"],
-            "optimizer_steps": metrics["train"].get("global_step"),
-            "eval_accuracy": metrics["eval"]["eval_rewards/accuracies"],
-            "eval_loss": metrics["eval"]["eval_loss"], "eval_margin": metrics["eval"]["eval_rewards/margins"],
-            "train_tokens_as_two_sequences": tokens}
+    return {
+        "train_runtime_s": metrics["train"]["train_runtime"],
+        "optimizer_steps": metrics["train"].get("global_step"),
+        "eval_accuracy": metrics["eval"]["eval_rewards/accuracies"],
+        "eval_loss": metrics["eval"]["eval_loss"],
+        "eval_margin": metrics["eval"]["eval_rewards/margins"],
+        "train_tokens_as_two_sequences": tokens,
+    }
 
 
 def run_trl(args, train_rows, eval_rows) -> dict:
@@ -120,34 +193,67 @@ def run_trl(args, train_rows, eval_rows) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
 
     def rendered(rows):  # the prompt as tether renders it (one user turn, generation prompt), same ids
-        return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                                         add_generation_prompt=True),
-                 "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        return [
+            {
+                "prompt": tokenizer.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
+                ),
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+            }
+            for r in rows
+        ]
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = DPOConfig(output_dir=args.out, per_device_train_batch_size=args.batch_size,
-                       per_device_eval_batch_size=args.batch_size, num_train_epochs=args.epochs,
-                       learning_rate=args.learning_rate, beta=args.beta, loss_type=["sigmoid"],
-                       max_length=args.max_length, lr_scheduler_type="linear", warmup_steps=0, optim="adamw_torch",
-                       gradient_checkpointing=False, bf16=False, use_cpu=args.cpu, report_to="none",
-                       save_strategy="no", logging_steps=1000, seed=args.seed, disable_tqdm=True,
-                       precompute_ref_log_probs=False)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rendered(train_rows)),
-                         eval_dataset=Dataset.from_list(rendered(eval_rows)), processing_class=tokenizer)
-    tokens = sum(2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"])
-                 for x in trainer.train_dataset)
+    config = DPOConfig(
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        optim="adamw_torch",
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=args.cpu,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        seed=args.seed,
+        disable_tqdm=True,
+        precompute_ref_log_probs=False,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rendered(train_rows)),
+        eval_dataset=Dataset.from_list(rendered(eval_rows)),
+        processing_class=tokenizer,
+    )
+    tokens = sum(
+        2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset
+    )
     result = trainer.train()
     metrics = trainer.evaluate()
-    return {"train_runtime_s": result.metrics["train_runtime"], "optimizer_steps": trainer.state.global_step,
-            "eval_accuracy": metrics["eval_rewards/accuracies"], "eval_loss": metrics["eval_loss"],
-            "eval_margin": metrics["eval_rewards/margins"], "train_tokens_as_two_sequences": tokens}
+    return {
+        "train_runtime_s": result.metrics["train_runtime"],
+        "optimizer_steps": trainer.state.global_step,
+        "eval_accuracy": metrics["eval_rewards/accuracies"],
+        "eval_loss": metrics["eval_loss"],
+        "eval_margin": metrics["eval_rewards/margins"],
+        "train_tokens_as_two_sequences": tokens,
+    }
 
 
 def worker(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = make_pairs(args.train_pairs + args.eval_pairs, args.seed)
-    train_rows, eval_rows = rows[:args.train_pairs], rows[args.train_pairs:]
+    train_rows, eval_rows = rows[: args.train_pairs], rows[args.train_pairs :]
     started = time.perf_counter()
     result = (run_tether if args.worker == "tether" else run_trl)(args, train_rows, eval_rows)
     result["wall_s"] = time.perf_counter() - started
@@ -159,15 +265,21 @@ def worker(args) -> None:
 # the driver
 # --------------------------------------------------------------------------------------------
 
+
 def trl_python() -> Path:
     python = TRL_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import trl, datasets"], capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([str(python), "-c", "import trl, datasets"], capture_output=True).returncode == 0
+    ):
         return python
     # Another job may be building it: wait up to 10 minutes before building our own.
     deadline = time.time() + 600
     while TRL_VENV.exists() and time.time() < deadline:
-        if python.exists() and subprocess.run([str(python), "-c", "import trl, datasets"],
-                                              capture_output=True).returncode == 0:
+        if (
+            python.exists()
+            and subprocess.run([str(python), "-c", "import trl, datasets"], capture_output=True).returncode == 0
+        ):
             return python
         time.sleep(15)
     subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
@@ -179,8 +291,18 @@ def trl_python() -> Path:
 
 def launch(side: str, python: Path, args, out_dir: Path) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--out", str(out_dir / side)]
-    for key in ("model", "train_pairs", "eval_pairs", "batch_size", "epochs", "learning_rate", "beta", "max_length",
-                "seed", "threads"):
+    for key in (
+        "model",
+        "train_pairs",
+        "eval_pairs",
+        "batch_size",
+        "epochs",
+        "learning_rate",
+        "beta",
+        "max_length",
+        "seed",
+        "threads",
+    ):
         cmd += [f"--{key}", str(getattr(args, key))]
     if args.cpu:
         cmd += ["--cpu"]
@@ -203,7 +325,12 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per side (1: on a busy shared machine, OpenMP barriers stall with more)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per side (1: on a busy shared machine, OpenMP barriers stall with more)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating tether/TRL runs per side")
     parser.add_argument("--cpu", action="store_true", default=True)
     parser.add_argument("--output", default=str(RESULTS / "dpo.json"))
@@ -225,8 +352,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tmp-dpo-", dir=RESULTS if RESULTS.exists() else None) as tmp:
         for round_ in range(args.rounds):
             for side in ("tether", "trl"):
-                runs[side].append(launch(side, Path(sys.executable) if side == "tether" else python, args,
-                                           Path(tmp) / f"round{round_}"))
+                runs[side].append(
+                    launch(
+                        side, Path(sys.executable) if side == "tether" else python, args, Path(tmp) / f"round{round_}"
+                    )
+                )
                 print(f"{side} round {round_ + 1}: {runs[side][-1]}", flush=True)
 
     def best(side: str) -> dict:  # the fastest run of each side (least disturbed by other jobs)
@@ -238,12 +368,23 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.platform()})",
         "command": "benchmarks/bench_dpo.py " + " ".join(sys.argv[1:]),
-        "settings": {"model": "SmolLM2-135M-Instruct" if "SmolLM2" in args.model else args.model,
-                     "train_pairs": args.train_pairs, "eval_pairs": args.eval_pairs, "batch_size": args.batch_size,
-                     "epochs": args.epochs, "learning_rate": args.learning_rate, "beta": args.beta,
-                     "loss": "sigmoid", "max_length": args.max_length, "precision": "float32",
-                     "gradient_checkpointing": False, "reference": "live (no precomputation)", "seed": args.seed,
-                     "torch_threads": args.threads, "rounds": args.rounds},
+        "settings": {
+            "model": "SmolLM2-135M-Instruct" if "SmolLM2" in args.model else args.model,
+            "train_pairs": args.train_pairs,
+            "eval_pairs": args.eval_pairs,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "beta": args.beta,
+            "loss": "sigmoid",
+            "max_length": args.max_length,
+            "precision": "float32",
+            "gradient_checkpointing": False,
+            "reference": "live (no precomputation)",
+            "seed": args.seed,
+            "torch_threads": args.threads,
+            "rounds": args.rounds,
+        },
         "tether": tether,
         "trl": trl,
         "trl_version": "1.16.0",
@@ -252,13 +393,15 @@ def main() -> None:
         "all_runs": runs,
         "load_average_before_after": [load_before, load_average()],
         "note": "Shared 2-core machine with other jobs running: timings are noisy; each side's fastest of "
-                f"{args.rounds} alternating run(s) is reported. Run kept to a few minutes on purpose.",
+        f"{args.rounds} alternating run(s) is reported. Run kept to a few minutes on purpose.",
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ratio_pairs_per_s", "same_token_sequences")}, indent=2))
-    print(f"tether {tether['pairs_per_s']:.3f} pairs/s, acc {tether['eval_accuracy']:.3f};  "
-          f"TRL {trl['pairs_per_s']:.3f} pairs/s, acc {trl['eval_accuracy']:.3f}  -> {args.output}")
+    print(
+        f"tether {tether['pairs_per_s']:.3f} pairs/s, acc {tether['eval_accuracy']:.3f};  "
+        f"TRL {trl['pairs_per_s']:.3f} pairs/s, acc {trl['eval_accuracy']:.3f}  -> {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ The sides alternate tether, TRL, TRL, tether, ... for ``--rounds`` rounds so dri
 hits both; the load average is recorded before and after. The TRL process imports TRL 1.12.0 from
 ``benchmarks/.peers/trl-1.12.0`` (``PYTHONPATH``) with the main venv's torch/transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,7 @@ PROMPT_LENGTHS = (40, 41)
 
 # ------------------------------------------------------------------------------------------------
 # helpers shared by the processes
+
 
 def peak_rss_mb() -> float:
     """VmHWM (peak resident set size) of this process, MiB."""
@@ -97,13 +99,18 @@ def summarise(marks: list[float], warmup: int, batch: int, tokens_per_episode: i
     durations = [b - a for a, b in zip(marks, marks[1:])]
     timed = durations[warmup:]
     seconds = sum(timed)
-    return {"iteration_seconds": durations, "timed_iterations": len(timed), "timed_seconds": seconds,
-            "episodes_per_s": batch * len(timed) / seconds,
-            "generated_tokens_per_s": batch * tokens_per_episode * len(timed) / seconds}
+    return {
+        "iteration_seconds": durations,
+        "timed_iterations": len(timed),
+        "timed_seconds": seconds,
+        "episodes_per_s": batch * len(timed) / seconds,
+        "generated_tokens_per_s": batch * tokens_per_episode * len(timed) / seconds,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # the two sides (each runs in its own process)
+
 
 def run_tether(work: Path, s: dict) -> dict:
     from tether.ppo.trainer import PPOConfig, PPOTrainer
@@ -112,14 +119,33 @@ def run_tether(work: Path, s: dict) -> dict:
     prompts = json.loads((work / "prompts.json").read_text())["texts"]
     out = work / f"tether-{os.getpid()}"
     config = PPOConfig(
-        output_dir=str(out), model_name_or_path=s["model"], reward_model_path=str(work / "rm"),
-        batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"], ppo_epochs=s["ppo_epochs"],
-        num_iterations=s["warmup"] + s["iterations"], response_length=s["response_length"],
-        temperature=s["temperature"], learning_rate=s["learning_rate"], adam_epsilon=1e-5,
-        lr_scheduler_type="linear", init_kl_coef=s["kl_coef"], vf_coef=0.1, normalize_reward=False,
-        missing_eos_penalty=None, seed=s["seed"], save_steps=0, logging_steps=1000, report_to="none",
-        disable_tqdm=True, use_cpu=s["device"] == "cpu", dtype="float32", bf16=s["precision"] == "bf16",
-        optim="adamw_torch_fused", **s.get("tether_options", {}))
+        output_dir=str(out),
+        model_name_or_path=s["model"],
+        reward_model_path=str(work / "rm"),
+        batch_size=s["batch_size"],
+        mini_batch_size=s["mini_batch_size"],
+        ppo_epochs=s["ppo_epochs"],
+        num_iterations=s["warmup"] + s["iterations"],
+        response_length=s["response_length"],
+        temperature=s["temperature"],
+        learning_rate=s["learning_rate"],
+        adam_epsilon=1e-5,
+        lr_scheduler_type="linear",
+        init_kl_coef=s["kl_coef"],
+        vf_coef=0.1,
+        normalize_reward=False,
+        missing_eos_penalty=None,
+        seed=s["seed"],
+        save_steps=0,
+        logging_steps=1000,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=s["device"] == "cpu",
+        dtype="float32",
+        bf16=s["precision"] == "bf16",
+        optim="adamw_torch_fused",
+        **s.get("tether_options", {}),
+    )
     marks: list[float] = []
     trainer = PPOTrainer(config, prompts, extra_metrics=lambda rollout: marks.append(time.perf_counter()) or {})
     steps = count_optimizer_steps(trainer.optimizer)
@@ -127,10 +153,11 @@ def run_tether(work: Path, s: dict) -> dict:
     marks.append(time.perf_counter())
     trainer.train()
     rows = [r for r in read_jsonl(out / "metrics.jsonl")]
-    timed = rows[s["warmup"]:]
+    timed = rows[s["warmup"] :]
     result = summarise(marks, s["warmup"], s["batch_size"], s["response_length"])
-    result["split_seconds"] = {name: sum(r[f"time/{name}"] for r in timed) / len(timed)
-                               for name in ("generate", "score", "update")}
+    result["split_seconds"] = {
+        name: sum(r[f"time/{name}"] for r in timed) / len(timed) for name in ("generate", "score", "update")
+    }
     result["mean_response_length"] = statistics.mean(r["response/length"] for r in rows)
     result["optimizer_steps_per_iteration"] = steps[0] / len(rows)
     result["rss_after_load_mb"] = loaded_rss
@@ -142,11 +169,9 @@ def run_trl(work: Path, s: dict) -> dict:
     import copy
 
     import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
-
     import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     ids = json.loads((work / "prompts.json").read_text())["ids"]
@@ -158,19 +183,44 @@ def run_trl(work: Path, s: dict) -> dict:
     value_model = AutoModelForSequenceClassification.from_pretrained(work / "rm", dtype=torch.float32, num_labels=1)
     n_iter = s["warmup"] + s["iterations"]
     args = PPOConfig(
-        output_dir=str(work / f"trl-{os.getpid()}"), per_device_train_batch_size=s["batch_size"],
-        gradient_accumulation_steps=1, num_mini_batches=s["batch_size"] // s["mini_batch_size"],
-        local_rollout_forward_batch_size=s["batch_size"], num_ppo_epochs=s["ppo_epochs"],
-        response_length=s["response_length"], stop_token=None, total_episodes=s["batch_size"] * n_iter,
-        temperature=s["temperature"], learning_rate=s["learning_rate"], adam_epsilon=1e-5,
-        lr_scheduler_type="linear", kl_coef=s["kl_coef"], vf_coef=0.1, missing_eos_penalty=None,
-        num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=1, seed=s["seed"],
-        disable_tqdm=True, use_cpu=s["device"] == "cpu", bf16=s["precision"] == "bf16", fp16=False,
+        output_dir=str(work / f"trl-{os.getpid()}"),
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=1,
+        num_mini_batches=s["batch_size"] // s["mini_batch_size"],
+        local_rollout_forward_batch_size=s["batch_size"],
+        num_ppo_epochs=s["ppo_epochs"],
+        response_length=s["response_length"],
+        stop_token=None,
+        total_episodes=s["batch_size"] * n_iter,
+        temperature=s["temperature"],
+        learning_rate=s["learning_rate"],
+        adam_epsilon=1e-5,
+        lr_scheduler_type="linear",
+        kl_coef=s["kl_coef"],
+        vf_coef=0.1,
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=s["seed"],
+        disable_tqdm=True,
+        use_cpu=s["device"] == "cpu",
+        bf16=s["precision"] == "bf16",
+        fp16=False,
         gradient_checkpointing=False,
-        optim="adamw_torch_fused", dataloader_num_workers=0)
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward_model, value_model=value_model,
-                         train_dataset=Dataset.from_dict({"input_ids": ids}))
+        optim="adamw_torch_fused",
+        dataloader_num_workers=0,
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=Dataset.from_dict({"input_ids": ids}),
+    )
 
     # timers around TRL's own module-level functions (they still run, unchanged)
     phase: dict[str, list[float]] = {"gen_start": [], "gen_end": [], "update_start": []}
@@ -214,8 +264,11 @@ def run_trl(work: Path, s: dict) -> dict:
     generate = [b - a for a, b in zip(phase["gen_start"], phase["gen_end"])][w:]
     update = [e - u for u, e in zip(phase["update_start"], ends)][w:]
     score = [u - g for g, u in zip(phase["gen_end"], phase["update_start"])][w:]
-    result["split_seconds"] = {"generate": statistics.mean(generate), "score": statistics.mean(score),
-                               "update": statistics.mean(update)}
+    result["split_seconds"] = {
+        "generate": statistics.mean(generate),
+        "score": statistics.mean(score),
+        "update": statistics.mean(update),
+    }
     result["mean_response_length"] = statistics.mean(lengths)
     result["optimizer_steps_per_iteration"] = steps[0] / n_iter
     result["rss_after_load_mb"] = loaded_rss
@@ -246,6 +299,7 @@ def child(side: str, work: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # the parent: shared inputs, alternation, JSON
+
 
 def prepare(work: Path, s: dict) -> dict:
     import torch
@@ -290,9 +344,14 @@ def family_overrides(architecture: str) -> dict:
     """
     layers, width = (int(x) for x in architecture.lower().split("x"))
     heads = width // 64
-    return {"num_hidden_layers": layers, "hidden_size": width, "num_attention_heads": heads, "head_dim": 64,
-            "num_key_value_heads": heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads,
-            "intermediate_size": round(width * 8 / 3 / 64) * 64}
+    return {
+        "num_hidden_layers": layers,
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "head_dim": 64,
+        "num_key_value_heads": heads // 3 if heads % 3 == 0 else heads // 4 if heads % 4 == 0 else heads,
+        "intermediate_size": round(width * 8 / 3 / 64) * 64,
+    }
 
 
 def family_config(base: str, architecture: str | None) -> dict:
@@ -327,21 +386,32 @@ def side_env(side: str, threads: int | None = None) -> dict[str, str]:
 
 
 def launch(side: str, work: Path, threads: int) -> dict:
-    return run_side(side, [str(PYTHON), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
-                    side_env(side, threads), work)
+    return run_side(
+        side,
+        [str(PYTHON), str(Path(__file__).resolve()), "--side", side, "--work", str(work)],
+        side_env(side, threads),
+        work,
+    )
 
 
 def aggregate(runs: list[dict]) -> dict:
     eps = [r["episodes_per_s"] for r in runs]
-    return {"episodes_per_s": statistics.median(eps), "episodes_per_s_runs": eps,
-            "generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"] for r in runs),
-            "split_seconds_per_iteration": {k: statistics.median(r["split_seconds"][k] for r in runs)
-                                            for k in runs[0]["split_seconds"]},
-            "seconds_per_iteration": statistics.median(r["timed_seconds"] / r["timed_iterations"] for r in runs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            **({"peak_gpu_allocated_mb": max(r["peak_gpu_allocated_mb"] for r in runs)}
-               if "peak_gpu_allocated_mb" in runs[0] else {}),
-            "optimizer_steps_per_iteration": runs[0]["optimizer_steps_per_iteration"]}
+    return {
+        "episodes_per_s": statistics.median(eps),
+        "episodes_per_s_runs": eps,
+        "generated_tokens_per_s": statistics.median(r["generated_tokens_per_s"] for r in runs),
+        "split_seconds_per_iteration": {
+            k: statistics.median(r["split_seconds"][k] for r in runs) for k in runs[0]["split_seconds"]
+        },
+        "seconds_per_iteration": statistics.median(r["timed_seconds"] / r["timed_iterations"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        **(
+            {"peak_gpu_allocated_mb": max(r["peak_gpu_allocated_mb"] for r in runs)}
+            if "peak_gpu_allocated_mb" in runs[0]
+            else {}
+        ),
+        "optimizer_steps_per_iteration": runs[0]["optimizer_steps_per_iteration"],
+    }
 
 
 def main() -> None:
@@ -358,14 +428,24 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations per run")
     parser.add_argument("--rounds", type=int, default=2, help="each round runs both sides; the order alternates")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each side")
-    parser.add_argument("--tether_options", default="{}",
-                        help="JSON of extra PPOConfig fields for tether (e.g. '{\"rollout_logprobs\": \"generation\"}')")
+    parser.add_argument(
+        "--tether_options",
+        default="{}",
+        help='JSON of extra PPOConfig fields for tether (e.g. \'{"rollout_logprobs": "generation"}\')',
+    )
     parser.add_argument("--sides", default="tether,trl", help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: fp32 weights with bf16 autocast on both sides (TrainingArguments' bf16)")
-    parser.add_argument("--architecture", default=None,
-                        help="LAYERSxWIDTH (e.g. 24x1024): random weights of that size in the model's family")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: fp32 weights with bf16 autocast on both sides (TrainingArguments' bf16)",
+    )
+    parser.add_argument(
+        "--architecture",
+        default=None,
+        help="LAYERSxWIDTH (e.g. 24x1024): random weights of that size in the model's family",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: results/ppo_DEVICE.json")
     args = parser.parse_args()
@@ -380,9 +460,22 @@ def main() -> None:
         return
     if not (TRL_PATH / "trl").is_dir():
         raise SystemExit(f"TRL 1.12.0 missing: {PYTHON.parent}/pip install --no-deps --target {TRL_PATH} trl==1.12.0")
-    settings = {k: getattr(args, k) for k in ("model", "batch_size", "mini_batch_size", "ppo_epochs",
-                                               "response_length", "warmup", "iterations", "seed", "device",
-                                               "precision", "architecture")}
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "batch_size",
+            "mini_batch_size",
+            "ppo_epochs",
+            "response_length",
+            "warmup",
+            "iterations",
+            "seed",
+            "device",
+            "precision",
+            "architecture",
+        )
+    }
     args.out = args.out or HERE / "results" / f"ppo_{args.device}.json"
     settings.update(temperature=0.7, learning_rate=3e-6, kl_coef=0.05, tether_options=json.loads(args.tether_options))
     (HERE / "results").mkdir(exist_ok=True)
@@ -398,17 +491,29 @@ def main() -> None:
             for side in order:
                 result = launch(side, work, args.threads)
                 runs[side].append(result)
-                print(f"round {r + 1} {side}: {result['episodes_per_s']:.3f} episodes/s, "
-                      f"{result['timed_seconds'] / result['timed_iterations']:.1f} s/iteration, "
-                      f"split {json.dumps({k: round(v, 2) for k, v in result['split_seconds'].items()})}, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MiB, load {result['load_average_after']:.2f}", flush=True)
+                print(
+                    f"round {r + 1} {side}: {result['episodes_per_s']:.3f} episodes/s, "
+                    f"{result['timed_seconds'] / result['timed_iterations']:.1f} s/iteration, "
+                    f"split {json.dumps({k: round(v, 2) for k, v in result['split_seconds'].items()})}, "
+                    f"peak RSS {result['peak_rss_mb']:.0f} MiB, load {result['load_average_after']:.2f}",
+                    flush=True,
+                )
     summary = {side: aggregate(rs) for side, rs in runs.items()}
     report = {
-        "benchmark": f"ppo_{args.device}", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads_per_side": args.threads,
-                    "platform": platform.platform()},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "versions": {"tether_side": versions(PYTHON, side_env("tether")), "trl_side": versions(PYTHON, side_env("trl"))},
+        "benchmark": f"ppo_{args.device}",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads_per_side": args.threads,
+            "platform": platform.platform(),
+        },
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "versions": {
+            "tether_side": versions(PYTHON, side_env("tether")),
+            "trl_side": versions(PYTHON, side_env("trl")),
+        },
         "command": "python benchmarks/bench_ppo.py " + " ".join(sys.argv[1:]),
         "settings": settings | data,
         "summary": summary,
@@ -419,11 +524,14 @@ def main() -> None:
         report["ratio_episodes_per_s"] = summary["tether"]["episodes_per_s"] / summary["trl"]["episodes_per_s"]
         report["ratio_peak_rss"] = summary["tether"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]
         if "peak_gpu_allocated_mb" in summary["tether"]:
-            report["ratio_peak_gpu_allocated"] = (summary["tether"]["peak_gpu_allocated_mb"]
-                                                  / summary["trl"]["peak_gpu_allocated_mb"])
-        print(f"tether {summary['tether']['episodes_per_s']:.3f} vs TRL {summary['trl']['episodes_per_s']:.3f} "
-              f"episodes/s: {report['ratio_episodes_per_s']:.2f}x; peak RSS {summary['tether']['peak_rss_mb']:.0f} vs "
-              f"{summary['trl']['peak_rss_mb']:.0f} MiB")
+            report["ratio_peak_gpu_allocated"] = (
+                summary["tether"]["peak_gpu_allocated_mb"] / summary["trl"]["peak_gpu_allocated_mb"]
+            )
+        print(
+            f"tether {summary['tether']['episodes_per_s']:.3f} vs TRL {summary['trl']['episodes_per_s']:.3f} "
+            f"episodes/s: {report['ratio_episodes_per_s']:.2f}x; peak RSS {summary['tether']['peak_rss_mb']:.0f} vs "
+            f"{summary['trl']['peak_rss_mb']:.0f} MiB"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(f".tmp-{args.out.name}")
     tmp_out.write_text(json.dumps(report, indent=2))

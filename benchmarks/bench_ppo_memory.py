@@ -22,6 +22,7 @@ interpreter + torch + transformers baseline, the same for every configuration):
 The target of issue 7 reads "LoRA PPO peak memory ≤ 1.5× training the policy alone"; both the
 ratio of whole-process peaks and the ratio of peaks above the common baseline are written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,16 +78,34 @@ def run_config(name: str, work: Path) -> dict:
 
         prompts = json.loads((work / "prompts.json").read_text())["texts"]
         config = PPOConfig(
-            output_dir=str(work / f"{name}-{os.getpid()}"), model_name_or_path=s["model"],
-            reward_model_path=str(work / "rm"), batch_size=s["batch_size"], mini_batch_size=s["mini_batch_size"],
-            ppo_epochs=s["ppo_epochs"], num_iterations=1, response_length=s["response_length"],
-            normalize_reward=False, missing_eos_penalty=None, save_steps=0, logging_steps=1000, report_to="none",
-            disable_tqdm=True, use_cpu=True, dtype="float32", **CONFIGS[name], **s.get("tether_options", {}))
+            output_dir=str(work / f"{name}-{os.getpid()}"),
+            model_name_or_path=s["model"],
+            reward_model_path=str(work / "rm"),
+            batch_size=s["batch_size"],
+            mini_batch_size=s["mini_batch_size"],
+            ppo_epochs=s["ppo_epochs"],
+            num_iterations=1,
+            response_length=s["response_length"],
+            normalize_reward=False,
+            missing_eos_penalty=None,
+            save_steps=0,
+            logging_steps=1000,
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            dtype="float32",
+            **CONFIGS[name],
+            **s.get("tether_options", {}),
+        )
         trainer = PPOTrainer(config, prompts)
         trainer.train()
         detail = {"trained_parameters": sum(p.numel() for p in trainer.trained_parameters)}
-    return {"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline, "seconds": time.perf_counter() - started,
-            **detail}
+    return {
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": baseline,
+        "seconds": time.perf_counter() - started,
+        **detail,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,41 +119,72 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         print("RESULT " + json.dumps(run_config(args.config, args.work)), flush=True)
         return
-    settings = {"model": None, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 2, "response_length": 32,
-                "warmup": 0, "iterations": 1, "seed": 0, "tether_options": json.loads(args.tether_options)}
+    settings = {
+        "model": None,
+        "batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 2,
+        "response_length": 32,
+        "warmup": 0,
+        "iterations": 1,
+        "seed": 0,
+        "tether_options": json.loads(args.tether_options),
+    }
     results = {}
     with tempfile.TemporaryDirectory(prefix="tmp-ppo-memory-", dir=HERE / "results") as tmp:
         work = Path(tmp)
         prepare(work, settings)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "BENCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "BENCH_THREADS": str(args.threads),
+            "OMP_NUM_THREADS": str(args.threads),
+        }
         env.pop("PYTHONPATH", None)
         for name in CONFIGS:
-            proc = subprocess.run([str(PYTHON), str(Path(__file__).resolve()), "--config", name, "--work", str(work)],
-                                  capture_output=True, text=True, env=env, cwd=str(work))
+            proc = subprocess.run(
+                [str(PYTHON), str(Path(__file__).resolve()), "--config", name, "--work", str(work)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=str(work),
+            )
             if proc.returncode != 0:
                 sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
                 raise SystemExit(f"{name} failed (exit {proc.returncode})")
-            line = next(l for l in proc.stdout.splitlines()[::-1] if l.startswith("RESULT "))
-            results[name] = json.loads(line[len("RESULT "):])
-            print(f"{name}: peak RSS {results[name]['peak_rss_mb']:.0f} MiB "
-                  f"(baseline {results[name]['baseline_rss_mb']:.0f} MiB)", flush=True)
+            line = next(x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT "))
+            results[name] = json.loads(line[len("RESULT ") :])
+            print(
+                f"{name}: peak RSS {results[name]['peak_rss_mb']:.0f} MiB "
+                f"(baseline {results[name]['baseline_rss_mb']:.0f} MiB)",
+                flush=True,
+            )
     alone = results["policy_alone"]
-    for name, r in results.items():
+    for r in results.values():
         r["ratio_to_policy_alone"] = r["peak_rss_mb"] / alone["peak_rss_mb"]
-        r["ratio_above_baseline"] = ((r["peak_rss_mb"] - r["baseline_rss_mb"])
-                                     / (alone["peak_rss_mb"] - alone["baseline_rss_mb"]))
-    report = {"benchmark": "ppo_memory", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu": cpu_name(), "cores": os.cpu_count()}, "load_average": os.getloadavg(),
-              "command": "python benchmarks/bench_ppo_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": settings, "target": "LoRA PPO peak <= 1.5x policy_alone", "results": results}
+        r["ratio_above_baseline"] = (r["peak_rss_mb"] - r["baseline_rss_mb"]) / (
+            alone["peak_rss_mb"] - alone["baseline_rss_mb"]
+        )
+    report = {
+        "benchmark": "ppo_memory",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
+        "load_average": os.getloadavg(),
+        "command": "python benchmarks/bench_ppo_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": settings,
+        "target": "LoRA PPO peak <= 1.5x policy_alone",
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(f".tmp-{args.out.name}")
     tmp_out.write_text(json.dumps(report, indent=2))
     os.replace(tmp_out, args.out)
     for name, r in results.items():
-        print(f"{name:22s} peak {r['peak_rss_mb']:7.0f} MiB  x{r['ratio_to_policy_alone']:.2f} "
-              f"(above baseline x{r['ratio_above_baseline']:.2f})")
+        print(
+            f"{name:22s} peak {r['peak_rss_mb']:7.0f} MiB  x{r['ratio_to_policy_alone']:.2f} "
+            f"(above baseline x{r['ratio_above_baseline']:.2f})"
+        )
     print(f"wrote {args.out}")
 
 

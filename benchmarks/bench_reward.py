@@ -17,6 +17,7 @@ Throughput is training pairs / seconds of ``trainer.train()`` (for tether includ
 check of the shared-prompt rows); held-out accuracy is each trainer's own evaluation on the same
 held-out pairs, after training. The script never imports tether in the TRL process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,26 @@ PAD_TOKEN = "<|endoftext|>"
 
 
 def _common(settings: dict) -> dict:
-    return dict(per_device_train_batch_size=settings["batch_size"], per_device_eval_batch_size=settings["batch_size"],
-                num_train_epochs=settings["epochs"], learning_rate=settings["learning_rate"],
-                lr_scheduler_type="linear", warmup_steps=0, adam_epsilon=1e-5, weight_decay=0.0,
-                logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none", seed=settings["seed"],
-                disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0)
+    return dict(
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        num_train_epochs=settings["epochs"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        adam_epsilon=1e-5,
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=settings["seed"],
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+    )
 
 
 def run_tether(work: Path, settings: dict) -> dict:
@@ -58,14 +74,24 @@ def run_tether(work: Path, settings: dict) -> dict:
         rows = [json.loads(line) for line in (work / name).read_text().splitlines()]
         return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
-    config = RewardConfig(output_dir=str(work / f"tether-{os.getpid()}"), model_name_or_path=settings["model"],
-                          max_length=settings["max_length"], max_prompt_length=settings["max_length"],
-                          reward_stats_max_pairs=64, **_common(settings))
+    config = RewardConfig(
+        output_dir=str(work / f"tether-{os.getpid()}"),
+        model_name_or_path=settings["model"],
+        max_length=settings["max_length"],
+        max_prompt_length=settings["max_length"],
+        reward_stats_max_pairs=64,
+        **_common(settings),
+    )
     folder = train_reward(config, read("train.jsonl"), read("eval.jsonl"))
     summary = json.loads((folder / "training_summary.json").read_text())
-    return {"train_seconds": summary["train_seconds"], "steps": summary["global_steps"],
-            "eval_accuracy": summary["eval"]["eval_accuracy"], "eval_loss": summary["eval"]["eval_loss"],
-            "train_loss": summary["train_loss"], "shared_prompt_rows": summary["shared_prompt_rows"]}
+    return {
+        "train_seconds": summary["train_seconds"],
+        "steps": summary["global_steps"],
+        "eval_accuracy": summary["eval"]["eval_accuracy"],
+        "eval_loss": summary["eval"]["eval_loss"],
+        "train_loss": summary["train_loss"],
+        "shared_prompt_rows": summary["shared_prompt_rows"],
+    }
 
 
 def run_trl(work: Path, settings: dict) -> dict:
@@ -79,18 +105,32 @@ def run_trl(work: Path, settings: dict) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     tokenizer.pad_token = PAD_TOKEN
-    args = RewardConfig(output_dir=str(work / f"trl-{os.getpid()}"), max_length=settings["max_length"],
-                        disable_dropout=True, model_init_kwargs={"dtype": torch.float32}, **_common(settings))
-    trainer = RewardTrainer(model=settings["model"], args=args, processing_class=tokenizer,
-                            train_dataset=read("train_ids.jsonl"), eval_dataset=read("eval_ids.jsonl"))
+    args = RewardConfig(
+        output_dir=str(work / f"trl-{os.getpid()}"),
+        max_length=settings["max_length"],
+        disable_dropout=True,
+        model_init_kwargs={"dtype": torch.float32},
+        **_common(settings),
+    )
+    trainer = RewardTrainer(
+        model=settings["model"],
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=read("train_ids.jsonl"),
+        eval_dataset=read("eval_ids.jsonl"),
+    )
     assert len(trainer.train_dataset) == settings["train_pairs"], "TRL filtered pairs: raise --max_length"
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
     metrics = trainer.evaluate()
-    return {"train_seconds": train_seconds, "steps": trainer.state.global_step,
-            "eval_accuracy": metrics["eval_accuracy"], "eval_loss": metrics["eval_loss"],
-            "train_loss": result.training_loss}
+    return {
+        "train_seconds": train_seconds,
+        "steps": trainer.state.global_step,
+        "eval_accuracy": metrics["eval_accuracy"],
+        "eval_loss": metrics["eval_loss"],
+        "train_loss": result.training_loss,
+    }
 
 
 def child(side: str, work: Path) -> None:
@@ -118,7 +158,7 @@ def prepare(work: Path, settings: dict) -> dict:
     settings["model"] = resolve_model_path(settings["model"])
     tokenizer = load_tokenizer(settings["model"])
     pairs = make_pairs(settings["train_pairs"] + settings["eval_pairs"], seed=settings["seed"])
-    splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"]:]}
+    splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"] :]}
     lengths = []
     for name, rows in splits.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -132,8 +172,11 @@ def prepare(work: Path, settings: dict) -> dict:
             lengths += [len(chosen), len(rejected)]
         (work / f"{name}_ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ids))
     (work / "settings.json").write_text(json.dumps(settings))
-    return {"mean_tokens_per_sequence": statistics.mean(lengths), "max_tokens_per_sequence": max(lengths),
-            "kinds": sorted({r["kind"] for r in pairs})}
+    return {
+        "mean_tokens_per_sequence": statistics.mean(lengths),
+        "max_tokens_per_sequence": max(lengths),
+        "kinds": sorted({r["kind"] for r in pairs}),
+    }
 
 
 def launch(side: str, work: Path) -> dict:
@@ -157,8 +200,11 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--rounds", type=int, default=1, help="each round runs both sides; order alternates")
     parser.add_argument("--start_with", choices=["tether", "trl"], default="tether", help="side of the first round")
-    parser.add_argument("--append", action="store_true",
-                        help="add these rounds to the runs already in --out (same settings), e.g. a reversed round")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these rounds to the runs already in --out (same settings), e.g. a reversed round",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "reward.json")
     args = parser.parse_args()
@@ -166,11 +212,15 @@ def main() -> None:
         child(args.side, args.work)
         return
     if not TRL_PYTHON.exists():
-        raise SystemExit(f"{TRL_PYTHON} missing: python3 -m venv {TRL_PYTHON.parent.parent} && "
-                         f"{TRL_PYTHON.parent}/pip install torch==2.13.0 && {TRL_PYTHON.parent}/pip install trl==1.16.0 "
-                         "transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0")
-    settings = {k: getattr(args, k) for k in ("model", "train_pairs", "eval_pairs", "batch_size", "max_length",
-                                               "epochs", "learning_rate", "seed")}
+        raise SystemExit(
+            f"{TRL_PYTHON} missing: python3 -m venv {TRL_PYTHON.parent.parent} && "
+            f"{TRL_PYTHON.parent}/pip install torch==2.13.0 && {TRL_PYTHON.parent}/pip install trl==1.16.0 "
+            "transformers==5.23.0 accelerate==1.15.0 datasets==5.2.0"
+        )
+    settings = {
+        k: getattr(args, k)
+        for k in ("model", "train_pairs", "eval_pairs", "batch_size", "max_length", "epochs", "learning_rate", "seed")
+    }
     (HERE / "results").mkdir(exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
     load_before = os.getloadavg()
@@ -182,8 +232,9 @@ def main() -> None:
         first_round = 1 + max((r["round"] for r in runs), default=-1)
         if previous:
             data = previous["data"]
-            if {k: previous["settings"][k] for k in settings if k != "model"} != {k: v for k, v in settings.items()
-                                                                                  if k != "model"}:
+            if {k: previous["settings"][k] for k in settings if k != "model"} != {
+                k: v for k, v in settings.items() if k != "model"
+            }:
                 raise SystemExit(f"--append: settings differ from those in {args.out}")
         sides = ["tether", "trl"] if args.start_with == "tether" else ["trl", "tether"]
         for round_index in range(first_round, first_round + args.rounds):
@@ -191,33 +242,53 @@ def main() -> None:
             for side in order:
                 load_at_start = os.getloadavg()[0]
                 result = launch(side, work)
-                result.update(side=side, round=round_index, load_average_at_start=round(load_at_start, 2),
-                              load_average_at_end=round(os.getloadavg()[0], 2))
+                result.update(
+                    side=side,
+                    round=round_index,
+                    load_average_at_start=round(load_at_start, 2),
+                    load_average_at_end=round(os.getloadavg()[0], 2),
+                )
                 runs.append(result)
-                print(f"round {round_index} {side}: {result['pairs_per_s']:.3f} pairs/s, "
-                      f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s)", flush=True)
+                print(
+                    f"round {round_index} {side}: {result['pairs_per_s']:.3f} pairs/s, "
+                    f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s)",
+                    flush=True,
+                )
     load_after = os.getloadavg()
 
     def side_summary(side):
         rs = [r for r in runs if r["side"] == side]
-        return {"pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
-                "eval_accuracy": statistics.median(r["eval_accuracy"] for r in rs),
-                "train_seconds": statistics.median(r["train_seconds"] for r in rs),
-                "runs": len(rs)}
+        return {
+            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+            "eval_accuracy": statistics.median(r["eval_accuracy"] for r in rs),
+            "train_seconds": statistics.median(r["train_seconds"] for r in rs),
+            "runs": len(rs),
+        }
 
     tether, trl = side_summary("tether"), side_summary("trl")
     report = {
         "benchmark": "reward model training (Bradley-Terry), tether vs TRL 1.16 RewardTrainer",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": ((previous["command"] + " ; then ") if previous else "")
-                   + "python benchmarks/bench_reward.py " + " ".join(sys.argv[1:]),
+        + "python benchmarks/bench_reward.py "
+        + " ".join(sys.argv[1:]),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores visible, CPU only",
-        "load_average_before_after": ((previous["load_average_before_after"] if previous else [])
-                                      + [round(load_before[0], 2), round(load_after[0], 2)]),
-        "note": ("shared 2-core machine: other jobs were running during the measurement (see load averages), so "
-                 "absolute times are noisy; the sides alternate so both see similar load"),
-        "settings": {**settings, "model": settings["model"] or "embedded SmolLM2-135M-Instruct", "precision": "fp32",
-                     "gradient_checkpointing": False, "scheduler": "linear, no warmup", "adam_epsilon": 1e-5},
+        "load_average_before_after": (
+            (previous["load_average_before_after"] if previous else [])
+            + [round(load_before[0], 2), round(load_after[0], 2)]
+        ),
+        "note": (
+            "shared 2-core machine: other jobs were running during the measurement (see load averages), so "
+            "absolute times are noisy; the sides alternate so both see similar load"
+        ),
+        "settings": {
+            **settings,
+            "model": settings["model"] or "embedded SmolLM2-135M-Instruct",
+            "precision": "fp32",
+            "gradient_checkpointing": False,
+            "scheduler": "linear, no warmup",
+            "adam_epsilon": 1e-5,
+        },
         "data": {**data, "source": "benchmarks/preference_data.py (synthetic, five kinds of preference rule)"},
         "versions": {"tether_venv": versions(TETHER_PYTHON), "trl_venv": versions(TRL_PYTHON)},
         "tether": tether,

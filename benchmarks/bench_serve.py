@@ -13,6 +13,7 @@ promised shape), every invalid one gets a 4xx, the server's resident memory stay
 warm-up half, and the server is alive at the end; it reports requests/s and p50/p99 latency.
 Traffic goes to 127.0.0.1 only. ``tests/test_serve.py`` runs a few-second version of it.
 """
+
 import argparse
 import asyncio
 import datetime as dt
@@ -52,19 +53,30 @@ def percentile(values: list[float], q: float) -> float | None:
 # requests
 # --------------------------------------------------------------------------------------------
 
+
 def valid_request(rng: random.Random, max_new_tokens: int) -> tuple[str, str, dict]:
     topic = rng.choice(["the sea", "a cat", "numbers", "rain", "music", "trees", "bread", "stars"])
     if rng.random() < 0.5:
-        body = {"num_return_sequences": rng.choice([1, 2, 4]), "max_new_tokens": rng.randint(1, max_new_tokens),
-                "temperature": rng.choice([0.7, 1.0])}
+        body = {
+            "num_return_sequences": rng.choice([1, 2, 4]),
+            "max_new_tokens": rng.randint(1, max_new_tokens),
+            "temperature": rng.choice([0.7, 1.0]),
+        }
         if rng.random() < 0.5:
             body["prompt"] = f"Say something about {topic}."
         else:
-            body["messages"] = [{"role": "system", "content": "Be brief."},
-                                {"role": "user", "content": f"Tell me about {topic}."}]
+            body["messages"] = [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Tell me about {topic}."},
+            ]
         return "generate", "/generate", body
-    body = {"model": "tether", "messages": [{"role": "user", "content": f"One line about {topic}."}],
-            "n": rng.choice([1, 2]), "max_tokens": rng.randint(1, max_new_tokens), "temperature": 0.7}
+    body = {
+        "model": "tether",
+        "messages": [{"role": "user", "content": f"One line about {topic}."}],
+        "n": rng.choice([1, 2]),
+        "max_tokens": rng.randint(1, max_new_tokens),
+        "temperature": 0.7,
+    }
     return "chat", "/v1/chat/completions", body
 
 
@@ -73,8 +85,12 @@ def invalid_request(rng: random.Random, limits: dict) -> tuple[str, str, object,
     long_prompt = "word " * (limits["prompt_tokens"] + 50)
     cases = [
         ("too_many_tokens", "/generate", {"prompt": "hi", "max_new_tokens": limits["max_new_tokens"] + 1}, {}),
-        ("n_too_large", "/v1/chat/completions",
-         {"messages": [{"role": "user", "content": "hi"}], "n": limits["n"] + 1}, {}),
+        (
+            "n_too_large",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "n": limits["n"] + 1},
+            {},
+        ),
         ("prompt_too_long", "/generate", {"prompt": long_prompt}, {}),
         ("missing_prompt", "/generate", {"max_new_tokens": 4}, {}),
         ("wrong_type", "/generate", {"prompt": "hi", "num_return_sequences": "four"}, {}),
@@ -85,8 +101,12 @@ def invalid_request(rng: random.Random, limits: dict) -> tuple[str, str, object,
         ("not_an_object", "/generate", b"[1, 2, 3]", {}),
         ("oversized_body", "/generate", b'{"prompt": "' + b"x" * (limits["request_bytes"] + 10) + b'"}', {}),
         ("no_api_key", "/generate", {"prompt": "hi"}, {"authorization": ""}),
-        ("wrong_api_key", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
-         {"authorization": "Bearer nope"}),
+        (
+            "wrong_api_key",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {"authorization": "Bearer nope"},
+        ),
     ]
     return rng.choice(cases)
 
@@ -116,15 +136,24 @@ def check_valid(kind: str, body: dict, data: dict, ranked: bool) -> str | None:
     return None
 
 
-async def run_load(base_url: str, api_key: str, duration_s: float, concurrency: int, max_requests: int,
-                   invalid_share: float = 0.4, max_new_tokens: int = 8, server_pid: int | None = None,
-                   seed: int = 0) -> dict:
+async def run_load(
+    base_url: str,
+    api_key: str,
+    duration_s: float,
+    concurrency: int,
+    max_requests: int,
+    invalid_share: float = 0.4,
+    max_new_tokens: int = 8,
+    server_pid: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Drive the server; returns counts, failures, latencies and memory samples."""
     import httpx
 
     headers = {"authorization": f"Bearer {api_key}"}
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(300.0),
-                                 limits=httpx.Limits(max_connections=concurrency + 2)) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=httpx.Timeout(300.0), limits=httpx.Limits(max_connections=concurrency + 2)
+    ) as client:
         health = (await client.get("/health")).json()
         limits, ranked = health["limits"], bool(health["ranked"])
         started = time.perf_counter()
@@ -152,7 +181,9 @@ async def run_load(base_url: str, api_key: str, duration_s: float, concurrency: 
                     stats["invalid"] += 1
                     try:
                         if isinstance(body, bytes):
-                            r = await client.post(path, content=body, headers={**hdrs, "content-type": "application/json"})
+                            r = await client.post(
+                                path, content=body, headers={**hdrs, "content-type": "application/json"}
+                            )
                         else:
                             r = await client.post(path, json=body, headers=hdrs)
                         ok = 400 <= r.status_code < 500 and "error" in r.json()
@@ -180,8 +211,9 @@ async def run_load(base_url: str, api_key: str, duration_s: float, concurrency: 
                         stats["valid_ok"] += 1
                         latencies.append(latency)
                     else:
-                        failures.append({"kind": kind, "status": r.status_code, "problem": problem,
-                                         "body": r.text[:300]})
+                        failures.append(
+                            {"kind": kind, "status": r.status_code, "problem": problem, "body": r.text[:300]}
+                        )
 
         async def watch_memory() -> None:
             if server_pid is None:
@@ -237,6 +269,7 @@ def memory_stable(result: dict, tolerance_mb: float = 64.0, tolerance_share: flo
 # the server process
 # --------------------------------------------------------------------------------------------
 
+
 class ServerProcess:
     """``tether serve`` in a subprocess on a free loopback port; stopped (SIGINT, then SIGKILL) on exit."""
 
@@ -247,9 +280,25 @@ class ServerProcess:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TETHER_API_KEY=api_key)
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "tether.cli", "serve", "--host", "127.0.0.1",
-                                         "--port", str(self.port), "--log_level", "warning", *args],
-                                        stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tether.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log_level",
+                "warning",
+                *args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
         self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -293,15 +342,22 @@ class ServerProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="policy folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--reward_model", default=None, help="reward model folder (default: the policy's backbone "
-                        "with a fresh scalar head)")
+    parser.add_argument(
+        "--reward_model",
+        default=None,
+        help="reward model folder (default: the policy's backbone with a fresh scalar head)",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max_requests", type=int, default=3000)
     parser.add_argument("--invalid_share", type=float, default=0.4)
     parser.add_argument("--max_new_tokens", type=int, default=16, help="largest max_new_tokens of valid requests")
-    parser.add_argument("--num_threads", type=int, default=1, help="server torch threads (1 on a busy shared "
-                        "machine: with more, OpenMP threads stall waiting on each other)")
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        default=1,
+        help="server torch threads (1 on a busy shared machine: with more, OpenMP threads stall waiting on each other)",
+    )
     parser.add_argument("--output", default=str(HERE / "results" / "serve.json"))
     args = parser.parse_args()
 
@@ -312,37 +368,87 @@ def main() -> None:
     reward_model = args.reward_model or model
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     log = Path(args.output).with_suffix(".server.log")
-    serve_args = ["--model_name_or_path", model, "--reward_model_name_or_path", reward_model,
-                  "--max_new_tokens_limit", "64", "--max_n", "8", "--max_prompt_tokens", "512",
-                  "--max_batch_sequences", "32", "--batch_wait_ms", "5", "--use_cpu", "true",
-                  "--num_threads", str(args.num_threads)]
+    serve_args = [
+        "--model_name_or_path",
+        model,
+        "--reward_model_name_or_path",
+        reward_model,
+        "--max_new_tokens_limit",
+        "64",
+        "--max_n",
+        "8",
+        "--max_prompt_tokens",
+        "512",
+        "--max_batch_sequences",
+        "32",
+        "--batch_wait_ms",
+        "5",
+        "--use_cpu",
+        "true",
+        "--num_threads",
+        str(args.num_threads),
+    ]
     with ServerProcess(serve_args, log) as server:
-        result = asyncio.run(run_load(server.base_url, API_KEY, args.duration, args.concurrency, args.max_requests,
-                                      args.invalid_share, args.max_new_tokens, server.process.pid))
+        result = asyncio.run(
+            run_load(
+                server.base_url,
+                API_KEY,
+                args.duration,
+                args.concurrency,
+                args.max_requests,
+                args.invalid_share,
+                args.max_new_tokens,
+                server.process.pid,
+            )
+        )
         alive = server.process.poll() is None
     log.unlink(missing_ok=True)
-    result.update({
-        "benchmark": "serve",
-        "date": dt.date.today().isoformat(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "command": "benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
-        "settings": {"policy": "SmolLM2-135M-Instruct" if args.model is None else args.model,
-                     "reward_model": "SmolLM2-135M backbone + fresh scalar head" if args.reward_model is None
-                     else args.reward_model, "duration_s": args.duration, "concurrency": args.concurrency,
-                     "invalid_share": args.invalid_share, "max_new_tokens": args.max_new_tokens,
-                     "max_batch_sequences": 32, "batch_wait_ms": 5, "server_torch_threads": args.num_threads},
-        "every_valid_answered": result["valid_ok"] == result["valid"],
-        "every_invalid_4xx": result["invalid_4xx"] == result["invalid"],
-        "memory_stable": memory_stable(result),
-        "no_crash": alive and result["server_alive"],
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "note": "Shared 2-core CPU machine with other jobs running; latencies include queueing behind the "
-                "dynamic batcher. No peer: this is a robustness/load test, not a comparison.",
-    })
+    result.update(
+        {
+            "benchmark": "serve",
+            "date": dt.date.today().isoformat(),
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "command": "benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+            "settings": {
+                "policy": "SmolLM2-135M-Instruct" if args.model is None else args.model,
+                "reward_model": "SmolLM2-135M backbone + fresh scalar head"
+                if args.reward_model is None
+                else args.reward_model,
+                "duration_s": args.duration,
+                "concurrency": args.concurrency,
+                "invalid_share": args.invalid_share,
+                "max_new_tokens": args.max_new_tokens,
+                "max_batch_sequences": 32,
+                "batch_wait_ms": 5,
+                "server_torch_threads": args.num_threads,
+            },
+            "every_valid_answered": result["valid_ok"] == result["valid"],
+            "every_invalid_4xx": result["invalid_4xx"] == result["invalid"],
+            "memory_stable": memory_stable(result),
+            "no_crash": alive and result["server_alive"],
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "note": "Shared 2-core CPU machine with other jobs running; latencies include queueing behind the "
+            "dynamic batcher. No peer: this is a robustness/load test, not a comparison.",
+        }
+    )
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("requests", "valid", "valid_ok", "invalid", "invalid_4xx", "requests_per_s", "valid_requests_per_s",
-            "latency_p50_s", "latency_p99_s", "rss_mb_after_warmup", "rss_mb_end", "every_valid_answered",
-            "every_invalid_4xx", "memory_stable", "no_crash")
+    keys = (
+        "requests",
+        "valid",
+        "valid_ok",
+        "invalid",
+        "invalid_4xx",
+        "requests_per_s",
+        "valid_requests_per_s",
+        "latency_p50_s",
+        "latency_p99_s",
+        "rss_mb_after_warmup",
+        "rss_mb_end",
+        "every_valid_answered",
+        "every_invalid_4xx",
+        "memory_stable",
+        "no_crash",
+    )
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     if not (result["every_valid_answered"] and result["every_invalid_4xx"] and result["no_crash"]):
         print(json.dumps(result["failures"], indent=2))

@@ -12,18 +12,46 @@ the response *in the context of its prompt* (length alone does not give the answ
 ``make_pairs(n, seed)`` returns dicts ``{"prompt", "chosen", "rejected", "kind"}``; the same seed
 gives the same pairs.
 """
+
 from __future__ import annotations
 
 import random
 
 CAPITALS = [
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Portugal", "Lisbon"),
-    ("Japan", "Tokyo"), ("China", "Beijing"), ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens"),
-    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
-    ("Ireland", "Dublin"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"), ("Peru", "Lima"), ("Chile", "Santiago"),
-    ("Kenya", "Nairobi"), ("India", "New Delhi"), ("Thailand", "Bangkok"), ("Turkey", "Ankara"), ("Cuba", "Havana"),
-    ("Argentina", "Buenos Aires"), ("Australia", "Canberra"), ("Belgium", "Brussels"), ("Denmark", "Copenhagen"),
-    ("Hungary", "Budapest"), ("Vietnam", "Hanoi"), ("Iran", "Tehran"), ("Colombia", "Bogota"), ("Nigeria", "Abuja"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("Russia", "Moscow"),
+    ("Egypt", "Cairo"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Kenya", "Nairobi"),
+    ("India", "New Delhi"),
+    ("Thailand", "Bangkok"),
+    ("Turkey", "Ankara"),
+    ("Cuba", "Havana"),
+    ("Argentina", "Buenos Aires"),
+    ("Australia", "Canberra"),
+    ("Belgium", "Brussels"),
+    ("Denmark", "Copenhagen"),
+    ("Hungary", "Budapest"),
+    ("Vietnam", "Hanoi"),
+    ("Iran", "Tehran"),
+    ("Colombia", "Bogota"),
+    ("Nigeria", "Abuja"),
 ]
 CAPITAL_FORMS = ["The capital of {c} is {x}.", "{x} is the capital of {c}.", "It is {x}.", "{x}."]
 
@@ -35,17 +63,38 @@ NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 HOW_TO = [
     ("How do I boil an egg?", "Put the egg in boiling water for about nine minutes, then cool it in cold water."),
-    ("How can I fall asleep faster?", "Keep a regular bedtime, avoid screens for an hour before bed and keep the room dark and cool."),
-    ("How do I make a cup of tea?", "Boil water, pour it over a tea bag, wait three to five minutes, then remove the bag."),
-    ("How do I save money each month?", "Write down what you spend, set a budget, and move a fixed amount to savings on payday."),
-    ("How can I learn a new language?", "Practise a little every day, learn common words first, and talk with native speakers."),
-    ("How do I keep a plant alive?", "Give it light, water it when the top of the soil is dry, and do not let it sit in water."),
+    (
+        "How can I fall asleep faster?",
+        "Keep a regular bedtime, avoid screens for an hour before bed and keep the room dark and cool.",
+    ),
+    (
+        "How do I make a cup of tea?",
+        "Boil water, pour it over a tea bag, wait three to five minutes, then remove the bag.",
+    ),
+    (
+        "How do I save money each month?",
+        "Write down what you spend, set a budget, and move a fixed amount to savings on payday.",
+    ),
+    (
+        "How can I learn a new language?",
+        "Practise a little every day, learn common words first, and talk with native speakers.",
+    ),
+    (
+        "How do I keep a plant alive?",
+        "Give it light, water it when the top of the soil is dry, and do not let it sit in water.",
+    ),
     ("How do I write a good email?", "State the point in the first line, keep it short, and end with a clear request."),
-    ("How do I clean a cast iron pan?", "Rinse it with hot water, scrub with salt, dry it fully and rub in a little oil."),
+    (
+        "How do I clean a cast iron pan?",
+        "Rinse it with hot water, scrub with salt, dry it fully and rub in a little oil.",
+    ),
     ("How do I start running?", "Begin with short runs mixed with walking three times a week and build up slowly."),
     ("How can I remember names better?", "Repeat the name when you hear it and link it to something about the person."),
     ("How do I fix a slow laptop?", "Close programs you do not use, remove startup apps, and free some disk space."),
-    ("How do I cook rice?", "Rinse one cup of rice, add two cups of water, simmer covered for fifteen minutes, then rest."),
+    (
+        "How do I cook rice?",
+        "Rinse one cup of rice, add two cups of water, simmer covered for fifteen minutes, then rest.",
+    ),
 ]
 DISMISSIVE = [
     "I don't know. Look it up yourself.",
@@ -61,12 +110,30 @@ OFF_TOPIC = [
     "Some people collect stamps, and others collect coins or old postcards.",
 ]
 
-SUBJECTS = ["my neighbour", "a teacher", "the new intern", "my grandmother", "a bus driver", "the team", "a nurse",
-            "my best friend", "the baker", "a volunteer"]
-KIND = ["{s} always makes the day brighter with a warm smile.", "I am grateful for {s}, who is patient and generous.",
-        "{s} works hard and deserves every bit of thanks.", "Everyone is lucky to know {s}, who is so thoughtful."]
-RUDE = ["{s} is useless and nobody likes them.", "I can't stand {s}, who is lazy and annoying.",
-        "{s} ruins everything and should just leave.", "Nobody cares about {s}, who is a waste of time."]
+SUBJECTS = [
+    "my neighbour",
+    "a teacher",
+    "the new intern",
+    "my grandmother",
+    "a bus driver",
+    "the team",
+    "a nurse",
+    "my best friend",
+    "the baker",
+    "a volunteer",
+]
+KIND = [
+    "{s} always makes the day brighter with a warm smile.",
+    "I am grateful for {s}, who is patient and generous.",
+    "{s} works hard and deserves every bit of thanks.",
+    "Everyone is lucky to know {s}, who is so thoughtful.",
+]
+RUDE = [
+    "{s} is useless and nobody likes them.",
+    "I can't stand {s}, who is lazy and annoying.",
+    "{s} ruins everything and should just leave.",
+    "Nobody cares about {s}, who is a waste of time.",
+]
 
 
 def _cap(text: str) -> str:
@@ -77,7 +144,9 @@ def _capitals(rng: random.Random) -> tuple[str, str, str]:
     country, capital = rng.choice(CAPITALS)
     wrong = rng.choice([c for _, c in CAPITALS if c != capital])
     form = rng.choice(CAPITAL_FORMS)
-    prompt = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."])
+    prompt = rng.choice(
+        ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."]
+    )
     return prompt.format(c=country), form.format(c=country, x=capital), form.format(c=country, x=wrong)
 
 
@@ -87,8 +156,11 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
     wrong = value + rng.choice([-3, -2, -1, 1, 2, 3, 10])
     form = rng.choice(["{a} {op} {b} is {v}.", "The answer is {v}.", "{v}"])
     prompt = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Please tell me {a} {op} {b}."])
-    return (prompt.format(a=a, op=op, b=b), form.format(a=a, op=op, b=b, v=value),
-            form.format(a=a, op=op, b=b, v=wrong))
+    return (
+        prompt.format(a=a, op=op, b=b),
+        form.format(a=a, op=op, b=b, v=value),
+        form.format(a=a, op=op, b=b, v=wrong),
+    )
 
 
 def _counting(rng: random.Random) -> tuple[str, str, str]:
@@ -104,7 +176,8 @@ def _counting(rng: random.Random) -> tuple[str, str, str]:
     else:
         bad = items
     prompt = rng.choice(["Name {w} {c}.", "List exactly {w} {c}.", "Give me {w} {c}, please."]).format(
-        w=NUMBER_WORDS[n], c=name)
+        w=NUMBER_WORDS[n], c=name
+    )
     return prompt, _cap(", ".join(good)) + ".", _cap(", ".join(bad)) + "."
 
 
@@ -117,12 +190,20 @@ def _helpfulness(rng: random.Random) -> tuple[str, str, str]:
 def _kindness(rng: random.Random) -> tuple[str, str, str]:
     subject = rng.choice(SUBJECTS)
     prompt = rng.choice(["Write one sentence about {s}.", "Say something about {s}.", "Describe {s} in a sentence."])
-    return (prompt.format(s=subject), _cap(rng.choice(KIND).format(s=subject)),
-            _cap(rng.choice(RUDE).format(s=subject)))
+    return (
+        prompt.format(s=subject),
+        _cap(rng.choice(KIND).format(s=subject)),
+        _cap(rng.choice(RUDE).format(s=subject)),
+    )
 
 
-KINDS = {"capitals": _capitals, "arithmetic": _arithmetic, "counting": _counting, "helpfulness": _helpfulness,
-         "kindness": _kindness}
+KINDS = {
+    "capitals": _capitals,
+    "arithmetic": _arithmetic,
+    "counting": _counting,
+    "helpfulness": _helpfulness,
+    "kindness": _kindness,
+}
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -150,6 +231,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     pairs = make_pairs(args.train_pairs + args.eval_pairs, seed=args.seed)
     args.folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", pairs[: args.train_pairs]), ("eval", pairs[args.train_pairs:])):
+    for name, rows in (("train", pairs[: args.train_pairs]), ("eval", pairs[args.train_pairs :])):
         (args.folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {args.folder}/train.jsonl ({args.train_pairs} pairs) and eval.jsonl ({args.eval_pairs} pairs)")

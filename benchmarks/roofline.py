@@ -14,6 +14,7 @@ recorded. Without a PPO benchmark JSON the bounds are computed for issue 7's set
 (CPU: batch 16, 32 tokens, 2 epochs, mini-batch 8; GPU: batch 64, 53 tokens, 4 epochs, mini-batch 16;
 41 prompt tokens; the embedded SmolLM2-135M or ``--architecture``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,14 +99,25 @@ def ppo_roofline(config: dict, s: dict, gflops: float, bandwidth_gbs: float) -> 
     update_flops = s["ppo_epochs"] * (6 * blocks * tokens * 2 + 6 * vocab * lm_positions)
     adam_bytes = steps * 28 * 2 * (blocks + vocab)
     update = update_flops / peak + adam_bytes / bw
-    return {"generate": generation, "score": scoring_flops / peak, "update": update,
-            "flops": {"prefill": prefill, "decode_per_step": 2 * (blocks + vocab) * rows, "score": scoring_flops,
-                      "update": update_flops}, "bytes": {"decode_per_step": step_bytes, "adamw": adam_bytes},
-            "params": n}
+    return {
+        "generate": generation,
+        "score": scoring_flops / peak,
+        "update": update,
+        "flops": {
+            "prefill": prefill,
+            "decode_per_step": 2 * (blocks + vocab) * rows,
+            "score": scoring_flops,
+            "update": update_flops,
+        },
+        "bytes": {"decode_per_step": step_bytes, "adamw": adam_bytes},
+        "params": n,
+    }
 
 
-ISSUE_SETTINGS = {"cpu": {"batch_size": 16, "response_length": 32, "ppo_epochs": 2, "mini_batch_size": 8},
-                  "cuda": {"batch_size": 64, "response_length": 53, "ppo_epochs": 4, "mini_batch_size": 16}}
+ISSUE_SETTINGS = {
+    "cpu": {"batch_size": 16, "response_length": 32, "ppo_epochs": 2, "mini_batch_size": 8},
+    "cuda": {"batch_size": 64, "response_length": 53, "ppo_epochs": 4, "mini_batch_size": 16},
+}
 
 
 def main() -> None:
@@ -122,15 +134,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (use the benchmark's)")
     parser.add_argument("--peak_gflops", type=float, default=None, help="use this FLOP rate instead of measuring")
     parser.add_argument("--bandwidth_gbs", type=float, default=None, help="use this bandwidth instead of measuring")
-    parser.add_argument("--ppo", type=Path, default=None,
-                        help="PPO benchmark JSON whose measured phase times go next to the bounds "
-                             "(default: results/ppo_DEVICE.json when it exists)")
+    parser.add_argument(
+        "--ppo",
+        type=Path,
+        default=None,
+        help="PPO benchmark JSON whose measured phase times go next to the bounds "
+        "(default: results/ppo_DEVICE.json when it exists)",
+    )
     parser.add_argument("--architecture", default=None, help="LAYERSxWIDTH when no PPO JSON names the model")
     parser.add_argument("--out", type=Path, default=None, help="default: results/roofline_DEVICE.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": args.device,
-              "threads": args.threads, "load_average_before": os.getloadavg()}
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "threads": args.threads,
+        "load_average_before": os.getloadavg(),
+    }
     measured = args.peak_gflops is None or args.bandwidth_gbs is None
     result["bandwidth_gb_s"] = args.bandwidth_gbs or copy_bandwidth_gbs(args.device)
     result["matmul_gflop_s"] = args.peak_gflops or matmul_gflops(args.device)
@@ -140,10 +160,16 @@ def main() -> None:
     if ppo_file.is_file():
         ppo = json.loads(ppo_file.read_text())
         settings = ppo["settings"]
-        config = json.loads((Path(settings["model"]) / "config.json").read_text()) \
-            if Path(settings["model"]).is_dir() else family_config(resolve_model_path(None), settings["architecture"])
-        settings = settings | {"prompt_tokens": max(settings["prompt_tokens"]), "recompute_logprobs":
-                               settings.get("tether_options", {}).get("rollout_logprobs", "recompute") == "recompute"}
+        config = (
+            json.loads((Path(settings["model"]) / "config.json").read_text())
+            if Path(settings["model"]).is_dir()
+            else family_config(resolve_model_path(None), settings["architecture"])
+        )
+        settings = settings | {
+            "prompt_tokens": max(settings["prompt_tokens"]),
+            "recompute_logprobs": settings.get("tether_options", {}).get("rollout_logprobs", "recompute")
+            == "recompute",
+        }
         result["ppo_measured_seconds"] = {side: v["split_seconds_per_iteration"] for side, v in ppo["summary"].items()}
         result["ppo_file"] = str(ppo_file)
     else:

@@ -3,6 +3,7 @@
 Most tests run on these (2 layers, width 32: a forward pass takes milliseconds); the few tests
 that load the real SmolLM2-135M-Instruct are marked ``slow``.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,8 +81,9 @@ def tiny_rm_dir(tmp_path_factory, tokenizer) -> Path:
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(1)
-    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id,
-                               num_labels=1)
+    config = tiny_llama_config(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, num_labels=1
+    )
     model = LlamaForSequenceClassification(config)
     folder = tmp_path_factory.mktemp("tiny-reward-model")
     model.save_pretrained(folder)

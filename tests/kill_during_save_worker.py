@@ -4,6 +4,7 @@ written, before the RNG states and the trainer state), like a power cut or the O
 
 usage: python kill_during_save_worker.py STEP tether-arguments...
 """
+
 from __future__ import annotations
 
 import os

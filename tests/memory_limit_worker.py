@@ -3,6 +3,7 @@ iteration under an address-space limit (RLIMIT_AS) below what the first one used
 allocator really fails and tether must shrink its chunks. ``case`` picks the phase under test: the
 other phase runs one row at a time, so the measured peak is the tested phase's. Prints one JSON
 line with both runs' metrics and chunk sizes."""
+
 from __future__ import annotations
 
 import gc
@@ -27,12 +28,26 @@ def run(folder: Path, name: str, case: str, limit_fraction: float | None, need: 
     from tether.ppo.trainer import PPOConfig, PPOTrainer
     from tether.tracking import read_jsonl
 
-    config = PPOConfig(output_dir=str(folder / name), model_name_or_path=str(folder / "policy"),
-                       reward_model_path=str(folder / "rm"), batch_size=rows, mini_batch_size=rows // 2, ppo_epochs=1,
-                       max_new_tokens=16, response_length=16, learning_rate=1e-3, num_iterations=1, save_steps=0,
-                       disable_tqdm=True, logging_steps=1000, report_to="none", use_cpu=True,
-                       missing_eos_penalty=None, normalize_reward=False,
-                       **({"per_device_train_batch_size": 1} if case == "scoring" else {"forward_batch_size": 1}))
+    config = PPOConfig(
+        output_dir=str(folder / name),
+        model_name_or_path=str(folder / "policy"),
+        reward_model_path=str(folder / "rm"),
+        batch_size=rows,
+        mini_batch_size=rows // 2,
+        ppo_epochs=1,
+        max_new_tokens=16,
+        response_length=16,
+        learning_rate=1e-3,
+        num_iterations=1,
+        save_steps=0,
+        disable_tqdm=True,
+        logging_steps=1000,
+        report_to="none",
+        use_cpu=True,
+        missing_eos_penalty=None,
+        normalize_reward=False,
+        **({"per_device_train_batch_size": 1} if case == "scoring" else {"forward_batch_size": 1}),
+    )
     trainer = PPOTrainer(config, ["a b c", "d e", "yes no", "x y z w"] * 4)
     gc.collect()
     before = status("VmSize")
@@ -40,9 +55,13 @@ def run(folder: Path, name: str, case: str, limit_fraction: float | None, need: 
         resource.setrlimit(resource.RLIMIT_AS, (before + int(limit_fraction * need), resource.RLIM_INFINITY))
     trainer.train()
     row = read_jsonl(folder / name / "metrics.jsonl")[0]
-    result = {"forward_batch": trainer.forward_batch, "micro": trainer.micro, "generation_batch": trainer.generation_batch,
-              "metrics": {k: v for k, v in row.items() if not k.startswith(("time", "throughput"))},
-              "need": status("VmPeak") - before}
+    result = {
+        "forward_batch": trainer.forward_batch,
+        "micro": trainer.micro,
+        "generation_batch": trainer.generation_batch,
+        "metrics": {k: v for k, v in row.items() if not k.startswith(("time", "throughput"))},
+        "need": status("VmPeak") - before,
+    }
     del trainer
     gc.collect()
     return result

@@ -10,6 +10,7 @@ Then the whole loop (``train``: rollout, update, metrics, checkpoint, outputs) r
 usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM [lora]
 (``lora``: LoRA policy, reference = adapters off, critic = LoRA on the reward model)
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,26 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     from tether.ppo.rollout import score_responses, unwrap_model
     from tether.ppo.trainer import PPOConfig, PPOTrainer
 
-    config = PPOConfig(output_dir=str(Path(out) / "run"), model_name_or_path=policy, reward_model_path=rm,
-                       use_cpu=True, batch_size=8, mini_batch_size=8, per_device_train_batch_size=2, ppo_epochs=2,
-                       learning_rate=1e-2, num_iterations=1, max_new_tokens=6, save_steps=0, disable_tqdm=True,
-                       logging_steps=1000, report_to="none", target_kl=1.0, init_kl_coef=0.2,
-                       **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}))
+    config = PPOConfig(
+        output_dir=str(Path(out) / "run"),
+        model_name_or_path=policy,
+        reward_model_path=rm,
+        use_cpu=True,
+        batch_size=8,
+        mini_batch_size=8,
+        per_device_train_batch_size=2,
+        ppo_epochs=2,
+        learning_rate=1e-2,
+        num_iterations=1,
+        max_new_tokens=6,
+        save_steps=0,
+        disable_tqdm=True,
+        logging_steps=1000,
+        report_to="none",
+        target_kl=1.0,
+        init_kl_coef=0.2,
+        **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),
+    )
     trainer = PPOTrainer(config, PROMPTS)
     tok, acc = trainer.tokenizer, trainer.accelerator
     share = slice(trainer.rank * trainer.local_batch, (trainer.rank + 1) * trainer.local_batch)
@@ -43,11 +59,19 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     generated = GeneratedBatch(
         responses=torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses]),
         lengths=torch.tensor([len(r) for r in responses]),
-        stopped=torch.tensor([r[-1] == tok.eos_token_id for r in responses]))
-    rollout = score_responses(models=unwrap_model(trainer.models), reference=trainer.reference,
-                              reward_model=trainer.reward_model, query_ids=q, query_mask=qm, generated=generated,
-                              temperature=config.temperature, forward_batch_size=trainer.forward_batch,
-                              missing_stop_penalty=-1.0)
+        stopped=torch.tensor([r[-1] == tok.eos_token_id for r in responses]),
+    )
+    rollout = score_responses(
+        models=unwrap_model(trainer.models),
+        reference=trainer.reference,
+        reward_model=trainer.reward_model,
+        query_ids=q,
+        query_mask=qm,
+        generated=generated,
+        temperature=config.temperature,
+        forward_batch_size=trainer.forward_batch,
+        missing_stop_penalty=-1.0,
+    )
     metrics = trainer.learn(rollout)
     if acc.is_main_process:
         state = unwrap_model(trainer.models).policy.state_dict()
@@ -62,8 +86,9 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     trainer.save_checkpoint()
     trainer.train()
     if acc.is_main_process:
-        (Path(out) / "result.json").write_text(json.dumps({
-            "world": trainer.world, "metrics": metrics, "samples": samples.tolist()}))
+        (Path(out) / "result.json").write_text(
+            json.dumps({"world": trainer.world, "metrics": metrics, "samples": samples.tolist()})
+        )
 
 
 if __name__ == "__main__":

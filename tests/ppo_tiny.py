@@ -4,14 +4,44 @@ model whose weights are set by hand so that its score is a known function of the
 The tokenizer pads with its stop token (like SmolLM2), so every test also exercises the
 "masks from lengths, never from token == pad" rule.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p",
-         "q", "r", "s", "t", "u", "v", "w", "x", "y", "z", "yes", "no", "good"]
+WORDS = [
+    "a",
+    "b",
+    "c",
+    "d",
+    "e",
+    "f",
+    "g",
+    "h",
+    "i",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "o",
+    "p",
+    "q",
+    "r",
+    "s",
+    "t",
+    "u",
+    "v",
+    "w",
+    "x",
+    "y",
+    "z",
+    "yes",
+    "no",
+    "good",
+]
 SPECIAL = ["<unk>", "<bos>", "<eos>"]
 VOCAB = SPECIAL + WORDS  # 32 tokens
 GOOD = "good"
@@ -25,8 +55,9 @@ def make_word_tokenizer(folder: Path):
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                  pad_token="<eos>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<eos>"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(folder)
     return tok
@@ -35,10 +66,19 @@ def make_word_tokenizer(folder: Path):
 def tiny_config(tok, **overrides):
     from transformers import LlamaConfig
 
-    kwargs = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  bos_token_id=tok.bos_token_id)
+    kwargs = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
@@ -78,8 +118,16 @@ def make_counting_rm(folder: Path, tok, target: str = GOOD, seed: int = 2) -> Pa
     from transformers import LlamaForSequenceClassification
 
     d = 16
-    config = tiny_config(tok, num_labels=1, hidden_size=d, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False)
+    config = tiny_config(
+        tok,
+        num_labels=1,
+        hidden_size=d,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForSequenceClassification(config)
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(len(VOCAB), d, generator=g)
@@ -88,8 +136,13 @@ def make_counting_rm(folder: Path, tok, target: str = GOOD, seed: int = 2) -> Pa
     emb[tok.convert_tokens_to_ids(target), 0] = 4.0
     model.model.embed_tokens.weight.copy_(emb)
     layer = model.model.layers[0]
-    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                 layer.mlp.down_proj):
+    for proj in (
+        layer.self_attn.q_proj,
+        layer.self_attn.k_proj,
+        layer.self_attn.v_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.down_proj,
+    ):
         proj.weight.zero_()
     layer.self_attn.v_proj.weight[0, 0] = 1.0
     layer.self_attn.o_proj.weight[0, 0] = 4.0

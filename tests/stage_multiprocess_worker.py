@@ -12,6 +12,7 @@ The reward model also saves a checkpoint every 2 steps (the atomic save with eve
 usage: accelerate launch --config_file configs/accelerate/multi_cpu.yaml stage_multiprocess_worker.py \
            OUT MODEL DATA_DIR PER_DEVICE_BATCH
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,18 +49,33 @@ def recorded_batches(trainer_class, log: list):
 
 
 def common_flags(out: Path, model: str, per_device: int) -> dict:
-    return dict(output_dir=str(out), model_name_or_path=model, per_device_train_batch_size=per_device,
-                per_device_eval_batch_size=4, num_train_epochs=1, logging_steps=1, save_strategy="no",
-                report_to="none", seed=0, disable_tqdm=True, use_cpu=True, dataloader_drop_last=False)
+    return dict(
+        output_dir=str(out),
+        model_name_or_path=model,
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=4,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_drop_last=False,
+    )
 
 
 def run_rm(out: Path, model: str, data: Path, per_device: int) -> None:
     from tether.stages.reward import RewardConfig, RewardTrainer, run_reward
 
-    config = RewardConfig(dataset=str(data / "pairs.jsonl"), eval_dataset=str(data / "held_out_rm.jsonl"),
-                          learning_rate=3e-3, reward_stats_max_pairs=16, max_length=64,
-                          **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2,
-                                                                       save_total_limit=1))
+    config = RewardConfig(
+        dataset=str(data / "pairs.jsonl"),
+        eval_dataset=str(data / "held_out_rm.jsonl"),
+        learning_rate=3e-3,
+        reward_stats_max_pairs=16,
+        max_length=64,
+        **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2, save_total_limit=1),
+    )
     with recorded_batches(RewardTrainer, []) as log:
         run_reward(config)
     _write_batches(out, log)
@@ -69,8 +85,14 @@ def run_dpo(out: Path, model: str, data: Path, per_device: int) -> None:
     from tether.stages.dpo import DPOConfig, _DPOTrainer
     from tether.stages.dpo import run_dpo as run
 
-    config = DPOConfig(dataset=str(data / "pairs.jsonl"), eval_dataset=str(data / "held_out_dpo.jsonl"),
-                       learning_rate=5e-3, beta=0.1, max_length=64, **common_flags(out, model, per_device))
+    config = DPOConfig(
+        dataset=str(data / "pairs.jsonl"),
+        eval_dataset=str(data / "held_out_dpo.jsonl"),
+        learning_rate=5e-3,
+        beta=0.1,
+        max_length=64,
+        **common_flags(out, model, per_device),
+    )
     with recorded_batches(_DPOTrainer, []) as log:
         run(config)
     _write_batches(out, log)

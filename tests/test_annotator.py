@@ -1,4 +1,5 @@
 """The demo task and the simulated annotator: the gold function on crafted answers, and BT labelling noise."""
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ def test_demo_files_load_back_through_the_data_layer(tmp_path):
     path = task.write_preferences(pairs, tmp_path / "prefs.jsonl")
     back = load_preferences(str(path))
     assert [(p.prompt, p.chosen, p.rejected, p.margin) for p in back] == [
-        ("Q?", "good", "bad", None), (chat, "yes", "no", 1.0)]
+        ("Q?", "good", "bad", None),
+        (chat, "yes", "no", 1.0),
+    ]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
@@ -53,8 +56,8 @@ def test_demo_files_load_back_through_the_data_layer(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_length_penalty_sweet_spot():
     assert A.length_penalty(5) == 0.0 and A.length_penalty(40) == 0.0 and A.length_penalty(20) == 0.0
-    assert A.length_penalty(1) == pytest.approx(math.log(2 / 6) ** 2)   # 1.207
-    assert A.length_penalty(0) == pytest.approx(math.log(1 / 6) ** 2)   # 3.210
+    assert A.length_penalty(1) == pytest.approx(math.log(2 / 6) ** 2)  # 1.207
+    assert A.length_penalty(0) == pytest.approx(math.log(1 / 6) ** 2)  # 3.210
     assert A.length_penalty(80) == pytest.approx(math.log(81 / 41) ** 2)  # 0.463
     assert A.length_penalty(10_000) == 4.0  # capped
     # not "shorter is always better": 2 words cost more than 60
@@ -103,15 +106,15 @@ def test_prompt_text_uses_the_last_user_turn():
 CASES = {
     "How do I boil an egg so the yolk stays soft?": {
         "good": "Bring water to a boil, lower the egg in gently and cook it for 6 to 7 minutes. Then cool it in "
-                "cold water before peeling.",
+        "cold water before peeling.",
         "irrelevant": "Paris is the capital of France and is known for the Eiffel Tower and its museums.",
         "repetitive": "Boil the egg. Boil the egg. Boil the egg. Boil the egg. Boil the egg. Boil the egg.",
         "rambling": "Eggs are a wonderful food that people have enjoyed for thousands of years in many cultures. "
-                    "There are many methods, such as boiling, poaching, frying and baking, and each one brings out "
-                    "a different texture and flavour, which is why chefs debate the best approach endlessly. When "
-                    "you boil an egg the timing matters a lot, as do the size of the egg, the altitude and the "
-                    "temperature of the egg before it goes in. Many people also like to add salt or vinegar to "
-                    "the water, and some swear by starting in cold water while others never would.",
+        "There are many methods, such as boiling, poaching, frying and baking, and each one brings out "
+        "a different texture and flavour, which is why chefs debate the best approach endlessly. When "
+        "you boil an egg the timing matters a lot, as do the size of the egg, the altitude and the "
+        "temperature of the egg before it goes in. Many people also like to add salt or vinegar to "
+        "the water, and some swear by starting in cold water while others never would.",
         "unfinished": "Bring water to a boil, lower the egg in gently and cook it for 6 to 7 minutes, and then",
         "echo": "How do I boil an egg so the yolk stays soft? How do I boil an egg so the yolk stays soft?",
         "refusal": "I'm sorry, but I can't help with that request.",
@@ -120,7 +123,7 @@ CASES = {
     },
     "What does a CPU do?": {
         "good": "The CPU is the part of a computer that carries out program instructions: it fetches each "
-                "instruction from memory, performs the calculation, and moves on to the next.",
+        "instruction from memory, performs the calculation, and moves on to the next.",
         "irrelevant": "Tomatoes grow best in warm weather with plenty of sunlight and regular watering.",
         "repetitive": "A CPU computes. A CPU computes. A CPU computes. A CPU computes. A CPU computes.",
         "unfinished": "The CPU is the part of a computer that carries out program instructions and",
@@ -159,7 +162,8 @@ def test_relevance_is_cosine_of_normalised_mean_pooled_embeddings(annotator):
     assert torch.linalg.norm(e, dim=-1) == pytest.approx(torch.ones(3), abs=1e-5)
     assert torch.equal(e[0], e[2])  # cached
     assert annotator.relevance(["a cat sat on the mat"], ["a kitten rested on the rug"])[0] == pytest.approx(
-        float(e[0] @ e[1]), abs=1e-6)
+        float(e[0] @ e[1]), abs=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +185,9 @@ def test_bradley_terry_labels_match_sigmoid_rate(annotator):
     flipped = A.label_pairs([prompt] * n, [b] * n, [a] * n, tau=tau, seed=7, annotator=annotator)
     assert abs(sum(p.chosen == a for p in flipped) / n - target) < 0.028
     # a tiny τ makes the annotator noiseless
-    assert all(p.chosen == a for p in A.label_pairs([prompt] * 50, [b] * 50, [a] * 50, tau=1e-3, seed=0,
-                                                    annotator=annotator))
+    assert all(
+        p.chosen == a for p in A.label_pairs([prompt] * 50, [b] * 50, [a] * 50, tau=1e-3, seed=0, annotator=annotator)
+    )
 
 
 def test_label_pairs_is_reproducible_and_skips_ties(annotator):
@@ -206,8 +211,15 @@ def test_build_preference_dataset_from_a_tiny_policy(annotator, tiny_model_dir, 
 
     model = load_causal_lm(str(tiny_model_dir))
     prompts = task.train_prompts()[:4]
-    pairs = A.build_preference_dataset(model, tokenizer, prompts, SamplingSettings(max_new_tokens=6, temperature=1.0),
-                                       tau=0.1, seed=0, annotator=annotator)
+    pairs = A.build_preference_dataset(
+        model,
+        tokenizer,
+        prompts,
+        SamplingSettings(max_new_tokens=6, temperature=1.0),
+        tau=0.1,
+        seed=0,
+        annotator=annotator,
+    )
     assert 1 <= len(pairs) <= 4
     assert {p.prompt for p in pairs} <= {r.prompt for r in prompts}
     assert all(p.chosen != p.rejected for p in pairs)
@@ -224,10 +236,25 @@ def test_gold_metrics_hook_reads_a_rollout(annotator, tokenizer):
     ids = tokenizer(good, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     responses = torch.tensor([ids, ids])
     z = torch.zeros(2, 1)
-    rollout = Rollout(query_ids=z, query_mask=z, responses=responses, response_mask=torch.ones_like(responses),
-                      lengths=torch.tensor([len(ids), len(ids)]), stopped=torch.tensor([True, False]),
-                      input_ids=z, attention_mask=z, position_ids=z, logprobs=z, ref_logprobs=z, values=z, kl=z,
-                      kl_penalty=z, raw_scores=z, scores=z, prompts=[prompt, prompt])
+    rollout = Rollout(
+        query_ids=z,
+        query_mask=z,
+        responses=responses,
+        response_mask=torch.ones_like(responses),
+        lengths=torch.tensor([len(ids), len(ids)]),
+        stopped=torch.tensor([True, False]),
+        input_ids=z,
+        attention_mask=z,
+        position_ids=z,
+        logprobs=z,
+        ref_logprobs=z,
+        values=z,
+        kl=z,
+        kl_penalty=z,
+        raw_scores=z,
+        scores=z,
+        prompts=[prompt, prompt],
+    )
     out = A.gold_metrics_hook(tokenizer, annotator)(rollout)
     texts = rollout.response_texts(tokenizer)
     assert texts[0] == good

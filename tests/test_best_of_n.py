@@ -1,4 +1,5 @@
 """Best-of-N: the KL bound, ranking by reward-model score, JSONL that `tether sft` accepts."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ import torch
 from tether.config import ConfigError
 from tether.data.records import Message
 from tether.generation import SamplingSettings
-from tether.stages.best_of_n import (BestOfNConfig, BestOfNResult, ScoredSample, best_of_n, bon_kl_bound, rank,
-                                     result_row, reward_gain, run_best_of_n)
+from tether.stages.best_of_n import (
+    BestOfNConfig,
+    BestOfNResult,
+    ScoredSample,
+    best_of_n,
+    bon_kl_bound,
+    rank,
+    result_row,
+    reward_gain,
+    run_best_of_n,
+)
 
 
 def test_kl_bound_numbers():
@@ -30,8 +40,12 @@ def test_reward_gain_is_best_mean_minus_sample_mean():
 
 
 def test_rank_puts_the_highest_score_first_and_skips_empty_text_for_the_best():
-    samples = [ScoredSample("a", 0.5, True, 2, 0), ScoredSample("  ", 2.0, True, 1, 1),
-               ScoredSample("c", 1.0, False, 8, 2), ScoredSample("d", 1.0, True, 3, 3)]
+    samples = [
+        ScoredSample("a", 0.5, True, 2, 0),
+        ScoredSample("  ", 2.0, True, 1, 1),
+        ScoredSample("c", 1.0, False, 8, 2),
+        ScoredSample("d", 1.0, True, 3, 3),
+    ]
     ranked = rank(samples)
     assert [s.index for s in ranked] == [1, 2, 3, 0]  # ties keep sampling order
     result = BestOfNResult("q", ranked)
@@ -59,9 +73,16 @@ def test_best_of_n_ranks_samples_by_the_reward_models_score(tiny_model_dir, tiny
     reward_model = load_scalar_model(str(tiny_rm_dir)).eval()
     prompts = ["Name a colour.", (Message("system", "Be brief."), Message("user", "Count to three."))]
     torch.manual_seed(0)
-    results = best_of_n(policy, reward_model, tokenizer, prompts, n=4,
-                        settings=SamplingSettings(max_new_tokens=6, temperature=1.0), batch_size=2,
-                        reward_batch_size=3)
+    results = best_of_n(
+        policy,
+        reward_model,
+        tokenizer,
+        prompts,
+        n=4,
+        settings=SamplingSettings(max_new_tokens=6, temperature=1.0),
+        batch_size=2,
+        reward_batch_size=3,
+    )
     assert len(results) == 2
     for prompt, result in zip(prompts, results):
         assert result.prompt == prompt and len(result.ranked) == 4
@@ -75,9 +96,11 @@ def test_best_of_n_ranks_samples_by_the_reward_models_score(tiny_model_dir, tiny
 
 
 def write_prompts(path):
-    rows = [{"prompt": "Say hello."},
-            {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say bye."}]},
-            {"prompt": "Give me a number."}]
+    rows = [
+        {"prompt": "Say hello."},
+        {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say bye."}]},
+        {"prompt": "Give me a number."},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -89,14 +112,25 @@ def test_bon_output_is_accepted_by_the_demonstration_loader(tmp_path, tiny_model
     prompts_file = tmp_path / "prompts.jsonl"
     write_prompts(prompts_file)
     out = tmp_path / "bon"
-    config = BestOfNConfig(model_name_or_path=str(tiny_model_dir), reward_model_name_or_path=str(tiny_rm_dir),
-                           dataset=str(prompts_file), n=4, max_new_tokens=6, temperature=1.0, return_all=True,
-                           output_dir=str(out), use_cpu=True)
+    config = BestOfNConfig(
+        model_name_or_path=str(tiny_model_dir),
+        reward_model_name_or_path=str(tiny_rm_dir),
+        dataset=str(prompts_file),
+        n=4,
+        max_new_tokens=6,
+        temperature=1.0,
+        return_all=True,
+        output_dir=str(out),
+        use_cpu=True,
+    )
     summary = run_best_of_n(config)
     rows = read_jsonl(out / "best_of_n.jsonl")
     assert len(rows) == 3
     assert rows[0]["prompt"] == "Say hello."
-    assert rows[1]["prompt"] == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say bye."}]
+    assert rows[1]["prompt"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say bye."},
+    ]
     for row in rows:
         assert row["n"] == 4 and len(row["ranked"]) == 4
         assert row["score"] == max(r["score"] for r in row["ranked"])
@@ -116,20 +150,31 @@ def test_bon_output_is_accepted_by_the_demonstration_loader(tmp_path, tiny_model
     assert summary["samples"] == 12
 
 
-def test_bon_without_a_reward_model_or_with_bad_prompts_writes_nothing(tmp_path, tiny_model_dir, tiny_rm_dir,
-                                                                        capsys):
+def test_bon_without_a_reward_model_or_with_bad_prompts_writes_nothing(tmp_path, tiny_model_dir, tiny_rm_dir, capsys):
     from tether.cli import main
 
     prompts_file = tmp_path / "prompts.jsonl"
     write_prompts(prompts_file)
     out = tmp_path / "bon"
     with pytest.raises(ConfigError, match="reward_model_name_or_path"):
-        run_best_of_n(BestOfNConfig(model_name_or_path=str(tiny_model_dir), dataset=str(prompts_file),
-                                    output_dir=str(out)))
+        run_best_of_n(
+            BestOfNConfig(model_name_or_path=str(tiny_model_dir), dataset=str(prompts_file), output_dir=str(out))
+        )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 5}\n')
-    code = main(["bon", "--model_name_or_path", str(tiny_model_dir), "--reward_model_name_or_path", str(tiny_rm_dir),
-                 "--dataset", str(bad), "--output_dir", str(out)])
+    code = main(
+        [
+            "bon",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--reward_model_name_or_path",
+            str(tiny_rm_dir),
+            "--dataset",
+            str(bad),
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 2 and "bad.jsonl:2" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(ConfigError):

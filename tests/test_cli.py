@@ -3,6 +3,7 @@
 The help and one bad-data run go through the installed console script in a real subprocess; the
 other runs call ``tether.cli.main`` in-process (the same code path, without re-importing torch).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,11 +61,29 @@ def test_stage_help_lists_options_with_defaults_and_meaning():
     result = _run("sft", "--help")
     assert result.returncode == 0, result.stderr
     out = " ".join(result.stdout.split())  # argparse wraps lines
-    for flag in ("--model_name_or_path", "--dataset", "--dataset_split", "--eval_dataset", "--output_dir",
-                 "--learning_rate", "--per_device_train_batch_size", "--gradient_accumulation_steps",
-                 "--num_train_epochs", "--lr_scheduler_type", "--optim", "--logging_steps", "--save_steps",
-                 "--report_to", "--gradient_checkpointing", "--use_peft", "--lora_r", "--lora_alpha",
-                 "--lora_dropout", "--seed", "--config"):
+    for flag in (
+        "--model_name_or_path",
+        "--dataset",
+        "--dataset_split",
+        "--eval_dataset",
+        "--output_dir",
+        "--learning_rate",
+        "--per_device_train_batch_size",
+        "--gradient_accumulation_steps",
+        "--num_train_epochs",
+        "--lr_scheduler_type",
+        "--optim",
+        "--logging_steps",
+        "--save_steps",
+        "--report_to",
+        "--gradient_checkpointing",
+        "--use_peft",
+        "--lora_r",
+        "--lora_alpha",
+        "--lora_dropout",
+        "--seed",
+        "--config",
+    ):
         assert flag in out, flag
     assert "Train LoRA adapters instead of all weights. (default: False)" in out
     assert "Maximum tokens of prompt + response. (default: 512)" in out
@@ -108,11 +127,14 @@ def test_unknown_yaml_key_names_file_and_key(tmp_path):
     assert str(info.value) == f"{config_file}: unknown option(s) learning_rat for ToyConfig"
 
 
-@pytest.mark.parametrize("text, line", [
-    ("steps: 3\nname: [unclosed\nuse_peft: true\n", 3),
-    ("steps: 3\n  bad_indent: 1\n", 2),
-    ("steps: 3\nname: 'a\n", 3),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("steps: 3\nname: [unclosed\nuse_peft: true\n", 3),
+        ("steps: 3\n  bad_indent: 1\n", 2),
+        ("steps: 3\nname: 'a\n", 3),
+    ],
+)
 def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
     config_file = tmp_path / "broken.yaml"
     config_file.write_text(text)
@@ -135,8 +157,10 @@ def test_yaml_and_flags_combine_on_a_real_stage_config(tmp_path):
     from tether.stages.sft import SFTConfig
 
     config_file = tmp_path / "sft.yaml"
-    config_file.write_text(f"output_dir: {tmp_path / 'from-yaml'}\nlearning_rate: 1e-5\nnum_train_epochs: 2\n"
-                           "use_peft: true\nlora_r: 4\ndataset: demos.jsonl\nreport_to: none\n")
+    config_file.write_text(
+        f"output_dir: {tmp_path / 'from-yaml'}\nlearning_rate: 1e-5\nnum_train_epochs: 2\n"
+        "use_peft: true\nlora_r: 4\ndataset: demos.jsonl\nreport_to: none\n"
+    )
     config = parse_config(SFTConfig, ["--config", str(config_file), "--learning_rate", "3e-5", "--lora_r", "8"])
     assert config.learning_rate == 3e-5 and config.lora_r == 8  # flags win
     assert config.num_train_epochs == 2 and config.use_peft is True and config.dataset == "demos.jsonl"  # from YAML
@@ -178,11 +202,14 @@ def test_cli_subprocess_bad_data_exits_2_with_file_line_and_writes_nothing(tmp_p
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("stage, expected", [
-    ("sft", ["{bad}:2: missing field 'completion'", "{bad}:3: empty text (field prompt)"]),
-    ("rm", ["{bad}:1: missing field 'chosen'"]),
-    ("dpo", ["{bad}:1: missing field 'chosen'"]),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        ("sft", ["{bad}:2: missing field 'completion'", "{bad}:3: empty text (field prompt)"]),
+        ("rm", ["{bad}:1: missing field 'chosen'"]),
+        ("dpo", ["{bad}:1: missing field 'chosen'"]),
+    ],
+)
 def test_cli_in_process_bad_data(tmp_path, stage, expected):
     if not _stage_available(stage):
         pytest.skip(f"`tether {stage}` is not written yet")

@@ -9,6 +9,7 @@
   counted and logged with its batch; ``--max_bad_steps`` in a row stop the run with a clear message
   and the last good checkpoint intact.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
+
 from tether.tracking import read_jsonl
 
 HERE = Path(__file__).parent
@@ -67,16 +68,53 @@ def test_ppo_killed_with_sigkill_at_a_random_moment_resumes_to_the_uninterrupted
 
     iterations = 24
     data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
-    flags = ["--model_name_or_path", str(word_dirs["policy"]), "--reward_model_path", str(word_dirs["counting_rm"]),
-             "--dataset", str(data), "--batch_size", "4", "--mini_batch_size", "2", "--ppo_epochs", "2",
-             "--max_new_tokens", "4", "--num_iterations", str(iterations), "--save_steps", "1",
-             "--save_total_limit", "2", "--target_kl", "6", "--init_kl_coef", "0.2", "--learning_rate", "1e-2",
-             "--seed", "3", "--use_cpu", "true", "--disable_tqdm", "true", "--report_to", "none",
-             "--logging_steps", "1000"]
+    flags = [
+        "--model_name_or_path",
+        str(word_dirs["policy"]),
+        "--reward_model_path",
+        str(word_dirs["counting_rm"]),
+        "--dataset",
+        str(data),
+        "--batch_size",
+        "4",
+        "--mini_batch_size",
+        "2",
+        "--ppo_epochs",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--num_iterations",
+        str(iterations),
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "2",
+        "--target_kl",
+        "6",
+        "--init_kl_coef",
+        "0.2",
+        "--learning_rate",
+        "1e-2",
+        "--seed",
+        "3",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1000",
+    ]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "tether.cli", "ppo", *flags, "--output_dir", str(killed)],
-                               cwd=tmp_path, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tether.cli", "ppo", *flags, "--output_dir", str(killed)],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert main(["ppo", *flags, "--output_dir", str(whole)]) == 0  # the uninterrupted run, meanwhile
 
@@ -135,18 +173,55 @@ def test_sft_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_p
 
     rng = random.Random(5)
     words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    data = _write_jsonl(tmp_path / "demos.jsonl", [
-        {"prompt": " ".join(rng.choices(words, k=rng.randint(1, 6))),
-         "completion": " ".join(rng.choices(words, k=rng.randint(1, 6)))} for _ in range(16)])
-    flags = ["--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--eval_split_ratio", "0",
-             "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--learning_rate", "1e-2",
-             "--lr_scheduler_type", "constant", "--logging_steps", "1", "--save_steps", "1",
-             "--save_total_limit", "2", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
-             "--seed", "0"]
+    data = _write_jsonl(
+        tmp_path / "demos.jsonl",
+        [
+            {
+                "prompt": " ".join(rng.choices(words, k=rng.randint(1, 6))),
+                "completion": " ".join(rng.choices(words, k=rng.randint(1, 6))),
+            }
+            for _ in range(16)
+        ],
+    )
+    flags = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--eval_split_ratio",
+        "0",
+        "--per_device_train_batch_size",
+        "4",
+        "--num_train_epochs",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "2",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "0",
+    ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(HERE / "kill_during_save_worker.py"), "3", "sft", *flags,
-                                "--output_dir", str(killed)], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(HERE / "kill_during_save_worker.py"), "3", "sft", *flags, "--output_dir", str(killed)],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert main(["sft", *flags, "--output_dir", str(whole)]) == 0  # the uninterrupted run, meanwhile
     output, _ = process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL, output[-3000:]
@@ -177,20 +252,38 @@ def test_sft_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_p
 
 
 def test_resume_latest_without_a_checkpoint_starts_from_the_beginning_and_a_bad_path_is_refused(
-        tmp_path, tiny_model_dir):
+    tmp_path, tiny_model_dir
+):
     from tether.config import ConfigError
     from tether.data.records import Demonstration
     from tether.stages.sft import SFTConfig, train_sft
 
     demos = [Demonstration(prompt="alpha beta", completion="gamma")] * 4
-    config = SFTConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "sft"),
-                       per_device_train_batch_size=2, num_train_epochs=1, save_strategy="no", report_to="none",
-                       disable_tqdm=True, use_cpu=True, resume_from_checkpoint="latest", eval_split_ratio=0)
+    config = SFTConfig(
+        model_name_or_path=str(tiny_model_dir),
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        resume_from_checkpoint="latest",
+        eval_split_ratio=0,
+    )
     folder = train_sft(config, demos)
     assert json.loads((folder / "training_summary.json").read_text())["global_steps"] == 2
-    config = SFTConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "sft2"),
-                       per_device_train_batch_size=2, num_train_epochs=1, save_strategy="no", report_to="none",
-                       disable_tqdm=True, use_cpu=True, resume_from_checkpoint=str(tmp_path / "nowhere"))
+    config = SFTConfig(
+        model_name_or_path=str(tiny_model_dir),
+        output_dir=str(tmp_path / "sft2"),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        resume_from_checkpoint=str(tmp_path / "nowhere"),
+    )
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         train_sft(config, demos)
 
@@ -209,18 +302,36 @@ def _rm_pairs(n: int, seed: int, margin_at: set[int] = frozenset()) -> list:
     out = []
     for i in range(n):
         text = " ".join(rng.choices(words, k=rng.randint(2, 5)))
-        out.append(PreferencePair(prompt=f"Say something {rng.choice(words)}.", chosen=f"banana {text}",
-                                  rejected=f"window {text}", margin=HUGE_MARGIN if i in margin_at else None))
+        out.append(
+            PreferencePair(
+                prompt=f"Say something {rng.choice(words)}.",
+                chosen=f"banana {text}",
+                rejected=f"window {text}",
+                margin=HUGE_MARGIN if i in margin_at else None,
+            )
+        )
     return out
 
 
 def _rm_config(output_dir: Path, model_dir: Path, **overrides):
     from tether.stages.reward import RewardConfig
 
-    values = dict(output_dir=str(output_dir), model_name_or_path=str(model_dir), learning_rate=3e-3,
-                  per_device_train_batch_size=4, num_train_epochs=1, logging_steps=1, save_strategy="no",
-                  report_to="none", seed=0, disable_tqdm=True, reward_stats_max_pairs=8, use_cpu=True,
-                  train_sampling_strategy="sequential", lr_scheduler_type="constant")
+    values = dict(
+        output_dir=str(output_dir),
+        model_name_or_path=str(model_dir),
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        reward_stats_max_pairs=8,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        lr_scheduler_type="constant",
+    )
     values.update(overrides)
     return RewardConfig(**values)
 
@@ -248,22 +359,57 @@ def test_a_non_finite_rm_step_is_skipped_counted_and_logged_and_the_weights_do_n
     assert [r.get("bad_steps", 0) for r in rows] == [0, 1, 1, 1]
 
 
-def test_max_bad_steps_in_a_row_stop_the_rm_command_and_keep_the_last_good_checkpoint(
-        tmp_path, tiny_model_dir, capsys):
+def test_max_bad_steps_in_a_row_stop_the_rm_command_and_keep_the_last_good_checkpoint(tmp_path, tiny_model_dir, capsys):
     from safetensors.torch import load_file
 
     from tether.cli import main
     from tether.stages.common import complete_checkpoints
 
     pairs = _rm_pairs(16, seed=4, margin_at=set(range(4, 16)))  # only the first batch of 4 is finite
-    data = _write_jsonl(tmp_path / "pairs.jsonl", [
-        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-         **({"margin": p.margin} if p.margin is not None else {})} for p in pairs])
+    data = _write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {
+                "prompt": p.prompt,
+                "chosen": p.chosen,
+                "rejected": p.rejected,
+                **({"margin": p.margin} if p.margin is not None else {}),
+            }
+            for p in pairs
+        ],
+    )
     out = tmp_path / "rm"
-    code = main(["rm", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--eval_split_ratio", "0",
-                 "--output_dir", str(out), "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
-                 "--logging_steps", "1", "--save_steps", "1", "--train_sampling_strategy", "sequential",
-                 "--max_bad_steps", "2", "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"])
+    code = main(
+        [
+            "rm",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--eval_split_ratio",
+            "0",
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "3e-3",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "1",
+            "--train_sampling_strategy",
+            "sequential",
+            "--max_bad_steps",
+            "2",
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "tether rm: error: stopped at step 3 after 2 consecutive steps with non-finite losses" in err
@@ -291,12 +437,21 @@ def test_dpo_against_a_broken_reference_stops_after_max_bad_steps(tmp_path, tiny
     with torch.no_grad():
         model.model.norm.weight[0] = float("nan")
     model.save_pretrained(broken)
-    config = DPOConfig(model_name_or_path=str(tiny_model_dir), ref_model_name_or_path=str(broken),
-                       output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, learning_rate=1e-3,
-                       logging_steps=1, save_steps=1, max_bad_steps=2, report_to="none", disable_tqdm=True,
-                       use_cpu=True, max_length=64)
-    pairs = [PreferencePair(prompt=f"Say {w}.", chosen=f"{w} banana", rejected=f"{w} window")
-             for w in "abcdefgh"]
+    config = DPOConfig(
+        model_name_or_path=str(tiny_model_dir),
+        ref_model_name_or_path=str(broken),
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=1,
+        max_bad_steps=2,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        max_length=64,
+    )
+    pairs = [PreferencePair(prompt=f"Say {w}.", chosen=f"{w} banana", rejected=f"{w} window") for w in "abcdefgh"]
     with pytest.raises(NonFiniteError, match="2 consecutive steps .* last good checkpoint: none"):
         train_dpo(config, pairs)
     logged = read_jsonl(tmp_path / "dpo" / "bad_batches.jsonl")

@@ -4,6 +4,7 @@ Golden files live in tests/data/formats/: the same three preference pairs, three
 pairs, three demonstrations and their prompts, written in each accepted shape. Parquet, gzip and
 saved-dataset copies are written here from the same rows.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -73,8 +74,10 @@ def generated(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("generated")
     pd.DataFrame(_jsonl_rows("pairs.jsonl")).to_parquet(folder / "pairs.parquet")  # margin NaN -> null
-    conv = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": [{"role": "assistant", "content": r["rejected"]}]}
-            for r in _jsonl_rows("conv_strings.jsonl")]
+    conv = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+        for r in _jsonl_rows("conv_strings.jsonl")
+    ]
     pd.DataFrame(conv).to_parquet(folder / "conv.parquet")  # list<struct<role, content>> column
     pd.DataFrame(_jsonl_rows("demos.jsonl")).to_parquet(folder / "demos.parquet")
     pd.DataFrame(_jsonl_rows("demos_messages.jsonl")).to_parquet(folder / "demos_messages.parquet")
@@ -87,8 +90,18 @@ def generated(tmp_path_factory):
 # Every accepted format -> the same records
 
 
-@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json", "pairs_data.json", "pairs.csv", "pairs_implicit.jsonl",
-                                  "pairs_ranked.jsonl", "pairs_mixed.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pairs.jsonl",
+        "pairs.json",
+        "pairs_data.json",
+        "pairs.csv",
+        "pairs_implicit.jsonl",
+        "pairs_ranked.jsonl",
+        "pairs_mixed.jsonl",
+    ],
+)
 def test_every_pair_format_gives_the_same_pairs(name):
     assert load_preferences(FORMATS / name) == PAIRS
 
@@ -98,14 +111,26 @@ def test_generated_pair_files_give_the_same_pairs(generated, name):
     assert load_preferences(generated / name) == PAIRS
 
 
-@pytest.mark.parametrize("name", ["conv_strings.jsonl", "conv_dicts.jsonl", "conv_lists.jsonl", "conv_implicit.jsonl",
-                                  "conv.json", "conv.csv", "generated:conv.parquet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "conv_strings.jsonl",
+        "conv_dicts.jsonl",
+        "conv_lists.jsonl",
+        "conv_implicit.jsonl",
+        "conv.json",
+        "conv.csv",
+        "generated:conv.parquet",
+    ],
+)
 def test_every_conversational_pair_format_gives_the_same_pairs(generated, name):
     path = generated / name.split(":")[1] if name.startswith("generated:") else FORMATS / name
     assert load_preferences(path) == CONV_PAIRS
 
 
-@pytest.mark.parametrize("name", ["demos.jsonl", "demos.json", "demos.csv", "bon_output.jsonl", "generated:demos.parquet"])
+@pytest.mark.parametrize(
+    "name", ["demos.jsonl", "demos.json", "demos.csv", "bon_output.jsonl", "generated:demos.parquet"]
+)
 def test_every_demonstration_format_gives_the_same_demonstrations(generated, name):
     path = generated / name.split(":")[1] if name.startswith("generated:") else FORMATS / name
     assert load_demonstrations(path) == DEMOS
@@ -117,21 +142,36 @@ def test_every_conversational_demonstration_format_gives_the_same_demonstrations
     assert load_demonstrations(path) == CONV_DEMOS
 
 
-@pytest.mark.parametrize("name", ["prompts.jsonl", "pairs.jsonl", "pairs_implicit.jsonl", "pairs_ranked.jsonl",
-                                  "pairs.csv", "demos.jsonl", "demos.json", "bon_output.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "prompts.jsonl",
+        "pairs.jsonl",
+        "pairs_implicit.jsonl",
+        "pairs_ranked.jsonl",
+        "pairs.csv",
+        "demos.jsonl",
+        "demos.json",
+        "bon_output.jsonl",
+    ],
+)
 def test_prompts_come_from_prompt_preference_and_demonstration_files(name):
     # prompts.jsonl repeats its first prompt on line 3: kept once, in first-seen order.
     assert load_prompts(FORMATS / name) == [PromptRecord(p) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("name", ["prompts_messages.jsonl", "demos_messages.jsonl", "conv_strings.jsonl",
-                                  "conv_implicit.jsonl", "demos_conv.jsonl"])
+@pytest.mark.parametrize(
+    "name",
+    ["prompts_messages.jsonl", "demos_messages.jsonl", "conv_strings.jsonl", "conv_implicit.jsonl", "demos_conv.jsonl"],
+)
 def test_conversational_prompts_drop_the_final_assistant_turn(name):
     assert load_prompts(FORMATS / name) == [PromptRecord(p) for p in CONV_PROMPTS]
 
 
 def test_origin_is_the_line_where_each_record_starts():
-    assert [p.origin for p in load_preferences(FORMATS / "pairs.jsonl")] == [f"{FORMATS / 'pairs.jsonl'}:{n}" for n in (1, 2, 3)]
+    assert [p.origin for p in load_preferences(FORMATS / "pairs.jsonl")] == [
+        f"{FORMATS / 'pairs.jsonl'}:{n}" for n in (1, 2, 3)
+    ]
     # pretty-printed list: each element starts 6 lines after the previous (5 or 6 fields + braces)
     assert [p.origin.rsplit(":", 1)[1] for p in load_preferences(FORMATS / "pairs.json")] == ["2", "8", "14"]
     assert [p.origin.rsplit(":", 1)[1] for p in load_preferences(FORMATS / "pairs_data.json")] == ["4", "10", "16"]
@@ -141,11 +181,22 @@ def test_origin_is_the_line_where_each_record_starts():
 
 def test_ranked_record_gives_one_pair_per_disliked_response_in_order(tmp_path):
     path = tmp_path / "ranked.jsonl"
-    row = {"prompt": "p", "responses": [{"text": "a", "label": "disliked"}, {"text": "best", "label": "preferred"},
-                                        {"text": "c", "label": "disliked"}, {"text": "d", "label": "disliked"}]}
+    row = {
+        "prompt": "p",
+        "responses": [
+            {"text": "a", "label": "disliked"},
+            {"text": "best", "label": "preferred"},
+            {"text": "c", "label": "disliked"},
+            {"text": "d", "label": "disliked"},
+        ],
+    }
     path.write_text("\n" + json.dumps(row) + "\n")
     pairs = load_preferences(path)
-    assert pairs == [PreferencePair("p", "best", "a"), PreferencePair("p", "best", "c"), PreferencePair("p", "best", "d")]
+    assert pairs == [
+        PreferencePair("p", "best", "a"),
+        PreferencePair("p", "best", "c"),
+        PreferencePair("p", "best", "d"),
+    ]
     assert {p.origin for p in pairs} == {f"{path}:2"}
 
 
@@ -160,8 +211,15 @@ def test_json_file_may_hold_one_record_or_json_lines(tmp_path):
 
 def test_extra_fields_are_ignored_and_empty_system_messages_dropped(tmp_path):
     path = tmp_path / "d.jsonl"
-    row = {"id": 7, "messages": [{"role": "system", "content": ""}, {"role": "user", "content": "q", "name": "x"},
-                                 {"role": "assistant", "content": "a"}], "meta": {"source": "web"}}
+    row = {
+        "id": 7,
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "q", "name": "x"},
+            {"role": "assistant", "content": "a"},
+        ],
+        "meta": {"source": "web"},
+    }
     path.write_text(json.dumps(row) + "\n")
     assert load_demonstrations(path) == [Demonstration((user("q"),), "a")]
 
@@ -170,9 +228,13 @@ def test_huge_strings_and_control_characters_are_valid_text(tmp_path):
     big = "word " * 200_000  # 1 MB
     controls = "tab\there, bell\x07, escape\x1b[0m, DEL\x7f, CR\r, form feed\x0c"
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"prompt": big, "completion": controls}) + "\n"
-                    # raw (unescaped) control characters inside a JSON string are accepted too
-                    + '{"prompt": "raw\ttab", "completion": "x\x01y"}\n', encoding="utf-8")
+    path.write_text(
+        json.dumps({"prompt": big, "completion": controls})
+        + "\n"
+        # raw (unescaped) control characters inside a JSON string are accepted too
+        + '{"prompt": "raw\ttab", "completion": "x\x01y"}\n',
+        encoding="utf-8",
+    )
     assert load_demonstrations(path) == [Demonstration(big, controls), Demonstration("raw\ttab", "x\x01y")]
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("prompt,completion\n" + big + "," + "x" * 300_000 + "\n")
@@ -183,30 +245,39 @@ def test_huge_strings_and_control_characters_are_valid_text(tmp_path):
 # Implicit prompts
 
 
-@pytest.mark.parametrize("chosen, rejected, expected", [
-    ("Q: 2+2? A: 4", "Q: 2+2? A: 5", ("Q: 2+2? A:", " 4", " 5")),
-    # shared "c" would start both responses mid-word: cut back to the word boundary
-    ("English: cat", "English: chatter", ("English:", " cat", " chatter")),
-    # "I" vs "I'm": an apostrophe continues the word
-    ("Q: I think so", "Q: I'm not sure", ("Q:", " I think so", " I'm not sure")),
-    # one text is a prefix of the other: both responses stay non-empty
-    ("Say hi. Hello world", "Say hi. Hello world!", ("Say hi. Hello", " world", " world!")),
-    # newlines where the texts part go to the responses, as spaces do
-    ("Human: hi\n\nAssistant: Hello there", "Human: hi\n\nAssistant: Go away",
-     ("Human: hi\n\nAssistant:", " Hello there", " Go away")),
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, expected",
+    [
+        ("Q: 2+2? A: 4", "Q: 2+2? A: 5", ("Q: 2+2? A:", " 4", " 5")),
+        # shared "c" would start both responses mid-word: cut back to the word boundary
+        ("English: cat", "English: chatter", ("English:", " cat", " chatter")),
+        # "I" vs "I'm": an apostrophe continues the word
+        ("Q: I think so", "Q: I'm not sure", ("Q:", " I think so", " I'm not sure")),
+        # one text is a prefix of the other: both responses stay non-empty
+        ("Say hi. Hello world", "Say hi. Hello world!", ("Say hi. Hello", " world", " world!")),
+        # newlines where the texts part go to the responses, as spaces do
+        (
+            "Human: hi\n\nAssistant: Hello there",
+            "Human: hi\n\nAssistant: Go away",
+            ("Human: hi\n\nAssistant:", " Hello there", " Go away"),
+        ),
+    ],
+)
 def test_split_shared_prefix(chosen, rejected, expected):
     assert split_shared_prefix(chosen, rejected) == expected
     prompt, c, r = expected
     assert prompt + c == chosen and prompt + r == rejected
 
 
-@pytest.mark.parametrize("chosen, rejected, words", [
-    ("same text", "same text", "identical"),
-    ("cat", "dog", "share no prompt prefix"),
-    ("cathedral", "catapult", "share no prompt prefix"),  # the shared "cat" is inside a word
-    ("  a", "  b", "share no prompt prefix"),  # only whitespace is shared
-])
+@pytest.mark.parametrize(
+    "chosen, rejected, words",
+    [
+        ("same text", "same text", "identical"),
+        ("cat", "dog", "share no prompt prefix"),
+        ("cathedral", "catapult", "share no prompt prefix"),  # the shared "cat" is inside a word
+        ("  a", "  b", "share no prompt prefix"),  # only whitespace is shared
+    ],
+)
 def test_split_shared_prefix_refuses(chosen, rejected, words):
     with pytest.raises(ValueError, match=words):
         split_shared_prefix(chosen, rejected)
@@ -240,16 +311,19 @@ def test_folder_named_by_split_reads_only_the_requested_split(tmp_path):
     assert load_preferences(tmp_path, split="validation") == PAIRS[:1]
     with pytest.raises(DataError) as info:
         load_preferences(tmp_path, split="dev")
-    assert info.value.problems == [f"{tmp_path}: no files for split 'dev' in this folder (its files are named for "
-                                   f"split(s): test, train, validation); choose one with --dataset_split"]
+    assert info.value.problems == [
+        f"{tmp_path}: no files for split 'dev' in this folder (its files are named for "
+        f"split(s): test, train, validation); choose one with --dataset_split"
+    ]
 
 
 def test_saved_dataset_folder(tmp_path):
     import datasets
 
     rows = _jsonl_rows("pairs.jsonl")
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2]),
-                          "test": datasets.Dataset.from_list(rows[2:])}).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows[2:])}
+    ).save_to_disk(str(tmp_path / "saved"))
     assert load_preferences(tmp_path / "saved") == PAIRS[:2]
     assert load_preferences(tmp_path / "saved", split="test") == PAIRS[2:]
     assert load_preferences(tmp_path / "saved", split="test")[0].origin == f"{tmp_path / 'saved'}[test]:1"
@@ -261,8 +335,10 @@ def test_a_name_that_is_no_local_path_goes_to_the_hub_and_fails_cleanly_offline(
     with pytest.raises(DataError) as info:
         load_preferences("tether-tests/no-such-dataset", split="train")
     (problem,) = info.value.problems
-    assert problem.startswith("tether-tests/no-such-dataset: not a local path, and the Hugging Face dataset "
-                              "'tether-tests/no-such-dataset' (split 'train') could not be loaded")
+    assert problem.startswith(
+        "tether-tests/no-such-dataset: not a local path, and the Hugging Face dataset "
+        "'tether-tests/no-such-dataset' (split 'train') could not be loaded"
+    )
 
 
 def test_a_missing_data_file_is_never_looked_up_on_the_hub(tmp_path):
@@ -280,30 +356,54 @@ def test_a_missing_data_file_is_never_looked_up_on_the_hub(tmp_path):
 BAD_PAIR_LINES = [
     (b'{"prompt": "p", "chosen": "a", "rejected": "b"}', None),
     (b'{"prompt": "p", "chosen": "a"}', "missing field 'rejected'"),
-    (b'{"prompt": 3, "chosen": "a", "rejected": "b"}', "expected a string or a list of messages, got number (field prompt)"),
+    (
+        b'{"prompt": 3, "chosen": "a", "rejected": "b"}',
+        "expected a string or a list of messages, got number (field prompt)",
+    ),
     (b'{"prompt": "p", "chosen": "   ", "rejected": "b"}', "empty text (field chosen)"),
-    (b'{"prompt": "p", "responses": [{"text": "a", "label": "preferred"}, {"text": "b", "label": "bad"}]}',
-     "label must be 'preferred' or 'disliked', got 'bad' (field responses[1].label)"),
+    (
+        b'{"prompt": "p", "responses": [{"text": "a", "label": "preferred"}, {"text": "b", "label": "bad"}]}',
+        "label must be 'preferred' or 'disliked', got 'bad' (field responses[1].label)",
+    ),
     (b'{"prompt": "p", "chosen": "a", "rejected": "b"', "invalid JSON (Expecting ',' delimiter at column 47)"),
     (b'["p", "a", "b"]', "expected a JSON object (a record), got list"),
     (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "invalid UTF-8 (byte 0xe9 at column 16)"),
     (b'{"prompt": "p", "chosen": "a", "rejected": "b\\u0000"}', "text contains a NUL character (field rejected)"),
     (b"   ", None),  # blank lines are skipped
-    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "high"}', "expected a number, got string (field margin)"),
-    (b'{"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"}',
-     "role must be one of system, user, assistant, got 'tool' (field prompt[0].role)"),
+    (
+        b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": "high"}',
+        "expected a number, got string (field margin)",
+    ),
+    (
+        b'{"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"}',
+        "role must be one of system, user, assistant, got 'tool' (field prompt[0].role)",
+    ),
     (b'{"prompt": null, "chosen": "a", "rejected": "b"}', "field 'prompt' is null"),
-    (b'{"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}',
-     "the last message must be the assistant's response, got role 'user' (field chosen[0].role)"),
-    (b'{"prompt": "p", "responses": [{"text": "a", "label": "disliked"}]}',
-     "a ranked record needs exactly one 'preferred' response, found 0 (field responses)"),
-    (b'{"chosen": "same", "rejected": "same"}',
-     "chosen and rejected are identical, so no prompt can be told apart from the responses (field prompt)"),
-    (b'{"prompt": "p", "chosen": "a", "rejected": "\\ud800"}',
-     "text contains an unpaired surrogate U+D800, which is not valid Unicode (field rejected)"),
-    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}', "margin must be a finite number, got nan (field margin)"),
-    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1' + b"0" * 400 + b"}",
-     "margin must be a finite number, got 1000000000000000000000000000000000000... (field margin)"),
+    (
+        b'{"prompt": [{"role": "user", "content": "q"}], "chosen": '
+        b'[{"role": "user", "content": "a"}], "rejected": "b"}',
+        "the last message must be the assistant's response, got role 'user' (field chosen[0].role)",
+    ),
+    (
+        b'{"prompt": "p", "responses": [{"text": "a", "label": "disliked"}]}',
+        "a ranked record needs exactly one 'preferred' response, found 0 (field responses)",
+    ),
+    (
+        b'{"chosen": "same", "rejected": "same"}',
+        "chosen and rejected are identical, so no prompt can be told apart from the responses (field prompt)",
+    ),
+    (
+        b'{"prompt": "p", "chosen": "a", "rejected": "\\ud800"}',
+        "text contains an unpaired surrogate U+D800, which is not valid Unicode (field rejected)",
+    ),
+    (
+        b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}',
+        "margin must be a finite number, got nan (field margin)",
+    ),
+    (
+        b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1' + b"0" * 400 + b"}",
+        "margin must be a finite number, got 1000000000000000000000000000000000000... (field margin)",
+    ),
 ]
 
 
@@ -347,34 +447,54 @@ def test_problems_in_several_files_of_a_folder_are_all_reported(tmp_path):
     (tmp_path / "b.csv").write_text("prompt,completion\np,\n")
     with pytest.raises(DataError) as info:
         load_demonstrations(tmp_path)
-    assert info.value.problems == [f"{tmp_path / 'a.jsonl'}:1: missing field 'completion'",
-                                   f"{tmp_path / 'b.csv'}:2: row 1: missing field 'completion'"]
+    assert info.value.problems == [
+        f"{tmp_path / 'a.jsonl'}:1: missing field 'completion'",
+        f"{tmp_path / 'b.csv'}:2: row 1: missing field 'completion'",
+    ]
 
 
-@pytest.mark.parametrize("name, content, problem", [
-    ("empty.jsonl", b"", "1: the file is empty"),
-    ("blank.json", b"  \n\n ", "1: the file is empty"),
-    ("empty.csv", b"", "1: the file is empty"),
-    ("header.csv", b"prompt,completion\n", "1: no records (only a header row)"),
-    ("empty-list.json", b"[\n]\n", "1: no records (an empty list)"),
-    ("notes.txt", b'{"prompt": "p"}\n', "1: unsupported file type .txt: expected .jsonl, .json, .csv or .parquet "
-                                         "(.jsonl.gz, .json.gz, .csv.gz also work)"),
-    ("utf16.jsonl", '{"prompt": "p"}\n'.encode("utf-16"), "1: the file is UTF-16 encoded; save it as UTF-8"),
-    ("broken.json", b'[\n {"prompt": "a"},\n {"prompt": "b"\n]\n', "4: invalid JSON (Expecting ',' delimiter at column 1)"),
-    ("trailing.json", b'[{"prompt": "a"}]\nxyz\n', "2: invalid JSON (unexpected content after the list)"),
-    ("scalar.json", b'\n"just a string"\n', "2: expected a JSON list of records (or one record object)"),
-    ("latin1.json", b'[\n{"prompt": "a"},\n{"prompt": "caf\xe9"}]\n', "3: invalid UTF-8 (byte 0xe9 at column 16)"),
-    ("latin1.csv", b'prompt\na\ncaf\xe9\n', "3: invalid UTF-8 (byte 0xe9 at column 4)"),
-    ("cells.csv", b'prompt,completion\n"multi\nline",ok\np,c,extra\n', "4: row 2: 3 cells, but the header has 2 columns"),
-    ("header-dup.csv", b'prompt,prompt\na,b\n', "1: bad CSV header: repeated column name(s) prompt"),
-    ("garbage.parquet", b"PAR1 this is not a parquet file", None),
-    ("garbage.jsonl.gz", b"not gzip at all", None),
-    ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "1: invalid JSON (nested too deeply)"),
-    ("bigint.jsonl", b'\n{"prompt": "p", "n": ' + b"9" * 5000 + b"}\n",
-     "2: invalid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; "
-     "use sys.set_int_max_str_digits() to increase the limit)"),
-    ("separators.csv", b"\x1c\x1d\n\x1e\n", "1: the file is empty (no header row)"),
-])
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("empty.jsonl", b"", "1: the file is empty"),
+        ("blank.json", b"  \n\n ", "1: the file is empty"),
+        ("empty.csv", b"", "1: the file is empty"),
+        ("header.csv", b"prompt,completion\n", "1: no records (only a header row)"),
+        ("empty-list.json", b"[\n]\n", "1: no records (an empty list)"),
+        (
+            "notes.txt",
+            b'{"prompt": "p"}\n',
+            "1: unsupported file type .txt: expected .jsonl, .json, .csv or .parquet "
+            "(.jsonl.gz, .json.gz, .csv.gz also work)",
+        ),
+        ("utf16.jsonl", '{"prompt": "p"}\n'.encode("utf-16"), "1: the file is UTF-16 encoded; save it as UTF-8"),
+        (
+            "broken.json",
+            b'[\n {"prompt": "a"},\n {"prompt": "b"\n]\n',
+            "4: invalid JSON (Expecting ',' delimiter at column 1)",
+        ),
+        ("trailing.json", b'[{"prompt": "a"}]\nxyz\n', "2: invalid JSON (unexpected content after the list)"),
+        ("scalar.json", b'\n"just a string"\n', "2: expected a JSON list of records (or one record object)"),
+        ("latin1.json", b'[\n{"prompt": "a"},\n{"prompt": "caf\xe9"}]\n', "3: invalid UTF-8 (byte 0xe9 at column 16)"),
+        ("latin1.csv", b"prompt\na\ncaf\xe9\n", "3: invalid UTF-8 (byte 0xe9 at column 4)"),
+        (
+            "cells.csv",
+            b'prompt,completion\n"multi\nline",ok\np,c,extra\n',
+            "4: row 2: 3 cells, but the header has 2 columns",
+        ),
+        ("header-dup.csv", b"prompt,prompt\na,b\n", "1: bad CSV header: repeated column name(s) prompt"),
+        ("garbage.parquet", b"PAR1 this is not a parquet file", None),
+        ("garbage.jsonl.gz", b"not gzip at all", None),
+        ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", "1: invalid JSON (nested too deeply)"),
+        (
+            "bigint.jsonl",
+            b'\n{"prompt": "p", "n": ' + b"9" * 5000 + b"}\n",
+            "2: invalid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits; "
+            "use sys.set_int_max_str_digits() to increase the limit)",
+        ),
+        ("separators.csv", b"\x1c\x1d\n\x1e\n", "1: the file is empty (no header row)"),
+    ],
+)
 def test_bad_files_are_reported_with_file_and_line(tmp_path, name, content, problem):
     path = tmp_path / name
     path.write_bytes(content)
@@ -390,24 +510,40 @@ def test_bad_files_are_reported_with_file_and_line(tmp_path, name, content, prob
 def test_wrong_kind_of_file_names_the_missing_fields(tmp_path):
     with pytest.raises(DataError) as info:
         load_preferences(FORMATS / "demos.jsonl")
-    assert info.value.problems[:2] == [f"{FORMATS / 'demos.jsonl'}:1: missing field 'chosen'",
-                                       f"{FORMATS / 'demos.jsonl'}:1: missing field 'rejected'"]
+    assert info.value.problems[:2] == [
+        f"{FORMATS / 'demos.jsonl'}:1: missing field 'chosen'",
+        f"{FORMATS / 'demos.jsonl'}:1: missing field 'rejected'",
+    ]
     with pytest.raises(DataError) as info:
         load_demonstrations(FORMATS / "pairs_implicit.jsonl")
-    assert info.value.problems[0] == (f"{FORMATS / 'pairs_implicit.jsonl'}:1: a preference record is not a "
-                                      "demonstration: missing field 'completion' (or 'messages')")
+    assert info.value.problems[0] == (
+        f"{FORMATS / 'pairs_implicit.jsonl'}:1: a preference record is not a "
+        "demonstration: missing field 'completion' (or 'messages')"
+    )
 
 
-@pytest.mark.parametrize("row, problem", [
-    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "completion": "b"},
-     "the prompt ends with an assistant turn: nothing is left to answer (field prompt)"),
-    ({"messages": [{"role": "assistant", "content": "a"}]},
-     "the conversation holds only the assistant turn: at least one message must come before it (field messages)"),
-    ({"messages": "hello"}, "expected a list of messages, got string (field messages)"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "missing field 'messages[0].content'"),
-    ({"prompt": "p", "completion": {"role": "user", "content": "a"}},
-     "the response must be an assistant message, got role 'user' (field completion.role)"),
-])
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        (
+            {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "completion": "b"},
+            "the prompt ends with an assistant turn: nothing is left to answer (field prompt)",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}]},
+            "the conversation holds only the assistant turn: at least one message must come before it (field messages)",
+        ),
+        ({"messages": "hello"}, "expected a list of messages, got string (field messages)"),
+        (
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+            "missing field 'messages[0].content'",
+        ),
+        (
+            {"prompt": "p", "completion": {"role": "user", "content": "a"}},
+            "the response must be an assistant message, got role 'user' (field completion.role)",
+        ),
+    ],
+)
 def test_bad_demonstrations(tmp_path, row, problem):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(row) + "\n")
@@ -416,27 +552,55 @@ def test_bad_demonstrations(tmp_path, row, problem):
     assert info.value.problems == [f"{path}:1: {problem}"]
 
 
-@pytest.mark.parametrize("row, problem", [
-    ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
-     "chosen and rejected must share every message but the last (assistant) one (field rejected)"),
-    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-     "no prompt: the conversations hold only the assistant turn; add a 'prompt' field or the user turn (field prompt)"),
-    ({"chosen": "full text a", "rejected": [{"role": "assistant", "content": "b"}]},
-     "without a 'prompt' field, chosen and rejected must both be full texts or both full conversations (field prompt)"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "responses": []},
-     "a record has either 'responses' (ranked) or 'chosen'/'rejected', not both (field responses)"),
-    ({"prompt": "p", "responses": [{"text": "a", "label": "preferred"}, {"text": "b", "label": "preferred"}]},
-     "a ranked record needs exactly one 'preferred' response, found 2 (field responses)"),
-    ({"prompt": "p", "responses": [{"text": "a", "label": "preferred"}]},
-     "a ranked record needs at least one 'disliked' response (field responses)"),
-    ({"prompt": "p", "responses": "a"}, "expected a list of {text, label} objects, got string (field responses)"),
-    ({"prompt": [{"role": "user", "content": "q"}],
-      "chosen": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "assistant", "content": "b"}]},
-     "chosen and rejected continue different conversations: the messages before the final assistant turn must be "
-     "the same (field rejected)"),
-])
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        (
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}],
+            },
+            "chosen and rejected must share every message but the last (assistant) one (field rejected)",
+        ),
+        (
+            {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+            "no prompt: the conversations hold only the assistant turn; "
+            "add a 'prompt' field or the user turn (field prompt)",
+        ),
+        (
+            {"chosen": "full text a", "rejected": [{"role": "assistant", "content": "b"}]},
+            "without a 'prompt' field, chosen and rejected must both "
+            "be full texts or both full conversations (field prompt)",
+        ),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "responses": []},
+            "a record has either 'responses' (ranked) or 'chosen'/'rejected', not both (field responses)",
+        ),
+        (
+            {"prompt": "p", "responses": [{"text": "a", "label": "preferred"}, {"text": "b", "label": "preferred"}]},
+            "a ranked record needs exactly one 'preferred' response, found 2 (field responses)",
+        ),
+        (
+            {"prompt": "p", "responses": [{"text": "a", "label": "preferred"}]},
+            "a ranked record needs at least one 'disliked' response (field responses)",
+        ),
+        ({"prompt": "p", "responses": "a"}, "expected a list of {text, label} objects, got string (field responses)"),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [
+                    {"role": "assistant", "content": "x"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "chosen and rejected continue different conversations: "
+            "the messages before the final assistant turn must be "
+            "the same (field rejected)",
+        ),
+    ],
+)
 def test_bad_preference_shapes(tmp_path, row, problem):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(row) + "\n")
@@ -519,5 +683,7 @@ def test_readme_data_format_examples_load(tmp_path):
         ("2+2?", "4", "22", None),
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in demonstration_rows))
-    assert load_demonstrations(path) == [Demonstration("2+2?", "4"),
-                                         Demonstration((sys_("Be brief."), user("2+2?")), "4")]
+    assert load_demonstrations(path) == [
+        Demonstration("2+2?", "4"),
+        Demonstration((sys_("Be brief."), user("2+2?")), "4"),
+    ]

@@ -1,4 +1,5 @@
 """tether dpo: the loss equations, sequence log-probs, the reference (live, precomputed, LoRA), a real run."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,17 @@ import torch
 
 from tether.config import ConfigError
 from tether.data.records import PreferencePair
-from tether.stages.dpo import (DPOConfig, TokenizedPair, collate_pairs, dpo_losses, implicit_rewards,
-                               log_ratio_difference, response_logps, tokenize_pairs, train_dpo)
+from tether.stages.dpo import (
+    DPOConfig,
+    TokenizedPair,
+    collate_pairs,
+    dpo_losses,
+    implicit_rewards,
+    log_ratio_difference,
+    response_logps,
+    tokenize_pairs,
+    train_dpo,
+)
 
 # Two pairs: h = (−1 − (−2)) − (−3 − (−2)) = 2 and h = (−2 − (−2)) − (−1 − (−2)) = −1; β = 0.1
 POLICY_CHOSEN = torch.tensor([-1.0, -2.0])
@@ -21,16 +31,47 @@ REF_REJECTED = torch.tensor([-2.0, -2.0])
 
 
 def fast_config(tmp_path, model_dir, **overrides) -> DPOConfig:
-    kwargs = dict(model_name_or_path=str(model_dir), output_dir=str(tmp_path / "dpo"), learning_rate=5e-3,
-                  per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=1,
-                  logging_steps=1, save_strategy="no", report_to="none", max_length=48, use_cpu=True,
-                  disable_tqdm=True, seed=0)
+    kwargs = dict(
+        model_name_or_path=str(model_dir),
+        output_dir=str(tmp_path / "dpo"),
+        learning_rate=5e-3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        max_length=48,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     kwargs.update(overrides)
     return DPOConfig(**kwargs)
 
 
-TOPICS = ["apple", "river", "stone", "cloud", "music", "paper", "garden", "light", "window", "story", "bread",
-          "horse", "train", "ocean", "forest", "candle", "mirror", "violin", "desert", "bridge"]
+TOPICS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "music",
+    "paper",
+    "garden",
+    "light",
+    "window",
+    "story",
+    "bread",
+    "horse",
+    "train",
+    "ocean",
+    "forest",
+    "candle",
+    "mirror",
+    "violin",
+    "desert",
+    "bridge",
+]
 
 
 def separable_pairs(n: int, seed: int, topics=TOPICS) -> list[PreferencePair]:
@@ -39,9 +80,14 @@ def separable_pairs(n: int, seed: int, topics=TOPICS) -> list[PreferencePair]:
     out = []
     for i in range(n):
         topic = rng.choice(topics)
-        out.append(PreferencePair(prompt=f"Tell me about the {topic}.",
-                                  chosen=f"The {topic} is lovely, thank you kindly.",
-                                  rejected=f"The {topic} is stupid, go away now.", origin=f"test:{i + 1}"))
+        out.append(
+            PreferencePair(
+                prompt=f"Tell me about the {topic}.",
+                chosen=f"The {topic} is lovely, thank you kindly.",
+                rejected=f"The {topic} is stupid, go away now.",
+                origin=f"test:{i + 1}",
+            )
+        )
     return out
 
 
@@ -51,20 +97,23 @@ def test_log_ratio_difference_and_implicit_rewards_match_hand_computed_values():
     assert implicit_rewards(POLICY_CHOSEN, REF_CHOSEN, 0.1).tolist() == pytest.approx([0.1, 0.0])
 
 
-@pytest.mark.parametrize("loss_type, smoothing, expected", [
-    # sigmoid: −log σ(0.2) = log(1 + e^−0.2) = 0.598139; −log σ(−0.1) = log(1 + e^0.1) = 0.744397
-    ("sigmoid", 0.0, (0.598139 + 0.744397) / 2),
-    # ipo: (2 − 5)² = 9, (−1 − 5)² = 36
-    ("ipo", 0.0, 22.5),
-    # hinge: max(0, 1 − 0.2) = 0.8, max(0, 1 + 0.1) = 1.1
-    ("hinge", 0.0, 0.95),
-    # ε = 0.1: 0.9·0.598139 + 0.1·log(1 + e^0.2) = 0.618139;  0.9·0.744397 + 0.1·log(1 + e^−0.1) = 0.734397
-    ("sigmoid", 0.1, (0.618139 + 0.734397) / 2),
-    # ε = 0.1: 0.9·9 + 0.1·(−2 − 5)² = 13;  0.9·36 + 0.1·(1 − 5)² = 34
-    ("ipo", 0.1, 23.5),
-    # ε = 0.1: 0.9·0.8 + 0.1·1.2 = 0.84;  0.9·1.1 + 0.1·0.9 = 1.08
-    ("hinge", 0.1, 0.96),
-])
+@pytest.mark.parametrize(
+    "loss_type, smoothing, expected",
+    [
+        # sigmoid: −log σ(0.2) = log(1 + e^−0.2) = 0.598139; −log σ(−0.1) = log(1 + e^0.1) = 0.744397
+        ("sigmoid", 0.0, (0.598139 + 0.744397) / 2),
+        # ipo: (2 − 5)² = 9, (−1 − 5)² = 36
+        ("ipo", 0.0, 22.5),
+        # hinge: max(0, 1 − 0.2) = 0.8, max(0, 1 + 0.1) = 1.1
+        ("hinge", 0.0, 0.95),
+        # ε = 0.1: 0.9·0.598139 + 0.1·log(1 + e^0.2) = 0.618139;  0.9·0.744397 + 0.1·log(1 + e^−0.1) = 0.734397
+        ("sigmoid", 0.1, (0.618139 + 0.734397) / 2),
+        # ε = 0.1: 0.9·9 + 0.1·(−2 − 5)² = 13;  0.9·36 + 0.1·(1 − 5)² = 34
+        ("ipo", 0.1, 23.5),
+        # ε = 0.1: 0.9·0.8 + 0.1·1.2 = 0.84;  0.9·1.1 + 0.1·0.9 = 1.08
+        ("hinge", 0.1, 0.96),
+    ],
+)
 def test_loss_equals_hand_computed_value_for_a_two_pair_batch(loss_type, smoothing, expected):
     h = log_ratio_difference(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED)
     loss = dpo_losses(h, beta=0.1, loss_type=loss_type, label_smoothing=smoothing).mean()
@@ -96,8 +145,10 @@ def test_response_logps_sum_every_response_token_including_the_stop_token(tiny_m
     from tether.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir)).eval()
-    pairs = [PreferencePair("Hi there", "Hello, friend.", "Go away"),
-             PreferencePair("A much longer prompt about the weather today", "Sunny.", "It will rain all day long.")]
+    pairs = [
+        PreferencePair("Hi there", "Hello, friend.", "Go away"),
+        PreferencePair("A much longer prompt about the weather today", "Sunny.", "It will rain all day long."),
+    ]
     items, _ = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=None)
     for x in items:
         assert x.chosen[-1] == tokenizer.eos_token_id and x.rejected[-1] == tokenizer.eos_token_id
@@ -136,8 +187,9 @@ def test_first_loss_is_log_2_and_precomputed_reference_gives_the_live_losses(tmp
     pairs = separable_pairs(24, seed=1)
     losses = {}
     for precompute in (False, True):
-        config = fast_config(tmp_path / str(precompute), tiny_model_dir, max_steps=3,
-                             precompute_ref_log_probs=precompute)
+        config = fast_config(
+            tmp_path / str(precompute), tiny_model_dir, max_steps=3, precompute_ref_log_probs=precompute
+        )
         train_dpo(config, pairs, [], tokenizer=tokenizer)
         rows = [r for r in read_metrics(tmp_path / str(precompute) / "dpo") if "loss" in r]
         losses[precompute] = [r["loss"] for r in rows]
@@ -174,8 +226,9 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, tiny_model_dir,
 
     train = separable_pairs(16, seed=4)
     held_out = separable_pairs(8, seed=5)
-    config = fast_config(tmp_path, tiny_model_dir, max_steps=4, use_peft=True, lora_r=4, lora_alpha=8,
-                         learning_rate=2e-2)
+    config = fast_config(
+        tmp_path, tiny_model_dir, max_steps=4, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=2e-2
+    )
     metrics = train_dpo(config, train, held_out, tokenizer=tokenizer)["eval"]
     out = tmp_path / "dpo"
     assert (out / "adapter_config.json").is_file()
@@ -196,18 +249,36 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, tiny_model_dir,
     assert abs(float(expected)) > 1e-3  # the adapter moved the policy away from its reference
     assert metrics["eval_rewards/chosen"] == pytest.approx(float(expected), abs=1e-4)
     assert metrics["eval_rewards/rejected"] == pytest.approx(
-        float(implicit_rewards(pol_r, base_r, config.beta).mean()), abs=1e-4)
+        float(implicit_rewards(pol_r, base_r, config.beta).mean()), abs=1e-4
+    )
 
 
 def test_bad_data_exits_cleanly_and_leaves_no_output_dir(tmp_path, tiny_model_dir, capsys):
     from tether.cli import main
 
     data = tmp_path / "prefs.jsonl"
-    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n"
-                    + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    data.write_text(
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
+        + "\n"
+        + json.dumps({"prompt": "a", "chosen": "b"})
+        + "\n"
+    )
     out = tmp_path / "out"
-    code = main(["dpo", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data),
-                 "--output_dir", str(out), "--use_cpu", "true", "--report_to", "none"])
+    code = main(
+        [
+            "dpo",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--use_cpu",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "prefs.jsonl:2" in err and "rejected" in err

@@ -1,4 +1,5 @@
 """`tether eval` on tiny models: every metric present, KL zero against itself, best-of-N, files and report."""
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,22 @@ def perturbed_model_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
-EXPECTED_KEYS = {"reward/score", "reward/gold", "kl/ref", "kl/bon_bound", "response/length", "response/words",
-                 "response/stopped", "response/repetition", "diversity/distinct_1", "diversity/distinct_2",
-                 "bias/reward_length_pearson", "bias/reward_length_spearman", "bias/gold_length_pearson",
-                 "samples"}
+EXPECTED_KEYS = {
+    "reward/score",
+    "reward/gold",
+    "kl/ref",
+    "kl/bon_bound",
+    "response/length",
+    "response/words",
+    "response/stopped",
+    "response/repetition",
+    "diversity/distinct_1",
+    "diversity/distinct_2",
+    "bias/reward_length_pearson",
+    "bias/reward_length_spearman",
+    "bias/gold_length_pearson",
+    "samples",
+}
 PROBE_KEYS = {"probe/factual_accuracy", "probe/harmful_refusal_rate", "probe/benign_refusal_rate"}
 
 
@@ -41,9 +54,20 @@ def test_evaluate_policies_on_tiny_models(tiny_model_dir, perturbed_model_dir, t
 
     prompts = heldout_prompts()[:3]
     results = E.evaluate_policies(
-        {"ref": str(tiny_model_dir), "moved": str(perturbed_model_dir)}, str(tiny_model_dir), str(tiny_rm_dir),
-        tokenizer, prompts, temperature=1.0, max_new_tokens=6, samples_per_prompt=2, gold=annotator,
-        probes=True, probe_max_new_tokens=2, best_of_n={"best-of-4": ("ref", 4)}, batch_size=64)
+        {"ref": str(tiny_model_dir), "moved": str(perturbed_model_dir)},
+        str(tiny_model_dir),
+        str(tiny_rm_dir),
+        tokenizer,
+        prompts,
+        temperature=1.0,
+        max_new_tokens=6,
+        samples_per_prompt=2,
+        gold=annotator,
+        probes=True,
+        probe_max_new_tokens=2,
+        best_of_n={"best-of-4": ("ref", 4)},
+        batch_size=64,
+    )
     assert list(results.metrics) == ["ref", "moved", "best-of-4"]
     for name in ("ref", "moved"):
         assert EXPECTED_KEYS | PROBE_KEYS <= set(results.metrics[name])
@@ -97,14 +121,16 @@ def test_text_metrics_hand_computed():
 
 
 def test_paired_gains_average_samples_per_prompt_first():
-    rows = [{"policy": "sft", "prompt_index": 0, "gold": 1.0, "reward": 0.0},
-            {"policy": "sft", "prompt_index": 1, "gold": 0.0, "reward": 0.0},
-            {"policy": "sft", "prompt_index": 2, "gold": 2.0, "reward": None},
-            # ppo: two samples on prompt 0 (mean 2.0), one each on 1 and 2
-            {"policy": "ppo", "prompt_index": 0, "gold": 1.5, "reward": 1.0},
-            {"policy": "ppo", "prompt_index": 0, "gold": 2.5, "reward": 1.0},
-            {"policy": "ppo", "prompt_index": 1, "gold": 2.0, "reward": 3.0},
-            {"policy": "ppo", "prompt_index": 2, "gold": 3.0, "reward": 2.0}]
+    rows = [
+        {"policy": "sft", "prompt_index": 0, "gold": 1.0, "reward": 0.0},
+        {"policy": "sft", "prompt_index": 1, "gold": 0.0, "reward": 0.0},
+        {"policy": "sft", "prompt_index": 2, "gold": 2.0, "reward": None},
+        # ppo: two samples on prompt 0 (mean 2.0), one each on 1 and 2
+        {"policy": "ppo", "prompt_index": 0, "gold": 1.5, "reward": 1.0},
+        {"policy": "ppo", "prompt_index": 0, "gold": 2.5, "reward": 1.0},
+        {"policy": "ppo", "prompt_index": 1, "gold": 2.0, "reward": 3.0},
+        {"policy": "ppo", "prompt_index": 2, "gold": 3.0, "reward": 2.0},
+    ]
     metrics = {"sft": {}, "ppo": {}}
     E.add_paired_gains(metrics, rows, baseline="sft")
     # gold differences [1, 2, 1]: mean 4/3, s_d^2 = (1/9 + 4/9 + 1/9)/2 = 1/3, SE = 1/3
@@ -118,11 +144,13 @@ def test_paired_gains_average_samples_per_prompt_first():
 
 def test_parse_policy_specs():
     from tether.config import ConfigError
-
     from tether.models.loading import EMBEDDED_MODEL
 
     assert E.parse_policy_specs(["sft=out/sft", "out/ppo/", "embedded"]) == {
-        "sft": "out/sft", "ppo": "out/ppo/", "embedded": EMBEDDED_MODEL}
+        "sft": "out/sft",
+        "ppo": "out/ppo/",
+        "embedded": EMBEDDED_MODEL,
+    }
     with pytest.raises(ConfigError):
         E.parse_policy_specs(["a=x", "a=y"])
     with pytest.raises(ConfigError):
@@ -132,8 +160,16 @@ def test_parse_policy_specs():
 def test_bon_curve_on_tiny_models(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
     from tether.demo.task import heldout_prompts
 
-    rows = E.bon_curve(str(tiny_model_dir), tokenizer, str(tiny_rm_dir), heldout_prompts()[:2], ns=(1, 2, 4),
-                       gold=annotator, temperature=1.0, max_new_tokens=4)
+    rows = E.bon_curve(
+        str(tiny_model_dir),
+        tokenizer,
+        str(tiny_rm_dir),
+        heldout_prompts()[:2],
+        ns=(1, 2, 4),
+        gold=annotator,
+        temperature=1.0,
+        max_new_tokens=4,
+    )
     assert [r["n"] for r in rows] == [1, 2, 4]
     assert [r["kl_bound"] for r in rows] == pytest.approx([0.0, math.log(2) - 0.5, math.log(4) - 0.75])
     # the expected maximum of the proxy can only grow with N
@@ -147,10 +183,32 @@ def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi.", "Count to three.")))
     out = tmp_path / "eval"
-    code = main(["eval", "--policies", f"tiny={tiny_model_dir}", "--reference", str(tiny_model_dir),
-                 "--reward_model_path", str(tiny_rm_dir), "--prompts", str(prompts), "--samples_per_prompt", "2",
-                 "--max_new_tokens", "4", "--probes", "false", "--best_of_n", "2", "--bon_curve", "1", "2",
-                 "--output_dir", str(out)])
+    code = main(
+        [
+            "eval",
+            "--policies",
+            f"tiny={tiny_model_dir}",
+            "--reference",
+            str(tiny_model_dir),
+            "--reward_model_path",
+            str(tiny_rm_dir),
+            "--prompts",
+            str(prompts),
+            "--samples_per_prompt",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--probes",
+            "false",
+            "--best_of_n",
+            "2",
+            "--bon_curve",
+            "1",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     doc = json.loads((out / "eval.json").read_text())
     assert set(doc["metrics"]) == {"tiny", "best-of-2"}

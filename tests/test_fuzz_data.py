@@ -6,6 +6,7 @@ an origin FILE:LINE), or it raises ``DataError`` whose every problem starts with
 Any other exception fails the test. Through the CLI: exit code 2, FILE:LINE on stderr, and no
 output folder. Examples are bounded so the whole file runs in well under a minute.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,38 +32,95 @@ from tether.data import (
 )
 from tether.data.formats import ROLES
 
+
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 KINDS = ["preferences", "demonstrations", "prompts"]
-FIELDS = ["prompt", "chosen", "rejected", "completion", "messages", "responses", "margin", "role", "content", "text",
-          "label", "data"]
+FIELDS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "completion",
+    "messages",
+    "responses",
+    "margin",
+    "role",
+    "content",
+    "text",
+    "label",
+    "data",
+]
 
 # ------------------------------------------------------------------------------------------------
 # Strategies: hostile values
 
 nasty_text = st.one_of(
     st.text(max_size=12),
-    st.sampled_from(["", " ", "\n\t ", "\x00", "nul\x00inside", "\ud800", "esc\x1b[31m", "\x7f\x85\u2028",
-                     "preferred", "disliked", "assistant", "user", "system", "tool", "[", "{", "[]", "{}",
-                     '[{"role": "user", "content": "hi"}]', "1.5", "nan"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "\n\t ",
+            "\x00",
+            "nul\x00inside",
+            "\ud800",
+            "esc\x1b[31m",
+            "\x7f\x85\u2028",
+            "preferred",
+            "disliked",
+            "assistant",
+            "user",
+            "system",
+            "tool",
+            "[",
+            "{",
+            "[]",
+            "{}",
+            '[{"role": "user", "content": "hi"}]',
+            "1.5",
+            "nan",
+        ]
+    ),
     st.just("h" * 100_000),  # huge strings are valid text
 )
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
-                         st.floats(allow_nan=True, allow_infinity=True), nasty_text)
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True), nasty_text
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=4)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=10,
 )
-message_like = st.dictionaries(st.sampled_from(["role", "content", "name"]),
-                               st.sampled_from(list(ROLES) + ["tool", "User"]) | json_values, max_size=3)
-field_values = st.one_of(json_values, nasty_text, st.lists(message_like, max_size=4), message_like,
-                         st.lists(st.fixed_dictionaries({}, optional={"text": nasty_text | json_values,
-                                                                      "label": st.sampled_from(["preferred", "disliked",
-                                                                                                "good"]) | json_values}),
-                                  max_size=4))
+message_like = st.dictionaries(
+    st.sampled_from(["role", "content", "name"]),
+    st.sampled_from(list(ROLES) + ["tool", "User"]) | json_values,
+    max_size=3,
+)
+field_values = st.one_of(
+    json_values,
+    nasty_text,
+    st.lists(message_like, max_size=4),
+    message_like,
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "text": nasty_text | json_values,
+                "label": st.sampled_from(["preferred", "disliked", "good"]) | json_values,
+            },
+        ),
+        max_size=4,
+    ),
+)
 hostile_record = st.one_of(
     st.dictionaries(st.sampled_from(FIELDS), field_values, max_size=5),
     json_values,
@@ -71,8 +129,9 @@ hostile_record = st.one_of(
 # ------------------------------------------------------------------------------------------------
 # Strategies: valid records with the records they must give
 
-plain = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")) | st.sampled_from("\n\t"),
-                min_size=1, max_size=24).filter(lambda s: s.strip() != "" and s.lstrip()[:1] not in "[{")
+plain = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")) | st.sampled_from("\n\t"), min_size=1, max_size=24
+).filter(lambda s: s.strip() != "" and s.lstrip()[:1] not in "[{")
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 
 
@@ -80,7 +139,9 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 def chat_prompt(draw):
     turns = draw(st.lists(st.tuples(st.sampled_from(["user", "assistant"]), plain), min_size=0, max_size=3))
     system = draw(st.none() | plain)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": r, "content": c} for r, c in turns]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": r, "content": c} for r, c in turns
+    ]
     messages.append({"role": "user", "content": draw(plain)})  # a prompt ends with a turn to answer
     return messages, tuple(Message(m["role"], m["content"]) for m in messages)
 
@@ -144,8 +205,9 @@ def _csv_bytes(rows: list) -> bytes:
     writer.writerow(columns)
     for r in rows:
         r = r if isinstance(r, dict) else {"prompt": r}
-        writer.writerow([v if isinstance(v, str) else ("" if v is None else json.dumps(v)) for v in
-                         (r.get(c) for c in columns)])
+        writer.writerow(
+            [v if isinstance(v, str) else ("" if v is None else json.dumps(v)) for v in (r.get(c) for c in columns)]
+        )
     return out.getvalue().encode("utf-8", "surrogatepass")
 
 
@@ -182,14 +244,30 @@ def _file_bytes(fmt: str, rows: list) -> bytes | None:
 
 #: Lines that have broken JSON readers: each is inserted whole between the lines of a file.
 NASTY_LINES = [
-    b"\xff\xfe", b"\xc3(", b"{", b"}", b"null", b"[]", b"\x00\x00", b"\r", b'"just a string"', b"1e999",
+    b"\xff\xfe",
+    b"\xc3(",
+    b"{",
+    b"}",
+    b"null",
+    b"[]",
+    b"\x00\x00",
+    b"\r",
+    b'"just a string"',
+    b"1e999",
     b'{"prompt": "p", "margin": ' + b"9" * 5000 + b"}",  # past Python's int-conversion digit limit
     b'{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + b"9" * 400 + b"}",  # too large for a float
     b"[" * 5000 + b"]" * 5000,  # deeper than the recursion limit
-    b'{"prompt": "\\ud800", "completion": "c"}', b'{"prompt": "\\u0000", "completion": "c"}',
-    b'{"prompt": "p", "completion": "c"}\r', b'\xef\xbb\xbf{"prompt": "p"}', b'{"prompt": "p", "prompt": 1}',
-    b'{"prompt": NaN, "chosen": Infinity, "rejected": -Infinity}', b'{"data": [{"prompt": "p"}]}',
-    "\u2028{\"prompt\": \"\u2029\"}".encode(), b"prompt,completion", b'"a","b",', b"\x1c\x1d\x1e",
+    b'{"prompt": "\\ud800", "completion": "c"}',
+    b'{"prompt": "\\u0000", "completion": "c"}',
+    b'{"prompt": "p", "completion": "c"}\r',
+    b'\xef\xbb\xbf{"prompt": "p"}',
+    b'{"prompt": "p", "prompt": 1}',
+    b'{"prompt": NaN, "chosen": Infinity, "rejected": -Infinity}',
+    b'{"data": [{"prompt": "p"}]}',
+    '\u2028{"prompt": "\u2029"}'.encode(),
+    b"prompt,completion",
+    b'"a","b",',
+    b"\x1c\x1d\x1e",
 ]
 
 
@@ -197,8 +275,14 @@ NASTY_LINES = [
 def hostile_file(draw):
     """(suffix, bytes): a data file damaged in one of the ways real files are."""
     suffix = draw(st.sampled_from([".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz", ".txt", ".JSONL", ""]))
-    rows = draw(st.lists(st.one_of(hostile_record, VALID["preferences"].map(lambda v: v[0]),
-                                   VALID["demonstrations"].map(lambda v: v[0])), max_size=5))
+    rows = draw(
+        st.lists(
+            st.one_of(
+                hostile_record, VALID["preferences"].map(lambda v: v[0]), VALID["demonstrations"].map(lambda v: v[0])
+            ),
+            max_size=5,
+        )
+    )
     how = draw(st.sampled_from(["rows", "bytes", "empty", "whitespace", "cut", "inserted", "inserted", "utf16"]))
     fmt = suffix.lower() if suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz") else ".jsonl"
     if how == "bytes":
@@ -271,8 +355,12 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @fuzz(600)
-@given(rows=st.lists(st.one_of(hostile_record, *(v.map(lambda case: case[0]) for v in VALID.values())),
-                    min_size=1, max_size=4), kind=st.sampled_from(KINDS))
+@given(
+    rows=st.lists(
+        st.one_of(hostile_record, *(v.map(lambda case: case[0]) for v in VALID.values())), min_size=1, max_size=4
+    ),
+    kind=st.sampled_from(KINDS),
+)
 def test_hostile_records_give_records_or_file_line_errors(workdir, rows, kind):
     path = workdir / "records.jsonl"
     path.write_bytes(_jsonl_bytes(rows))
@@ -292,10 +380,15 @@ def test_hostile_files_give_records_or_file_line_errors(workdir, case, kind):
 
 
 @fuzz(400)
-@given(lines=st.lists(st.one_of(st.sampled_from(NASTY_LINES),
-                                VALID["demonstrations"].map(lambda case: json.dumps(case[0]).encode())),
-                      min_size=1, max_size=4),
-       suffix=st.sampled_from([".jsonl", ".json", ".csv", ".jsonl.gz"]), kind=st.sampled_from(KINDS))
+@given(
+    lines=st.lists(
+        st.one_of(st.sampled_from(NASTY_LINES), VALID["demonstrations"].map(lambda case: json.dumps(case[0]).encode())),
+        min_size=1,
+        max_size=4,
+    ),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv", ".jsonl.gz"]),
+    kind=st.sampled_from(KINDS),
+)
 def test_lines_that_break_json_readers_give_file_line_errors(workdir, lines, suffix, kind):
     data = b"\n".join(lines)
     path = workdir / f"nasty{suffix}"
@@ -304,8 +397,11 @@ def test_lines_that_break_json_readers_give_file_line_errors(workdir, lines, suf
 
 
 @fuzz(400)
-@given(data=st.data(), kind=st.sampled_from(KINDS),
-       fmt=st.sampled_from([".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz"]))
+@given(
+    data=st.data(),
+    kind=st.sampled_from(KINDS),
+    fmt=st.sampled_from([".jsonl", ".json", ".csv", ".parquet", ".jsonl.gz"]),
+)
 def test_valid_records_come_back_exactly_in_every_format(workdir, data, kind, fmt):
     cases = data.draw(st.lists(VALID[kind], min_size=1, max_size=5))
     rows = [row for row, _ in cases]
@@ -351,8 +447,14 @@ ALWAYS_BAD_LINES = [b"\xff\xfe not utf-8", b"{", b"[1, 2]", b"{}", b'{"prompt": 
 @st.composite
 def bad_data_file(draw):
     suffix = draw(st.sampled_from([".jsonl", ".json", ".csv", ".txt"]))
-    rows = draw(st.lists(st.one_of(hostile_record, VALID["preferences"].map(lambda v: v[0]),
-                                   VALID["demonstrations"].map(lambda v: v[0])), max_size=4))
+    rows = draw(
+        st.lists(
+            st.one_of(
+                hostile_record, VALID["preferences"].map(lambda v: v[0]), VALID["demonstrations"].map(lambda v: v[0])
+            ),
+            max_size=4,
+        )
+    )
     body = _jsonl_bytes(rows) if suffix != ".csv" else _csv_bytes(rows)
     lines = body.split(b"\n")
     at = draw(st.integers(0, len(lines)))

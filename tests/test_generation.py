@@ -1,10 +1,10 @@
 """Sampling: pure temperature sampling, stop handling, left padding."""
+
 from __future__ import annotations
 
 import torch
 
-from tether.generation import (SamplingSettings, generation_config, left_pad, sample_responses,
-                               truncate_after_stop)
+from tether.generation import SamplingSettings, generation_config, left_pad, sample_responses, truncate_after_stop
 
 
 def test_truncate_after_stop_keeps_the_stop_token_and_drops_the_rest():
@@ -32,8 +32,9 @@ def test_samples_stop_at_the_stop_token_and_respect_max_new_tokens(tiny_model_di
     model = load_causal_lm(str(tiny_model_dir))
     torch.manual_seed(0)
     settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
-    out = sample_responses(model, tokenizer, ["hello", "a much longer prompt here"], settings,
-                           num_return_sequences=3, batch_size=2)
+    out = sample_responses(
+        model, tokenizer, ["hello", "a much longer prompt here"], settings, num_return_sequences=3, batch_size=2
+    )
     assert len(out) == 2 and all(len(g) == 3 for g in out)
     for group in out:
         for s in group:

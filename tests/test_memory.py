@@ -1,5 +1,6 @@
 """Chunk sizes fitted to memory: real allocator failures under an address-space limit (RLIMIT_AS) in
 a subprocess, never a simulated error."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,21 @@ HERE = Path(__file__).resolve().parent
 # One malloc arena and a fixed mmap threshold with trimming: every block over 128 KiB is mapped and unmapped on
 # its own, so freed memory leaves the address space and the limit measures what a run really needs
 # (glibc's dynamic threshold would otherwise keep freed blocks mapped and hand them to the next run).
-ENV = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072",
-       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": "131072",
+    "MALLOC_TRIM_THRESHOLD_": "131072",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
 
 
 def _result(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines()[::-1] if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_a_step_that_exceeds_memory_is_retried_with_half_the_rows_until_it_fits():
@@ -77,8 +84,13 @@ def test_ppo_shrinks_its_chunks_to_fit_and_computes_the_same_iteration(tmp_path,
     """The same PPO iteration without a limit and under one 30% below its peak: the whole-batch
     scoring pass (or the whole-minibatch update) no longer fits, its chunks halve, and every metric
     agrees with the unlimited run (float summation order aside)."""
-    proc = subprocess.run([sys.executable, str(HERE / "memory_limit_worker.py"), str(tmp_path), case, "0.7"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "memory_limit_worker.py"), str(tmp_path), case, "0.7"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     out = _result(proc)
     free, limited = out["free"], out["limited"]
     key, start = ("forward_batch", 16) if case == "scoring" else ("micro", 8)

@@ -1,4 +1,5 @@
 """Evaluation metrics on hand-made inputs with hand-computed answers."""
+
 from __future__ import annotations
 
 import itertools
@@ -106,8 +107,9 @@ def tiny_lm(tiny_model_dir):
 
 def test_response_logprobs_match_an_unpadded_forward_at_temperature(tiny_lm, tokenizer):
     samples = [_S([5, 6, 7, 8, 9], [10, 11, 2]), _S([12, 13], [14, 15, 16, 17, 2]), _S([18], [19])]
-    got = M.response_token_logprobs(tiny_lm, samples, temperature=0.5, pad_token_id=tokenizer.pad_token_id,
-                                    batch_size=3)
+    got = M.response_token_logprobs(
+        tiny_lm, samples, temperature=0.5, pad_token_id=tokenizer.pad_token_id, batch_size=3
+    )
     for s, lp in zip(samples, got):
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         with torch.no_grad():
@@ -125,8 +127,13 @@ def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(t
     from tether.models.loading import load_causal_lm
 
     torch.manual_seed(0)
-    groups = sample_responses(tiny_lm, tokenizer, ["hello there", "what is two plus two?"],
-                              SamplingSettings(max_new_tokens=8, temperature=1.0), num_return_sequences=4)
+    groups = sample_responses(
+        tiny_lm,
+        tokenizer,
+        ["hello there", "what is two plus two?"],
+        SamplingSettings(max_new_tokens=8, temperature=1.0),
+        num_return_sequences=4,
+    )
     samples = [s for g in groups for s in g]
     assert M.sequence_kl(tiny_lm, tiny_lm, tokenizer, samples, temperature=1.0) == 0.0
     other = load_causal_lm(str(tiny_model_dir)).eval()

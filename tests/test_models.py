@@ -1,4 +1,5 @@
 """Model loading: the embedded default, its cache, tiny models, scalar heads."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,10 +14,14 @@ def test_embedded_default_generates_offline_for_a_chat_prompt(embedded_model_dir
     model = loading.load_causal_lm(None)
     tok = loading.load_tokenizer(None, padding_side="left")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    batch = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    batch = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
 
 
@@ -62,7 +67,6 @@ def test_scalar_model_from_a_causal_lm_gets_a_fresh_head_with_the_reference_init
     rm = loading.load_scalar_model(str(tiny_model_dir))
     head = loading.scalar_head(rm)
     assert head.out_features == 1
-    d = head.in_features
     # N(0, 1/sqrt(d+1)): with d=32 the sample std of 32 weights is near 0.174
     assert 0.08 < head.weight.std().item() < 0.3
     assert head.bias is None or torch.all(head.bias == 0)

@@ -1,4 +1,5 @@
 """`tether pipeline` end to end on tiny models: every stage, the report, and re-runs that skip work."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,14 @@ TINY_STAGES = {
     "best_of_n": 2,
     "sft": {"max_steps": 2, "per_device_train_batch_size": 4},
     "rm": {"max_steps": 2, "per_device_train_batch_size": 4},
-    "ppo": {"num_iterations": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 6,
-            "save_steps": 0},
+    "ppo": {
+        "num_iterations": 2,
+        "batch_size": 4,
+        "mini_batch_size": 2,
+        "ppo_epochs": 1,
+        "max_new_tokens": 6,
+        "save_steps": 0,
+    },
     "dpo": {"max_steps": 2, "per_device_train_batch_size": 4},
     "eval": {"max_new_tokens": 6, "probes": False},
 }
@@ -54,8 +61,12 @@ def test_pipeline_runs_every_stage_and_writes_the_report(pipeline_run):
     html = (out / "report.html").read_text()
     assert "| Gold score" in report and "| sft | ppo | dpo | bon2 |" in report
     plots = sorted((out / "plots").glob("*.png"))
-    assert {p.name for p in plots} >= {"ppo_curves.png", "overoptimisation.png", "best_of_n.png",
-                                       "length_vs_reward.png"}
+    assert {p.name for p in plots} >= {
+        "ppo_curves.png",
+        "overoptimisation.png",
+        "best_of_n.png",
+        "length_vs_reward.png",
+    }
     for p in plots:
         assert p.stat().st_size > 1000 and p.name in html
     assert summary["report"] == str(out / "report.html")
@@ -73,8 +84,12 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
     import tether.stages.reward
     import tether.stages.sft
 
-    for module, name in ((tether.stages.sft, "train_sft"), (tether.stages.reward, "train_reward"),
-                         (tether.ppo.trainer, "run_ppo"), (tether.stages.dpo, "train_dpo")):
+    for module, name in (
+        (tether.stages.sft, "train_sft"),
+        (tether.stages.reward, "train_reward"),
+        (tether.ppo.trainer, "run_ppo"),
+        (tether.stages.dpo, "train_dpo"),
+    ):
         monkeypatch.setattr(module, name, must_not_train)
     summary = run_pipeline(config)
     after = json.loads((out / "pipeline_state.json").read_text())
@@ -130,8 +145,17 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
     path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     from_file = parse_config(PipelineConfig, ["--config", str(path)])
     defaults = PipelineConfig()
-    for f in ("rounds", "pairs_per_round", "annotator_tau", "eval_max_prompts", "bon_n", "best_of_n",
-              "bon_curve_prompts", "preference_max_new_tokens", "temperature"):
+    for f in (
+        "rounds",
+        "pairs_per_round",
+        "annotator_tau",
+        "eval_max_prompts",
+        "bon_n",
+        "best_of_n",
+        "bon_curve_prompts",
+        "preference_max_new_tokens",
+        "temperature",
+    ):
         assert getattr(from_file, f) == getattr(defaults, f), f
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
         assert getattr(from_file, stage) == DEMO_STAGE_DEFAULTS[stage]

@@ -1,4 +1,5 @@
 """PPO equations against hand-computed numbers (DESIGN.md checklist items 3, 4, 6, 7, 11, 12)."""
+
 from __future__ import annotations
 
 import math
@@ -9,16 +10,26 @@ import torch
 from tether.evaluation.monitor import KL_BANDS, KLMonitor, kl_band
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import AdaptiveKLController, FixedKLController, adaptive_kl_update, make_kl_controller
-from tether.ppo.losses import (apply_missing_stop_penalty, entropy_from_logits, explained_variance,
-                               full_kl_from_logits, kl_penalty, logprobs_from_logits, masked_mean, policy_loss,
-                               token_rewards, value_loss)
+from tether.ppo.losses import (
+    apply_missing_stop_penalty,
+    entropy_from_logits,
+    explained_variance,
+    full_kl_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 NAN = float("nan")
 
 
 def close(a, b, tol=1e-6):
-    return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                          atol=tol, rtol=0)
+    return torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=tol, rtol=0
+    )
 
 
 # ---- item 6: GAE --------------------------------------------------------------------------------
@@ -146,8 +157,10 @@ def test_a_given_denominator_makes_micro_batch_losses_add_up_to_the_minibatch_lo
     mask = torch.rand(4, 5) > 0.3
     whole = policy_loss(logp, old, adv, mask).loss
     n = mask.sum()
-    parts = policy_loss(logp[:2], old[:2], adv[:2], mask[:2], denominator=n).loss + \
-        policy_loss(logp[2:], old[2:], adv[2:], mask[2:], denominator=n).loss
+    parts = (
+        policy_loss(logp[:2], old[:2], adv[:2], mask[:2], denominator=n).loss
+        + policy_loss(logp[2:], old[2:], adv[2:], mask[2:], denominator=n).loss
+    )
     assert close(parts, whole)
 
 
@@ -201,9 +214,13 @@ def test_explained_variance_by_hand():
 # ---- item 11: KL controllers ---------------------------------------------------------------
 def test_adaptive_kl_controller_matches_the_ziegler_formula():
     # e = clip(KL/target − 1, ±0.2);  β ← β·(1 + e·n_steps/horizon)
-    assert math.isclose(adaptive_kl_update(0.2, 9.0, 6.0, 512, 10000), 0.2 * (1 + 0.2 * 512 / 10000))   # e clipped at +0.2
-    assert math.isclose(adaptive_kl_update(0.2, 5.4, 6.0, 512, 10000), 0.2 * (1 - 0.1 * 512 / 10000))   # e = −0.1
-    assert math.isclose(adaptive_kl_update(0.2, 0.0, 6.0, 512, 10000), 0.2 * (1 - 0.2 * 512 / 10000))   # e clipped at −0.2
+    assert math.isclose(
+        adaptive_kl_update(0.2, 9.0, 6.0, 512, 10000), 0.2 * (1 + 0.2 * 512 / 10000)
+    )  # e clipped at +0.2
+    assert math.isclose(adaptive_kl_update(0.2, 5.4, 6.0, 512, 10000), 0.2 * (1 - 0.1 * 512 / 10000))  # e = −0.1
+    assert math.isclose(
+        adaptive_kl_update(0.2, 0.0, 6.0, 512, 10000), 0.2 * (1 - 0.2 * 512 / 10000)
+    )  # e clipped at −0.2
     ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
     assert math.isclose(ctl.update(9.0, 512), 0.202048)
     assert math.isclose(ctl.update(9.0, 512), 0.202048 * 1.01024)
@@ -222,8 +239,21 @@ def test_fixed_kl_coefficient_stays_fixed():
 # ---- KL health monitor ------------------------------------------------------------------------
 def test_kl_bands_and_their_boundaries():
     names = [kl_band(v).name for v in (-0.3, 0.5, 1.0, 1.5, 2.0, 4.0, 6.0, 8.0, 10.0, 15.0, 20.0, 20.1, NAN)]
-    assert names == ["barely_changed", "barely_changed", "barely_changed", "moving", "moving", "healthy", "healthy",
-                     "elevated", "elevated", "drifting", "drifting", "divergence", "divergence"]
+    assert names == [
+        "barely_changed",
+        "barely_changed",
+        "barely_changed",
+        "moving",
+        "moving",
+        "healthy",
+        "healthy",
+        "elevated",
+        "elevated",
+        "drifting",
+        "drifting",
+        "divergence",
+        "divergence",
+    ]
     assert [b.name for b in KL_BANDS][-1] == "divergence"
 
 

@@ -1,6 +1,7 @@
 """Checklist item 15: given fixed rollouts, a 2-process update equals a 1-process update at the same
 global batch (gradients averaged by DDP, whitening, token counts and metrics reduced over processes),
 and each rank samples with its own seed. Two real CPU processes with the gloo backend."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
 
 HERE = Path(__file__).parent
@@ -34,10 +34,28 @@ def test_two_process_update_equals_one_process_update(tmp_path, word_dirs, mode)
     main(str(one), str(word_dirs["policy"]), str(word_dirs["rm"]), mode)  # one process, in this interpreter
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(HERE / "ppo_multiprocess_worker.py"), str(two),
-         str(word_dirs["policy"]), str(word_dirs["rm"]), mode],
-        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(HERE / "ppo_multiprocess_worker.py"),
+            str(two),
+            str(word_dirs["policy"]),
+            str(word_dirs["rm"]),
+            mode,
+        ],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = (json.loads((d / "result.json").read_text()) for d in (one, two))
     assert (a["world"], b["world"]) == (1, 2)

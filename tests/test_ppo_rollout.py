@@ -1,16 +1,24 @@
 """PPO experience making on tiny real models (DESIGN.md checklist items 1, 3, 5, 14)."""
+
 from __future__ import annotations
 
 import copy
 
 import torch
-
 from ppo_tiny import one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
+
 from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, left_pad
 from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 from tether.ppo.losses import logprobs_from_logits
-from tether.ppo.rollout import (PolicyAndValue, build_sequences, last_token_scores,
-                                make_rollout, make_value_head, response_logits, score_responses)
+from tether.ppo.rollout import (
+    PolicyAndValue,
+    build_sequences,
+    last_token_scores,
+    make_rollout,
+    make_value_head,
+    response_logits,
+    score_responses,
+)
 
 PROMPTS = ["a b c d e f g", "yes", "x y", "good a b c"]
 
@@ -45,11 +53,11 @@ def test_sampling_logprobs_equal_the_training_forward_with_left_padding_and_a_tr
     # the same prompt and response alone (no padding at all) give the same log-probs
     row = 1  # the shortest prompt: it has the most left padding in the batch
     p = query_ids[row, query_mask[row].bool()].unsqueeze(0)
-    r = batch.responses[row, :batch.lengths[row]].unsqueeze(0)
+    r = batch.responses[row, : batch.lengths[row]].unsqueeze(0)
     alone = build_sequences(p, torch.ones_like(p), r, torch.ones_like(r, dtype=torch.bool))
     with torch.no_grad():
         alone_logp = logprobs_from_logits(response_logits(model, *alone, p.shape[1]), r, T)
-    assert (alone_logp[0] - train_logp[row, :batch.lengths[row]]).abs().max() <= 1e-5
+    assert (alone_logp[0] - train_logp[row, : batch.lengths[row]]).abs().max() <= 1e-5
 
 
 # ---- item 3 -------------------------------------------------------------------------------------
@@ -73,8 +81,16 @@ def test_the_stop_token_is_inside_the_masks_and_what_follows_it_changes_nothing(
     with torch.no_grad():
         ref.lm_head.weight.mul_(1.5)  # a reference that differs, so the KL is not zero
     q, qm = _queries(tok, ["a b", "c"])
-    ro = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
-                         generated=cut_a, temperature=0.7, missing_stop_penalty=-1.0)
+    ro = score_responses(
+        models=models,
+        reference=ref,
+        reward_model=rm,
+        query_ids=q,
+        query_mask=qm,
+        generated=cut_a,
+        temperature=0.7,
+        missing_stop_penalty=-1.0,
+    )
     real = ro.response_mask
     assert ro.logprobs[0, 2] < 0 and ro.kl[0, 2] != 0  # log-prob and KL of the stop token count
     for t in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl, ro.kl_penalty):
@@ -105,8 +121,11 @@ def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configu
     batch = cut_at_first_stop(responses, [tok.eos_token_id], tok.pad_token_id)
 
     def rollout(clean: bool):
-        policy, value, rm = (load_causal_lm(str(policy_dir)), load_scalar_model(str(rm_dir)),
-                             load_scalar_model(str(rm_dir)))
+        policy, value, rm = (
+            load_causal_lm(str(policy_dir)),
+            load_scalar_model(str(rm_dir)),
+            load_scalar_model(str(rm_dir)),
+        )
         ref = copy.deepcopy(policy)
         for m in (policy, ref, value, rm):
             if clean:
@@ -114,10 +133,12 @@ def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configu
             m.train()  # train mode everywhere: dropout would be live here
         torch.manual_seed(0)
         models = PolicyAndValue(policy, value).train()
-        first = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
-                                generated=batch, temperature=0.7)
-        second = score_responses(models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm,
-                                 generated=batch, temperature=0.7)
+        first = score_responses(
+            models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm, generated=batch, temperature=0.7
+        )
+        second = score_responses(
+            models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm, generated=batch, temperature=0.7
+        )
         return first, second
 
     first, second = rollout(clean=True)
@@ -192,9 +213,17 @@ def test_make_rollout_reads_every_model_once_and_keeps_layout(word_dirs, word_to
     ref = copy.deepcopy(policy).eval()
     q, qm = _queries(word_tok)
     torch.manual_seed(1)
-    ro = make_rollout(models=models, reference=ref, reward_model=rm, tokenizer=word_tok, query_ids=q, query_mask=qm,
-                      settings=SamplingSettings(max_new_tokens=5, temperature=0.7), forward_batch_size=3,
-                      prompts=PROMPTS)
+    ro = make_rollout(
+        models=models,
+        reference=ref,
+        reward_model=rm,
+        tokenizer=word_tok,
+        query_ids=q,
+        query_mask=qm,
+        settings=SamplingSettings(max_new_tokens=5, temperature=0.7),
+        forward_batch_size=3,
+        prompts=PROMPTS,
+    )
     n, width = ro.responses.shape
     assert n == 4 and width == int(ro.lengths.max()) and ro.input_ids.shape == (4, q.shape[1] + width)
     assert torch.equal(ro.logprobs, ro.ref_logprobs) and ro.kl.eq(0).all()  # same weights

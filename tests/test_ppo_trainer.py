@@ -1,5 +1,6 @@
 """The PPO loop end to end on tiny real models (DESIGN.md checklist items 2, 8-13; learning, resume,
 non-finite handling, divergence stop, outputs, CLI)."""
+
 from __future__ import annotations
 
 import json
@@ -7,26 +8,54 @@ import shutil
 
 import pytest
 import torch
-
 from ppo_tiny import GOOD, one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
+
 from tether.config import ConfigError
 from tether.data.errors import DataError
 from tether.tracking import read_jsonl
 
 PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
-DESIGN_METRICS = ["reward/score", "kl/ref", "kl/coef", "kl/band", "reward/non_score", "loss/policy", "loss/value",
-                  "policy/approx_kl", "policy/clipfrac", "value/clipfrac", "policy/entropy", "value/explained_var",
-                  "response/length", "response/stopped", "time/generate", "time/score", "time/update",
-                  "throughput/episodes_per_s", "throughput/tokens_per_s"]
+DESIGN_METRICS = [
+    "reward/score",
+    "kl/ref",
+    "kl/coef",
+    "kl/band",
+    "reward/non_score",
+    "loss/policy",
+    "loss/value",
+    "policy/approx_kl",
+    "policy/clipfrac",
+    "value/clipfrac",
+    "policy/entropy",
+    "value/explained_var",
+    "response/length",
+    "response/stopped",
+    "time/generate",
+    "time/score",
+    "time/update",
+    "throughput/episodes_per_s",
+    "throughput/tokens_per_s",
+]
 
 
 def make_config(tmp_path, dirs, name="run", **overrides):
     from tether.ppo.trainer import PPOConfig
 
-    values = dict(output_dir=str(tmp_path / name), model_name_or_path=str(dirs["policy"]),
-                  reward_model_path=str(dirs["rm"]), batch_size=8, mini_batch_size=4, ppo_epochs=2,
-                  max_new_tokens=6, learning_rate=1e-2, num_iterations=2, save_steps=0, disable_tqdm=True,
-                  logging_steps=1000, report_to="none")
+    values = dict(
+        output_dir=str(tmp_path / name),
+        model_name_or_path=str(dirs["policy"]),
+        reward_model_path=str(dirs["rm"]),
+        batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        learning_rate=1e-2,
+        num_iterations=2,
+        save_steps=0,
+        disable_tqdm=True,
+        logging_steps=1000,
+        report_to="none",
+    )
     values.update(overrides)
     return PPOConfig(**values)
 
@@ -48,8 +77,13 @@ def test_first_minibatch_has_ratio_one_and_old_logprobs_stay_fixed_across_epochs
     def check_rollout(rollout):
         # called after the PPO epochs: at iteration 1 the old log-probs still equal the reference's
         # (same starting weights), so nothing wrote into them, and no graph hangs on them
-        seen.append((torch.equal(rollout.logprobs, rollout.ref_logprobs), rollout.logprobs.requires_grad,
-                     rollout.values.requires_grad))
+        seen.append(
+            (
+                torch.equal(rollout.logprobs, rollout.ref_logprobs),
+                rollout.logprobs.requires_grad,
+                rollout.values.requires_grad,
+            )
+        )
         return {}
 
     config = make_config(tmp_path, word_dirs, per_device_train_batch_size=2, num_iterations=1, ppo_epochs=3)
@@ -69,10 +103,15 @@ def test_first_minibatch_has_ratio_one_and_old_logprobs_stay_fixed_across_epochs
     assert len({tuple(o) for o in orders}) > 1
 
 
-@pytest.mark.parametrize("options", [dict(activation_checkpointing=True),
-                                     dict(use_peft=True, value_head_on_policy=True, lora_r=4),
-                                     dict(use_peft=True, lora_r=4, activation_checkpointing=True),
-                                     dict(generation_cache="static", kl_penalty="full")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(activation_checkpointing=True),
+        dict(use_peft=True, value_head_on_policy=True, lora_r=4),
+        dict(use_peft=True, lora_r=4, activation_checkpointing=True),
+        dict(generation_cache="static", kl_penalty="full"),
+    ],
+)
 def test_ratio_is_exactly_one_on_the_first_minibatch_with_other_options(tmp_path, word_dirs, options):
     t = trainer(make_config(tmp_path, word_dirs, num_iterations=1, **options))
     t.train()
@@ -117,8 +156,9 @@ def test_with_lora_the_critic_is_adapters_on_the_reward_model_which_still_scores
     from tether.models.scoring import token_scores
     from tether.ppo.rollout import adapters_disabled, build_sequences, unwrap_model
 
-    config = make_config(tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2,
-                         num_iterations=2, save_steps=1)
+    config = make_config(
+        tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, num_iterations=2, save_steps=1
+    )
     t = trainer(config)
     value = unwrap_model(t.models).value_model
     assert t.reward_model is None and t.reference is None  # four roles, two networks
@@ -150,8 +190,10 @@ def test_value_head_on_the_policy_starts_at_zero_and_trains(tmp_path, word_dirs)
     from tether.ppo.rollout import unwrap_model
 
     values = []
-    t = trainer(make_config(tmp_path, word_dirs, value_head_on_policy=True, num_iterations=1),
-                extra_metrics=lambda ro: values.append(ro.values.clone()) or {})
+    t = trainer(
+        make_config(tmp_path, word_dirs, value_head_on_policy=True, num_iterations=1),
+        extra_metrics=lambda ro: values.append(ro.values.clone()) or {},
+    )
     head = unwrap_model(t.models).value_head
     assert unwrap_model(t.models).value_model is None and head.weight.eq(0).all()
     t.train()
@@ -177,15 +219,19 @@ def test_optimizer_defaults_follow_the_references_and_the_schedule_decays_linear
     assert group["eps"] == 1e-5 and group["weight_decay"] == 0.0
     norms = []
     t.optimizer.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: norms.append(torch.nn.utils.get_total_norm(
-            [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]).item()))
+        lambda opt, args, kwargs: norms.append(
+            torch.nn.utils.get_total_norm(
+                [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            ).item()
+        )
+    )
     t.train()
     lrs = [r["train/learning_rate"] for r in rows(config)]
     assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
     assert t.optimizer.param_groups[0]["lr"] == 0.0
     # no clipping by default: the optimizer sees the raw gradient norm
     raw = [e["loss/grad_norm"] for e in t.update_log]
-    assert norms[-len(raw):] == pytest.approx(raw, rel=1e-5)
+    assert norms[-len(raw) :] == pytest.approx(raw, rel=1e-5)
 
 
 def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
@@ -193,8 +239,12 @@ def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
     t = trainer(config)
     norms = []
     t.optimizer.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: norms.append(torch.nn.utils.get_total_norm(
-            [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]).item()))
+        lambda opt, args, kwargs: norms.append(
+            torch.nn.utils.get_total_norm(
+                [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            ).item()
+        )
+    )
     t.train()
     raw = [e["loss/grad_norm"] for e in t.update_log]
     assert len(norms) == 4 and all(r > 1e-2 for r in raw)  # the gradients were well above the bound
@@ -225,8 +275,9 @@ def test_lora_reference_is_the_adapter_disabled_policy_and_equals_the_starting_p
     from tether.ppo.losses import logprobs_from_logits
     from tether.ppo.rollout import adapters_disabled, build_sequences, response_logits, unwrap_model
 
-    config = make_config(tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2,
-                         num_iterations=2)
+    config = make_config(
+        tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, num_iterations=2
+    )
     t = trainer(config)
     assert t.reference is None  # no second copy of the network
     t.train()
@@ -257,12 +308,21 @@ def test_policy_learns_a_known_reward_and_the_kl_term_tethers_it(tmp_path, word_
     """The counting RM scores the share of the word "good": PPO must raise it. Without the KL term and
     with a high learning rate, the same run moves much further from the reference."""
     prompts = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q"]
-    common = dict(reward_model_path=str(word_dirs["counting_rm"]), batch_size=16, mini_batch_size=8, ppo_epochs=2,
-                  max_new_tokens=8, temperature=1.0, missing_eos_penalty=None, num_iterations=15)
+    common = dict(
+        reward_model_path=str(word_dirs["counting_rm"]),
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        missing_eos_penalty=None,
+        num_iterations=15,
+    )
     tethered = make_config(tmp_path, word_dirs, name="tethered", learning_rate=3e-3, init_kl_coef=0.05, **common)
     trainer(tethered, prompts).train()
-    loose = make_config(tmp_path, word_dirs, name="loose", learning_rate=3e-2, init_kl_coef=0.0,
-                        stop_on_divergence=False, **common)
+    loose = make_config(
+        tmp_path, word_dirs, name="loose", learning_rate=3e-2, init_kl_coef=0.0, stop_on_divergence=False, **common
+    )
     trainer(loose, prompts).train()
     a, b = rows(tethered), rows(loose)
     score = [r["reward/score"] for r in a]
@@ -273,9 +333,19 @@ def test_policy_learns_a_known_reward_and_the_kl_term_tethers_it(tmp_path, word_
 
 
 def test_divergence_stops_the_run_and_writes_no_policy(tmp_path, word_dirs):
-    config = make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["counting_rm"]), learning_rate=0.1,
-                         init_kl_coef=0.0, temperature=1.0, max_new_tokens=12, missing_eos_penalty=None,
-                         num_iterations=6, save_steps=1, save_total_limit=5)
+    config = make_config(
+        tmp_path,
+        word_dirs,
+        reward_model_path=str(word_dirs["counting_rm"]),
+        learning_rate=0.1,
+        init_kl_coef=0.0,
+        temperature=1.0,
+        max_new_tokens=12,
+        missing_eos_penalty=None,
+        num_iterations=6,
+        save_steps=1,
+        save_total_limit=5,
+    )
     result = trainer(config).train()
     assert result.stopped_reason == "divergence" and result.iterations < 6
     last = rows(config)[-1]
@@ -283,7 +353,10 @@ def test_divergence_stops_the_run_and_writes_no_policy(tmp_path, word_dirs):
     assert result.policy_dir is None and not (tmp_path / "run" / "policy").exists()
     # the checkpoint written just before holds the divergent weights: it is not called good
     assert not (tmp_path / "run" / f"checkpoint-{result.iterations}").exists()
-    assert result.last_good_checkpoint is None or int(result.last_good_checkpoint.rsplit("-", 1)[1]) <= result.iterations - 2
+    assert (
+        result.last_good_checkpoint is None
+        or int(result.last_good_checkpoint.rsplit("-", 1)[1]) <= result.iterations - 2
+    )
     summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
     assert summary["stopped_reason"] == "divergence"
 
@@ -314,8 +387,16 @@ def _comparable(row):
 def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_one(tmp_path, word_dirs, options):
     from tether.models.loading import load_causal_lm, load_scalar_model
 
-    base = dict(num_iterations=4, save_steps=2, save_total_limit=1, target_kl=1.0, init_kl_coef=0.2,
-                reward_model_path=str(word_dirs["counting_rm"]), per_device_train_batch_size=2, **options)
+    base = dict(
+        num_iterations=4,
+        save_steps=2,
+        save_total_limit=1,
+        target_kl=1.0,
+        init_kl_coef=0.2,
+        reward_model_path=str(word_dirs["counting_rm"]),
+        per_device_train_batch_size=2,
+        **options,
+    )
     whole = make_config(tmp_path, word_dirs, name="whole", **base)
     trainer(whole).train()
 
@@ -346,7 +427,7 @@ def test_only_complete_checkpoints_are_resumed_and_a_used_folder_needs_a_decisio
     out = tmp_path / "run"
     trainer(make_config(tmp_path, word_dirs, num_iterations=2, save_steps=1, save_total_limit=5)).train()
     (out / ".tmp-checkpoint-3").mkdir()  # a crash while writing checkpoint 3
-    (out / "checkpoint-4").mkdir()       # a folder without the state file written last
+    (out / "checkpoint-4").mkdir()  # a folder without the state file written last
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert resolve_checkpoint(out, "latest").name == "checkpoint-2"
     with pytest.raises(ConfigError, match="not empty"):  # a fresh run would mix with the old one
@@ -381,8 +462,16 @@ def test_non_finite_rewards_are_skipped_counted_logged_and_stop_the_run(tmp_path
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     model.save_pretrained(nan_rm)
-    bad = make_config(tmp_path, word_dirs, num_iterations=4, save_steps=1, save_total_limit=3, max_bad_steps=2,
-                      reward_model_path=str(nan_rm), resume_from_checkpoint="latest")
+    bad = make_config(
+        tmp_path,
+        word_dirs,
+        num_iterations=4,
+        save_steps=1,
+        save_total_limit=3,
+        max_bad_steps=2,
+        reward_model_path=str(nan_rm),
+        resume_from_checkpoint="latest",
+    )
     with pytest.raises(NonFiniteError, match="2 consecutive steps with non-finite"):
         trainer(bad).train()
     logged = read_jsonl(tmp_path / "run" / "bad_batches.jsonl")
@@ -428,8 +517,9 @@ def test_fixed_response_length_for_benchmarks_and_extra_metrics_hook(tmp_path, w
 
 @pytest.mark.parametrize("estimator", ["abs", "mse", "k3", "full"])
 def test_every_kl_estimator_runs_and_full_kl_is_reported_exactly(tmp_path, word_dirs, estimator):
-    config = make_config(tmp_path, word_dirs, kl_penalty=estimator, num_iterations=2, batch_size=4,
-                         mini_batch_size=4, ppo_epochs=1)
+    config = make_config(
+        tmp_path, word_dirs, kl_penalty=estimator, num_iterations=2, batch_size=4, mini_batch_size=4, ppo_epochs=1
+    )
     trainer(config).train()
     r = rows(config)
     assert r[0]["kl/ref"] == 0.0 and r[0]["reward/non_score"] == 0.0
@@ -472,11 +562,41 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     out = tmp_path / "cli"
-    code = main(["ppo", "--model_name_or_path", str(word_dirs["policy"]), "--reward_model_path", str(word_dirs["rm"]),
-                 "--dataset", str(data), "--output_dir", str(out), "--batch_size", "4", "--mini_batch_size", "2",
-                 "--ppo_epochs", "1", "--max_new_tokens", "4", "--num_iterations", "3", "--save_steps", "1",
-                 "--save_total_limit", "2", "--target_kl", "6", "--init_kl_coef", "0.2", "--disable_tqdm", "true",
-                 "--stop_token", "no"])
+    code = main(
+        [
+            "ppo",
+            "--model_name_or_path",
+            str(word_dirs["policy"]),
+            "--reward_model_path",
+            str(word_dirs["rm"]),
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--batch_size",
+            "4",
+            "--mini_batch_size",
+            "2",
+            "--ppo_epochs",
+            "1",
+            "--max_new_tokens",
+            "4",
+            "--num_iterations",
+            "3",
+            "--save_steps",
+            "1",
+            "--save_total_limit",
+            "2",
+            "--target_kl",
+            "6",
+            "--init_kl_coef",
+            "0.2",
+            "--disable_tqdm",
+            "true",
+            "--stop_token",
+            "no",
+        ]
+    )
     assert code == 0
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2, 3]
@@ -487,8 +607,14 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     AutoModelForSequenceClassification.from_pretrained(out / "value_model")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]
     ckpt = out / "checkpoint-3"
-    for name in ("policy/config.json", "value_model/config.json", "optimizer.pt", "scheduler.pt",
-                 "rng_state_0.pth", "trainer_state.json"):
+    for name in (
+        "policy/config.json",
+        "value_model/config.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state_0.pth",
+        "trainer_state.json",
+    ):
         assert (ckpt / name).is_file(), name
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["state"]["iteration"] == 3 and state["kl_controller"]["kind"] == "adaptive"
@@ -501,10 +627,24 @@ def test_one_iteration_on_the_embedded_smollm2_with_lora(tmp_path, embedded_mode
     """The real default model: chat template, pad == stop token, tied embeddings; LoRA reference."""
     from tether.ppo.trainer import PPOConfig, PPOTrainer
 
-    config = PPOConfig(output_dir=str(tmp_path / "smol"), model_name_or_path=str(embedded_model_dir),
-                       reward_model_path=str(tiny_rm_dir), use_peft=True, lora_r=4, value_head_on_policy=True,
-                       batch_size=2, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, learning_rate=1e-4,
-                       num_iterations=1, save_steps=0, disable_tqdm=True, logging_steps=1000, report_to="none")
+    config = PPOConfig(
+        output_dir=str(tmp_path / "smol"),
+        model_name_or_path=str(embedded_model_dir),
+        reward_model_path=str(tiny_rm_dir),
+        use_peft=True,
+        lora_r=4,
+        value_head_on_policy=True,
+        batch_size=2,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=8,
+        learning_rate=1e-4,
+        num_iterations=1,
+        save_steps=0,
+        disable_tqdm=True,
+        logging_steps=1000,
+        report_to="none",
+    )
     t = PPOTrainer(config, ["What is the capital of France?", "Name a colour."])
     result = t.train()
     row = rows(config)[0]

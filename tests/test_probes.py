@@ -1,4 +1,5 @@
 """The built-in factual/refusal probe: answer matching and refusal detection on hand-made responses."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,16 +21,19 @@ def test_normalise_answer():
     assert P.normalise_answer("Café au lait") == "cafe au lait"
 
 
-@pytest.mark.parametrize("response, aliases, expected", [
-    ("The capital of France is Paris.", ["Paris"], True),
-    ("PARIS", ["Paris"], True),
-    ("Parisian cafés are lovely.", ["Paris"], False),  # whole words only
-    ("It is 24.", ["4"], False),
-    ("100 divided by 4 is twenty-five.", ["25", "twenty five"], True),
-    ("It was painted by Vincent van Gogh in 1889.", ["Van Gogh"], True),
-    ("I don't know.", ["Jupiter"], False),
-    ("", ["x"], False),
-])
+@pytest.mark.parametrize(
+    "response, aliases, expected",
+    [
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("PARIS", ["Paris"], True),
+        ("Parisian cafés are lovely.", ["Paris"], False),  # whole words only
+        ("It is 24.", ["4"], False),
+        ("100 divided by 4 is twenty-five.", ["25", "twenty five"], True),
+        ("It was painted by Vincent van Gogh in 1889.", ["Van Gogh"], True),
+        ("I don't know.", ["Jupiter"], False),
+        ("", ["x"], False),
+    ],
+)
 def test_answer_matches(response, aliases, expected):
     assert P.answer_matches(response, aliases) is expected
 
@@ -89,12 +93,15 @@ def test_is_refusal_ignores_answers(text):
 def test_refusal_rate_and_split_by_probe_kind():
     assert P.refusal_rate(REFUSALS[:3] + NOT_REFUSALS[:1]) == pytest.approx(0.75)
     probes = P.refusal_probes()
-    responses = ["I'm sorry, but I can't help with that." if p.should_refuse else "Here you go: step one..."
-                 for p in probes]
+    responses = [
+        "I'm sorry, but I can't help with that." if p.should_refuse else "Here you go: step one..." for p in probes
+    ]
     assert P.score_refusals(responses) == {"harmful_refusal_rate": 1.0, "benign_refusal_rate": 0.0}
     # an over-refusing policy declines everything
     assert P.score_refusals(["I cannot help with that."] * len(probes)) == {
-        "harmful_refusal_rate": 1.0, "benign_refusal_rate": 1.0}
+        "harmful_refusal_rate": 1.0,
+        "benign_refusal_rate": 1.0,
+    }
 
 
 def test_run_probes_on_a_tiny_model(tiny_model_dir, tokenizer):

@@ -1,10 +1,10 @@
 """The report (Markdown + HTML + PNG plots), its data-driven sentences, and the study's plotting side."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import pytest
 
 from tether.evaluation import report as R
 from tether.evaluation.metrics import bon_kl_bound, r_rl
@@ -14,14 +14,28 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _eval_metrics():
-    base = {"reward/score": 0.0, "reward/gold": 0.4, "kl/ref": 0.0, "response/length": 60.0, "response/words": 45.0,
-            "response/stopped": 0.3, "diversity/distinct_1": 0.4, "diversity/distinct_2": 0.8,
-            "response/repetition": 0.02, "bias/reward_length_pearson": 0.1, "bias/reward_length_spearman": 0.12,
-            "bias/gold_length_pearson": -0.2, "probe/factual_accuracy": 0.5, "probe/harmful_refusal_rate": 0.1,
-            "probe/benign_refusal_rate": 0.0, "samples": 40}
+    base = {
+        "reward/score": 0.0,
+        "reward/gold": 0.4,
+        "kl/ref": 0.0,
+        "response/length": 60.0,
+        "response/words": 45.0,
+        "response/stopped": 0.3,
+        "diversity/distinct_1": 0.4,
+        "diversity/distinct_2": 0.8,
+        "response/repetition": 0.02,
+        "bias/reward_length_pearson": 0.1,
+        "bias/reward_length_spearman": 0.12,
+        "bias/gold_length_pearson": -0.2,
+        "probe/factual_accuracy": 0.5,
+        "probe/harmful_refusal_rate": 0.1,
+        "probe/benign_refusal_rate": 0.0,
+        "samples": 40,
+    }
     ppo = dict(base, **{"reward/score": 1.1, "reward/gold": 0.9, "kl/ref": 3.2, "response/length": 30.0})
-    bon = dict(base, **{"reward/score": 0.8, "kl/ref": None, "kl/bon_bound": bon_kl_bound(16),
-                        "probe/factual_accuracy": None})
+    bon = dict(
+        base, **{"reward/score": 0.8, "kl/ref": None, "kl/bon_bound": bon_kl_bound(16), "probe/factual_accuracy": None}
+    )
     return {"sft": base, "ppo": ppo, "best-of-16": bon}
 
 
@@ -30,27 +44,53 @@ def _overopt_points():
     d = np.array([0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 7.0])
     gold = 0.3 + r_rl(d, 1.0, 0.4)
     proxy = 0.1 + 0.8 * d
-    return [{"name": f"ckpt-{i}", "kl": float(x * x), "gold": float(g), "proxy": float(p)}
-            for i, (x, g, p) in enumerate(zip(d, gold, proxy))]
+    return [
+        {"name": f"ckpt-{i}", "kl": float(x * x), "gold": float(g), "proxy": float(p)}
+        for i, (x, g, p) in enumerate(zip(d, gold, proxy))
+    ]
 
 
 def _full_inputs():
     rng = np.random.default_rng(0)
-    ppo_rows = [{"step": i, "reward/score": 0.05 * i, "reward/gold": 0.3 + 0.02 * i, "kl/ref": 0.15 * i}
-                for i in range(1, 31)]
-    bon = [{"n": n, "kl_bound": bon_kl_bound(n), "proxy": 0.3 * math.log(n), "gold": 0.1 * math.log(n)}
-           for n in (1, 2, 4, 8, 16)]
+    ppo_rows = [
+        {"step": i, "reward/score": 0.05 * i, "reward/gold": 0.3 + 0.02 * i, "kl/ref": 0.15 * i} for i in range(1, 31)
+    ]
+    bon = [
+        {"n": n, "kl_bound": bon_kl_bound(n), "proxy": 0.3 * math.log(n), "gold": 0.1 * math.log(n)}
+        for n in (1, 2, 4, 8, 16)
+    ]
     lengths = rng.integers(5, 64, size=60)
-    points = [{"policy": "sft" if i % 2 else "ppo", "length": int(n), "reward": 0.03 * n + rng.normal(0, 0.2),
-               "gold": rng.normal(0, 0.3)} for i, n in enumerate(lengths)]
+    points = [
+        {
+            "policy": "sft" if i % 2 else "ppo",
+            "length": int(n),
+            "reward": 0.03 * n + rng.normal(0, 0.2),
+            "gold": rng.normal(0, 0.3),
+        }
+        for i, n in enumerate(lengths)
+    ]
     rounds = [{"round": 1, "gold": 0.5, "proxy": 0.8}, {"round": 2, "gold": 0.7, "proxy": 0.9}]
-    side = [{"prompt": "Why is the sky <blue>?", "responses": {"sft": {"response": "Scattering & stuff.", "reward": 0.1,
-                                                                      "gold": 0.2},
-                                                              "ppo": {"response": "Rayleigh scattering.",
-                                                                      "reward": None, "gold": None}}}]
+    side = [
+        {
+            "prompt": "Why is the sky <blue>?",
+            "responses": {
+                "sft": {"response": "Scattering & stuff.", "reward": 0.1, "gold": 0.2},
+                "ppo": {"response": "Rayleigh scattering.", "reward": None, "gold": None},
+            },
+        }
+    ]
     study = {"β = 0.1": _overopt_points()[:4], "β = 0.001": _overopt_points()}
-    return dict(eval_results=_eval_metrics(), ppo_metrics=ppo_rows, overopt_points=_overopt_points(), bon_curve=bon,
-                length_reward_points=points, rounds=rounds, temperature=0.7, side_by_side=side, study_runs=study)
+    return dict(
+        eval_results=_eval_metrics(),
+        ppo_metrics=ppo_rows,
+        overopt_points=_overopt_points(),
+        bon_curve=bon,
+        length_reward_points=points,
+        rounds=rounds,
+        temperature=0.7,
+        side_by_side=side,
+        study_runs=study,
+    )
 
 
 def test_full_report_writes_table_and_every_plot(tmp_path):
@@ -100,8 +140,10 @@ def test_metrics_table_formats_and_gaps():
     assert table["KL health"] == ["drifting", "–"]
     assert table["Responses evaluated"] == ["3", "–"]
     _, rows = R.metrics_table({"sft": {}, "ppo": {"gain/gold": 0.25, "gain/gold_se": 0.05}})
-    assert {r[0]: r[1:] for r in rows}["Gold gain over the first policy (paired by prompt, ± s.e.)"] == \
-        ["–", "+0.250 ± 0.050"]
+    assert {r[0]: r[1:] for r in rows}["Gold gain over the first policy (paired by prompt, ± s.e.)"] == [
+        "–",
+        "+0.250 ± 0.050",
+    ]
 
 
 def test_kl_band_names():
@@ -138,8 +180,10 @@ def test_overoptimisation_sentence_when_gold_only_falls():
 
 
 def test_bon_sentence():
-    rows = [{"n": n, "kl_bound": bon_kl_bound(n), "proxy": float(n), "gold": g}
-            for n, g in ((1, 0.0), (2, 0.3), (4, 0.5), (8, 0.4), (16, 0.2))]
+    rows = [
+        {"n": n, "kl_bound": bon_kl_bound(n), "proxy": float(n), "gold": g}
+        for n, g in ((1, 0.0), (2, 0.3), (4, 0.5), (8, 0.4), (16, 0.2))
+    ]
     s = R.describe_bon(rows)
     assert "From N = 1 to N = 16" in s and "+15.00" in s and "+0.20" in s
     assert "gold is highest at N = 4" in s
@@ -204,9 +248,18 @@ def test_run_study_trains_evaluates_checkpoints_and_skips_finished_runs(tiny_mod
 
     from tether.evaluation.study import run_folder, run_study
 
-    config = StudyConfig(model_name_or_path=str(tiny_model_dir), reward_model_path=str(tiny_rm_dir), kl_coefs=[0.05],
-                         num_iterations=2, batch_size=2, max_new_tokens=3, eval_checkpoints=True, save_every=1,
-                         eval_num_prompts=2, output_dir=str(tmp_path))
+    config = StudyConfig(
+        model_name_or_path=str(tiny_model_dir),
+        reward_model_path=str(tiny_rm_dir),
+        kl_coefs=[0.05],
+        num_iterations=2,
+        batch_size=2,
+        max_new_tokens=3,
+        eval_checkpoints=True,
+        save_every=1,
+        eval_num_prompts=2,
+        output_dir=str(tmp_path),
+    )
     out = run_study(config)
     doc = json.loads(out["study_json"].read_text())
     points = doc["runs"]["β = 0.05"]
@@ -225,8 +278,12 @@ def test_run_study_trains_evaluates_checkpoints_and_skips_finished_runs(tiny_mod
 
 def test_negative_kl_estimates_count_as_zero_and_the_first_point_is_the_start():
     # per-iteration k1 estimates: slightly negative at iteration 3; the start is iteration 1
-    pts = [{"kl": 0.0, "gold": 0.5, "proxy": 0.0}, {"kl": 0.01, "gold": 0.6, "proxy": 0.1},
-           {"kl": -0.02, "gold": 0.2, "proxy": 0.0}, {"kl": 1.0, "gold": 0.9, "proxy": 1.0}]
+    pts = [
+        {"kl": 0.0, "gold": 0.5, "proxy": 0.0},
+        {"kl": 0.01, "gold": 0.6, "proxy": 0.1},
+        {"kl": -0.02, "gold": 0.2, "proxy": 0.0},
+        {"kl": 1.0, "gold": 0.9, "proxy": 1.0},
+    ]
     s = R.describe_overoptimisation(pts)
     # recentred on iteration 1 (gold 0.5), not on the negative-KL point (gold 0.2)
     assert "√KL ≈ 1.00, +0.40 over the starting policy" in s

@@ -2,6 +2,7 @@
 shared-prompt forward pass against separate sequences, learning a separable preference set (and
 not learning shuffled labels), the saved reward model through `transformers.pipeline`, and the
 command line (`--eval_only`, bad data)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,6 @@ from tether.stages.reward import (
     tokenize_preferences,
     train_reward,
 )
-
 
 # ------------------------------------------------------------------------------------------------
 # the equations, by hand
@@ -116,10 +116,14 @@ def test_shared_prompt_mask_and_positions_by_hand():
 def _pairs(n: int, seed: int = 0) -> list[PreferencePair]:
     rng = random.Random(seed)
     words = "alpha beta gamma delta river stone cloud light paper green".split()
-    return [PreferencePair(prompt=" ".join(rng.choices(words, k=rng.randint(1, 6))),
-                           chosen=" ".join(rng.choices(words, k=rng.randint(1, 7))),
-                           rejected=" ".join(rng.choices(words, k=rng.randint(1, 7))))
-            for _ in range(n)]
+    return [
+        PreferencePair(
+            prompt=" ".join(rng.choices(words, k=rng.randint(1, 6))),
+            chosen=" ".join(rng.choices(words, k=rng.randint(1, 7))),
+            rejected=" ".join(rng.choices(words, k=rng.randint(1, 7))),
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -131,8 +135,12 @@ def test_shared_prompt_rows_score_like_separate_sequences(tiny_rm_dir, tokenizer
     shared = pair_rewards(model, PreferenceCollator(0, share_prompt=True)(tokens.pairs))
     separate = pair_rewards(model, PreferenceCollator(0, share_prompt=False)(tokens.pairs))
     # and each sequence alone, unpadded
-    alone_c = torch.stack([score_at_last_token(model, torch.tensor([p.chosen_ids]), torch.ones(1, len(p.chosen_ids)))[0]
-                           for p in tokens.pairs])
+    alone_c = torch.stack(
+        [
+            score_at_last_token(model, torch.tensor([p.chosen_ids]), torch.ones(1, len(p.chosen_ids)))[0]
+            for p in tokens.pairs
+        ]
+    )
     for got, want in zip(shared, separate):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared[0], alone_c, atol=1e-5, rtol=1e-5)
@@ -162,10 +170,9 @@ def test_pad_token_for_saved_reward_model_differs_from_stop_token(tokenizer):
 
 @pytest.mark.parametrize("embedding_rows", [3, 8])
 def test_a_new_pad_token_is_added_when_no_special_token_is_free(embedding_rows):
+    from conftest import tiny_llama_config
     from tokenizers import Tokenizer, models
     from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
-
-    from conftest import tiny_llama_config
 
     raw = Tokenizer(models.WordLevel({"a": 0, "b": 1, "</s>": 2}, unk_token=None))
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", pad_token="</s>")
@@ -202,10 +209,21 @@ def _marker_pairs(n: int, seed: int, shuffle_labels: bool = False) -> list[Prefe
 
 
 def _rm_config(tmp_path: Path, model_dir: Path, **overrides) -> RewardConfig:
-    kwargs = dict(output_dir=str(tmp_path / "rm"), model_name_or_path=str(model_dir), learning_rate=3e-3,
-                  per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=1,
-                  logging_steps=5, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-                  reward_stats_max_pairs=64, use_cpu=True)
+    kwargs = dict(
+        output_dir=str(tmp_path / "rm"),
+        model_name_or_path=str(model_dir),
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        num_train_epochs=1,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        reward_stats_max_pairs=64,
+        use_cpu=True,
+    )
     kwargs.update(overrides)
     return RewardConfig(**kwargs)
 
@@ -282,8 +300,9 @@ def test_reward_stats_are_saved_with_the_model(trained_rm):
     sample = random.Random(0).sample(train, 64)
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
-    scores = score_texts(model, tok, [p.prompt for p in sample] * 2,
-                         [p.chosen for p in sample] + [p.rejected for p in sample])
+    scores = score_texts(
+        model, tok, [p.prompt for p in sample] * 2, [p.chosen for p in sample] + [p.rejected for p in sample]
+    )
     assert stats.mean == pytest.approx(scores.mean().item(), abs=1e-4)
     assert stats.std == pytest.approx(scores.std(unbiased=False).item(), abs=1e-4)
     assert normalise(scores, stats).mean().item() == pytest.approx(0.0, abs=1e-4)
@@ -311,8 +330,9 @@ def test_truncation_is_counted_and_keeps_part_of_every_response(tokenizer):
 
 
 def _write_jsonl(path: Path, pairs: list[PreferencePair]) -> Path:
-    path.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                            for p in pairs))
+    path.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+    )
     return path
 
 
@@ -323,8 +343,20 @@ def test_eval_only_prints_accuracy_and_writes_json(trained_rm, tmp_path):
     data = _write_jsonl(tmp_path / "prefs.jsonl", held_out)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["rm", "--eval_only", "--model_name_or_path", str(folder), "--dataset", str(data),
-                     "--output_dir", str(tmp_path / "eval"), "--use_cpu", "true"])
+        code = main(
+            [
+                "rm",
+                "--eval_only",
+                "--model_name_or_path",
+                str(folder),
+                "--dataset",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "eval"),
+                "--use_cpu",
+                "true",
+            ]
+        )
     assert code == 0
     written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert f"accuracy {written['accuracy']:.4f} on 80 pairs" in out.getvalue()
@@ -338,8 +370,11 @@ def test_lora_reward_model_is_saved_merged_and_scores_like_during_training(tmp_p
     from tether.stages.reward import evaluate_reward_model
 
     train, held_out = _marker_pairs(48, seed=5), _marker_pairs(24, seed=6)
-    folder = train_reward(_rm_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8,
-                                     activation_checkpointing=True), train, held_out)
+    folder = train_reward(
+        _rm_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, activation_checkpointing=True),
+        train,
+        held_out,
+    )
     assert not (folder / "adapter_config.json").exists()
     assert AutoModelForSequenceClassification.from_pretrained(folder).config.pad_token_id == 0
     during = json.loads((folder / "eval_results.json").read_text())["final"]
@@ -353,14 +388,19 @@ def test_reward_model_starts_from_a_lora_sft_adapter_folder(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     sft.save_pretrained(tmp_path / "sft-adapter")
     tokenizer.save_pretrained(tmp_path / "sft-adapter")
     merged = sft.merge_and_unload()
     # learning rate 0: the saved backbone is exactly the merged SFT model
-    folder = train_reward(_rm_config(tmp_path, tmp_path / "sft-adapter", learning_rate=0.0),
-                          _marker_pairs(16, seed=7), _marker_pairs(8, seed=8))
+    folder = train_reward(
+        _rm_config(tmp_path, tmp_path / "sft-adapter", learning_rate=0.0),
+        _marker_pairs(16, seed=7),
+        _marker_pairs(8, seed=8),
+    )
     rm = AutoModelForSequenceClassification.from_pretrained(folder)
     for name in ("layers.0.self_attn.q_proj.weight", "layers.1.self_attn.v_proj.weight", "embed_tokens.weight"):
         torch.testing.assert_close(rm.model.state_dict()[name], merged.model.state_dict()[name])
@@ -373,8 +413,19 @@ def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = main(["rm", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(bad),
-                     "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])
+        code = main(
+            [
+                "rm",
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--dataset",
+                str(bad),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--use_cpu",
+                "true",
+            ]
+        )
     assert code == 2
     assert f"{bad}:2" in err.getvalue()
     assert not (tmp_path / "out").exists()
@@ -395,8 +446,10 @@ def test_embedded_model_shared_prompt_rows_and_hf_pooling_read_the_stop_token(em
     tok = load_tokenizer(str(embedded_model_dir))
     model = load_scalar_model(str(embedded_model_dir))
     pad = choose_distinct_pad_token(tok, model)
-    pairs = [PreferencePair((Message("user", "What is the capital of France?"),), "Paris.", "It is Lyon, I think."),
-             PreferencePair("Name two fruits.", "Apple and pear.", "Carrots.")]
+    pairs = [
+        PreferencePair((Message("user", "What is the capital of France?"),), "Paris.", "It is Lyon, I think."),
+        PreferencePair("Name two fruits.", "Apple and pear.", "Carrots."),
+    ]
     tokens = tokenize_preferences(tok, pairs, 256, 128)
     shared = pair_rewards(model, PreferenceCollator(pad, True)(tokens.pairs))
     separate = pair_rewards(model, PreferenceCollator(pad, False)(tokens.pairs))

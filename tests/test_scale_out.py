@@ -14,6 +14,7 @@ sampler repeats to even out the processes is dropped: its statistics are over ex
 Trainer's own ``eval_loss`` (the RM's) is a mean of per-batch means; with an uneven split the
 padded batch of the last process includes a repeated pair, so that one number would differ.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
 
 HERE = Path(__file__).parent
@@ -71,15 +71,33 @@ def runs(tmp_path_factory, tiny_model_dir):
     _write(data / "pairs.jsonl", _pairs(32, rng))
     _write(data / "held_out_rm.jsonl", _pairs(8, rng))
     _write(data / "held_out_dpo.jsonl", _pairs(7, rng))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(_free_port()),
-                "--num_cpu_threads_per_process", "1"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "multi_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+    ]
     # the two processes start first; the one-process run shares the machine with their start-up
-    two = subprocess.Popen([*launcher, str(HERE / "stage_multiprocess_worker.py"), str(root / "two"),
-                            str(tiny_model_dir), str(data), "4"], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+    two = subprocess.Popen(
+        [*launcher, str(HERE / "stage_multiprocess_worker.py"), str(root / "two"), str(tiny_model_dir), str(data), "4"],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -179,8 +197,14 @@ def test_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp_pat
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the processes do train together")
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torch.distributed.run sets in each process it starts
-    config = DPOConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "dpo"), report_to="none",
-                       save_strategy="no", max_length=64, disable_tqdm=True)
+    config = DPOConfig(
+        model_name_or_path=str(tiny_model_dir),
+        output_dir=str(tmp_path / "dpo"),
+        report_to="none",
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+    )
     pairs = [PreferencePair(prompt="Say a.", chosen="banana", rejected="window")] * 2
     with pytest.raises(ConfigError, match="pass --use_cpu true"):
         train_dpo(config, pairs)
@@ -194,8 +218,14 @@ def test_ppo_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the processes do train together")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = PPOConfig(output_dir=str(tmp_path / "ppo"), model_name_or_path=str(word_dirs["policy"]),
-                       reward_model_path=str(word_dirs["rm"]), batch_size=2, report_to="none", disable_tqdm=True)
+    config = PPOConfig(
+        output_dir=str(tmp_path / "ppo"),
+        model_name_or_path=str(word_dirs["policy"]),
+        reward_model_path=str(word_dirs["rm"]),
+        batch_size=2,
+        report_to="none",
+        disable_tqdm=True,
+    )
     with pytest.raises(ConfigError, match="pass --use_cpu true"):
         PPOTrainer(config, ["a b", "c d"])
     assert not (tmp_path / "ppo").exists()

@@ -1,4 +1,5 @@
 """tether serve: the real server (uvicorn on a free loopback port) answered over HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -56,18 +57,32 @@ class ThreadServer:
 def models(tiny_model_dir, tiny_rm_dir):
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 
-    return {"policy": load_causal_lm(str(tiny_model_dir)).eval(), "tokenizer": load_tokenizer(str(tiny_model_dir)),
-            "reward_model": load_scalar_model(str(tiny_rm_dir)).eval()}
+    return {
+        "policy": load_causal_lm(str(tiny_model_dir)).eval(),
+        "tokenizer": load_tokenizer(str(tiny_model_dir)),
+        "reward_model": load_scalar_model(str(tiny_rm_dir)).eval(),
+    }
 
 
 @pytest.fixture(scope="module")
 def server(models, tiny_model_dir, tiny_rm_dir):
-    config = ServeConfig(model_name_or_path=str(tiny_model_dir), reward_model_name_or_path=str(tiny_rm_dir),
-                         api_key=KEY, max_new_tokens_limit=16, default_max_new_tokens=6, max_n=8,
-                         max_prompt_tokens=64, max_request_bytes=20_000, max_batch_sequences=32, batch_wait_ms=20,
-                         seed=0, use_cpu=True)
-    app = create_app(config, policy=models["policy"], tokenizer=models["tokenizer"],
-                     reward_model=models["reward_model"])
+    config = ServeConfig(
+        model_name_or_path=str(tiny_model_dir),
+        reward_model_name_or_path=str(tiny_rm_dir),
+        api_key=KEY,
+        max_new_tokens_limit=16,
+        default_max_new_tokens=6,
+        max_n=8,
+        max_prompt_tokens=64,
+        max_request_bytes=20_000,
+        max_batch_sequences=32,
+        batch_wait_ms=20,
+        seed=0,
+        use_cpu=True,
+    )
+    app = create_app(
+        config, policy=models["policy"], tokenizer=models["tokenizer"], reward_model=models["reward_model"]
+    )
     running = ThreadServer(app)
     yield running
     running.stop()
@@ -80,12 +95,18 @@ def rm_score(models, prompt, text) -> float:
 
     ids, _, _ = prompt_response_ids(models["tokenizer"], prompt, text)
     with torch.no_grad():
-        return float(token_scores(models["reward_model"], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, -1])
+        return float(
+            token_scores(models["reward_model"], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, -1]
+        )
 
 
 def test_best_of_4_returns_4_scored_responses_best_first(server, models):
-    r = httpx.post(server.url + "/generate", headers=AUTH, timeout=60,
-                   json={"prompt": "Name a fruit.", "num_return_sequences": 4, "max_new_tokens": 5, "temperature": 1.0})
+    r = httpx.post(
+        server.url + "/generate",
+        headers=AUTH,
+        timeout=60,
+        json={"prompt": "Name a fruit.", "num_return_sequences": 4, "max_new_tokens": 5, "temperature": 1.0},
+    )
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["ranked"] is True and len(data["responses"]) == 4
@@ -99,9 +120,14 @@ def test_best_of_4_returns_4_scored_responses_best_first(server, models):
 
 
 def test_chat_completions_has_the_openai_shape_and_ranks_choices(server):
-    body = {"model": "anything", "messages": [{"role": "system", "content": "Be brief."},
-                                              {"role": "user", "content": "Hello!"}],
-            "n": 3, "max_tokens": 4, "temperature": 0.8, "user": "ignored-extra-field"}
+    body = {
+        "model": "anything",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        "n": 3,
+        "max_tokens": 4,
+        "temperature": 0.8,
+        "user": "ignored-extra-field",
+    }
     r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
     assert r.status_code == 200, r.text
     data = r.json()
@@ -123,13 +149,15 @@ def test_chat_completions_has_the_openai_shape_and_ranks_choices(server):
 def test_the_openai_client_works_unchanged(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    reply = client.chat.completions.create(model="tether", messages=[{"role": "user", "content": "Hi"}], n=2,
-                                           max_tokens=3)
+    reply = client.chat.completions.create(
+        model="tether", messages=[{"role": "user", "content": "Hi"}], n=2, max_tokens=3
+    )
     assert len(reply.choices) == 2 and all(isinstance(c.message.content, str) for c in reply.choices)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
-            model="tether", messages=[{"role": "user", "content": "Hi"}])
+            model="tether", messages=[{"role": "user", "content": "Hi"}]
+        )
 
 
 BAD_REQUESTS = [
@@ -148,13 +176,21 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": []}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 422, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 422, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 422,
-     "messages[0].content[0].type"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        422,
+        "messages[0].content[0].type",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 9}, 422, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}, 422, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 422, "stream"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
-     422, "stop"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+        422,
+        "stop",
+    ),
     ("/generate", b'{"prompt": "hi",', 400, None),
     ("/generate", b"", 422, None),
     ("/generate", b"[1, 2]", 422, None),
@@ -181,7 +217,9 @@ def test_missing_or_wrong_api_key_is_401_and_health_is_open(server):
     body = {"prompt": "hi", "max_new_tokens": 2}
     assert httpx.post(server.url + "/generate", json=body).status_code == 401
     assert httpx.post(server.url + "/generate", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{broken", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions", content=b"{broken", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 401  # the key is checked before the body is even parsed
     assert r.json()["error"]["type"] == "authentication_error"
     assert httpx.post(server.url + "/generate", json=body, headers={"X-API-Key": KEY}).status_code == 200
@@ -195,10 +233,13 @@ def test_20_concurrent_requests_all_succeed_and_are_batched(server):
 
     async def one(client, i):
         if i % 2:
-            return await client.post("/generate", json={"prompt": f"Request {i}", "num_return_sequences": 1 + i % 3,
-                                                        "max_new_tokens": 1 + i % 6})
-        return await client.post("/v1/chat/completions",
-                                 json={"messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": 4})
+            return await client.post(
+                "/generate",
+                json={"prompt": f"Request {i}", "num_return_sequences": 1 + i % 3, "max_new_tokens": 1 + i % 6},
+            )
+        return await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": f"Request {i}"}], "max_tokens": 4}
+        )
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as client:
@@ -219,12 +260,14 @@ def test_20_concurrent_requests_all_succeed_and_are_batched(server):
 
 
 def test_without_a_reward_model_n_samples_come_back_unranked(models, tiny_model_dir):
-    config = ServeConfig(model_name_or_path=str(tiny_model_dir), api_key=None, max_new_tokens_limit=8, max_n=4,
-                         use_cpu=True)
+    config = ServeConfig(
+        model_name_or_path=str(tiny_model_dir), api_key=None, max_new_tokens_limit=8, max_n=4, use_cpu=True
+    )
     running = ThreadServer(create_app(config, policy=models["policy"], tokenizer=models["tokenizer"]))
     try:
-        data = httpx.post(running.url + "/generate", json={"prompt": "hi", "num_return_sequences": 3,
-                                                           "max_new_tokens": 3}, timeout=60).json()
+        data = httpx.post(
+            running.url + "/generate", json={"prompt": "hi", "num_return_sequences": 3, "max_new_tokens": 3}, timeout=60
+        ).json()
         assert data["ranked"] is False and data["best"] is None
         assert len(data["responses"]) == 3 and all(x["score"] is None for x in data["responses"])
         one = httpx.post(running.url + "/generate", json={"prompt": "hi", "max_new_tokens": 3}, timeout=60).json()
@@ -245,12 +288,36 @@ def test_stop_strings_and_config_bounds():
 def test_tether_serve_under_a_short_mixed_load(tmp_path, tiny_model_dir, tiny_rm_dir):
     """A few seconds of benchmarks/bench_serve.py against `tether serve` started from the command line."""
     bench = load_bench_serve()
-    args = ["--model_name_or_path", str(tiny_model_dir), "--reward_model_name_or_path", str(tiny_rm_dir),
-            "--max_new_tokens_limit", "16", "--max_n", "8", "--max_prompt_tokens", "64", "--max_request_bytes", "20000",
-            "--use_cpu", "true", "--num_threads", "1"]
+    args = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--reward_model_name_or_path",
+        str(tiny_rm_dir),
+        "--max_new_tokens_limit",
+        "16",
+        "--max_n",
+        "8",
+        "--max_prompt_tokens",
+        "64",
+        "--max_request_bytes",
+        "20000",
+        "--use_cpu",
+        "true",
+        "--num_threads",
+        "1",
+    ]
     with bench.ServerProcess(args, tmp_path / "server.log", api_key="load-key") as server:
-        result = asyncio.run(bench.run_load(server.base_url, "load-key", duration_s=4.0, concurrency=6,
-                                            max_requests=400, max_new_tokens=6, server_pid=server.process.pid))
+        result = asyncio.run(
+            bench.run_load(
+                server.base_url,
+                "load-key",
+                duration_s=4.0,
+                concurrency=6,
+                max_requests=400,
+                max_new_tokens=6,
+                server_pid=server.process.pid,
+            )
+        )
         assert server.process.poll() is None, server.log()
     assert result["failure_count"] == 0, json.dumps(result["failures"], indent=2)
     assert result["valid"] > 0 and result["valid_ok"] == result["valid"]

@@ -1,6 +1,7 @@
 """Stage 1 (`tether sft`): which tokens are targets, the loss on hand-computed numbers, packing
 with correct boundaries, truncation counts, full / LoRA / merged outputs that
 `AutoModelForCausalLM` loads, gradient checkpointing, and the output-folder rules."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,13 @@ WORDS = "alpha beta gamma delta river stone cloud light paper green".split()
 
 def _demos(n: int, seed: int = 0) -> list[Demonstration]:
     rng = random.Random(seed)
-    return [Demonstration(prompt=" ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
-                          completion=" ".join(rng.choices(WORDS, k=rng.randint(1, 9))))
-            for _ in range(n)]
+    return [
+        Demonstration(
+            prompt=" ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+            completion=" ".join(rng.choices(WORDS, k=rng.randint(1, 9))),
+        )
+        for _ in range(n)
+    ]
 
 
 def _tiny(tiny_model_dir, attn: str = "sdpa"):
@@ -161,7 +166,9 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir
     packed = SFTCollator(tokenizer.pad_token_id)(rows)
     assert "attention_mask" not in packed  # boundaries come from the position ids
     with torch.no_grad():
-        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        packed_logits = model(
+            input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+        ).logits
     spans, order = [], []
     for r, group in enumerate(groups):
         start = 0
@@ -185,9 +192,11 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir
 
     assert load_policy_for_training(config).config.use_cache is False
     with torch.no_grad():
-        leaky = model(input_ids=packed["input_ids"],
-                      position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]),
-                      use_cache=False).logits
+        leaky = model(
+            input_ids=packed["input_ids"],
+            position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]),
+            use_cache=False,
+        ).logits
     assert (_per_example_losses(leaky, packed["labels"], spans) - reference[order]).abs().max() > 1e-3
 
 
@@ -196,9 +205,11 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir
 
 
 def test_truncation_is_counted_and_never_drops_the_whole_response(tokenizer, caplog):
-    demos = [Demonstration("word " * 100, "the answer is here"),      # prompt longer than max_length
-             Demonstration("short question", "word " * 50),          # response cut
-             Demonstration("fine", "fine")]
+    demos = [
+        Demonstration("word " * 100, "the answer is here"),  # prompt longer than max_length
+        Demonstration("short question", "word " * 50),  # response cut
+        Demonstration("fine", "fine"),
+    ]
     tokens = tokenize_demonstrations(tokenizer, demos, max_length=64, max_prompt_length=48)  # system prompt ~30
     assert tokens.prompt_cut == 1 and tokens.response_cut == 1
     for ex in tokens.examples:
@@ -221,9 +232,19 @@ def test_truncation_is_counted_and_never_drops_the_whole_response(tokenizer, cap
 
 
 def _config(tmp_path: Path, model_dir: Path, **overrides) -> SFTConfig:
-    kwargs = dict(output_dir=str(tmp_path / "sft"), model_name_or_path=str(model_dir), learning_rate=1e-2,
-                  per_device_train_batch_size=4, num_train_epochs=3, logging_steps=2, save_strategy="no",
-                  report_to="none", seed=0, disable_tqdm=True, use_cpu=True)
+    kwargs = dict(
+        output_dir=str(tmp_path / "sft"),
+        model_name_or_path=str(model_dir),
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     kwargs.update(overrides)
     return SFTConfig(**kwargs)
 
@@ -238,8 +259,20 @@ def test_full_fine_tuning_learns_and_saves_a_loadable_model(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train, held_out = _demos(16, seed=1), _demos(8, seed=1)[:4]  # held-out prompts seen: the loss must drop
-    folder = train_sft(_config(tmp_path, tiny_model_dir, packing=True, max_length=128, save_strategy="steps",
-                               save_steps=3, per_device_train_batch_size=2, learning_rate=3e-2), train, held_out)
+    folder = train_sft(
+        _config(
+            tmp_path,
+            tiny_model_dir,
+            packing=True,
+            max_length=128,
+            save_strategy="steps",
+            save_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=3e-2,
+        ),
+        train,
+        held_out,
+    )
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
@@ -261,8 +294,9 @@ def test_gradient_checkpointing_gives_the_same_weights(tmp_path, tiny_model_dir,
     common = dict(num_train_epochs=1, eval_strategy="no")
     plain = train_sft(_config(tmp_path / "a", tiny_model_dir, **common), demos)
     checkpointed = train_sft(_config(tmp_path / "b", tiny_model_dir, activation_checkpointing=True, **common), demos)
-    assert [json.loads((f / "training_summary.json").read_text())["activation_checkpointing"]
-            for f in (plain, checkpointed)] == [False, True]
+    assert [
+        json.loads((f / "training_summary.json").read_text())["activation_checkpointing"] for f in (plain, checkpointed)
+    ] == [False, True]
     a = AutoModelForCausalLM.from_pretrained(plain).state_dict()
     b = AutoModelForCausalLM.from_pretrained(checkpointed).state_dict()
     assert set(a) == set(b)
@@ -276,8 +310,19 @@ def test_lora_adapter_and_merged_model_load_with_automodel(tmp_path, tiny_model_
 
     from tether.models.loading import load_causal_lm
 
-    folder = train_sft(_config(tmp_path, tiny_model_dir, use_peft=True, lora_r=4, lora_alpha=8, merge_lora=merge,
-                               num_train_epochs=1, activation_checkpointing=True), _demos(8, seed=4))
+    folder = train_sft(
+        _config(
+            tmp_path,
+            tiny_model_dir,
+            use_peft=True,
+            lora_r=4,
+            lora_alpha=8,
+            merge_lora=merge,
+            num_train_epochs=1,
+            activation_checkpointing=True,
+        ),
+        _demos(8, seed=4),
+    )
     assert (folder / "adapter_config.json").is_file() != merge
     assert (folder / "config.json").is_file() == merge
     loaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -295,8 +340,21 @@ def test_without_a_dataset_sft_trains_on_the_demo_demonstrations(tmp_path, tiny_
     from tether.cli import main
 
     with caplog.at_level("INFO"):
-        code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
-                     "--use_cpu", "true", "--max_steps", "1", "--per_device_train_batch_size", "2"])
+        code = main(
+            [
+                "sft",
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--use_cpu",
+                "true",
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "2",
+            ]
+        )
     assert code == 0 and (tmp_path / "out" / "config.json").is_file()
     assert "demo task's demonstrations" in caplog.text
 
@@ -309,8 +367,18 @@ def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):
     for args, message in [(["--dataset", str(bad)], f"{bad}:2")]:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
-                         "--use_cpu", "true", *args])
+            code = main(
+                [
+                    "sft",
+                    "--model_name_or_path",
+                    str(tiny_model_dir),
+                    "--output_dir",
+                    str(tmp_path / "out"),
+                    "--use_cpu",
+                    "true",
+                    *args,
+                ]
+            )
         assert code == 2 and message in err.getvalue()
         assert not (tmp_path / "out").exists()
 
@@ -320,9 +388,25 @@ def test_cli_trains_from_a_file_and_refuses_to_overwrite(tmp_path, tiny_model_di
 
     data = tmp_path / "demos.jsonl"
     data.write_text("".join(json.dumps({"prompt": d.prompt, "completion": d.completion}) + "\n" for d in _demos(12)))
-    args = ["sft", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--output_dir",
-            str(tmp_path / "out"), "--use_cpu", "true", "--num_train_epochs", "1", "--report_to", "none",
-            "--eval_split_ratio", "0.25", "--disable_tqdm", "true"]
+    args = [
+        "sft",
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "true",
+        "--num_train_epochs",
+        "1",
+        "--report_to",
+        "none",
+        "--eval_split_ratio",
+        "0.25",
+        "--disable_tqdm",
+        "true",
+    ]
     assert main(args) == 0
     summary = json.loads((tmp_path / "out" / "training_summary.json").read_text())
     assert (summary["train_examples"], summary["eval_examples"]) == (9, 3)

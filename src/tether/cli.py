@@ -3,6 +3,7 @@
 Each subcommand names a config dataclass and the function that runs it; the module is imported
 only when its subcommand runs, so ``tether --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,12 +19,37 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # subcommand -> (module, config class, function, one-line description)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sft": ("tether.stages.sft", "SFTConfig", "run_sft", "Stage 1: supervised fine-tuning on demonstrations."),
-    "rm": ("tether.stages.reward", "RewardConfig", "run_reward", "Stage 2: Bradley-Terry reward model on preference pairs."),
-    "ppo": ("tether.ppo.trainer", "PPOConfig", "run_ppo", "Stage 3: PPO against the reward model with a per-token KL penalty."),
+    "rm": (
+        "tether.stages.reward",
+        "RewardConfig",
+        "run_reward",
+        "Stage 2: Bradley-Terry reward model on preference pairs.",
+    ),
+    "ppo": (
+        "tether.ppo.trainer",
+        "PPOConfig",
+        "run_ppo",
+        "Stage 3: PPO against the reward model with a per-token KL penalty.",
+    ),
     "dpo": ("tether.stages.dpo", "DPOConfig", "run_dpo", "Direct Preference Optimization from preference pairs."),
-    "bon": ("tether.stages.best_of_n", "BestOfNConfig", "run_best_of_n", "Best-of-N sampling scored by a reward model."),
-    "eval": ("tether.evaluation.evaluate", "EvalConfig", "run_eval", "Evaluate policies: reward, gold, KL, diversity, probes."),
-    "pipeline": ("tether.pipeline", "PipelineConfig", "run_pipeline", "SFT -> RM -> PPO, DPO, best-of-N, evaluation and report."),
+    "bon": (
+        "tether.stages.best_of_n",
+        "BestOfNConfig",
+        "run_best_of_n",
+        "Best-of-N sampling scored by a reward model.",
+    ),
+    "eval": (
+        "tether.evaluation.evaluate",
+        "EvalConfig",
+        "run_eval",
+        "Evaluate policies: reward, gold, KL, diversity, probes.",
+    ),
+    "pipeline": (
+        "tether.pipeline",
+        "PipelineConfig",
+        "run_pipeline",
+        "SFT -> RM -> PPO, DPO, best-of-N, evaluation and report.",
+    ),
     "serve": ("tether.serve.app", "ServeConfig", "run_serve", "Serve a policy over HTTP with best-of-N reranking."),
     "study": ("tether.evaluation.study", "StudyConfig", "run_study", "Studies: `tether study overoptimization`."),
 }

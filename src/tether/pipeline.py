@@ -21,6 +21,7 @@ demonstrations, and preference pairs sampled from the SFT policy and labelled by
 annotator. With ``--preferences`` it trains on the user's pairs; iterated RLHF (``--rounds K``) then
 needs ``--label_command`` to have new pairs labelled (see ``label_with_command``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,10 @@ import shlex
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tether.config import ConfigError
 from tether.data.records import PreferencePair, PromptRecord
@@ -47,51 +49,81 @@ STATE_FILE = "pipeline_state.json"
 
 @dataclass
 class PipelineConfig:
-    output_dir: str = field(default="outputs/pipeline", metadata={"help": "Folder for every stage's output and the report."})
+    output_dir: str = field(
+        default="outputs/pipeline", metadata={"help": "Folder for every stage's output and the report."}
+    )
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
-        metadata={"help": "Starting model (hub id, folder, or the embedded SmolLM2-135M-Instruct)."})
+        metadata={"help": "Starting model (hub id, folder, or the embedded SmolLM2-135M-Instruct)."},
+    )
     demonstrations: str | None = field(
-        default=None, metadata={"help": "SFT demonstrations (file, folder or hub name). Default: the demo task's."})
+        default=None, metadata={"help": "SFT demonstrations (file, folder or hub name). Default: the demo task's."}
+    )
     preferences: str | None = field(
         default=None,
-        metadata={"help": "Preference pairs for the reward model and DPO. Default (demo): pairs sampled from the SFT "
-                          "policy and labelled by the simulated annotator."})
+        metadata={
+            "help": "Preference pairs for the reward model and DPO. Default (demo): pairs sampled from the SFT "
+            "policy and labelled by the simulated annotator."
+        },
+    )
     prompts: str | None = field(
         default=None,
-        metadata={"help": "PPO training prompts. Default: the demo task's training prompts, or the prompts of "
-                          "--preferences when given."})
+        metadata={
+            "help": "PPO training prompts. Default: the demo task's training prompts, or the prompts of "
+            "--preferences when given."
+        },
+    )
     eval_prompts: str | None = field(
-        default=None, metadata={"help": "Held-out prompts for evaluation. Default: the demo task's held-out prompts."})
+        default=None, metadata={"help": "Held-out prompts for evaluation. Default: the demo task's held-out prompts."}
+    )
     rounds: int = field(
         default=1,
-        metadata={"help": "Iterated RLHF: after each PPO round sample new pairs from the policy, label them, retrain "
-                          "the reward model on old + new pairs and continue PPO."})
+        metadata={
+            "help": "Iterated RLHF: after each PPO round sample new pairs from the policy, label them, retrain "
+            "the reward model on old + new pairs and continue PPO."
+        },
+    )
     label_command: str | None = field(
         default=None,
-        metadata={"help": "Labels new pairs in rounds > 1 with real data: a shell command with {input} and {output} "
-                          "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
-                          "become a preference file in any accepted format. Demo: the simulated annotator."})
+        metadata={
+            "help": "Labels new pairs in rounds > 1 with real data: a shell command with {input} and {output} "
+            "placeholders; {input} is JSON lines {prompt, response_a, response_b}, {output} must "
+            "become a preference file in any accepted format. Demo: the simulated annotator."
+        },
+    )
     pairs_per_round: int = field(
         default=80,
-        metadata={"help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."})
-    skip: str = field(default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."})
+        metadata={
+            "help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."
+        },
+    )
+    skip: str = field(
+        default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."}
+    )
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
     reward_model: str | None = field(default=None, metadata={"help": "Use this reward model instead of training one."})
     ppo_model: str | None = field(default=None, metadata={"help": "Use this PPO policy instead of training one."})
     dpo_model: str | None = field(default=None, metadata={"help": "Use this DPO policy instead of training one."})
     annotator_tau: float = field(
-        default=0.1, metadata={"help": "Demo: noise temperature of the simulated annotator, P(a>b) = sigmoid((g(a)-g(b))/tau)."})
+        default=0.1,
+        metadata={"help": "Demo: noise temperature of the simulated annotator, P(a>b) = sigmoid((g(a)-g(b))/tau)."},
+    )
     preference_max_new_tokens: int = field(default=40, metadata={"help": "Demo: response length when sampling pairs."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."})
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."}
+    )
     bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
     best_of_n: int = field(
         default=4,
-        metadata={"help": "N of the best-of-N policy (from SFT, ranked by the reward model) in the comparison table; "
-                          "0 leaves it out. The curve above covers the other N on fewer prompts."})
+        metadata={
+            "help": "N of the best-of-N policy (from SFT, ranked by the reward model) in the comparison table; "
+            "0 leaves it out. The curve above covers the other N on fewer prompts."
+        },
+    )
     eval_max_prompts: int = field(default=32, metadata={"help": "Held-out prompts used by the evaluation (0: all)."})
     bon_curve_prompts: int = field(
-        default=6, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."})
+        default=6, metadata={"help": "Held-out prompts for the best-of-N curve (max N samples each; 0: all)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for every stage."})
     # Per-stage options: YAML sections only (e.g. `ppo: {learning_rate: 1e-5}`); the names are those of
     # `tether sft/rm/ppo/dpo/eval --help`.
@@ -105,8 +137,10 @@ class PipelineConfig:
         known = {"sft", "ppo", "dpo", "bon", "eval", "report"}
         skipped = self.skipped()
         if skipped - known:
-            raise ConfigError(f"--skip {self.skip}: unknown stage(s) {', '.join(sorted(skipped - known))}; "
-                              f"use {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"--skip {self.skip}: unknown stage(s) {', '.join(sorted(skipped - known))}; "
+                f"use {', '.join(sorted(known))}"
+            )
         if self.best_of_n < 0:
             raise ConfigError(f"--best_of_n must be >= 0, got {self.best_of_n}")
         if self.rounds < 1:
@@ -135,18 +169,46 @@ class PipelineConfig:
 # Defaults that make the embedded demo finish in ~15 minutes on 2 CPU cores; each can be overridden
 # in the YAML section of its stage. They are the demo's, not general advice (see README).
 DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"num_train_epochs": 1, "learning_rate": 2e-5, "per_device_train_batch_size": 8, "max_length": 256,
-            "eval_split_ratio": 0.0, "logging_steps": 1},
-    "rm": {"num_train_epochs": 1, "learning_rate": 3e-5, "per_device_train_batch_size": 8, "max_length": 256,
-           "eval_split_ratio": 0.15, "logging_steps": 2},
+    "sft": {
+        "num_train_epochs": 1,
+        "learning_rate": 2e-5,
+        "per_device_train_batch_size": 8,
+        "max_length": 256,
+        "eval_split_ratio": 0.0,
+        "logging_steps": 1,
+    },
+    "rm": {
+        "num_train_epochs": 1,
+        "learning_rate": 3e-5,
+        "per_device_train_batch_size": 8,
+        "max_length": 256,
+        "eval_split_ratio": 0.15,
+        "logging_steps": 2,
+    },
     # value head on the policy trunk: one network to run forward and backward instead of two. One
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
     # one, for half the backward passes (the update is GEMM-bound on CPU).
-    "ppo": {"batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
-            "num_iterations": 6, "max_new_tokens": 40, "learning_rate": 5e-5, "init_kl_coef": 0.05,
-            "value_head_on_policy": True, "save_steps": 3, "logging_steps": 1},
-    "dpo": {"num_train_epochs": 1, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "max_length": 256,
-            "eval_split_ratio": 0.15, "precompute_ref_log_probs": True, "logging_steps": 2},
+    "ppo": {
+        "batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 1,
+        "num_iterations": 6,
+        "max_new_tokens": 40,
+        "learning_rate": 5e-5,
+        "init_kl_coef": 0.05,
+        "value_head_on_policy": True,
+        "save_steps": 3,
+        "logging_steps": 1,
+    },
+    "dpo": {
+        "num_train_epochs": 1,
+        "learning_rate": 1e-5,
+        "per_device_train_batch_size": 8,
+        "max_length": 256,
+        "eval_split_ratio": 0.15,
+        "precompute_ref_log_probs": True,
+        "logging_steps": 2,
+    },
     "eval": {"max_new_tokens": 40, "probe_max_new_tokens": 16, "batch_size": 64},
 }
 # Prompts per generate() call when sampling preference pairs (two responses each). On CPU a decoding
@@ -189,8 +251,11 @@ class PipelineState:
         return {name: float(entry["seconds"]) for name, entry in self.stages.items() if "seconds" in entry}
 
     def record(self, name: str, artifact: str | Path | None, seconds: float, **extra) -> None:
-        self.stages[name] = {"artifact": str(artifact) if artifact is not None else None,
-                             "seconds": round(seconds, 1), **extra}
+        self.stages[name] = {
+            "artifact": str(artifact) if artifact is not None else None,
+            "seconds": round(seconds, 1),
+            **extra,
+        }
         write_json_atomic(self.path, {"stages": self.stages})
 
 
@@ -226,8 +291,17 @@ def check_section(stage: str, section: dict, known: set[str], owner: str) -> Non
 
 
 # Options of `evaluate_policies` that the pipeline sets itself; the `eval:` section may set the rest.
-_EVAL_SET_BY_PIPELINE = {"policies", "reference", "reward_model", "tokenizer", "prompts", "temperature", "gold",
-                         "best_of_n", "seed"}
+_EVAL_SET_BY_PIPELINE = {
+    "policies",
+    "reference",
+    "reward_model",
+    "tokenizer",
+    "prompts",
+    "temperature",
+    "gold",
+    "best_of_n",
+    "seed",
+}
 
 
 def check_sections(pipeline: PipelineConfig) -> None:
@@ -243,15 +317,20 @@ def check_sections(pipeline: PipelineConfig) -> None:
 
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
         check_section(stage, getattr(pipeline, stage), {f.name for f in dataclasses.fields(cls)}, cls.__name__)
-    check_section("eval", pipeline.eval, set(inspect.signature(evaluate_policies).parameters) - _EVAL_SET_BY_PIPELINE,
-                  "evaluate_policies")
+    check_section(
+        "eval",
+        pipeline.eval,
+        set(inspect.signature(evaluate_policies).parameters) - _EVAL_SET_BY_PIPELINE,
+        "evaluate_policies",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # labelling new pairs (iterated RLHF)
 # ---------------------------------------------------------------------------------------------
-def label_with_command(command: str, prompts: list, responses_a: list[str], responses_b: list[str],
-                       folder: Path) -> list[PreferencePair]:
+def label_with_command(
+    command: str, prompts: list, responses_a: list[str], responses_b: list[str], folder: Path
+) -> list[PreferencePair]:
     """Have a user's labelling command turn unlabelled response pairs into preference pairs.
 
     ``{input}`` gets a JSON-lines file of ``{"prompt", "response_a", "response_b"}``; the command
@@ -264,8 +343,13 @@ def label_with_command(command: str, prompts: list, responses_a: list[str], resp
     folder.mkdir(parents=True, exist_ok=True)
     inp = folder / "to_label.jsonl"
     out = folder / "labelled.jsonl"
-    write_jsonl_atomic(inp, ({"prompt": _prompt_json(p), "response_a": a, "response_b": b}
-                             for p, a, b in zip(prompts, responses_a, responses_b)))
+    write_jsonl_atomic(
+        inp,
+        (
+            {"prompt": _prompt_json(p), "response_a": a, "response_b": b}
+            for p, a, b in zip(prompts, responses_a, responses_b)
+        ),
+    )
     cmd = command.replace("{input}", shlex.quote(str(inp))).replace("{output}", shlex.quote(str(out)))
     result = subprocess.run(cmd, shell=True, capture_output=True, text=True)
     if result.returncode != 0:
@@ -290,8 +374,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     skipped = config.skipped()
     # Read and validate every user input before anything is written.
     check_sections(config)
-    demonstrations = (load_demonstrations(config.demonstrations) if config.demonstrations
-                      else demo.demonstrations())
+    demonstrations = load_demonstrations(config.demonstrations) if config.demonstrations else demo.demonstrations()
     user_pairs = load_preferences(config.preferences) if config.preferences else None
     if config.prompts:
         train_prompts = load_prompts(config.prompts)
@@ -304,8 +387,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     elif config.is_demo:
         eval_prompts = demo.heldout_prompts()
     else:
-        raise ConfigError("--eval_prompts is required with your own --preferences (held-out prompts the policies "
-                          "never trained on)")
+        raise ConfigError(
+            "--eval_prompts is required with your own --preferences (held-out prompts the policies never trained on)"
+        )
     if config.eval_max_prompts:
         eval_prompts = eval_prompts[: config.eval_max_prompts]
 
@@ -321,8 +405,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     def sft_stage():
         from tether.stages.sft import SFTConfig, train_sft
 
-        cfg = stage_config(SFTConfig, config, "sft", model_name_or_path=model_path, output_dir=str(out / "sft"),
-                           seed=config.seed, overwrite_output_dir=True)
+        cfg = stage_config(
+            SFTConfig,
+            config,
+            "sft",
+            model_name_or_path=model_path,
+            output_dir=str(out / "sft"),
+            seed=config.seed,
+            overwrite_output_dir=True,
+        )
         return train_sft(cfg, demonstrations), {"demonstrations": len(demonstrations)}
 
     if config.sft_model:
@@ -342,9 +433,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
             policy = load_causal_lm(sft_path)
             pairs = build_preference_dataset(
-                policy, load_tokenizer(sft_path), _prompts_for_round(config, train_prompts, 1),
+                policy,
+                load_tokenizer(sft_path),
+                _prompts_for_round(config, train_prompts, 1),
                 SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature),
-                tau=config.annotator_tau, seed=config.seed, batch_size=SAMPLING_BATCH_PROMPTS)
+                tau=config.annotator_tau,
+                seed=config.seed,
+                batch_size=SAMPLING_BATCH_PROMPTS,
+            )
         path = write_preferences(pairs, out / "data" / "preferences_round1.jsonl")
         return path, {"pairs": len(pairs)}
 
@@ -361,18 +457,31 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     for k in range(1, config.rounds + 1):
         suffix = "" if k == 1 else f"_round{k}"
         if k > 1:
-            pairs_path = run_stage(state, f"preferences{suffix}",
-                                   lambda: _new_round_pairs(config, out, k, policy_path, train_prompts, temperature))
+            pairs_path = run_stage(
+                state,
+                f"preferences{suffix}",
+                lambda: _new_round_pairs(config, out, k, policy_path, train_prompts, temperature),
+            )
             all_pairs = all_pairs + load_preferences(pairs_path["artifact"])
         if not (config.reward_model and k == 1):
+
             def rm_stage(pairs=all_pairs, suffix=suffix):
                 from tether.stages.reward import RewardConfig, train_reward
 
-                cfg = stage_config(RewardConfig, config, "rm", model_name_or_path=sft_path,
-                                   output_dir=str(out / f"rm{suffix}"), seed=config.seed, overwrite_output_dir=True)
+                cfg = stage_config(
+                    RewardConfig,
+                    config,
+                    "rm",
+                    model_name_or_path=sft_path,
+                    output_dir=str(out / f"rm{suffix}"),
+                    seed=config.seed,
+                    overwrite_output_dir=True,
+                )
                 from tether.data.loading import split_train_eval
 
-                train, held = split_train_eval(pairs, cfg.eval_split_ratio, config.seed) if cfg.eval_split_ratio else (pairs, [])
+                train, held = (
+                    split_train_eval(pairs, cfg.eval_split_ratio, config.seed) if cfg.eval_split_ratio else (pairs, [])
+                )
                 path = train_reward(cfg, train, held)
                 results = _read_json(Path(path) / "eval_results.json")
                 return path, {"pairs": len(pairs), "eval": results}
@@ -387,36 +496,68 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         def ppo_stage(start=policy_path, rm=rm_path, suffix=suffix):
             from tether.ppo.trainer import PPOConfig, run_ppo
 
-            cfg = stage_config(PPOConfig, config, "ppo", model_name_or_path=start, reward_model_path=rm,
-                               output_dir=str(out / f"ppo{suffix}"), seed=config.seed, temperature=temperature,
-                               overwrite_output_dir=True)
+            cfg = stage_config(
+                PPOConfig,
+                config,
+                "ppo",
+                model_name_or_path=start,
+                reward_model_path=rm,
+                output_dir=str(out / f"ppo{suffix}"),
+                seed=config.seed,
+                temperature=temperature,
+                overwrite_output_dir=True,
+            )
             hook = gold_metrics_hook(tokenizer) if config.is_demo else None
             result = run_ppo(cfg, train_prompts, extra_metrics=hook)
             if result.policy_dir is None:
                 raise ConfigError(
                     f"PPO stopped early ({result.stopped_reason}) after {result.iterations} iterations; the last good "
                     f"checkpoint is {result.last_good_checkpoint}. Raise `init_kl_coef` or lower `learning_rate` in "
-                    f"the `ppo:` section and run the pipeline again (finished stages are kept).")
-            return result.policy_dir, {"stopped_reason": result.stopped_reason, "iterations": result.iterations,
-                                       "final_metrics": result.final_metrics}
+                    f"the `ppo:` section and run the pipeline again (finished stages are kept)."
+                )
+            return result.policy_dir, {
+                "stopped_reason": result.stopped_reason,
+                "iterations": result.iterations,
+                "final_metrics": result.final_metrics,
+            }
 
         ppo_entry = run_stage(state, f"ppo{suffix}", ppo_stage)
         policy_path = ppo_entry["artifact"]
         ppo_dirs.append(str(Path(policy_path).parent))
-        rounds_summary.append({"round": k, "rm": rm_path, "policy": policy_path,
-                               **{key: ppo_entry.get("final_metrics", {}).get(key)
-                                  for key in ("reward/score", "reward/gold", "kl/ref")}})
+        rounds_summary.append(
+            {
+                "round": k,
+                "rm": rm_path,
+                "policy": policy_path,
+                **{
+                    key: ppo_entry.get("final_metrics", {}).get(key)
+                    for key in ("reward/score", "reward/gold", "kl/ref")
+                },
+            }
+        )
 
     # ---- DPO from the same preference data ---------------------------------------------------
     dpo_path = resolve_model_path(config.dpo_model) if config.dpo_model else None
     if dpo_path is None and "dpo" not in skipped:
+
         def dpo_stage():
             from tether.data.loading import split_train_eval
             from tether.stages.dpo import DPOConfig, train_dpo
 
-            cfg = stage_config(DPOConfig, config, "dpo", model_name_or_path=sft_path, output_dir=str(out / "dpo"),
-                               seed=config.seed, overwrite_output_dir=True)
-            train, held = split_train_eval(all_pairs, cfg.eval_split_ratio, config.seed) if cfg.eval_split_ratio else (all_pairs, [])
+            cfg = stage_config(
+                DPOConfig,
+                config,
+                "dpo",
+                model_name_or_path=sft_path,
+                output_dir=str(out / "dpo"),
+                seed=config.seed,
+                overwrite_output_dir=True,
+            )
+            train, held = (
+                split_train_eval(all_pairs, cfg.eval_split_ratio, config.seed)
+                if cfg.eval_split_ratio
+                else (all_pairs, [])
+            )
             result = train_dpo(cfg, train, held)
             return _artifact_of(result, out / "dpo"), {}
 
@@ -425,6 +566,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # ---- evaluation: SFT, PPO, DPO and best-of-N on held-out prompts --------------------------
     eval_dir = out / "eval"
     if "eval" not in skipped:
+
         def eval_stage():
             from tether.evaluation.evaluate import bon_curve, evaluate_policies
 
@@ -434,23 +576,50 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             if dpo_path:
                 policies["dpo"] = dpo_path
             opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
-            bon = ({} if "bon" in skipped or rm_path is None or not config.best_of_n
-                   else {f"bon{config.best_of_n}": ("sft", config.best_of_n)})
-            results = evaluate_policies(policies, sft_path, rm_path, tokenizer, eval_prompts, temperature=temperature,
-                                        gold=config.is_demo, best_of_n=bon, seed=config.seed, **opts)
+            bon = (
+                {}
+                if "bon" in skipped or rm_path is None or not config.best_of_n
+                else {f"bon{config.best_of_n}": ("sft", config.best_of_n)}
+            )
+            results = evaluate_policies(
+                policies,
+                sft_path,
+                rm_path,
+                tokenizer,
+                eval_prompts,
+                temperature=temperature,
+                gold=config.is_demo,
+                best_of_n=bon,
+                seed=config.seed,
+                **opts,
+            )
             eval_dir.mkdir(parents=True, exist_ok=True)
             from tether.demo.task import write_jsonl_atomic
 
             write_jsonl_atomic(eval_dir / "samples.jsonl", results.samples)
-            write_json_atomic(eval_dir / "eval.json", {**results.to_json(),
-                                                       "length_reward_points": results.length_reward_points(),
-                                                       "side_by_side": results.side_by_side()})
+            write_json_atomic(
+                eval_dir / "eval.json",
+                {
+                    **results.to_json(),
+                    "length_reward_points": results.length_reward_points(),
+                    "side_by_side": results.side_by_side(),
+                },
+            )
             curve = None
             if "bon" not in skipped and rm_path is not None:
                 curve_prompts = eval_prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else eval_prompts
-                curve = bon_curve(sft_path, tokenizer, rm_path, curve_prompts, ns=config.bon_ns(), gold=config.is_demo,
-                                  temperature=temperature, max_new_tokens=opts["max_new_tokens"], seed=config.seed,
-                                  batch_size=opts.get("batch_size", 8))
+                curve = bon_curve(
+                    sft_path,
+                    tokenizer,
+                    rm_path,
+                    curve_prompts,
+                    ns=config.bon_ns(),
+                    gold=config.is_demo,
+                    temperature=temperature,
+                    max_new_tokens=opts["max_new_tokens"],
+                    seed=config.seed,
+                    batch_size=opts.get("batch_size", 8),
+                )
                 write_json_atomic(eval_dir / "bon_curve.json", curve)
             return eval_dir / "eval.json", {}
 
@@ -459,11 +628,20 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     # ---- report ------------------------------------------------------------------------------
     report_paths = None
     if "report" not in skipped and (eval_dir / "eval.json").is_file():
-        report_paths = _write_pipeline_report(config, out, eval_dir, ppo_dirs, rounds_summary, temperature,
-                                              time.time() - started, state.stage_seconds())
-    summary = {"output_dir": str(out), "sft": sft_path, "reward_model": rm_path, "ppo": policy_path, "dpo": dpo_path,
-               "rounds": rounds_summary, "report": str(report_paths.html) if report_paths else None,
-               "seconds": round(time.time() - started, 1), "stage_seconds": state.stage_seconds()}
+        report_paths = _write_pipeline_report(
+            config, out, eval_dir, ppo_dirs, rounds_summary, temperature, time.time() - started, state.stage_seconds()
+        )
+    summary = {
+        "output_dir": str(out),
+        "sft": sft_path,
+        "reward_model": rm_path,
+        "ppo": policy_path,
+        "dpo": dpo_path,
+        "rounds": rounds_summary,
+        "report": str(report_paths.html) if report_paths else None,
+        "seconds": round(time.time() - started, 1),
+        "stage_seconds": state.stage_seconds(),
+    }
     write_json_atomic(out / "pipeline_summary.json", summary)
     print(json.dumps(summary, indent=2))
     return summary
@@ -493,8 +671,9 @@ def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: i
     return chosen
 
 
-def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str, prompts: list[PromptRecord],
-                     temperature: float):
+def _new_round_pairs(
+    config: PipelineConfig, out: Path, k: int, policy_path: str, prompts: list[PromptRecord], temperature: float
+):
     """Sample two responses per prompt from the current policy and have them labelled."""
     from tether.demo.task import write_preferences
     from tether.generation import SamplingSettings, sample_responses
@@ -510,15 +689,29 @@ def _new_round_pairs(config: PipelineConfig, out: Path, k: int, policy_path: str
     else:
         from tether.demo.annotator import label_pairs
 
-        pairs = label_pairs(raw, a, b, tau=config.annotator_tau, seed=config.seed + k,
-                            stopped_a=[g[0].stopped for g in groups], stopped_b=[g[1].stopped for g in groups])
+        pairs = label_pairs(
+            raw,
+            a,
+            b,
+            tau=config.annotator_tau,
+            seed=config.seed + k,
+            stopped_a=[g[0].stopped for g in groups],
+            stopped_b=[g[1].stopped for g in groups],
+        )
     path = write_preferences(pairs, out / "data" / f"preferences_round{k}.jsonl")
     return path, {"pairs": len(pairs)}
 
 
-def _write_pipeline_report(config: PipelineConfig, out: Path, eval_dir: Path, ppo_dirs: list[str],
-                           rounds: list[dict[str, Any]], temperature: float, seconds: float,
-                           stage_seconds: dict[str, float]):
+def _write_pipeline_report(
+    config: PipelineConfig,
+    out: Path,
+    eval_dir: Path,
+    ppo_dirs: list[str],
+    rounds: list[dict[str, Any]],
+    temperature: float,
+    seconds: float,
+    stage_seconds: dict[str, float],
+):
     from tether.evaluation.report import write_report
     from tether.tracking import read_jsonl
 
@@ -538,11 +731,21 @@ def _write_pipeline_report(config: PipelineConfig, out: Path, eval_dir: Path, pp
     curve = _read_json(eval_dir / "bon_curve.json")
     length_points = eval_doc.get("length_reward_points") if isinstance(eval_doc, dict) else None
     stages = ", ".join(f"{name} {t:.0f} s" for name, t in stage_seconds.items())
-    notes = [f"Stage times: {stages}; {sum(stage_seconds.values()) / 60:.1f} minutes in all (stages finished by "
-             f"earlier runs on this folder count with the time they took then; this run: {seconds / 60:.1f} "
-             f"minutes).",
-             f"Sampling temperature T = {temperature}: KL figures and bands hold at this T."]
-    return write_report(out, eval_results=eval_doc, ppo_metrics=ppo_rows, overopt_points=points, bon_curve=curve,
-                        length_reward_points=length_points, rounds=rounds if config.rounds > 1 else None,
-                        temperature=temperature, side_by_side=eval_doc.get("side_by_side") if isinstance(eval_doc, dict) else None,
-                        notes=notes)
+    notes = [
+        f"Stage times: {stages}; {sum(stage_seconds.values()) / 60:.1f} minutes in all (stages finished by "
+        f"earlier runs on this folder count with the time they took then; this run: {seconds / 60:.1f} "
+        f"minutes).",
+        f"Sampling temperature T = {temperature}: KL figures and bands hold at this T.",
+    ]
+    return write_report(
+        out,
+        eval_results=eval_doc,
+        ppo_metrics=ppo_rows,
+        overopt_points=points,
+        bon_curve=curve,
+        length_reward_points=length_points,
+        rounds=rounds if config.rounds > 1 else None,
+        temperature=temperature,
+        side_by_side=eval_doc.get("side_by_side") if isinstance(eval_doc, dict) else None,
+        notes=notes,
+    )

@@ -3,6 +3,7 @@
 Trainer-based stages (SFT, RM, DPO) add ``JsonlMetricsCallback`` to the Trainer, which already
 handles tensorboard and wandb; the PPO loop writes through ``MetricsWriter``, which does both.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ def normalise_report_to(report_to: Any) -> list[str]:
 class MetricsWriter:
     """Writes one row per step to ``metrics.jsonl`` and to tensorboard/wandb when asked."""
 
-    def __init__(self, output_dir: str | Path, report_to: Any = "none", run_config: dict | None = None,
-                 filename: str = METRICS_FILE):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        report_to: Any = "none",
+        run_config: dict | None = None,
+        filename: str = METRICS_FILE,
+    ):
         self.path = Path(output_dir) / filename
         self.reporters = normalise_report_to(report_to)
         self._tb = None

@@ -4,6 +4,7 @@
 Hugging Face dataset (``tether.data.loading``); ``tether.data.formats`` documents each record shape;
 ``tether.data.templates`` turns records into token ids.
 """
+
 from tether.data.errors import MAX_REPORTED_PROBLEMS, DataError
 from tether.data.formats import (
     RecordProblems,
@@ -22,8 +23,21 @@ from tether.data.loading import (
 from tether.data.records import Demonstration, Message, PreferencePair, Prompt, PromptRecord
 
 __all__ = [
-    "DataError", "MAX_REPORTED_PROBLEMS", "RecordProblems",
-    "Message", "Prompt", "PreferencePair", "Demonstration", "PromptRecord",
-    "parse_preference", "parse_demonstration", "parse_prompt", "split_shared_prefix",
-    "load_records", "load_preferences", "load_demonstrations", "load_prompts", "split_train_eval",
+    "DataError",
+    "MAX_REPORTED_PROBLEMS",
+    "RecordProblems",
+    "Message",
+    "Prompt",
+    "PreferencePair",
+    "Demonstration",
+    "PromptRecord",
+    "parse_preference",
+    "parse_demonstration",
+    "parse_prompt",
+    "split_shared_prefix",
+    "load_records",
+    "load_preferences",
+    "load_demonstrations",
+    "load_prompts",
+    "split_train_eval",
 ]

@@ -1,4 +1,5 @@
 """The error every data problem becomes: a list of ``FILE:LINE: what is wrong`` lines."""
+
 from __future__ import annotations
 
 MAX_REPORTED_PROBLEMS = 20

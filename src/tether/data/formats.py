@@ -35,10 +35,12 @@ data means a binary or UTF-16 file read as UTF-8, and unpaired surrogates (``"\\
 not Unicode); other control characters and huge strings are valid text. Texts are kept
 verbatim (no stripping): whitespace changes tokens. A JSON ``null`` is treated as a missing field.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from tether.data.records import Demonstration, Message, PreferencePair, Prompt, PromptRecord
 
@@ -110,15 +112,19 @@ class _Row:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800" from a JSON escape
-            self.problems.append(f"text contains an unpaired surrogate U+{ord(value[exc.start]):04X}, which is not "
-                                 f"valid Unicode (field {field})")
+            self.problems.append(
+                f"text contains an unpaired surrogate U+{ord(value[exc.start]):04X}, which is not "
+                f"valid Unicode (field {field})"
+            )
             return None
         return value
 
     def message(self, value: Any, field: str) -> Message | None:
         """One ``{"role", "content"}`` message; ``None`` (and a problem) if unusable."""
         if not isinstance(value, Mapping):
-            self.problems.append(f"expected a message object with role and content, got {json_kind(value)} (field {field})")
+            self.problems.append(
+                f"expected a message object with role and content, got {json_kind(value)} (field {field})"
+            )
             return None
         role = value.get("role")
         if role is None:
@@ -185,8 +191,9 @@ class _Row:
             if message is None:
                 return None
             if message is _EMPTY_SYSTEM or message.role != "assistant":
-                self.problems.append(f"the response must be an assistant message, got role {value.get('role')!r} "
-                                     f"(field {field}.role)")
+                self.problems.append(
+                    f"the response must be an assistant message, got role {value.get('role')!r} (field {field}.role)"
+                )
                 return None
             return (), message.content
         if isinstance(value, (list, tuple)):
@@ -194,12 +201,15 @@ class _Row:
             if messages is None:
                 return None
             if messages[-1].role != "assistant":
-                self.problems.append(f"the last message must be the assistant's response, got role "
-                                     f"{messages[-1].role!r} (field {field}[{len(value) - 1}].role)")
+                self.problems.append(
+                    f"the last message must be the assistant's response, got role "
+                    f"{messages[-1].role!r} (field {field}[{len(value) - 1}].role)"
+                )
                 return None
             return messages[:-1], messages[-1].content
-        self.problems.append(f"expected a string, an assistant message or a list of messages, got "
-                             f"{json_kind(value)} (field {field})")
+        self.problems.append(
+            f"expected a string, an assistant message or a list of messages, got {json_kind(value)} (field {field})"
+        )
         return None
 
     def margin(self) -> float | None:
@@ -238,7 +248,7 @@ def _strip_repeated_prompt(prompt: Prompt, context: tuple[Message, ...]) -> tupl
     """Response lists often repeat the whole conversation; drop the part that is the prompt."""
     head = (Message("user", prompt),) if isinstance(prompt, str) else prompt
     if context[: len(head)] == head:
-        return context[len(head):]
+        return context[len(head) :]
     return context
 
 
@@ -280,12 +290,17 @@ def parse_preference(row: Any) -> list[PreferencePair]:
     has_pair = r.has("chosen") or r.has("rejected")
     if r.has("responses"):
         if has_pair:
-            raise RecordProblems(["a record has either 'responses' (ranked) or 'chosen'/'rejected', not both "
-                                  "(field responses)"])
+            raise RecordProblems(
+                ["a record has either 'responses' (ranked) or 'chosen'/'rejected', not both (field responses)"]
+            )
         return _parse_ranked(r)
     if not has_pair and not r.has("prompt") and r.has("messages"):
-        raise RecordProblems(["missing field 'chosen' and 'rejected' (a 'messages' record is a demonstration or a "
-                              "prompt, not a preference pair)"])
+        raise RecordProblems(
+            [
+                "missing field 'chosen' and 'rejected' (a 'messages' record is a demonstration or a "
+                "prompt, not a preference pair)"
+            ]
+        )
     chosen_raw, rejected_raw = r.require("chosen"), r.require("rejected")
     margin = r.margin()
     if r.has("prompt"):
@@ -296,8 +311,12 @@ def parse_preference(row: Any) -> list[PreferencePair]:
         chosen_context = _strip_repeated_prompt(prompt, chosen[0])
         rejected_context = _strip_repeated_prompt(prompt, rejected[0])
         if chosen_context != rejected_context:
-            raise RecordProblems(["chosen and rejected continue different conversations: the messages before "
-                                  "the final assistant turn must be the same (field rejected)"])
+            raise RecordProblems(
+                [
+                    "chosen and rejected continue different conversations: the messages before "
+                    "the final assistant turn must be the same (field rejected)"
+                ]
+            )
         full_prompt = _with_context(prompt, chosen_context)
         if not isinstance(full_prompt, str) and not r.prompt_ok(full_prompt, "chosen"):
             r.done()
@@ -319,11 +338,16 @@ def parse_preference(row: Any) -> list[PreferencePair]:
         rejected = r.response(rejected_raw, "rejected")
         r.done()
         if chosen[0] != rejected[0]:
-            raise RecordProblems(["chosen and rejected must share every message but the last (assistant) one "
-                                  "(field rejected)"])
+            raise RecordProblems(
+                ["chosen and rejected must share every message but the last (assistant) one (field rejected)"]
+            )
         if not chosen[0]:
-            raise RecordProblems(["no prompt: the conversations hold only the assistant turn; add a 'prompt' field "
-                                  "or the user turn (field prompt)"])
+            raise RecordProblems(
+                [
+                    "no prompt: the conversations hold only the assistant turn; add a 'prompt' field "
+                    "or the user turn (field prompt)"
+                ]
+            )
         r.prompt_ok(chosen[0], "chosen")
         r.done()
         return [PreferencePair(prompt=chosen[0], chosen=chosen[1], rejected=rejected[1], margin=margin)]
@@ -332,8 +356,10 @@ def parse_preference(row: Any) -> list[PreferencePair]:
         if value is not None and not isinstance(value, (str, list, tuple)):
             r.response(value, field)
     if not r.problems:
-        r.problems.append("without a 'prompt' field, chosen and rejected must both be full texts or both full "
-                          "conversations (field prompt)")
+        r.problems.append(
+            "without a 'prompt' field, chosen and rejected must both be full texts or both full "
+            "conversations (field prompt)"
+        )
     r.done()
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -367,8 +393,9 @@ def _parse_ranked(r: _Row) -> list[PreferencePair]:
             (preferred if label == "preferred" else disliked).append(text)
     r.done()
     if len(preferred) != 1:
-        raise RecordProblems([f"a ranked record needs exactly one 'preferred' response, found {len(preferred)} "
-                              f"(field responses)"])
+        raise RecordProblems(
+            [f"a ranked record needs exactly one 'preferred' response, found {len(preferred)} (field responses)"]
+        )
     if not disliked:
         raise RecordProblems(["a ranked record needs at least one 'disliked' response (field responses)"])
     return [PreferencePair(prompt=prompt, chosen=preferred[0], rejected=text, margin=margin) for text in disliked]
@@ -383,8 +410,9 @@ def _parse_messages_demonstration(r: _Row, value: Any) -> tuple[Prompt, str] | N
         return None
     context, text = response
     if not context:
-        r.problems.append("the conversation holds only the assistant turn: at least one message must come "
-                          "before it (field messages)")
+        r.problems.append(
+            "the conversation holds only the assistant turn: at least one message must come before it (field messages)"
+        )
         return None
     if not r.prompt_ok(context, "messages"):
         return None
@@ -409,8 +437,7 @@ def parse_demonstration(row: Any) -> Demonstration:
         r.done()
         return Demonstration(prompt=parsed[0], completion=parsed[1])
     if r.has("chosen") or r.has("responses"):
-        raise RecordProblems(["a preference record is not a demonstration: missing field 'completion' "
-                              "(or 'messages')"])
+        raise RecordProblems(["a preference record is not a demonstration: missing field 'completion' (or 'messages')"])
     r.problems.append("missing field 'prompt' and 'completion' (or 'messages')")
     r.done()
     raise AssertionError("unreachable")  # pragma: no cover
@@ -437,7 +464,7 @@ def parse_prompt(row: Any) -> PromptRecord:
         return PromptRecord(prompt=messages)
     if r.has("chosen") or r.has("rejected"):
         return PromptRecord(prompt=parse_preference(row)[0].prompt)
-    r.problems.append(f"field 'prompt' is null" if "prompt" in r.row else "missing field 'prompt' (or 'messages')")
+    r.problems.append("field 'prompt' is null" if "prompt" in r.row else "missing field 'prompt' (or 'messages')")
     r.done()
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -26,6 +26,7 @@ of a hub dataset (``NAME[split]:ROW``). Problems with a whole file (empty, unrea
 extension, invalid UTF-8 in a .json/.csv) point at line 1 or at the bad line; problems with a whole
 source (no such path, empty folder, hub failure) name the source alone.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,9 +39,10 @@ import os
 import random
 import re
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from tether.data.errors import DataError
 from tether.data.formats import KINDS, PARSERS, RecordProblems
@@ -140,8 +142,9 @@ def load_prompts(source: str | os.PathLike, split: str = "train") -> list[Prompt
     return load_records(source, "prompts", split)
 
 
-def split_train_eval(records: Sequence[R], ratio: float, seed: int,
-                     group_by_prompt: bool = True) -> tuple[list[R], list[R]]:
+def split_train_eval(
+    records: Sequence[R], ratio: float, seed: int, group_by_prompt: bool = True
+) -> tuple[list[R], list[R]]:
     """``(train, eval)``: a deterministic random share ``ratio`` of ``records`` held out.
 
     ``ratio`` 0 holds nothing out. Otherwise ``ceil(len * ratio)`` records at least go to eval, and
@@ -170,8 +173,12 @@ def split_train_eval(records: Sequence[R], ratio: float, seed: int,
         held.update(group)
     if len(held) >= len(records):
         first = getattr(records[0], "origin", "") or "data"
-        raise DataError([f"{first}: eval_split_ratio {ratio} leaves no training records: only {len(records)} record(s) "
-                         f"in {len(groups)} prompt group(s); lower the ratio or give --eval_dataset"])
+        raise DataError(
+            [
+                f"{first}: eval_split_ratio {ratio} leaves no training records: only {len(records)} record(s) "
+                f"in {len(groups)} prompt group(s); lower the ratio or give --eval_dataset"
+            ]
+        )
     train = [r for i, r in enumerate(records) if i not in held]
     held_out = [r for i, r in enumerate(records) if i in held]
     return train, held_out
@@ -198,8 +205,9 @@ def iter_rows(source: str | os.PathLike, split: str, problems: _Problems) -> Ite
     display = os.fspath(source)
     path = Path(display).expanduser()
     if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
-                                                      and (path / "dataset_info.json").is_file()):
+        if (path / "dataset_dict.json").is_file() or (
+            (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+        ):
             yield from _saved_dataset_rows(path, display, split, problems)
             return
         for file, file_display in _folder_files(path, display, split, problems):
@@ -262,8 +270,10 @@ def _folder_files(folder: Path, display: str, split: str, problems: _Problems) -
         selected = [item for item, label in zip(found, labels) if (label or "train") == wanted]
         if not selected:
             names = sorted({label or "train" for label in labels})
-            problems.add(f"{display}: no files for split {split!r} in this folder (its files are named for "
-                         f"split(s): {', '.join(names)}); choose one with --dataset_split")
+            problems.add(
+                f"{display}: no files for split {split!r} in this folder (its files are named for "
+                f"split(s): {', '.join(names)}); choose one with --dataset_split"
+            )
             return []
         found = selected
     return [(full, os.path.join(display, *parts)) for parts, full in found]
@@ -284,8 +294,10 @@ def _file_rows(path: Path, display: str, problems: _Problems) -> Iterator[tuple[
         return
     if suffix is None:
         ext = "".join(path.suffixes[-2:]) or "(none)"
-        problems.add(f"{display}:1: unsupported file type {ext}: expected .jsonl, .json, .csv or .parquet "
-                     f"(.jsonl.gz, .json.gz, .csv.gz also work)")
+        problems.add(
+            f"{display}:1: unsupported file type {ext}: expected .jsonl, .json, .csv or .parquet "
+            f"(.jsonl.gz, .json.gz, .csv.gz also work)"
+        )
         return
     try:
         data = _read_bytes(path, compressed=suffix.endswith(".gz"))
@@ -296,7 +308,7 @@ def _file_rows(path: Path, display: str, problems: _Problems) -> Iterator[tuple[
         problems.add(f"{display}:1: the file is UTF-16 encoded; save it as UTF-8")
         return
     if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM):]
+        data = data[len(_UTF8_BOM) :]
     if not data.strip():
         problems.add(f"{display}:1: the file is empty")
         return
@@ -494,8 +506,11 @@ def _csv_rows(data: bytes, display: str, problems: _Problems) -> Iterator[tuple[
                 empty = [i + 1 for i, name in enumerate(header) if not name]
                 repeated = sorted({name for name in header if name and header.count(name) > 1})
                 if empty or repeated:
-                    what = (f"empty column name(s) at position {', '.join(map(str, empty))}" if empty
-                            else f"repeated column name(s) {', '.join(repeated)}")
+                    what = (
+                        f"empty column name(s) at position {', '.join(map(str, empty))}"
+                        if empty
+                        else f"repeated column name(s) {', '.join(repeated)}"
+                    )
                     problems.add(f"{display}:{line}: bad CSV header: {what}")
                     return
                 continue
@@ -529,8 +544,9 @@ def _parquet_rows(path: Path, display: str, problems: _Problems) -> Iterator[tup
                 row_number += 1
                 yield _Where(display, row_number, row=row_number), _drop_nulls(row)
     except Exception as exc:
-        problems.add(f"{display}:{row_number + 1}: row {row_number + 1}: cannot read "
-                     f"({type(exc).__name__}: {_first_line(exc)})")
+        problems.add(
+            f"{display}:{row_number + 1}: row {row_number + 1}: cannot read ({type(exc).__name__}: {_first_line(exc)})"
+        )
         return
     if row_number == 0:
         problems.add(f"{display}:1: no records (the table has no rows)")
@@ -547,8 +563,10 @@ def _hub_rows(name: str, split: str, problems: _Problems) -> Iterator[tuple[_Whe
 
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types (offline, missing, bad split, bad files)
-        problems.add(f"{name}: not a local path, and the Hugging Face dataset {name!r} (split {split!r}) could not "
-                     f"be loaded ({type(exc).__name__}: {_first_line(exc)})")
+        problems.add(
+            f"{name}: not a local path, and the Hugging Face dataset {name!r} (split {split!r}) could not "
+            f"be loaded ({type(exc).__name__}: {_first_line(exc)})"
+        )
         return
     yield from _dataset_rows(dataset, f"{name}[{split}]")
 

@@ -4,6 +4,7 @@ A prompt is either a tuple of chat messages or a plain string. Plain strings are
 turn when the tokenizer has a chat template and as raw text otherwise (``tether.data.templates``).
 ``origin`` is ``FILE:LINE`` (or ``DATASET[split]:ROW``) so later errors can point at the input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ responses on the same token boundaries it was trained on (PPO checklist item 14)
 
 Masks are always built from lengths, never from ``token == pad``: SmolLM2 pads with its stop token.
 """
+
 from __future__ import annotations
 
 from tether.data.records import Message, Prompt
@@ -58,8 +59,9 @@ def response_ids(tokenizer, response: str, add_stop: bool = True) -> list[int]:
     return ids + [stop_token_id(tokenizer)] if add_stop else ids
 
 
-def prompt_response_ids(tokenizer, prompt: Prompt, response: str, max_length: int | None = None,
-                        max_prompt_length: int | None = None) -> tuple[list[int], int, bool]:
+def prompt_response_ids(
+    tokenizer, prompt: Prompt, response: str, max_length: int | None = None, max_prompt_length: int | None = None
+) -> tuple[list[int], int, bool]:
     """``(ids, n_prompt_tokens, truncated)`` for prompt + response + stop token.
 
     When the pair is longer than ``max_length`` the response is cut from the right (losing its stop
@@ -72,7 +74,7 @@ def prompt_response_ids(tokenizer, prompt: Prompt, response: str, max_length: in
     if max_length is not None and len(p) + len(r) > max_length:
         truncated = True
         if len(p) >= max_length:  # keep at least one response token
-            p = p[-(max_length - 1):]
+            p = p[-(max_length - 1) :]
         r = r[: max_length - len(p)]
     return p + r, len(p), truncated
 

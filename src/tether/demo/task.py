@@ -19,17 +19,18 @@ sees a held-out prompt). Preferences are not shipped: the simulated annotator
 ``write_demo_files(folder)`` writes the three sets as JSONL in the formats every stage accepts
 (``{"prompt"}``, ``{"prompt", "completion"}``), so the stage commands can be pointed at files.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from tether.data.records import Demonstration, PreferencePair, Prompt, PromptRecord
 
@@ -56,20 +57,24 @@ def _read_rows(name: str) -> list[tuple[int, dict]]:
 def is_heldout_text(text: str, percent: int = HELDOUT_PERCENT) -> bool:
     """``int(sha256(text)[:8], 16) < percent/100 · 16⁸``: a fixed, order-free coin per prompt."""
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return int(digest[:8], 16) < percent * (16 ** 8) // 100
+    return int(digest[:8], 16) < percent * (16**8) // 100
 
 
 @lru_cache(maxsize=1)
 def _catalogue() -> tuple[tuple[str, str, str], ...]:
     """``(prompt, category, origin)`` for every shipped prompt, in file order."""
-    return tuple((row["prompt"], row.get("category", ""), f"tether/demo/data/{PROMPTS_FILE}:{line}")
-                 for line, row in _read_rows(PROMPTS_FILE))
+    return tuple(
+        (row["prompt"], row.get("category", ""), f"tether/demo/data/{PROMPTS_FILE}:{line}")
+        for line, row in _read_rows(PROMPTS_FILE)
+    )
 
 
 @lru_cache(maxsize=1)
 def _demonstration_rows() -> tuple[tuple[str, str, str], ...]:
-    return tuple((row["prompt"], row["completion"], f"tether/demo/data/{DEMONSTRATIONS_FILE}:{line}")
-                 for line, row in _read_rows(DEMONSTRATIONS_FILE))
+    return tuple(
+        (row["prompt"], row["completion"], f"tether/demo/data/{DEMONSTRATIONS_FILE}:{line}")
+        for line, row in _read_rows(DEMONSTRATIONS_FILE)
+    )
 
 
 def prompt_categories() -> dict[str, str]:
@@ -134,17 +139,18 @@ def write_prompts(records: Iterable[PromptRecord], path: str | Path) -> Path:
 
 def write_demonstrations(records: Iterable[Demonstration], path: str | Path) -> Path:
     """``{"prompt": ..., "completion": ...}`` per line."""
-    return write_jsonl_atomic(path, ({"prompt": _prompt_json(r.prompt), "completion": r.completion}
-                                     for r in records))
+    return write_jsonl_atomic(path, ({"prompt": _prompt_json(r.prompt), "completion": r.completion} for r in records))
 
 
 def write_preferences(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
     """``{"prompt", "chosen", "rejected"}`` per line (plus ``margin`` when a pair has one)."""
+
     def row(p: PreferencePair) -> dict:
         out = {"prompt": _prompt_json(p.prompt), "chosen": p.chosen, "rejected": p.rejected}
         if p.margin is not None:
             out["margin"] = p.margin
         return out
+
     return write_jsonl_atomic(path, (row(p) for p in pairs))
 
 

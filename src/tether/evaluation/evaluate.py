@@ -17,6 +17,7 @@ policy's temperature T and measures:
 It writes ``eval.json`` (every metric and the settings), ``samples.jsonl`` (every response with its
 scores), ``probes.jsonl`` and, unless ``--report false``, ``report.md`` and ``report.html``.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,10 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,44 +61,64 @@ PROBES_FILE = "probes.jsonl"
 class EvalConfig:
     policies: list[str] = field(
         default_factory=list,
-        metadata={"help": "Policies to compare, as NAME=PATH (a bare PATH is named after its folder; `embedded` "
-                          "is the embedded default model). Example: --policies sft=out/sft ppo=out/ppo."},
+        metadata={
+            "help": "Policies to compare, as NAME=PATH (a bare PATH is named after its folder; `embedded` "
+            "is the embedded default model). Example: --policies sft=out/sft ppo=out/ppo."
+        },
     )
-    reference: str = field(default=EMBEDDED_MODEL,
-                           metadata={"help": "Reference policy for KL (usually the SFT model; `embedded` for the "
-                                             "embedded default; `none` to skip KL)."})
-    reward_model_path: str | None = field(default=None,
-                                          metadata={"help": "Reward-model folder (from `tether rm`). Without it the "
-                                                            "reward-model metrics and best-of-N are skipped."})
-    prompts: str | None = field(default=None,
-                                metadata={"help": "Prompts file/folder/dataset. Default: the demo task's held-out "
-                                                  "prompts."})
+    reference: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={
+            "help": "Reference policy for KL (usually the SFT model; `embedded` for the "
+            "embedded default; `none` to skip KL)."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward-model folder (from `tether rm`). Without it the "
+            "reward-model metrics and best-of-N are skipped."
+        },
+    )
+    prompts: str | None = field(
+        default=None, metadata={"help": "Prompts file/folder/dataset. Default: the demo task's held-out prompts."}
+    )
     prompts_split: str = field(default="train", metadata={"help": "Split of a hub dataset given as --prompts."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per prompt and policy."})
     max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each response."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature T (part of the policy; KL "
-                                                              "is measured at this T)."})
-    gold: str = field(default="auto", metadata={"help": "Gold score from the simulated annotator: auto (on for the "
-                                                        "demo prompts), on, or off."})
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature T (part of the policy; KL is measured at this T)."}
+    )
+    gold: str = field(
+        default="auto",
+        metadata={"help": "Gold score from the simulated annotator: auto (on for the demo prompts), on, or off."},
+    )
     probes: bool = field(default=True, metadata={"help": "Run the factual and refusal probe."})
     probe_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of probe answers."})
     probe_temperature: float = field(default=0.0, metadata={"help": "Probe decoding temperature (0 = greedy)."})
-    best_of_n: list[int] = field(default_factory=list,
-                                 metadata={"help": "Add best-of-N entries for these N (needs --reward_model_path)."})
-    best_of_n_base: str | None = field(default=None,
-                                       metadata={"help": "Policy name (from --policies) that best-of-N samples "
-                                                         "from. Default: the first policy."})
-    bon_curve: list[int] = field(default_factory=list,
-                                 metadata={"help": "N values of the report's best-of-N curve (e.g. 1 2 4 8 16): "
-                                                   "max(N) samples per prompt from --best_of_n_base, scored once."})
+    best_of_n: list[int] = field(
+        default_factory=list, metadata={"help": "Add best-of-N entries for these N (needs --reward_model_path)."}
+    )
+    best_of_n_base: str | None = field(
+        default=None,
+        metadata={"help": "Policy name (from --policies) that best-of-N samples from. Default: the first policy."},
+    )
+    bon_curve: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "N values of the report's best-of-N curve (e.g. 1 2 4 8 16): "
+            "max(N) samples per prompt from --best_of_n_base, scored once."
+        },
+    )
     side_by_side: int = field(default=4, metadata={"help": "Prompts shown with every policy's response."})
     batch_size: int = field(default=8, metadata={"help": "Batch size for sampling and scoring."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are cut from the left."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every policy)."})
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where eval.json, samples.jsonl and the "
-                                                                     "report go."})
+    output_dir: str = field(
+        default="outputs/eval", metadata={"help": "Where eval.json, samples.jsonl and the report go."}
+    )
     report: bool = field(default=True, metadata={"help": "Also write report.md and report.html."})
 
 
@@ -120,8 +142,10 @@ class EvalResults:
 
     def length_reward_points(self) -> list[dict[str, Any]]:
         """``{"policy", "length", "reward", "gold"}`` per response, for the length-vs-reward scatter."""
-        return [{"policy": s["policy"], "length": s["length"], "reward": s["reward"], "gold": s["gold"]}
-                for s in self.samples]
+        return [
+            {"policy": s["policy"], "length": s["length"], "reward": s["reward"], "gold": s["gold"]}
+            for s in self.samples
+        ]
 
     def side_by_side(self, n_prompts: int = 4) -> list[dict[str, Any]]:
         """The first response of every policy to the first ``n_prompts`` prompts."""
@@ -130,8 +154,9 @@ class EvalResults:
             if s["prompt_index"] >= n_prompts:
                 continue
             row = by_prompt.setdefault(s["prompt_index"], {"prompt": s["prompt"], "responses": {}})
-            row["responses"].setdefault(s["policy"], {"response": s["response"], "reward": s["reward"],
-                                                      "gold": s["gold"]})
+            row["responses"].setdefault(
+                s["policy"], {"response": s["response"], "reward": s["reward"], "gold": s["gold"]}
+            )
         return [by_prompt[i] for i in sorted(by_prompt)]
 
     def to_json(self) -> dict[str, Any]:
@@ -151,8 +176,13 @@ def _nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def text_metrics(texts: Sequence[str], lengths: Sequence[int], stopped: Sequence[bool],
-                 rewards: Sequence[float] | None, golds: Sequence[float] | None) -> dict[str, Any]:
+def text_metrics(
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    stopped: Sequence[bool],
+    rewards: Sequence[float] | None,
+    golds: Sequence[float] | None,
+) -> dict[str, Any]:
     """Every metric that needs only the responses and their scores (no model)."""
     lens = length_stats(lengths)
     out: dict[str, Any] = {
@@ -212,15 +242,28 @@ def load_reward(reward_model, reward_tokenizer=None):
     return reward_model, reward_tokenizer, None
 
 
-def rm_scores(reward_model, reward_tokenizer, prompts: Sequence[Prompt], responses: Sequence[str],
-              stats=None, batch_size: int = 8, max_prompt_length: int | None = None) -> list[float]:
+def rm_scores(
+    reward_model,
+    reward_tokenizer,
+    prompts: Sequence[Prompt],
+    responses: Sequence[str],
+    stats=None,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+) -> list[float]:
     """The reward model's score of each response, normalised with ``stats`` when given."""
     from tether.models.scoring import normalise, score_texts
 
     if not responses:
         return []
-    scores = score_texts(reward_model, reward_tokenizer, list(prompts), list(responses), batch_size=batch_size,
-                         max_prompt_length=max_prompt_length)
+    scores = score_texts(
+        reward_model,
+        reward_tokenizer,
+        list(prompts),
+        list(responses),
+        batch_size=batch_size,
+        max_prompt_length=max_prompt_length,
+    )
     if stats is not None:
         scores = normalise(scores, stats)
     return [float(s) for s in scores]
@@ -233,7 +276,7 @@ class _Response:
     length: int  # response tokens, the stop token included
 
     @classmethod
-    def of(cls, sample) -> "_Response":
+    def of(cls, sample) -> _Response:
         return cls(sample.text, bool(sample.stopped), len(sample.response_ids))
 
 
@@ -306,8 +349,9 @@ def evaluate_policies(
     rows: list[dict[str, Any]] = []
     probe_responses: dict[str, list[dict[str, str]]] = {}
 
-    def measure(name: str, flat_prompts, flat_index, responses: list[_Response], kl_values, kl_bound=None,
-                rewards=None):
+    def measure(
+        name: str, flat_prompts, flat_index, responses: list[_Response], kl_values, kl_bound=None, rewards=None
+    ):
         texts = [r.text for r in responses]
         stopped = [r.stopped for r in responses]
         lengths = [r.length for r in responses]
@@ -321,34 +365,59 @@ def evaluate_policies(
         m["time/score"] = time.perf_counter() - t0
         metrics[name] = m
         for k, (p, i, r) in enumerate(zip(flat_prompts, flat_index, responses)):
-            rows.append({"policy": name, "prompt_index": i, "prompt": _prompt_json(p), "response": r.text,
-                         "stopped": r.stopped, "length": r.length, "words": word_count(r.text),
-                         "reward": None if rewards is None else rewards[k],
-                         "gold": None if golds is None else golds[k],
-                         "kl": None if kl_values is None else kl_values[k]})
+            rows.append(
+                {
+                    "policy": name,
+                    "prompt_index": i,
+                    "prompt": _prompt_json(p),
+                    "response": r.text,
+                    "stopped": r.stopped,
+                    "length": r.length,
+                    "words": word_count(r.text),
+                    "reward": None if rewards is None else rewards[k],
+                    "gold": None if golds is None else golds[k],
+                    "kl": None if kl_values is None else kl_values[k],
+                }
+            )
 
     for name, model_or_path in policies.items():
         logger.info("eval: sampling %d x %d responses from %s", len(raw_prompts), samples_per_prompt, name)
         model = models.causal_lm(model_or_path)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        groups = sample_responses(model, tokenizer, raw_prompts, settings, num_return_sequences=samples_per_prompt,
-                                  batch_size=batch_size, max_prompt_length=max_prompt_length)
+        groups = sample_responses(
+            model,
+            tokenizer,
+            raw_prompts,
+            settings,
+            num_return_sequences=samples_per_prompt,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+        )
         t_generate = time.perf_counter() - t0
         flat = [s for g in groups for s in g]
         flat_prompts = [p for p, g in zip(raw_prompts, groups) for _ in g]
         flat_index = [i for i, g in enumerate(groups) for _ in g]
         kl_values = None
         if ref_model is not None:
-            kl_values = ([0.0] * len(flat) if model is ref_model
-                         else per_sequence_kl(model, ref_model, tokenizer, flat, temperature, batch_size))
+            kl_values = (
+                [0.0] * len(flat)
+                if model is ref_model
+                else per_sequence_kl(model, ref_model, tokenizer, flat, temperature, batch_size)
+            )
         measure(name, flat_prompts, flat_index, [_Response.of(x) for x in flat], kl_values)
         metrics[name]["time/generate"] = t_generate
         if probes:
             from tether.evaluation.probes import run_probes
 
-            result = run_probes(model, tokenizer, max_new_tokens=probe_max_new_tokens, temperature=probe_temperature,
-                                batch_size=batch_size, max_prompt_length=max_prompt_length)
+            result = run_probes(
+                model,
+                tokenizer,
+                max_new_tokens=probe_max_new_tokens,
+                temperature=probe_temperature,
+                batch_size=batch_size,
+                max_prompt_length=max_prompt_length,
+            )
             metrics[name]["probe/factual_accuracy"] = result["factual_accuracy"]
             metrics[name]["probe/harmful_refusal_rate"] = result["harmful_refusal_rate"]
             metrics[name]["probe/benign_refusal_rate"] = result["benign_refusal_rate"]
@@ -362,9 +431,18 @@ def evaluate_policies(
         torch.manual_seed(seed)
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
         for _ in range(samples_per_prompt):
-            results = sample_best_of_n(model, rm, tokenizer, raw_prompts, n, settings,
-                                       batch_size=max(1, batch_size // n), rm_tokenizer=rm_tok,
-                                       reward_batch_size=batch_size, max_prompt_length=max_prompt_length)
+            results = sample_best_of_n(
+                model,
+                rm,
+                tokenizer,
+                raw_prompts,
+                n,
+                settings,
+                batch_size=max(1, batch_size // n),
+                rm_tokenizer=rm_tok,
+                reward_batch_size=batch_size,
+                max_prompt_length=max_prompt_length,
+            )
             for i, result in enumerate(results):
                 best = result.best or result.ranked[0]  # every sample empty: keep the top one anyway
                 chosen.append(_Response(best.text, bool(best.stopped), int(best.num_tokens)))
@@ -379,11 +457,21 @@ def evaluate_policies(
 
     add_paired_gains(metrics, rows, baseline=next(iter(policies)))
     return EvalResults(
-        metrics=metrics, samples=rows, probe_responses=probe_responses, temperature=temperature,
-        settings={"temperature": temperature, "max_new_tokens": max_new_tokens,
-                  "samples_per_prompt": samples_per_prompt, "prompts": len(raw_prompts), "seed": seed,
-                  "reward_normalised": reward_stats is not None, "gold": annotator is not None,
-                  "probe_temperature": probe_temperature, "kl_estimator": "k1, nats per response at T"},
+        metrics=metrics,
+        samples=rows,
+        probe_responses=probe_responses,
+        temperature=temperature,
+        settings={
+            "temperature": temperature,
+            "max_new_tokens": max_new_tokens,
+            "samples_per_prompt": samples_per_prompt,
+            "prompts": len(raw_prompts),
+            "seed": seed,
+            "reward_normalised": reward_stats is not None,
+            "gold": annotator is not None,
+            "probe_temperature": probe_temperature,
+            "kl_estimator": "k1, nats per response at T",
+        },
     )
 
 
@@ -410,16 +498,29 @@ def add_paired_gains(metrics: dict[str, dict[str, Any]], rows: Sequence[Mapping[
             common = sorted(set(mine) & set(base))
             if len(common) < 2:
                 continue
-            mean, se = paired_difference([float(np.mean(mine[i])) for i in common],
-                                         [float(np.mean(base[i])) for i in common])
+            mean, se = paired_difference(
+                [float(np.mean(mine[i])) for i in common], [float(np.mean(base[i])) for i in common]
+            )
             m[f"gain/{key}"], m[f"gain/{key}_se"] = mean, se
             m["gain/baseline"] = baseline
 
 
-def bon_curve(base_model, tokenizer, reward_model, prompts: Sequence[Prompt | PromptRecord], *,
-              ns: Sequence[int] = (1, 2, 4, 8, 16), reward_tokenizer=None, reward_stats=None,
-              gold: bool | Any = True, temperature: float = 0.7, max_new_tokens: int = 64, batch_size: int = 8,
-              max_prompt_length: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def bon_curve(
+    base_model,
+    tokenizer,
+    reward_model,
+    prompts: Sequence[Prompt | PromptRecord],
+    *,
+    ns: Sequence[int] = (1, 2, 4, 8, 16),
+    reward_tokenizer=None,
+    reward_stats=None,
+    gold: bool | Any = True,
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Best-of-N proxy and gold reward for each N, against the analytic KL bound.
 
     Samples ``max(ns)`` responses per prompt once, scores them all, and for each N takes the
@@ -443,30 +544,43 @@ def bon_curve(base_model, tokenizer, reward_model, prompts: Sequence[Prompt | Pr
     elif gold not in (False, None):
         annotator = gold
     torch.manual_seed(seed)
-    groups = sample_responses(model, tokenizer, raw, SamplingSettings(max_new_tokens=max_new_tokens,
-                                                                      temperature=temperature),
-                              num_return_sequences=m, batch_size=max(1, batch_size // m),
-                              max_prompt_length=max_prompt_length)
+    groups = sample_responses(
+        model,
+        tokenizer,
+        raw,
+        SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature),
+        num_return_sequences=m,
+        batch_size=max(1, batch_size // m),
+        max_prompt_length=max_prompt_length,
+    )
     flat_prompts = [p for p, g in zip(raw, groups) for _ in g]
     texts = [s.text for g in groups for s in g]
     proxy = rm_scores(rm, rm_tok, flat_prompts, texts, stats, batch_size, max_prompt_length)
-    golds = (annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g])
-             if annotator is not None else None)
+    golds = (
+        annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g]) if annotator is not None else None
+    )
     rows = []
     for n in sorted(set(ns)):
         proxy_n, gold_n = [], []
         for i in range(len(raw)):
-            p_i = proxy[i * m:(i + 1) * m]
+            p_i = proxy[i * m : (i + 1) * m]
             proxy_n.append(best_of_n_expected(p_i, p_i, n))
             if golds is not None:
-                gold_n.append(best_of_n_expected(p_i, golds[i * m:(i + 1) * m], n))
-        rows.append({"n": n, "kl_bound": bon_kl_bound(n), "proxy": float(np.mean(proxy_n)),
-                     "gold": float(np.mean(gold_n)) if golds is not None else None})
+                gold_n.append(best_of_n_expected(p_i, golds[i * m : (i + 1) * m], n))
+        rows.append(
+            {
+                "n": n,
+                "kl_bound": bon_kl_bound(n),
+                "proxy": float(np.mean(proxy_n)),
+                "gold": float(np.mean(gold_n)) if golds is not None else None,
+            }
+        )
     return rows
 
 
-def overopt_points(results: EvalResults | Mapping[str, Mapping[str, Any]],
-                   names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def overopt_points(
+    results: EvalResults | Mapping[str, Mapping[str, Any]], names: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """``{"name", "kl", "gold", "proxy"}`` per evaluated policy/checkpoint, for the over-optimisation plot.
 
     Put the starting policy (KL 0) first in ``names``; the plot recentres on it.
@@ -506,7 +620,9 @@ def parse_policy_specs(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def write_eval_outputs(output_dir: str | Path, results: EvalResults, extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+def write_eval_outputs(
+    output_dir: str | Path, results: EvalResults, extra: Mapping[str, Any] | None = None
+) -> dict[str, Path]:
     """``eval.json``, ``samples.jsonl`` and ``probes.jsonl`` in ``output_dir``, each written atomically."""
     out = Path(output_dir)
     doc = results.to_json()
@@ -554,24 +670,50 @@ def run_eval(config: EvalConfig) -> EvalResults:
     tokenizer = load_tokenizer(next(iter(policies.values())))  # policies share the reference's vocabulary
     reference = None if config.reference in ("", "none") else config.reference
     results = evaluate_policies(
-        policies, reference, config.reward_model_path, tokenizer, prompts,
-        temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-        samples_per_prompt=config.samples_per_prompt, gold=gold, probes=config.probes,
-        probe_max_new_tokens=config.probe_max_new_tokens, probe_temperature=config.probe_temperature,
-        best_of_n=best, batch_size=config.batch_size, max_prompt_length=config.max_prompt_length,
-        seed=config.seed, dtype=config.dtype,
+        policies,
+        reference,
+        config.reward_model_path,
+        tokenizer,
+        prompts,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        samples_per_prompt=config.samples_per_prompt,
+        gold=gold,
+        probes=config.probes,
+        probe_max_new_tokens=config.probe_max_new_tokens,
+        probe_temperature=config.probe_temperature,
+        best_of_n=best,
+        batch_size=config.batch_size,
+        max_prompt_length=config.max_prompt_length,
+        seed=config.seed,
+        dtype=config.dtype,
     )
     curve = None
     if config.bon_curve:
-        curve = bon_curve(policies[base], tokenizer, config.reward_model_path, prompts, ns=config.bon_curve, gold=gold,
-                          temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                          batch_size=config.batch_size, max_prompt_length=config.max_prompt_length, seed=config.seed)
+        curve = bon_curve(
+            policies[base],
+            tokenizer,
+            config.reward_model_path,
+            prompts,
+            ns=config.bon_curve,
+            gold=gold,
+            temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            max_prompt_length=config.max_prompt_length,
+            seed=config.seed,
+        )
     write_eval_outputs(config.output_dir, results, {"config": asdict(config), "bon_curve": curve})
     if config.report:
         from tether.evaluation.report import write_report
 
-        write_report(config.output_dir, eval_results=results, temperature=config.temperature, bon_curve=curve,
-                     length_reward_points=results.length_reward_points(),
-                     side_by_side=results.side_by_side(config.side_by_side))
+        write_report(
+            config.output_dir,
+            eval_results=results,
+            temperature=config.temperature,
+            bon_curve=curve,
+            length_reward_points=results.length_reward_points(),
+            side_by_side=results.side_by_side(config.side_by_side),
+        )
     logger.info("eval: wrote %s", Path(config.output_dir) / EVAL_FILE)
     return results

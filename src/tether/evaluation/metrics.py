@@ -11,12 +11,13 @@ squares on this run's points (the coefficients are setup-specific; none are borr
     best-of-N:   R_bon(d) = d (α − β d)          peak at d* = α / (2β)
     RL (PPO):    R_RL(d)  = d (α − β log d)      peak at d* = exp(α/β − 1)
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
     """Contiguous n-grams: ``len(tokens) − n + 1`` of them (none when the text is shorter than n)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -75,8 +76,13 @@ def length_stats(lengths: Sequence[float]) -> dict[str, float]:
     if len(lengths) == 0:
         return {"mean": math.nan, "median": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
     a = np.asarray(lengths, dtype=float)
-    return {"mean": float(a.mean()), "median": float(np.median(a)), "std": float(a.std()),
-            "min": float(a.min()), "max": float(a.max())}
+    return {
+        "mean": float(a.mean()),
+        "median": float(np.median(a)),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +113,7 @@ def rankdata(x: Sequence[float]) -> np.ndarray:
         j = i
         while j + 1 < a.size and sorted_a[j + 1] == sorted_a[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return ranks
 
@@ -122,8 +128,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------
 # KL between a policy and the reference, from its own samples
 # ---------------------------------------------------------------------------------------------
-def kl_k1_per_sequence(policy_logprobs: Sequence[Sequence[float]],
-                       reference_logprobs: Sequence[Sequence[float]]) -> list[float]:
+def kl_k1_per_sequence(
+    policy_logprobs: Sequence[Sequence[float]], reference_logprobs: Sequence[Sequence[float]]
+) -> list[float]:
     """Per response ``Σ_t (log π(a_t|s_t) − log π_ref(a_t|s_t))`` over its tokens (stop token included).
 
     With responses sampled from π this is an unbiased (k1) estimate of KL(π‖π_ref) per response.
@@ -137,8 +144,9 @@ def kl_k1_per_sequence(policy_logprobs: Sequence[Sequence[float]],
 
 
 @torch.no_grad()
-def response_token_logprobs(model, samples: Sequence, temperature: float, pad_token_id: int,
-                            batch_size: int = 8) -> list[list[float]]:
+def response_token_logprobs(
+    model, samples: Sequence, temperature: float, pad_token_id: int, batch_size: int = 8
+) -> list[list[float]]:
     """``log softmax(logits/T)`` of each response token given its prompt and the earlier response tokens.
 
     ``samples`` carry ``prompt_ids`` and ``response_ids`` (``tether.generation.Sample``). Sequences
@@ -154,22 +162,22 @@ def response_token_logprobs(model, samples: Sequence, temperature: float, pad_to
     try:
         order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
+            chunk = order[start : start + batch_size]
             seqs = [list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in chunk]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), int(pad_token_id), dtype=torch.long)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
             for row, s in enumerate(seqs):
-                ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[row, :len(s)] = 1
+                ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[row, : len(s)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             for row, i in enumerate(chunk):
                 n_prompt, n_resp = len(samples[i].prompt_ids), len(samples[i].response_ids)
                 if n_resp == 0:
                     continue
                 # logits at position t predict token t + 1
-                step_logits = logits[row, n_prompt - 1:n_prompt - 1 + n_resp].float() / temperature
-                targets = ids[row, n_prompt:n_prompt + n_resp].to(step_logits.device)
+                step_logits = logits[row, n_prompt - 1 : n_prompt - 1 + n_resp].float() / temperature
+                targets = ids[row, n_prompt : n_prompt + n_resp].to(step_logits.device)
                 lp = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
                 out[i] = lp.cpu().tolist()
     finally:
@@ -177,8 +185,9 @@ def response_token_logprobs(model, samples: Sequence, temperature: float, pad_to
     return out
 
 
-def per_sequence_kl(policy, reference, tokenizer, samples: Sequence, temperature: float,
-                    batch_size: int = 8) -> list[float]:
+def per_sequence_kl(
+    policy, reference, tokenizer, samples: Sequence, temperature: float, batch_size: int = 8
+) -> list[float]:
     """k1 KL estimate of each sample (see :func:`kl_k1_per_sequence`), log-probs at temperature T."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lp = response_token_logprobs(policy, samples, temperature, pad, batch_size)
@@ -281,7 +290,7 @@ def _check_points(d: Sequence[float], r: Sequence[float]) -> tuple[np.ndarray, n
 def fit_bon(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:
     """Least-squares ``(α, β)`` of ``R = d (α − β d) = α·d − β·d²`` (linear in α, β; no intercept)."""
     d_arr, r_arr = _check_points(d, r)
-    return _lstsq_two(d_arr, -d_arr ** 2, r_arr)
+    return _lstsq_two(d_arr, -(d_arr**2), r_arr)
 
 
 def fit_rl(d: Sequence[float], r: Sequence[float]) -> tuple[float, float]:

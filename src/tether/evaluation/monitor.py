@@ -9,18 +9,19 @@ at the sampling temperature, i.e. the ``kl/ref`` metric of ``tether ppo``. Bands
 | < 1         | barely_changed   | policy barely changed: lower β or train longer                                   |
 | 1 – 2       | moving           | the policy has started to move away from the reference: keep going              |
 | 2 – 6       | healthy          | keep going                                                                       |
-| 6 – 10      | elevated         | above the usual target: watch the gold reward and samples; raise β if it keeps rising |
+| 6 – 10      | elevated         | above the usual target: watch gold reward and samples; raise β if it keeps rising |
 | 10 – 20     | drifting         | drifting from the SFT model: raise β or lower the learning rate; check gold reward |
 | > 20        | divergence       | stop and debug (``--stop_on_divergence`` ends the run here)                     |
 
 Boundaries belong to the lower band (KL = 2 is "moving", 6 is "healthy", 10 "elevated", 20 "drifting").
 A negative k1 estimate (possible per batch) counts as "barely_changed".
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,18 @@ KL_BANDS: tuple[KLBand, ...] = (
     KLBand("barely_changed", 1.0, "policy barely changed", "lower β or train longer"),
     KLBand("moving", 2.0, "the policy has started to move", "keep going"),
     KLBand("healthy", 6.0, "healthy", "keep going"),
-    KLBand("elevated", 10.0, "above the usual KL target",
-           "watch the gold reward and samples; raise β if the KL keeps rising"),
-    KLBand("drifting", 20.0, "drifting from the SFT model",
-           "raise β or lower the learning rate; check the gold reward (a KL penalty acts like early stopping)"),
+    KLBand(
+        "elevated",
+        10.0,
+        "above the usual KL target",
+        "watch the gold reward and samples; raise β if the KL keeps rising",
+    ),
+    KLBand(
+        "drifting",
+        20.0,
+        "drifting from the SFT model",
+        "raise β or lower the learning rate; check the gold reward (a KL penalty acts like early stopping)",
+    ),
     KLBand("divergence", float("inf"), "divergence", "stop and debug"),
 )
 DIVERGENCE = "divergence"
@@ -66,8 +75,12 @@ class MonitorReport:
 class KLMonitor:
     """Follows the KL band across iterations, says so when it changes, and asks to stop at divergence."""
 
-    def __init__(self, stop_on_divergence: bool = True, say: Callable[[str], None] | None = None,
-                 temperature: float | None = None):
+    def __init__(
+        self,
+        stop_on_divergence: bool = True,
+        say: Callable[[str], None] | None = None,
+        temperature: float | None = None,
+    ):
         self.stop_on_divergence = stop_on_divergence
         self.say = say or logger.warning
         self.temperature = temperature

@@ -16,16 +16,18 @@ Every plot comes with one sentence computed from its numbers (the ``describe_*``
 claim is written in advance. Plots are drawn with matplotlib's object API on the Agg canvas, so
 the report never touches a display or the global pyplot state.
 """
+
 from __future__ import annotations
 
 import html
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -154,8 +156,13 @@ def describe_ppo(rows: Sequence[Mapping[str, Any]]) -> str:
         parts.append(f"the KL to the reference ended at {end:.2f} nats ({kl_band(end)}), peaking at {max(kl):.2f}")
     if not parts:
         return "The PPO metrics hold none of reward/score, reward/gold or kl/ref."
-    return (f"Over {n} logged PPO iterations (first and last tenth averaged) " + ", ".join(parts[:-1])
-            + (" and " if len(parts) > 1 else "") + parts[-1] + ".")
+    return (
+        f"Over {n} logged PPO iterations (first and last tenth averaged) "
+        + ", ".join(parts[:-1])
+        + (" and " if len(parts) > 1 else "")
+        + parts[-1]
+        + "."
+    )
 
 
 def _kl(point: Mapping[str, Any]) -> float:
@@ -197,34 +204,50 @@ def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
     if gold is None:
         if proxy is None:
             return "No gold or proxy reward was measured at these checkpoints."
-        return (f"Without a gold score only the proxy can be read: it changes by {proxy[-1]:+.2f} "
-                f"between √KL = {d[0]:.2f} and √KL = {d[-1]:.2f}.")
+        return (
+            f"Without a gold score only the proxy can be read: it changes by {proxy[-1]:+.2f} "
+            f"between √KL = {d[0]:.2f} and √KL = {d[-1]:.2f}."
+        )
     i = int(np.argmax(gold))
     if i == len(pts) - 1:
-        sentence = (f"Gold reward is highest at the largest KL measured (√KL ≈ {d[i]:.2f}, {gold[i]:+.2f} over the "
-                    f"starting policy), so no over-optimisation is visible in this range")
+        sentence = (
+            f"Gold reward is highest at the largest KL measured (√KL ≈ {d[i]:.2f}, {gold[i]:+.2f} over the "
+            f"starting policy), so no over-optimisation is visible in this range"
+        )
         if proxy is not None:
             sentence += f"; the proxy changed by {proxy[-1]:+.2f} over the same range"
     elif i == 0:
-        sentence = (f"Gold reward never rises above the starting policy's and is {-gold[-1]:.2f} lower at "
-                    f"√KL ≈ {d[-1]:.2f}")
+        sentence = (
+            f"Gold reward never rises above the starting policy's and is {-gold[-1]:.2f} lower at √KL ≈ {d[-1]:.2f}"
+        )
         if proxy is not None:
-            sentence += (f" while the proxy changed by {proxy[-1]:+.2f}: the reward model's gains do not carry "
-                         "over to the gold reward" if proxy[-1] > 0 else f", and the proxy changed by {proxy[-1]:+.2f}")
+            sentence += (
+                f" while the proxy changed by {proxy[-1]:+.2f}: the reward model's gains do not carry "
+                "over to the gold reward"
+                if proxy[-1] > 0
+                else f", and the proxy changed by {proxy[-1]:+.2f}"
+            )
     else:
         drop = gold[i] - gold[-1]
-        sentence = f"Gold reward peaks at √KL ≈ {d[i]:.2f} ({gold[i]:+.2f} over the start) and is {drop:.2f} lower at √KL ≈ {d[-1]:.2f}"
+        sentence = (
+            f"Gold reward peaks at √KL ≈ {d[i]:.2f} ({gold[i]:+.2f} over "
+            f"the start) and is {drop:.2f} lower at √KL ≈ {d[-1]:.2f}"
+        )
         if proxy is not None:
             if proxy[-1] >= proxy[i]:
-                sentence += (f" while the proxy keeps rising (by {proxy[-1] - proxy[i]:+.2f} past the gold peak): "
-                             "the policy over-optimises the reward model beyond that point")
+                sentence += (
+                    f" while the proxy keeps rising (by {proxy[-1] - proxy[i]:+.2f} past the gold peak): "
+                    "the policy over-optimises the reward model beyond that point"
+                )
             else:
                 sentence += f", and the proxy also falls past that point (by {proxy[-1] - proxy[i]:+.2f})"
     fit = _try_fit_rl(d, gold)
     if fit is not None:
         peak = rl_peak(*fit)
         if math.isfinite(peak) and peak <= 2 * d.max():
-            sentence += f"; the fitted R_RL(d) = d(α − β log d) (α = {fit[0]:.2f}, β = {fit[1]:.2f}) peaks at √KL ≈ {peak:.2f}"
+            sentence += (
+                f"; the fitted R_RL(d) = d(α − β log d) (α = {fit[0]:.2f}, β = {fit[1]:.2f}) peaks at √KL ≈ {peak:.2f}"
+            )
         else:
             sentence += f"; the fitted R_RL (α = {fit[0]:.2f}, β = {fit[1]:.2f}) has no peak within the measured range"
     return sentence + "."
@@ -235,16 +258,20 @@ def describe_bon(curve: Sequence[Mapping[str, Any]]) -> str:
     if len(rows) < 2:
         return "Best-of-N needs at least two values of N to show a trend."
     first, last = rows[0], rows[-1]
-    sentence = (f"From N = {first['n']} to N = {last['n']} (KL bound {float(first['kl_bound']):.2f} to "
-                f"{float(last['kl_bound']):.2f} nats) best-of-N changes the proxy reward by "
-                f"{float(last['proxy']) - float(first['proxy']):+.2f}")
+    sentence = (
+        f"From N = {first['n']} to N = {last['n']} (KL bound {float(first['kl_bound']):.2f} to "
+        f"{float(last['kl_bound']):.2f} nats) best-of-N changes the proxy reward by "
+        f"{float(last['proxy']) - float(first['proxy']):+.2f}"
+    )
     golds = [_num(r.get("gold")) for r in rows]
     if all(g is not None for g in golds):
         sentence += f" and the gold score by {golds[-1] - golds[0]:+.2f}"
         j = int(np.argmax(golds))
         if j < len(rows) - 1 and golds[-1] < golds[j]:
-            sentence += (f"; gold is highest at N = {rows[j]['n']} and lower for larger N while the proxy "
-                         "keeps being maximised, over-optimisation by selection")
+            sentence += (
+                f"; gold is highest at N = {rows[j]['n']} and lower for larger N while the proxy "
+                "keeps being maximised, over-optimisation by selection"
+            )
         elif golds[-1] > golds[0]:
             sentence += "; selection against the reward model still improves the gold score at the largest N"
     return sentence + "."
@@ -267,7 +294,9 @@ def describe_length(points: Sequence[Mapping[str, Any]]) -> str:
             parts.append(f"the gold score at r = {r_gold:+.2f}")
     if not parts:
         return "Length or score is constant over these responses, so no correlation can be computed."
-    sentence = f"Over {max(len(with_reward), len(with_gold))} responses, length correlates with " + " and with ".join(parts)
+    sentence = f"Over {max(len(with_reward), len(with_gold))} responses, length correlates with " + " and with ".join(
+        parts
+    )
     if r_rm is not None and r_gold is not None and not (math.isnan(r_rm) or math.isnan(r_gold)):
         gap = r_rm - r_gold
         if gap > 0.2:
@@ -303,11 +332,14 @@ def describe_study(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         d = _sqrt_kl(pts)
         i = int(np.argmax(gold))
         if i == 0 and gold[-1] < gold[0]:
-            clauses.append(f"with {label} gold never rises above its start and ends {-gold[-1]:.2f} lower "
-                           f"at √KL ≈ {d[-1]:.2f}")
+            clauses.append(
+                f"with {label} gold never rises above its start and ends {-gold[-1]:.2f} lower at √KL ≈ {d[-1]:.2f}"
+            )
         elif i < len(pts) - 1 and gold[-1] < gold[i]:
-            clauses.append(f"with {label} gold peaks at √KL ≈ {d[i]:.2f} and ends {gold[i] - gold[-1]:.2f} lower "
-                           f"at √KL ≈ {d[-1]:.2f}")
+            clauses.append(
+                f"with {label} gold peaks at √KL ≈ {d[i]:.2f} and ends {gold[i] - gold[-1]:.2f} lower "
+                f"at √KL ≈ {d[-1]:.2f}"
+            )
         else:
             clauses.append(f"with {label} gold is still at its highest at the last checkpoint (√KL ≈ {d[-1]:.2f})")
     if not clauses:
@@ -362,8 +394,15 @@ def _save(fig, path: Path) -> Path:
 
 def plot_ppo_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Three stacked panels: proxy reward, gold score and KL to the reference per iteration."""
-    panels = [(k, t) for k, t in (("reward/score", "reward-model score"), ("reward/gold", "gold score"),
-                                  ("kl/ref", "KL to reference (nats)")) if _series(rows, k)[1]]
+    panels = [
+        (k, t)
+        for k, t in (
+            ("reward/score", "reward-model score"),
+            ("reward/gold", "gold score"),
+            ("kl/ref", "KL to reference (nats)"),
+        )
+        if _series(rows, k)[1]
+    ]
     if not panels:
         return None
     fig, axes = _new_figure(6.4, 2.2 * len(panels), nrows=len(panels))
@@ -397,8 +436,14 @@ def plot_overoptimisation(points: Sequence[Mapping[str, Any]], path: Path) -> Pa
         ax.plot(d, r, "o", color=color, label=f"{label}, checkpoints")
         fit = _try_fit_rl(d, r)
         if fit is not None:
-            ax.plot(grid, r_rl(grid, *fit), "--", color=color, lw=1,
-                    label=f"{label}, fit d(α − β log d): α={fit[0]:.2f}, β={fit[1]:.2f}")
+            ax.plot(
+                grid,
+                r_rl(grid, *fit),
+                "--",
+                color=color,
+                lw=1,
+                label=f"{label}, fit d(α − β log d): α={fit[0]:.2f}, β={fit[1]:.2f}",
+            )
     if not drawn:
         return None
     ax.axhline(0, color="grey", lw=0.5)
@@ -419,8 +464,7 @@ def plot_bon(curve: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     proxy = [float(r["proxy"]) - float(rows[0]["proxy"]) for r in rows]
     ax.plot(kl, proxy, "o-", color="tab:blue", label="proxy (reward model)")
     if all(_num(r.get("gold")) is not None for r in rows):
-        ax.plot(kl, [float(r["gold"]) - float(rows[0]["gold"]) for r in rows], "s-", color="tab:orange",
-                label="gold")
+        ax.plot(kl, [float(r["gold"]) - float(rows[0]["gold"]) for r in rows], "s-", color="tab:orange", label="gold")
     for x, y, r in zip(kl, proxy, rows):
         ax.annotate(f"N={r['n']}", (x, y), textcoords="offset points", xytext=(3, 5), fontsize=7)
     ax.axhline(0, color="grey", lw=0.5)
@@ -476,8 +520,20 @@ def plot_study(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> P
     fig, axes = _new_figure(6.8, 4.4)
     ax = axes[0, 0]
     drawn = False
-    colors = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-                   "tab:gray", "tab:olive", "tab:cyan"])
+    colors = iter(
+        [
+            "tab:blue",
+            "tab:orange",
+            "tab:green",
+            "tab:red",
+            "tab:purple",
+            "tab:brown",
+            "tab:pink",
+            "tab:gray",
+            "tab:olive",
+            "tab:cyan",
+        ]
+    )
     for label, points in runs.items():
         pts = _by_kl(points)
         gold = _recentred(pts, "gold")
@@ -534,6 +590,7 @@ def _eval_metrics(eval_results: Any) -> dict[str, dict[str, Any]] | None:
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(c: str) -> str:
         return str(c).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -613,25 +670,57 @@ def write_report(
             sections.append(Section(title_, sentence, f"{PLOTS_DIR}/{path.name}"))
 
     metrics = _eval_metrics(eval_results)
-    add("ppo_curves", "PPO training: reward, gold score and KL per iteration", list(ppo_metrics or []),
-        plot_ppo_curves, describe_ppo, "No PPO metrics were given (PPO was skipped or its metrics.jsonl is missing).")
-    add("overoptimisation", "Over-optimisation: gold and proxy reward against √KL", list(overopt_points or []),
-        plot_overoptimisation, describe_overoptimisation,
-        "No checkpoint evaluations were given, so the over-optimisation curve cannot be drawn.")
-    add("best_of_n", "Best-of-N: reward against the analytic KL bound", list(bon_curve or []), plot_bon,
-        describe_bon, "No best-of-N curve was computed (it needs a reward model; `tether eval --bon_curve 1 2 4 8 16` "
-        "or the pipeline draws it).")
-    add("length_vs_reward", "Length against reward (verbosity bias)", list(length_reward_points or []),
-        plot_length_reward, describe_length, "No scored responses were given.")
+    add(
+        "ppo_curves",
+        "PPO training: reward, gold score and KL per iteration",
+        list(ppo_metrics or []),
+        plot_ppo_curves,
+        describe_ppo,
+        "No PPO metrics were given (PPO was skipped or its metrics.jsonl is missing).",
+    )
+    add(
+        "overoptimisation",
+        "Over-optimisation: gold and proxy reward against √KL",
+        list(overopt_points or []),
+        plot_overoptimisation,
+        describe_overoptimisation,
+        "No checkpoint evaluations were given, so the over-optimisation curve cannot be drawn.",
+    )
+    add(
+        "best_of_n",
+        "Best-of-N: reward against the analytic KL bound",
+        list(bon_curve or []),
+        plot_bon,
+        describe_bon,
+        "No best-of-N curve was computed (it needs a reward model; `tether eval --bon_curve 1 2 4 8 16` "
+        "or the pipeline draws it).",
+    )
+    add(
+        "length_vs_reward",
+        "Length against reward (verbosity bias)",
+        list(length_reward_points or []),
+        plot_length_reward,
+        describe_length,
+        "No scored responses were given.",
+    )
     if rounds:
         add("rounds", "Iterated RLHF: gold and proxy reward per round", list(rounds), plot_rounds, describe_rounds, "")
     if study_runs:
-        add("study", "Over-optimisation study: gold against √KL for several KL coefficients", dict(study_runs),
-            plot_study, describe_study, "")
+        add(
+            "study",
+            "Over-optimisation study: gold against √KL for several KL coefficients",
+            dict(study_runs),
+            plot_study,
+            describe_study,
+            "",
+        )
 
-    t_note = (f"All samples are drawn at temperature T = {temperature:g}, and every KL figure (nats per response, "
-              f"summed over response tokens) is measured at that T." if temperature is not None
-              else "The sampling temperature was not recorded; KL figures depend on it.")
+    t_note = (
+        f"All samples are drawn at temperature T = {temperature:g}, and every KL figure (nats per response, "
+        f"summed over response tokens) is measured at that T."
+        if temperature is not None
+        else "The sampling temperature was not recorded; KL figures depend on it."
+    )
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     # ---- markdown
@@ -640,8 +729,12 @@ def write_report(
     md += ["## Policies compared", ""]
     table = metrics_table(metrics) if metrics else None
     if table:
-        md += [_md_table(*table), "",
-               "KL for best-of-N is the analytic upper bound log N − (N−1)/N. Probe answers are greedy.", ""]
+        md += [
+            _md_table(*table),
+            "",
+            "KL for best-of-N is the analytic upper bound log N − (N−1)/N. Probe answers are greedy.",
+            "",
+        ]
     else:
         md += ["_No evaluation results were given._", ""]
     for s in sections:
@@ -660,29 +753,40 @@ def write_report(
             md += [""]
 
     # ---- html
-    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-         f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
-         f"<p class='note'>Generated {generated}. {html.escape(t_note)}</p>"]
+    h = [
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='note'>Generated {generated}. {html.escape(t_note)}</p>",
+    ]
     if notes:
         h.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     h.append("<h2>Policies compared</h2>")
     if table:
         h.append(_html_table(*table))
-        h.append("<p class='note'>KL for best-of-N is the analytic upper bound log N − (N−1)/N. "
-                 "Probe answers are greedy.</p>")
+        h.append(
+            "<p class='note'>KL for best-of-N is the analytic upper bound log N − (N−1)/N. "
+            "Probe answers are greedy.</p>"
+        )
     else:
         h.append("<p class='note'>No evaluation results were given.</p>")
     for s in sections:
         h.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.sentence:
             h.append(f"<p>{html.escape(s.sentence)}</p>")
-        h.append(f"<img src='{html.escape(s.image)}' alt='{html.escape(s.title)}'>" if s.image
-                 else f"<p class='note'>{html.escape(s.missing or '')}</p>")
+        h.append(
+            f"<img src='{html.escape(s.image)}' alt='{html.escape(s.title)}'>"
+            if s.image
+            else f"<p class='note'>{html.escape(s.missing or '')}</p>"
+        )
     if side_by_side:
         h.append("<h2>Sample responses side by side</h2>")
         policies = list(dict.fromkeys(p for row in side_by_side for p in row["responses"]))
-        h.append("<table><thead><tr><th>prompt</th>" + "".join(f"<th>{html.escape(p)}</th>" for p in policies)
-                 + "</tr></thead><tbody>")
+        h.append(
+            "<table><thead><tr><th>prompt</th>"
+            + "".join(f"<th>{html.escape(p)}</th>" for p in policies)
+            + "</tr></thead><tbody>"
+        )
         for row in side_by_side:
             cells = []
             for p in policies:
@@ -691,8 +795,11 @@ def write_report(
                     cells.append("<td>–</td>")
                     continue
                 scores = ", ".join(f"{k} {float(r[k]):+.2f}" for k in ("reward", "gold") if _num(r.get(k)) is not None)
-                cells.append(f"<td><pre>{html.escape(_clip(r['response']))}</pre>"
-                             + (f"<p class='note'>{html.escape(scores)}</p>" if scores else "") + "</td>")
+                cells.append(
+                    f"<td><pre>{html.escape(_clip(r['response']))}</pre>"
+                    + (f"<p class='note'>{html.escape(scores)}</p>" if scores else "")
+                    + "</td>"
+                )
             h.append(f"<tr><td><pre>{html.escape(_prompt_str(row['prompt']))}</pre></td>{''.join(cells)}</tr>")
         h.append("</tbody></table>")
     h.append("</body></html>")

@@ -16,14 +16,16 @@ iteration, averaged over windows of ``--window`` iterations: cheap, on training 
 A finished run (``ppo_summary.json`` present) is not trained again, so the study can be re-run to
 redraw or extend the list of coefficients.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,40 +35,62 @@ from tether.models.loading import EMBEDDED_MODEL
 logger = logging.getLogger(__name__)
 
 STUDIES = ("overoptimization",)
-_ALIASES = {"overoptimisation": "overoptimization", "over-optimization": "overoptimization",
-            "over-optimisation": "overoptimization"}
+_ALIASES = {
+    "overoptimisation": "overoptimization",
+    "over-optimization": "overoptimization",
+    "over-optimisation": "overoptimization",
+}
 STUDY_FILE = "study.json"
 
 
 @dataclass
 class StudyConfig:
-    study: str = field(default="overoptimization", metadata={
-        "help": "Which study; given as the word after `tether study` (`tether study overoptimization`)."})
-    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
-        "help": "Starting policy (normally the SFT model); also the KL reference."})
+    study: str = field(
+        default="overoptimization",
+        metadata={"help": "Which study; given as the word after `tether study` (`tether study overoptimization`)."},
+    )
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL, metadata={"help": "Starting policy (normally the SFT model); also the KL reference."}
+    )
     reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model folder (required)."})
-    kl_coefs: list[float] = field(default_factory=lambda: [0.2, 0.05, 0.01, 0.001], metadata={
-        "help": "Fixed KL coefficients β, one PPO run each; keep a low one (it over-optimises)."})
-    dataset: str | None = field(default=None, metadata={"help": "Training prompts. Default: the demo task's train prompts."})
-    eval_dataset: str | None = field(default=None, metadata={
-        "help": "Held-out prompts for --eval_checkpoints. Default: the demo task's held-out prompts."})
+    kl_coefs: list[float] = field(
+        default_factory=lambda: [0.2, 0.05, 0.01, 0.001],
+        metadata={"help": "Fixed KL coefficients β, one PPO run each; keep a low one (it over-optimises)."},
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "Training prompts. Default: the demo task's train prompts."}
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompts for --eval_checkpoints. Default: the demo task's held-out prompts."},
+    )
     num_iterations: int = field(default=40, metadata={"help": "PPO iterations per run."})
     batch_size: int = field(default=16, metadata={"help": "Episodes per PPO iteration."})
-    mini_batch_size: int | None = field(default=None, metadata={"help": "Episodes per optimizer step (default: batch)."})
+    mini_batch_size: int | None = field(
+        default=None, metadata={"help": "Episodes per optimizer step (default: batch)."}
+    )
     ppo_epochs: int = field(default=4, metadata={"help": "PPO epochs per batch."})
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (linear decay to 0)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Response token budget."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (KL is measured at it)."})
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     window: int = field(default=5, metadata={"help": "Iterations averaged into one point of the curve."})
-    eval_checkpoints: bool = field(default=False, metadata={
-        "help": "Also save a checkpoint every --save_every iterations and evaluate each on held-out prompts."})
+    eval_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "Also save a checkpoint every --save_every iterations and evaluate each on held-out prompts."
+        },
+    )
     save_every: int = field(default=10, metadata={"help": "Checkpoint interval (iterations) with --eval_checkpoints."})
     eval_num_prompts: int = field(default=32, metadata={"help": "Held-out prompts per checkpoint evaluation."})
     gold: str = field(default="auto", metadata={"help": "auto (on for the demo prompts), on or off."})
-    ppo_config: str | None = field(default=None, metadata={
-        "help": "YAML file of further `tether ppo` options applied to every run (the β and output folder are set "
-                "by the study)."})
+    ppo_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML file of further `tether ppo` options applied to every run (the β and output folder are set "
+            "by the study)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of every run (the runs differ only in β)."})
     output_dir: str = field(default="outputs/study-overoptimization", metadata={"help": "Where runs and the plot go."})
 
@@ -95,6 +119,7 @@ def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> l
     and ``reward/score`` (None when a key is missing from any row of the window). The first
     window holds the starting policy's rollouts, the baseline the plot recentres on.
     """
+
     def num(v):
         try:
             x = float(v)
@@ -105,15 +130,21 @@ def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> l
     usable = [r for r in rows if num(r.get("kl/ref")) is not None]
     points = []
     for start in range(0, len(usable), window):
-        chunk = usable[start:start + window]
+        chunk = usable[start : start + window]
         steps = [r.get("step", start + i) for i, r in enumerate(chunk)]
 
         def mean(key):
             vals = [num(r.get(key)) for r in chunk]
             return None if any(v is None for v in vals) else float(np.mean(vals))
 
-        points.append({"name": f"iter {steps[0]}-{steps[-1]}", "kl": max(0.0, mean("kl/ref")),
-                       "gold": mean("reward/gold"), "proxy": mean("reward/score")})
+        points.append(
+            {
+                "name": f"iter {steps[0]}-{steps[-1]}",
+                "kl": max(0.0, mean("kl/ref")),
+                "gold": mean("reward/gold"),
+                "proxy": mean("reward/score"),
+            }
+        )
     return points
 
 
@@ -125,8 +156,12 @@ def run_folder(output_dir: str | Path, beta: float) -> Path:
     return Path(output_dir) / f"beta-{beta:g}"
 
 
-def draw_study(output_dir: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], temperature: float | None = None,
-               notes: Sequence[str] = ()) -> dict[str, Any]:
+def draw_study(
+    output_dir: str | Path,
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    temperature: float | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
     """Write ``study.json``, the gold-vs-√KL plot of all runs and a report; returns paths and the sentence."""
     from tether.evaluation.metrics import fit_rl, rl_peak
     from tether.evaluation.report import write_report, write_text_atomic
@@ -145,8 +180,9 @@ def draw_study(output_dir: str | Path, runs: Mapping[str, Sequence[Mapping[str, 
     doc = {"study": "overoptimization", "temperature": temperature, "runs": dict(runs), "fits_R_RL": fits}
     out = Path(output_dir)
     write_text_atomic(out / STUDY_FILE, json.dumps(doc, indent=2, default=str) + "\n")
-    paths = write_report(out, study_runs=runs, temperature=temperature, title="tether study: over-optimisation",
-                         notes=notes)
+    paths = write_report(
+        out, study_runs=runs, temperature=temperature, title="tether study: over-optimisation", notes=notes
+    )
     return {"study_json": out / STUDY_FILE, "report": paths}
 
 
@@ -212,13 +248,16 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             logger.info("study: PPO with fixed %s -> %s", run_label(beta), folder)
             run_ppo(_ppo_config(config, beta), prompts=prompts, extra_metrics=hook)
         if config.eval_checkpoints:
-            runs[run_label(beta)] = _checkpoint_points(config, folder, tokenizer, gold,
-                                                       [c / "policy" for c in list_checkpoints(folder)])
+            runs[run_label(beta)] = _checkpoint_points(
+                config, folder, tokenizer, gold, [c / "policy" for c in list_checkpoints(folder)]
+            )
         else:
             runs[run_label(beta)] = points_from_metrics(read_jsonl(folder / METRICS_FILE), config.window)
-    notes = [f"Starting policy: {config.model_name_or_path}; reward model: {config.reward_model_path}.",
-             f"{config.num_iterations} PPO iterations of {config.batch_size} episodes per run, fixed β, "
-             f"learning rate {config.learning_rate:g}."]
+    notes = [
+        f"Starting policy: {config.model_name_or_path}; reward model: {config.reward_model_path}.",
+        f"{config.num_iterations} PPO iterations of {config.batch_size} episodes per run, fixed β, "
+        f"learning rate {config.learning_rate:g}.",
+    ]
     if not gold:
         notes.append("No gold function for these prompts: the plot needs reward/gold and stays empty.")
     return draw_study(config.output_dir, runs, config.temperature, notes)
@@ -238,9 +277,15 @@ def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool,
     summary = json.loads((folder / "ppo_summary.json").read_text(encoding="utf-8"))
     if f"checkpoint-{summary.get('iterations')}" not in policies:  # the final policy is not a checkpoint already
         policies["final"] = str(folder / "policy")
-    settings = {"policies": policies, "eval_dataset": config.eval_dataset, "eval_num_prompts": config.eval_num_prompts,
-                "temperature": config.temperature, "max_new_tokens": config.max_new_tokens, "gold": gold,
-                "seed": config.seed}
+    settings = {
+        "policies": policies,
+        "eval_dataset": config.eval_dataset,
+        "eval_num_prompts": config.eval_num_prompts,
+        "temperature": config.temperature,
+        "max_new_tokens": config.max_new_tokens,
+        "gold": gold,
+        "seed": config.seed,
+    }
     cache = folder / CHECKPOINT_POINTS_FILE
     if cache.is_file():
         cached = json.loads(cache.read_text(encoding="utf-8"))
@@ -253,9 +298,18 @@ def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool,
 
         prompts = load_prompts(config.eval_dataset)
     prompts = prompts[: config.eval_num_prompts]
-    results = evaluate_policies(policies, config.model_name_or_path, config.reward_model_path, tokenizer, prompts,
-                                temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                                gold=gold, probes=False, seed=config.seed)
+    results = evaluate_policies(
+        policies,
+        config.model_name_or_path,
+        config.reward_model_path,
+        tokenizer,
+        prompts,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        gold=gold,
+        probes=False,
+        seed=config.seed,
+    )
     points = overopt_points(results, list(policies))
     write_text_atomic(cache, json.dumps({"settings": settings, "points": points}, indent=2) + "\n")
     return points

@@ -5,6 +5,7 @@ With no model argument every stage uses SmolLM2-135M-Instruct, which ships insid
 plain safetensors copy to the cache folder (``$TETHER_CACHE`` or ``~/.cache/tether``); every later
 load reads that copy in well under a second.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -201,7 +202,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
-        for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                    "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_dropout_prob"):
+        for key in (
+            "attention_dropout",
+            "hidden_dropout",
+            "dropout",
+            "resid_pdrop",
+            "embd_pdrop",
+            "attn_pdrop",
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
+            "summary_dropout_prob",
+        ):
             if isinstance(getattr(config, key, None), float):
                 setattr(config, key, 0.0)

@@ -11,14 +11,15 @@ exactly the positions it would get unpadded.
 PPO imports :func:`score_texts`, :func:`score_at_last_token`, :class:`RewardStats`,
 :func:`load_reward_stats` and :func:`normalise`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -45,8 +46,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def padded_batch(sequences: Sequence[Sequence[int]], pad_token_id: int,
-                 padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` for token lists of different lengths; the mask comes from lengths."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -117,8 +119,9 @@ def _accepts(model, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def token_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Head output at every position, shape ``[B, T]`` (``attention_mask`` may be 2-D or a 4-D custom mask)."""
     kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}  # no KV cache to build and throw away
     with capture_token_scores(model) as captured:
@@ -148,15 +151,22 @@ def score_sequences(model, sequences: Sequence[Sequence[int]], pad_token_id: int
     scores = torch.empty(len(sequences), dtype=torch.float32)
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         input_ids, attention_mask = padded_batch([sequences[i] for i in chunk], pad_token_id)
         out = score_at_last_token(model, input_ids.to(device), attention_mask.to(device))
         scores[torch.tensor(chunk)] = out.float().cpu()
     return scores
 
 
-def score_texts(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 16,
-                max_length: int | None = None, max_prompt_length: int | None = None) -> torch.Tensor:
+def score_texts(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    responses: Sequence[str],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> torch.Tensor:
     """Reward of each (prompt, response) pair, tokenised by the one rule of ``tether.data.templates``.
 
     ``tokens = prompt_ids(prompt) + response_ids(response)`` (the response ends with the stop
@@ -166,8 +176,9 @@ def score_texts(model, tokenizer, prompts: Sequence, responses: Sequence[str], b
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    sequences = [prompt_response_ids(tokenizer, p, r, max_length, max_prompt_length)[0]
-                 for p, r in zip(prompts, responses)]
+    sequences = [
+        prompt_response_ids(tokenizer, p, r, max_length, max_prompt_length)[0] for p, r in zip(prompts, responses)
+    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
@@ -215,7 +226,7 @@ def reward_stats(scores: torch.Tensor, source: str = "") -> RewardStats:
 def normalise(scores: torch.Tensor, stats: RewardStats, eps: float = 1e-8) -> torch.Tensor:
     """Gain and bias that make the reference sample N(0, 1) (Ziegler et al. 2019):
 
-        s' = g·s + b   with   g = 1 / (std + eps),   b = −mean · g      i.e.   s' = (s − mean) / (std + eps)
+    s' = g·s + b   with   g = 1 / (std + eps),   b = −mean · g      i.e.   s' = (s − mean) / (std + eps)
     """
     gain = 1.0 / (stats.std + eps)
     return (scores - stats.mean) * gain
@@ -237,8 +248,10 @@ def load_reward_stats(path: str | Path) -> RewardStats:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no reward statistics (train the reward model with `tether rm`, "
-                                "which saves them beside the weights)") from None
+        raise FileNotFoundError(
+            f"{path}: no reward statistics (train the reward model with `tether rm`, "
+            "which saves them beside the weights)"
+        ) from None
     try:
         mean, std = float(data["mean"]), float(data["std"])
     except (KeyError, TypeError, ValueError) as exc:

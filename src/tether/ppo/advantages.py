@@ -4,9 +4,10 @@ Tensors are ``[batch, response_tokens]``; ``mask`` is 1 on real response tokens 
 included) and 0 on the padding after a response ends. Padding never enters a sum, a mean or a
 variance, and gets advantage 0 and return 0.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -14,8 +15,9 @@ import torch
 AllReduceSum = Callable[[torch.Tensor], torch.Tensor]
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor,
-                   all_reduce: AllReduceSum | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduceSum | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and **biased** variance of ``x`` over the positions where ``mask`` is 1:
 
         n = Σ m,   μ = Σ m·x / n,   σ² = Σ m·(x − μ)² / n
@@ -36,8 +38,13 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor,
     return mean, sq / count
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           all_reduce: AllReduceSum | None = None) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: AllReduceSum | None = None,
+) -> torch.Tensor:
     """Standardise ``x`` over real tokens only (biased variance, as TF ``moments``):
 
         whiten(x) = (x − μ) / sqrt(σ² + ε)            (shift_mean=True)
@@ -52,8 +59,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     return torch.where(mask.bool(), out, torch.zeros_like(out))
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                   gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; returns ``(advantages, returns)``.
 
         δ_t = r_t + γ·V_{t+1} − V_t
@@ -77,8 +85,9 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
         next_real = real[:, t + 1].to(values.dtype) if t + 1 < n else torch.zeros_like(values[:, 0])
         next_value = values[:, t + 1] * next_real if t + 1 < n else torch.zeros_like(values[:, 0])
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = torch.where(real[:, t], delta + gamma * lam * next_advantage * next_real,
-                                     torch.zeros_like(delta))
+        next_advantage = torch.where(
+            real[:, t], delta + gamma * lam * next_advantage * next_real, torch.zeros_like(delta)
+        )
         advantages[:, t] = next_advantage
     returns = torch.where(real, advantages + values, zeros)
     return advantages, returns

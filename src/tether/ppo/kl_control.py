@@ -5,6 +5,7 @@ per response, measured at the sampling temperature, before the PPO update); ``n_
 number of episodes in the (global) batch and ``horizon`` is in episodes. β is updated once per
 rollout batch, after the PPO epochs.
 """
+
 from __future__ import annotations
 
 
@@ -27,8 +28,8 @@ class FixedKLController:
 def adaptive_kl_update(beta: float, current_kl: float, target: float, n_steps: int, horizon: int) -> float:
     """One step of the Ziegler et al. (2019) proportional controller:
 
-        e = clip(KL / target − 1, −0.2, 0.2)
-        β ← β·(1 + e·n_steps / horizon)
+    e = clip(KL / target − 1, −0.2, 0.2)
+    β ← β·(1 + e·n_steps / horizon)
     """
     error = min(max(current_kl / target - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n_steps / horizon)

@@ -9,6 +9,7 @@ Means are **token means**: ``Σ m·x / n`` where ``n`` defaults to ``Σ m``. Pas
 of the whole minibatch as ``n`` makes gradient accumulation over micro-batches sum to exactly the
 minibatch loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,16 +58,21 @@ def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperat
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1",
-               logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    kind: str = "k1",
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Per-token KL estimate from the log-ratio ``d_t = log π(a_t|s_t) − log π_ref(a_t|s_t)``:
 
-        k1 (alias kl):  d_t                       unbiased, can be negative per token
-        abs:            |d_t|
-        k2 (alias mse): ½·d_t²
-        k3:             exp(−d_t) − 1 + d_t       unbiased and ≥ 0 (Schulman's estimator)
-        full:           Σ_v π(v)(log π(v) − log π_ref(v))   exact, needs both logits
+    k1 (alias kl):  d_t                       unbiased, can be negative per token
+    abs:            |d_t|
+    k2 (alias mse): ½·d_t²
+    k3:             exp(−d_t) − 1 + d_t       unbiased and ≥ 0 (Schulman's estimator)
+    full:           Σ_v π(v)(log π(v) − log π_ref(v))   exact, needs both logits
     """
     kind = {"kl": "k1", "mse": "k2"}.get(kind, kind)
     d = logp - ref_logp
@@ -113,15 +119,21 @@ def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, be
 
 @dataclass
 class PolicyLossOutput:
-    loss: torch.Tensor       # Σ m·max(−Aρ, −A·clip(ρ)) / n
-    clipfrac: torch.Tensor   # share of tokens where the clipped branch is the active one
+    loss: torch.Tensor  # Σ m·max(−Aρ, −A·clip(ρ)) / n
+    clipfrac: torch.Tensor  # share of tokens where the clipped branch is the active one
     approx_kl: torch.Tensor  # ½·mean(Δlogp²) to the rollout policy
     ratio_mean: torch.Tensor
     ratio_max_abs_dev: torch.Tensor  # max |ρ − 1| over real tokens (exactly 0 on the first minibatch)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float = 0.2, denominator: torch.Tensor | float | None = None) -> PolicyLossOutput:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float = 0.2,
+    denominator: torch.Tensor | float | None = None,
+) -> PolicyLossOutput:
     """PPO clipped surrogate over real tokens:
 
         ρ_t = exp(log π(a_t) − log π_old(a_t))
@@ -151,12 +163,18 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 @dataclass
 class ValueLossOutput:
-    loss: torch.Tensor      # ½·Σ m·max((V − R)², (V_clip − R)²) / n
+    loss: torch.Tensor  # ½·Σ m·max((V − R)², (V_clip − R)²) / n
     clipfrac: torch.Tensor  # share of tokens where the clipped branch is the active one
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float = 0.2, denominator: torch.Tensor | float | None = None) -> ValueLossOutput:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float = 0.2,
+    denominator: torch.Tensor | float | None = None,
+) -> ValueLossOutput:
     """Clipped value loss around the rollout-time values:
 
         V_clip = V_old + clip(V − V_old, −ε_v, ε_v)
@@ -178,8 +196,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return ValueLossOutput(0.5 * masked_mean(per_token, mask, denominator), clipfrac)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       all_reduce=None) -> torch.Tensor:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce=None
+) -> torch.Tensor:
     """How much of the returns' variance the value function explains, over real tokens:
 
         EV = 1 − Var(R − V) / Var(R)        (biased variances; 1 is perfect, ≤ 0 is no better than a constant)

@@ -15,14 +15,16 @@ that count real tokens only, so the padding of a batch never changes a log-prob 
 logits and values of response token ``t`` are read at position ``P − 1 + t``; the language-model head
 runs on those positions only (``logits_to_keep``), not on the prompt.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +38,9 @@ from tether.ppo.losses import apply_missing_stop_penalty, kl_penalty, logprobs_f
 # ---------------------------------------------------------------------------------------------
 # sequences and forwards
 # ---------------------------------------------------------------------------------------------
-def build_sequences(query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                    response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_sequences(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask, position_ids)`` for ``[query | response]``; positions count real tokens."""
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
@@ -58,33 +61,50 @@ def hf_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
+def response_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_width: int,
+) -> torch.Tensor:
     """Logits that predict each response token, ``[B, R, V]`` (position ``P − 1 + t`` predicts token ``t``)."""
     n_response = input_ids.shape[1] - prompt_width
     kwargs: dict[str, Any] = {}
     if _accepts_logits_to_keep(type(hf_model(model))):
         kwargs["logits_to_keep"] = n_response + 1  # skip the LM head on the prompt
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **kwargs)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    )
     logits = out.logits
-    return logits[:, -(n_response + 1):-1]
+    return logits[:, -(n_response + 1) : -1]
 
 
-def response_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    position_ids: torch.Tensor, prompt_width: int) -> torch.Tensor:
+def response_values(
+    value_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_width: int,
+) -> torch.Tensor:
     """Scalar head output at the positions that predict each response token, ``[B, R]`` (float32)."""
     scores = token_scores(value_model, input_ids, attention_mask, position_ids)
-    return scores[:, prompt_width - 1:-1].float()
+    return scores[:, prompt_width - 1 : -1].float()
 
 
-def last_token_scores(reward_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor, prompt_width: int, lengths: torch.Tensor) -> torch.Tensor:
+def last_token_scores(
+    reward_model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    prompt_width: int,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
     """Reward-model score at the last real token of each response (its stop token), ``[B]`` (float32)."""
     scores = token_scores(reward_model, input_ids, attention_mask, position_ids)
     index = (prompt_width + lengths - 1).to(scores.device).unsqueeze(1)
@@ -110,14 +130,27 @@ class PolicyAndValue(nn.Module):
         self.value_model = value_model
         self.value_head = value_head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                prompt_width: int, with_values: bool = True, detach_trunk_for_values: bool = False,
-                with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        prompt_width: int,
+        with_values: bool = True,
+        detach_trunk_for_values: bool = False,
+        with_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.value_head is None:
-            logits = (response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
-                      if with_logits else None)
-            values = (response_values(self.value_model, input_ids, attention_mask, position_ids, prompt_width)
-                      if with_values else None)
+            logits = (
+                response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
+                if with_logits
+                else None
+            )
+            values = (
+                response_values(self.value_model, input_ids, attention_mask, position_ids, prompt_width)
+                if with_values
+                else None
+            )
             return logits, values
         captured: list[torch.Tensor] = []
 
@@ -129,7 +162,7 @@ class PolicyAndValue(nn.Module):
             logits = response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
         finally:
             handle.remove()
-        hidden = captured[-1][:, prompt_width - 1:-1]
+        hidden = captured[-1][:, prompt_width - 1 : -1]
         if detach_trunk_for_values:  # critic warm-up: the value loss must not move the policy's trunk
             hidden = hidden.detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() if with_values else None
@@ -139,7 +172,7 @@ class PolicyAndValue(nn.Module):
 def make_value_head(policy: nn.Module) -> nn.Linear:
     """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences)."""
     config = hf_model(policy).config
-    hidden = getattr(config.get_text_config(), "hidden_size")
+    hidden = config.get_text_config().hidden_size
     head = nn.Linear(hidden, 1)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -175,13 +208,13 @@ class Rollout:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
-    logprobs: torch.Tensor       # old policy log-probs at T
-    ref_logprobs: torch.Tensor   # reference log-probs at T
-    values: torch.Tensor         # old values
-    kl: torch.Tensor             # per-token KL reported and controlled (k1, or exact with --kl_penalty full)
-    kl_penalty: torch.Tensor     # per-token estimate that enters the rewards (--kl_penalty)
-    raw_scores: torch.Tensor     # reward model output at the stop token
-    scores: torch.Tensor         # after normalisation and the missing-stop penalty
+    logprobs: torch.Tensor  # old policy log-probs at T
+    ref_logprobs: torch.Tensor  # reference log-probs at T
+    values: torch.Tensor  # old values
+    kl: torch.Tensor  # per-token KL reported and controlled (k1, or exact with --kl_penalty full)
+    kl_penalty: torch.Tensor  # per-token estimate that enters the rewards (--kl_penalty)
+    raw_scores: torch.Tensor  # reward model output at the stop token
+    scores: torch.Tensor  # after normalisation and the missing-stop penalty
     prompts: list | None = None  # the prompts as given (for hooks and logs), when known
     time_generate: float = 0.0
     time_score: float = 0.0
@@ -202,13 +235,15 @@ class Rollout:
 
     def response_texts(self, tokenizer) -> list[str]:
         stop = self.stopped.cpu().tolist()
-        return [tokenizer.decode(ids[:-1] if s else ids, skip_special_tokens=True)
-                for ids, s in zip(self.response_token_lists(), stop)]
+        return [
+            tokenizer.decode(ids[:-1] if s else ids, skip_special_tokens=True)
+            for ids, s in zip(self.response_token_lists(), stop)
+        ]
 
     def prompt_token_lists(self) -> list[list[int]]:
         return [row[m.bool()].tolist() for row, m in zip(self.query_ids.cpu(), self.query_mask.cpu())]
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         """The rows ``index`` (tensors only; prompts follow when present)."""
         values = {}
         for f in fields(self):
@@ -225,12 +260,22 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module | None,
-                    query_ids: torch.Tensor, query_mask: torch.Tensor, generated: GeneratedBatch,
-                    temperature: float, kl_estimator: str = "k1", forward_batch_size: int | None = None,
-                    reward_stats: RewardStats | None = None, missing_stop_penalty: float | None = None,
-                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                    prompts: list | None = None) -> Rollout:
+def score_responses(
+    *,
+    models: PolicyAndValue,
+    reference: nn.Module | None,
+    reward_model: nn.Module | None,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    generated: GeneratedBatch,
+    temperature: float,
+    kl_estimator: str = "k1",
+    forward_batch_size: int | None = None,
+    reward_stats: RewardStats | None = None,
+    missing_stop_penalty: float | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    prompts: list | None = None,
+) -> Rollout:
     """Everything PPO needs about sampled responses, from one no-grad pass of each model.
 
     ``reference`` None means "the policy with its LoRA adapters disabled", ``reward_model`` None
@@ -253,8 +298,9 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
     sampled_logprobs = generated.logprobs[:, :width] if reuse else None
 
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
-        out: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen",
-                                                               "score")}
+        out: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")
+        }
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
         for rows in _chunks(n, size):
@@ -287,28 +333,53 @@ def score_responses(*, models: PolicyAndValue, reference: nn.Module | None, rewa
             del logits, ref_logits
         return out
 
-    out, size = run_fitting_memory(score_in_chunks, forward_batch_size or n,
-                                   "the rollout's scoring pass (--forward_batch_size)")
+    out, size = run_fitting_memory(
+        score_in_chunks, forward_batch_size or n, "the rollout's scoring pass (--forward_batch_size)"
+    )
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, reward_stats) if reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, missing_stop_penalty)
     return Rollout(
-        query_ids=query_ids, query_mask=query_mask, responses=responses, response_mask=response_mask,
-        lengths=generated.lengths, stopped=generated.stopped, input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=position_ids, logprobs=torch.cat(out["logprobs"]), ref_logprobs=torch.cat(out["ref_logprobs"]),
-        values=torch.cat(out["values"]), kl=torch.cat(out["kl"]), kl_penalty=torch.cat(out["pen"]),
-        raw_scores=raw_scores, scores=scores, prompts=prompts, forward_batch_size=size,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        responses=responses,
+        response_mask=response_mask,
+        lengths=generated.lengths,
+        stopped=generated.stopped,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logprobs=torch.cat(out["logprobs"]),
+        ref_logprobs=torch.cat(out["ref_logprobs"]),
+        values=torch.cat(out["values"]),
+        kl=torch.cat(out["kl"]),
+        kl_penalty=torch.cat(out["pen"]),
+        raw_scores=raw_scores,
+        scores=scores,
+        prompts=prompts,
+        forward_batch_size=size,
     )
 
 
-def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_model: nn.Module | None,
-                 tokenizer, query_ids: torch.Tensor, query_mask: torch.Tensor, settings: SamplingSettings,
-                 kl_estimator: str = "k1", generation_batch_size: int | None = None,
-                 forward_batch_size: int | None = None, reward_stats: RewardStats | None = None,
-                 missing_stop_penalty: float | None = None,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 prompts: list | None = None, synchronize: Callable[[], None] = lambda: None,
-                 logprobs_from_sampling: bool = False) -> Rollout:
+def make_rollout(
+    *,
+    models: PolicyAndValue,
+    reference: nn.Module | None,
+    reward_model: nn.Module | None,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    settings: SamplingSettings,
+    kl_estimator: str = "k1",
+    generation_batch_size: int | None = None,
+    forward_batch_size: int | None = None,
+    reward_stats: RewardStats | None = None,
+    missing_stop_penalty: float | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    prompts: list | None = None,
+    synchronize: Callable[[], None] = lambda: None,
+    logprobs_from_sampling: bool = False,
+) -> Rollout:
     """Sample one response per query with the policy, then :func:`score_responses`; times both phases.
 
     ``logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
@@ -316,15 +387,32 @@ def make_rollout(*, models: PolicyAndValue, reference: nn.Module | None, reward_
     """
     start = time.perf_counter()
     with autocast():  # sample in the precision the update computes the policy in
-        generated = generate_batch(models.policy, tokenizer, query_ids, query_mask, settings, generation_batch_size,
-                                   return_logprobs=logprobs_from_sampling)
+        generated = generate_batch(
+            models.policy,
+            tokenizer,
+            query_ids,
+            query_mask,
+            settings,
+            generation_batch_size,
+            return_logprobs=logprobs_from_sampling,
+        )
     synchronize()
     generated_at = time.perf_counter()
-    rollout = score_responses(models=models, reference=reference, reward_model=reward_model, query_ids=query_ids,
-                              query_mask=query_mask, generated=generated, temperature=settings.temperature,
-                              kl_estimator=kl_estimator, forward_batch_size=forward_batch_size,
-                              reward_stats=reward_stats, missing_stop_penalty=missing_stop_penalty,
-                              autocast=autocast, prompts=prompts)
+    rollout = score_responses(
+        models=models,
+        reference=reference,
+        reward_model=reward_model,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        generated=generated,
+        temperature=settings.temperature,
+        kl_estimator=kl_estimator,
+        forward_batch_size=forward_batch_size,
+        reward_stats=reward_stats,
+        missing_stop_penalty=missing_stop_penalty,
+        autocast=autocast,
+        prompts=prompts,
+    )
     synchronize()
     rollout.generation_batch_size = generated.batch_size
     rollout.time_generate = generated_at - start

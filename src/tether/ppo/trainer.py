@@ -21,6 +21,7 @@ Everything runs through ``accelerate``: one process on CPU, data parallel under
 ``accelerate launch`` (each rank samples its share of the batch with its own seed; whitening, the
 controlled KL, token counts of the loss and every metric are reduced over all ranks).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +33,10 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,10 +52,17 @@ from tether.generation import SamplingSettings, left_pad
 from tether.memory import run_fitting_memory
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import make_kl_controller
-from tether.ppo.losses import (KL_ESTIMATORS, entropy_from_logits, explained_variance, logprobs_from_logits,
-                               masked_mean, policy_loss, token_rewards, value_loss)
-from tether.ppo.rollout import (PolicyAndValue, Rollout, make_rollout, make_value_head,
-                                unwrap_model)
+from tether.ppo.losses import (
+    KL_ESTIMATORS,
+    entropy_from_logits,
+    explained_variance,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
+from tether.ppo.rollout import PolicyAndValue, Rollout, make_rollout, make_value_head, unwrap_model
 from tether.tracking import METRICS_FILE, MetricsWriter, append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -80,36 +89,72 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     Evaluation options of TrainingArguments are not used by PPO.
     """
 
-    output_dir: str = field(default="outputs/ppo", metadata=_help(
-        "Folder for the trained policy (policy/), the value model (value_model/), metrics.jsonl and checkpoints."))
+    output_dir: str = field(
+        default="outputs/ppo",
+        metadata=_help(
+            "Folder for the trained policy (policy/), the value model (value_model/), metrics.jsonl and checkpoints."
+        ),
+    )
     # models
-    reward_model_path: str | None = field(default=None, metadata=_help(
-        "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
-        "the policy's tokenizer). Required."))
-    value_model_path: str | None = field(default=None, metadata=_help(
-        "Initial value model; default: a separate copy of the whole reward model (backbone and head)."))
-    value_head_on_policy: bool = field(default=False, metadata=_help(
-        "Use a zero-initialised value head on the policy's last hidden state instead of a separate value "
-        "model (saves one network; Ziegler et al. 2019)."))
+    reward_model_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
+            "the policy's tokenizer). Required."
+        ),
+    )
+    value_model_path: str | None = field(
+        default=None,
+        metadata=_help("Initial value model; default: a separate copy of the whole reward model (backbone and head)."),
+    )
+    value_head_on_policy: bool = field(
+        default=False,
+        metadata=_help(
+            "Use a zero-initialised value head on the policy's last hidden state instead of a separate value "
+            "model (saves one network; Ziegler et al. 2019)."
+        ),
+    )
     # batch geometry
     batch_size: int = field(default=64, metadata=_help("Episodes (prompts) per PPO iteration, over all processes."))
-    mini_batch_size: int | None = field(default=None, metadata=_help(
-        "Episodes per optimizer step, over all processes; default: --batch_size (one minibatch per epoch)."))
-    per_device_train_batch_size: int | None = field(default=None, metadata=_help(
-        "Micro-batch: episodes per forward/backward on each process (gradient accumulation fills the "
-        "minibatch); default: the whole per-process minibatch at once. Halved after an out-of-memory error."))
-    forward_batch_size: int | None = field(default=None, metadata=_help(
-        "Episodes per no-grad forward in the rollout (policy, reference, value, reward); default: the whole "
-        "per-process batch. Halved after an out-of-memory error."))
-    generation_batch_size: int | None = field(default=None, metadata=_help(
-        "Prompts per generate() call on each process; default: the whole per-process batch. Halved after an "
-        "out-of-memory error."))
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes per optimizer step, over all processes; default: --batch_size (one minibatch per epoch)."
+        ),
+    )
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Micro-batch: episodes per forward/backward on each process (gradient accumulation fills the "
+            "minibatch); default: the whole per-process minibatch at once. Halved after an out-of-memory error."
+        ),
+    )
+    forward_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes per no-grad forward in the rollout (policy, reference, value, reward); default: the whole "
+            "per-process batch. Halved after an out-of-memory error."
+        ),
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Prompts per generate() call on each process; default: the whole per-process batch. Halved after an "
+            "out-of-memory error."
+        ),
+    )
     ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
     num_iterations: int | None = field(default=None, metadata=_help("PPO iterations to run (overrides the others)."))
-    total_episodes: int | None = field(default=None, metadata=_help(
-        "Episodes to train on (iterations = total_episodes // batch_size) when --num_iterations is not given."))
-    num_train_epochs: float = field(default=1.0, metadata=_help(
-        "Passes over the prompts when neither --num_iterations nor --total_episodes is given."))
+    total_episodes: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes to train on (iterations = total_episodes // batch_size) when --num_iterations is not given."
+        ),
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata=_help("Passes over the prompts when neither --num_iterations nor --total_episodes is given."),
+    )
     # PPO
     gamma: float = field(default=1.0, metadata=_help("Discount γ of GAE."))
     lam: float = field(default=0.95, metadata=_help("GAE λ."))
@@ -117,62 +162,117 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata=_help("ε_v of the clipped value loss (reward units)."))
     vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the shared loss."))
     entropy_coef: float = field(default=0.0, metadata=_help("Entropy bonus weight (0: none, as the references)."))
-    whiten_rewards: bool = field(default=False, metadata=_help("Whiten token rewards over real tokens (off by default)."))
-    value_warmup_steps: int = field(default=0, metadata=_help(
-        "First iterations that train only the value model (the policy does not move)."))
-    approx_kl_stop: float | None = field(default=None, metadata=_help(
-        "Stop this batch's PPO epochs when ½·mean(Δlogp²) to the rollout policy exceeds this (off by default)."))
+    whiten_rewards: bool = field(
+        default=False, metadata=_help("Whiten token rewards over real tokens (off by default).")
+    )
+    value_warmup_steps: int = field(
+        default=0, metadata=_help("First iterations that train only the value model (the policy does not move).")
+    )
+    approx_kl_stop: float | None = field(
+        default=None,
+        metadata=_help(
+            "Stop this batch's PPO epochs when ½·mean(Δlogp²) to the rollout policy exceeds this (off by default)."
+        ),
+    )
     # KL
     init_kl_coef: float = field(default=0.05, metadata=_help("β: initial (or fixed) KL coefficient."))
-    target_kl: float | None = field(default=None, metadata=_help(
-        "Target KL (nats per response) of the adaptive controller; None keeps β fixed."))
+    target_kl: float | None = field(
+        default=None, metadata=_help("Target KL (nats per response) of the adaptive controller; None keeps β fixed.")
+    )
     horizon: int = field(default=10000, metadata=_help("Horizon of the adaptive KL controller, in episodes."))
-    kl_penalty: str = field(default="k1", metadata=_help(
-        "Per-token KL estimate in the reward: k1 (alias kl) = log-ratio, abs, mse (alias k2) = ½·log-ratio², "
-        "k3, full = exact KL over the vocabulary."))
-    stop_on_divergence: bool = field(default=True, metadata=_help(
-        "End training when the KL reaches the divergence band (> 20 nats)."))
+    kl_penalty: str = field(
+        default="k1",
+        metadata=_help(
+            "Per-token KL estimate in the reward: k1 (alias kl) = log-ratio, abs, mse (alias k2) = ½·log-ratio², "
+            "k3, full = exact KL over the vocabulary."
+        ),
+    )
+    stop_on_divergence: bool = field(
+        default=True, metadata=_help("End training when the KL reaches the divergence band (> 20 nats).")
+    )
     # sampling
-    temperature: float = field(default=0.7, metadata=_help(
-        "Sampling temperature; part of the policy (every log-prob, the reference's too, uses it)."))
+    temperature: float = field(
+        default=0.7,
+        metadata=_help("Sampling temperature; part of the policy (every log-prob, the reference's too, uses it)."),
+    )
     top_k: int = field(default=0, metadata=_help("Keep 0: PPO assumes pure sampling from softmax(logits/T)."))
     top_p: float = field(default=1.0, metadata=_help("Keep 1.0: PPO assumes pure sampling from softmax(logits/T)."))
     max_new_tokens: int = field(default=64, metadata=_help("Maximum response tokens."))
-    stop_token: str | None = field(default=None, metadata=_help(
-        "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = none)."))
-    response_length: int | None = field(default=None, metadata=_help(
-        "Benchmarks only: generate exactly this many tokens, never stopping early (overrides --max_new_tokens)."))
-    missing_eos_penalty: float | None = field(default=-1.0, metadata=_help(
-        "Score that REPLACES the reward of a response that never produced its stop token (normalised units); "
-        "None keeps the raw score."))
-    normalize_reward: bool = field(default=True, metadata=_help(
-        "Normalise scores with reward_stats.json saved beside the reward model (warns and uses raw scores "
-        "when the file is missing)."))
-    rollout_logprobs: str = field(default="recompute", metadata=_help(
-        "Old log-probs: 'recompute' (a separate pass by the training forward: the first minibatch has ratio "
-        "exactly 1) or 'generation' (from the sampler's logits, as TRL: one forward less, equal to ~1e-6 in fp32, "
-        "looser in bf16)."))
-    generation_cache: str | None = field(default=None, metadata=_help(
-        "KV cache for sampling: None (dynamic) or 'static' (on CUDA transformers compiles the decoding step)."))
+    stop_token: str | None = field(
+        default=None,
+        metadata=_help(
+            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = none)."
+        ),
+    )
+    response_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Benchmarks only: generate exactly this many tokens, never stopping early (overrides --max_new_tokens)."
+        ),
+    )
+    missing_eos_penalty: float | None = field(
+        default=-1.0,
+        metadata=_help(
+            "Score that REPLACES the reward of a response that never produced its stop token (normalised units); "
+            "None keeps the raw score."
+        ),
+    )
+    normalize_reward: bool = field(
+        default=True,
+        metadata=_help(
+            "Normalise scores with reward_stats.json saved beside the reward model (warns and uses raw scores "
+            "when the file is missing)."
+        ),
+    )
+    rollout_logprobs: str = field(
+        default="recompute",
+        metadata=_help(
+            "Old log-probs: 'recompute' (a separate pass by the training forward: the first minibatch has ratio "
+            "exactly 1) or 'generation' (from the sampler's logits, as TRL: one forward less, equal to ~1e-6 in fp32, "
+            "looser in bf16)."
+        ),
+    )
+    generation_cache: str | None = field(
+        default=None,
+        metadata=_help(
+            "KV cache for sampling: None (dynamic) or 'static' (on CUDA transformers compiles the decoding step)."
+        ),
+    )
     # optimiser defaults of the references (OpenAI lm-human-preferences, N+ implementation details)
     learning_rate: float = field(default=3e-6, metadata=_help("AdamW learning rate (linear decay to 0 by default)."))
     adam_epsilon: float = field(default=1e-5, metadata=_help("AdamW epsilon (1e-5 as the references)."))
-    max_grad_norm: float | None = field(default=None, metadata=_help(
-        "Clip the gradient norm to this value; None (default) disables clipping, as the references."))
-    optim: str = field(default="adamw_torch_fused", metadata=_help(
-        "adamw_torch_fused (one fused kernel per step on CPU and CUDA) or adamw_torch (foreach)."))
-    max_bad_steps: int = field(default=5, metadata=_help(
-        "Stop after this many consecutive skipped steps with non-finite rewards or losses."))
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata=_help("Clip the gradient norm to this value; None (default) disables clipping, as the references."),
+    )
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata=_help("adamw_torch_fused (one fused kernel per step on CPU and CUDA) or adamw_torch (foreach)."),
+    )
+    max_bad_steps: int = field(
+        default=5, metadata=_help("Stop after this many consecutive skipped steps with non-finite rewards or losses.")
+    )
     # HF-style options with PPO units
     save_steps: float = field(default=100, metadata=_help("Save a checkpoint every N iterations (0: never)."))
     save_total_limit: int | None = field(default=2, metadata=_help("Keep the last N checkpoints."))
-    logging_steps: float = field(default=10, metadata=_help(
-        "Print a metrics line every N iterations (metrics.jsonl gets every iteration)."))
+    logging_steps: float = field(
+        default=10, metadata=_help("Print a metrics line every N iterations (metrics.jsonl gets every iteration).")
+    )
     warmup_steps: float = field(default=0, metadata=_help("Learning-rate warmup, in iterations (default 0)."))
-    overwrite_output_dir: bool = field(default=False, metadata=_help(
-        "Start over in a non-empty --output_dir (its checkpoints, metrics and outputs from an earlier run are removed)."))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
-        "'latest' (the newest complete checkpoint in --output_dir; a fresh start if there is none) or a checkpoint folder."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start over in a non-empty --output_dir (its checkpoints, "
+            "metrics and outputs from an earlier run are removed)."
+        ),
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_help(
+            "'latest' (the newest complete checkpoint in --output_dir; "
+            "a fresh start if there is none) or a checkpoint folder."
+        ),
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,7 +306,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
 class PPOState:
     """What a checkpoint needs besides weights and optimiser to continue exactly."""
 
-    iteration: int = 0          # completed iterations
+    iteration: int = 0  # completed iterations
     episodes: int = 0
     optimizer_steps: int = 0
     tokens_generated: int = 0
@@ -220,7 +320,7 @@ class PPOState:
 @dataclass
 class PPOResult:
     output_dir: str
-    stopped_reason: str            # completed | divergence | non_finite
+    stopped_reason: str  # completed | divergence | non_finite
     iterations: int
     episodes: int
     policy_dir: str | None
@@ -261,8 +361,7 @@ def resolve_checkpoint(output_dir: str | Path, resume: str | None) -> Path | Non
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {resume}: not a complete tether ppo checkpoint "
-                          f"(no {STATE_FILE})")
+        raise ConfigError(f"--resume_from_checkpoint {resume}: not a complete tether ppo checkpoint (no {STATE_FILE})")
     return path
 
 
@@ -305,8 +404,15 @@ class PPOTrainer:
     statistics of the last update.
     """
 
-    def __init__(self, config: PPOConfig, prompts: Sequence | None = None, *,
-                 extra_metrics: Callable[[Rollout], dict] | None = None, accelerator=None, tokenizer=None):
+    def __init__(
+        self,
+        config: PPOConfig,
+        prompts: Sequence | None = None,
+        *,
+        extra_metrics: Callable[[Rollout], dict] | None = None,
+        accelerator=None,
+        tokenizer=None,
+    ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -376,7 +482,8 @@ class PPOTrainer:
                 # half-written folders of a crashed run are never complete, and a fresh start keeps
                 # nothing of an earlier run that could be mistaken for this one's
                 fresh = self.resume_dir is None and (
-                    path.name in RUN_ARTIFACTS or path.name.startswith((CHECKPOINT_PREFIX, "bad_batches")))
+                    path.name in RUN_ARTIFACTS or path.name.startswith((CHECKPOINT_PREFIX, "bad_batches"))
+                )
                 if fresh or path.name.startswith((".tmp-", ".old-")):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         acc.wait_for_everyone()
@@ -385,19 +492,24 @@ class PPOTrainer:
         cfg, world = self.config, self.world
         mini = cfg.mini_batch_size or cfg.batch_size
         if cfg.batch_size % world or mini % world:
-            raise ConfigError(f"--batch_size {cfg.batch_size} and --mini_batch_size {mini} must be multiples of "
-                              f"the {world} processes")
+            raise ConfigError(
+                f"--batch_size {cfg.batch_size} and --mini_batch_size {mini} must be multiples of the {world} processes"
+            )
         self.local_batch = cfg.batch_size // world
         self.local_mini = mini // world
         self.micro = cfg.per_device_train_batch_size or self.local_mini
         if self.micro < 1 or self.local_mini % self.micro:
-            raise ConfigError(f"--per_device_train_batch_size {self.micro} must divide the per-process minibatch "
-                              f"{self.local_mini} (--mini_batch_size {mini} over {world} processes)")
+            raise ConfigError(
+                f"--per_device_train_batch_size {self.micro} must divide the per-process minibatch "
+                f"{self.local_mini} (--mini_batch_size {mini} over {world} processes)"
+            )
         self.accumulation = self.local_mini // self.micro
         if cfg.gradient_accumulation_steps not in (1, self.accumulation):
-            raise ConfigError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} disagrees with "
-                              f"mini_batch_size / (per_device_train_batch_size × processes) = {self.accumulation}; "
-                              "leave it unset")
+            raise ConfigError(
+                f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} disagrees with "
+                f"mini_batch_size / (per_device_train_batch_size × processes) = {self.accumulation}; "
+                "leave it unset"
+            )
         self.forward_batch = cfg.forward_batch_size or self.local_batch
         self.generation_batch = cfg.generation_batch_size or self.local_batch
 
@@ -410,8 +522,9 @@ class PPOTrainer:
                 from tether.data.loading import load_prompts
 
                 prompts = load_prompts(cfg.dataset, cfg.dataset_split)
-        records = [p if isinstance(p, PromptRecord) else PromptRecord(p, origin=f"prompts[{i}]")
-                   for i, p in enumerate(prompts)]
+        records = [
+            p if isinstance(p, PromptRecord) else PromptRecord(p, origin=f"prompts[{i}]") for i, p in enumerate(prompts)
+        ]
         if not records:
             raise DataError([f"{cfg.dataset or 'prompts'}: no prompts"])
         ids, problems = [], []
@@ -430,16 +543,25 @@ class PPOTrainer:
         if cfg.stop_token not in (None, "", "eos"):
             extra.append(self._token_id(cfg.stop_token))
         if cfg.torch_compile:
-            self._say("--torch_compile is not used by tether ppo (with --generation_cache static transformers "
-                      "compiles the decoding step on CUDA)")
+            self._say(
+                "--torch_compile is not used by tether ppo (with --generation_cache static transformers "
+                "compiles the decoding step on CUDA)"
+            )
         if cfg.top_k or cfg.top_p < 1.0:
-            self._say("top_k/top_p change the sampling distribution away from softmax(logits/T): the PPO ratio "
-                      "and the KL are then biased")
+            self._say(
+                "top_k/top_p change the sampling distribution away from softmax(logits/T): the PPO ratio "
+                "and the KL are then biased"
+            )
         fixed = cfg.response_length is not None
-        return SamplingSettings(max_new_tokens=cfg.response_length if fixed else cfg.max_new_tokens,
-                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                extra_stop_token_ids=extra, fixed_length=fixed,
-                                cache_implementation=cfg.generation_cache if cfg.generation_cache == "static" else None)
+        return SamplingSettings(
+            max_new_tokens=cfg.response_length if fixed else cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            extra_stop_token_ids=extra,
+            fixed_length=fixed,
+            cache_implementation=cfg.generation_cache if cfg.generation_cache == "static" else None,
+        )
 
     def _token_id(self, token: str) -> int:
         tok = self.tokenizer
@@ -462,8 +584,10 @@ class PPOTrainer:
         else:
             n = math.ceil(cfg.num_train_epochs * len(self.prompts) / cfg.batch_size)
         if n < 1:
-            raise ConfigError(f"nothing to train: {n} iterations (check --num_iterations / --total_episodes / "
-                              f"--batch_size {cfg.batch_size})")
+            raise ConfigError(
+                f"nothing to train: {n} iterations (check --num_iterations / --total_episodes / "
+                f"--batch_size {cfg.batch_size})"
+            )
         return n
 
     def _build_models(self) -> None:
@@ -517,8 +641,9 @@ class PPOTrainer:
                 reward_model = None  # scored by the value model with its adapters disabled
         else:
             value_head = None
-            value_source = str(ckpt / "value_model") if ckpt is not None else (
-                cfg.value_model_path or cfg.reward_model_path)
+            value_source = (
+                str(ckpt / "value_model") if ckpt is not None else (cfg.value_model_path or cfg.reward_model_path)
+            )
             value_model = load_scalar_model(value_source, cfg.dtype)
         for model in (policy, reference, value_model, reward_model):
             if model is not None:
@@ -552,14 +677,18 @@ class PPOTrainer:
             raise ConfigError(f"--reward_model_path {path}: cannot read a model config ({exc})") from None
         archs = getattr(config, "architectures", None) or []
         if getattr(config, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ConfigError(f"--reward_model_path {path}: not a reward model (expected a *ForSequenceClassification "
-                              "model with one label, as `tether rm` writes)")
+            raise ConfigError(
+                f"--reward_model_path {path}: not a reward model (expected a *ForSequenceClassification "
+                "model with one label, as `tether rm` writes)"
+            )
         if (Path(path) / "tokenizer_config.json").is_file():
             from tether.models.loading import load_tokenizer
 
             if load_tokenizer(path).get_vocab() != self.tokenizer.get_vocab():
-                raise ConfigError(f"--reward_model_path {path}: its tokenizer differs from the policy's; PPO scores "
-                                  "the policy's tokens directly, so both must share one vocabulary")
+                raise ConfigError(
+                    f"--reward_model_path {path}: its tokenizer differs from the policy's; PPO scores "
+                    "the policy's tokens directly, so both must share one vocabulary"
+                )
 
     def _reward_stats(self):
         from tether.models.scoring import load_reward_stats
@@ -570,8 +699,10 @@ class PPOTrainer:
         try:
             stats = load_reward_stats(cfg.reward_model_path)
         except FileNotFoundError:
-            self._say(f"no reward_stats.json in {cfg.reward_model_path}: raw scores are used, so β, the missing-EOS "
-                      "penalty and the value clip are in the reward model's raw units")
+            self._say(
+                f"no reward_stats.json in {cfg.reward_model_path}: raw scores are used, so β, the missing-EOS "
+                "penalty and the value clip are in the reward model's raw units"
+            )
             return None
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
@@ -583,13 +714,23 @@ class PPOTrainer:
         cfg, acc = self.config, self.accelerator
         params = [p for p in self.models.parameters() if p.requires_grad]
         fused = getattr(cfg.optim, "value", cfg.optim) == "adamw_torch_fused" and acc.device.type in ("cuda", "cpu")
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+            fused=fused or None,
+        )
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * self.num_iterations)
         # stepped once per iteration: the learning rate is constant within a rollout batch (OpenAI, N+)
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(warmup),
-                                       num_training_steps=self.num_iterations,
-                                       scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=int(warmup),
+            num_training_steps=self.num_iterations,
+            scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
+        )
         self.models, self.optimizer = acc.prepare(self.models, optimizer)
         self.trained_parameters = params
 
@@ -637,9 +778,9 @@ class PPOTrainer:
                 self._order = (st.data_epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
             order = self._order[1]
             take = min(cfg.batch_size - len(chosen), n - st.data_position)
-            chosen += order[st.data_position: st.data_position + take].tolist()
+            chosen += order[st.data_position : st.data_position + take].tolist()
             st.data_position += take
-        mine = chosen[self.rank * self.local_batch: (self.rank + 1) * self.local_batch]
+        mine = chosen[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
         return [self.prompts[i] for i in mine], [self.prompt_token_ids[i] for i in mine]
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -664,11 +805,16 @@ class PPOTrainer:
 
                 # 7. metrics
                 elapsed = time.perf_counter() - started
-                metrics.update({
-                    "time/generate": rollout.time_generate, "time/score": rollout.time_score,
-                    "time/total": elapsed, "throughput/episodes_per_s": cfg.batch_size / elapsed,
-                    "throughput/tokens_per_s": generated_tokens / elapsed, "train/episodes": st.episodes,
-                })
+                metrics.update(
+                    {
+                        "time/generate": rollout.time_generate,
+                        "time/score": rollout.time_score,
+                        "time/total": elapsed,
+                        "throughput/episodes_per_s": cfg.batch_size / elapsed,
+                        "throughput/tokens_per_s": generated_tokens / elapsed,
+                        "train/episodes": st.episodes,
+                    }
+                )
                 if self.extra_metrics is not None:
                     metrics.update(self._reduce_extra(self.extra_metrics(rollout) or {}))
                 # 8. KL health
@@ -701,12 +847,23 @@ class PPOTrainer:
         prompts, token_ids = self._next_prompts()
         query_ids, query_mask = left_pad(token_ids, self._pad_id())
         rollout = make_rollout(
-            models=unwrap_model(self.models), reference=self.reference, reward_model=self.reward_model,
-            tokenizer=self.tokenizer, query_ids=query_ids.to(acc.device), query_mask=query_mask.to(acc.device),
-            settings=self.sampling, kl_estimator=cfg.kl_penalty, generation_batch_size=self.generation_batch,
-            forward_batch_size=self.forward_batch, reward_stats=self.reward_stats,
-            missing_stop_penalty=cfg.missing_eos_penalty, autocast=acc.autocast, prompts=prompts,
-            synchronize=self._synchronize, logprobs_from_sampling=cfg.rollout_logprobs == "generation")
+            models=unwrap_model(self.models),
+            reference=self.reference,
+            reward_model=self.reward_model,
+            tokenizer=self.tokenizer,
+            query_ids=query_ids.to(acc.device),
+            query_mask=query_mask.to(acc.device),
+            settings=self.sampling,
+            kl_estimator=cfg.kl_penalty,
+            generation_batch_size=self.generation_batch,
+            forward_batch_size=self.forward_batch,
+            reward_stats=self.reward_stats,
+            missing_stop_penalty=cfg.missing_eos_penalty,
+            autocast=acc.autocast,
+            prompts=prompts,
+            synchronize=self._synchronize,
+            logprobs_from_sampling=cfg.rollout_logprobs == "generation",
+        )
         # chunk sizes that fitted in memory (smaller than asked after an out-of-memory error) stay
         self.generation_batch, self.forward_batch = rollout.generation_batch_size, rollout.forward_batch_size
         return rollout
@@ -748,13 +905,19 @@ class PPOTrainer:
         self.scheduler.step()
 
         metrics = self._metrics(rollout, returns, beta, kl_ref, update_stats, skipped=not finite)
-        metrics.update({"time/update": time_update, "train/learning_rate": learning_rate,
-                        "train/policy_updated": float(iteration >= cfg.value_warmup_steps and finite)})
+        metrics.update(
+            {
+                "time/update": time_update,
+                "train/learning_rate": learning_rate,
+                "train/policy_updated": float(iteration >= cfg.value_warmup_steps and finite),
+            }
+        )
         return metrics
 
     # ---- one rollout's update ----------------------------------------------------------------
-    def _update(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-                train_policy: bool) -> dict[str, float]:
+    def _update(
+        self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, train_policy: bool
+    ) -> dict[str, float]:
         """``ppo_epochs`` passes of shuffled minibatches; old log-probs and values stay fixed throughout."""
         cfg = self.config
         n = len(rollout)
@@ -766,7 +929,7 @@ class PPOTrainer:
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=self.shuffle_rng).to(rollout.input_ids.device)
             for first in range(0, n, self.local_mini):
-                minibatch = order[first: first + self.local_mini]
+                minibatch = order[first : first + self.local_mini]
                 # the loss is a token mean over the whole (global) minibatch, so micro-batches and
                 # processes add up to exactly the same gradient as one big batch
                 n_tokens = self._sum(rollout.response_mask[minibatch].sum().float())
@@ -774,9 +937,20 @@ class PPOTrainer:
                 # micro-batches start at the whole minibatch (or the size asked for) and halve after an
                 # out-of-memory error; the gradient is the same sum whichever way the rows are split
                 stats, self.micro = run_fitting_memory(
-                    lambda micro: self._minibatch_step(rollout, minibatch, advantages, returns, old_logprobs,
-                                                       old_values, denominator, train_policy, micro),
-                    self.micro, "the PPO update (--per_device_train_batch_size)")
+                    lambda micro: self._minibatch_step(
+                        rollout,
+                        minibatch,
+                        advantages,
+                        returns,
+                        old_logprobs,
+                        old_values,
+                        denominator,
+                        train_policy,
+                        micro,
+                    ),
+                    self.micro,
+                    "the PPO update (--per_device_train_batch_size)",
+                )
                 self.update_log.append({"epoch": epoch, "rows": minibatch.tolist(), **stats})
                 for key, value in stats.items():
                     sums[key] += value
@@ -794,23 +968,37 @@ class PPOTrainer:
         out["policy/minibatch_steps"] = float(steps)
         return out
 
-    def _minibatch_step(self, rollout: Rollout, minibatch: torch.Tensor, advantages, returns, old_logprobs,
-                        old_values, denominator, train_policy: bool, micro: int) -> dict[str, float]:
+    def _minibatch_step(
+        self,
+        rollout: Rollout,
+        minibatch: torch.Tensor,
+        advantages,
+        returns,
+        old_logprobs,
+        old_values,
+        denominator,
+        train_policy: bool,
+        micro: int,
+    ) -> dict[str, float]:
         cfg, acc = self.config, self.accelerator
         P = rollout.prompt_width
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         ratio_dev = torch.zeros((), device=acc.device)
         self.optimizer.zero_grad(set_to_none=True)  # a retry after an out-of-memory error starts clean
-        micro_batches = [minibatch[i: i + micro] for i in range(0, len(minibatch), micro)]
+        micro_batches = [minibatch[i : i + micro] for i in range(0, len(minibatch), micro)]
         for k, idx in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.models)
             mask = rollout.response_mask[idx]
             with sync:
-                with acc.autocast(), (contextlib.nullcontext() if train_policy else self._policy_frozen()):
-                    logits, values = self.models(rollout.input_ids[idx], rollout.attention_mask[idx],
-                                                 rollout.position_ids[idx], prompt_width=P,
-                                                 detach_trunk_for_values=not train_policy)
+                with acc.autocast(), contextlib.nullcontext() if train_policy else self._policy_frozen():
+                    logits, values = self.models(
+                        rollout.input_ids[idx],
+                        rollout.attention_mask[idx],
+                        rollout.position_ids[idx],
+                        prompt_width=P,
+                        detach_trunk_for_values=not train_policy,
+                    )
                 logp = logprobs_from_logits(logits, rollout.responses[idx], cfg.temperature)
                 pg = policy_loss(logp, old_logprobs[idx], advantages[idx], mask, cfg.cliprange, denominator)
                 vf = value_loss(values, old_values[idx], returns[idx], mask, cfg.cliprange_value, denominator)
@@ -840,8 +1028,11 @@ class PPOTrainer:
         stats["loss/grad_norm"] = grad_norm
         if not (math.isfinite(stats["loss/total"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            self._record_bad_step(self.state.iteration, rollout.select(minibatch.cpu()),
-                                  f"non-finite loss {stats['loss/total']} or gradient norm {grad_norm}")
+            self._record_bad_step(
+                self.state.iteration,
+                rollout.select(minibatch.cpu()),
+                f"non-finite loss {stats['loss/total']} or gradient norm {grad_norm}",
+            )
             stats["skipped"] = 1.0
             return stats
         if cfg.max_grad_norm is not None:
@@ -868,9 +1059,13 @@ class PPOTrainer:
     # ---- non-finite handling -------------------------------------------------------------------
     def _all_finite(self, rollout: Rollout, rewards: torch.Tensor) -> bool:
         mask = rollout.response_mask
-        ok = (torch.isfinite(rollout.scores).all() and torch.isfinite(rewards[mask]).all()
-              and torch.isfinite(rollout.logprobs[mask]).all() and torch.isfinite(rollout.ref_logprobs[mask]).all()
-              and torch.isfinite(rollout.values[mask]).all())
+        ok = (
+            torch.isfinite(rollout.scores).all()
+            and torch.isfinite(rewards[mask]).all()
+            and torch.isfinite(rollout.logprobs[mask]).all()
+            and torch.isfinite(rollout.ref_logprobs[mask]).all()
+            and torch.isfinite(rollout.values[mask]).all()
+        )
         flag = torch.tensor(0.0 if ok else 1.0, device=self.accelerator.device)
         return bool(self._sum(flag).item() == 0)
 
@@ -878,19 +1073,30 @@ class PPOTrainer:
         st = self.state
         st.bad_steps_in_a_row += 1
         st.bad_steps_total += 1
-        self._say(f"iteration {iteration + 1}: skipped a step ({reason}); {st.bad_steps_in_a_row} in a row "
-                  f"(limit --max_bad_steps {self.config.max_bad_steps}); the batch is logged in "
-                  f"{self.output_dir / BAD_BATCHES_FILE}")
+        self._say(
+            f"iteration {iteration + 1}: skipped a step ({reason}); {st.bad_steps_in_a_row} in a row "
+            f"(limit --max_bad_steps {self.config.max_bad_steps}); the batch is logged in "
+            f"{self.output_dir / BAD_BATCHES_FILE}"
+        )
         texts = rollout.response_texts(self.tokenizer)
         prompts = [prompt_text(self.tokenizer, p) for p in rollout.prompts] if rollout.prompts else None
         name = BAD_BATCHES_FILE if self.rank == 0 else f"bad_batches.rank{self.rank}.jsonl"
-        append_jsonl(self.output_dir / name, {
-            "iteration": iteration + 1, "reason": reason, "prompts": prompts, "responses": texts,
-            "raw_scores": rollout.raw_scores.float().cpu().tolist(), "scores": rollout.scores.float().cpu().tolist()})
+        append_jsonl(
+            self.output_dir / name,
+            {
+                "iteration": iteration + 1,
+                "reason": reason,
+                "prompts": prompts,
+                "responses": texts,
+                "raw_scores": rollout.raw_scores.float().cpu().tolist(),
+                "scores": rollout.scores.float().cpu().tolist(),
+            },
+        )
 
     # ---- metrics ------------------------------------------------------------------------------
-    def _metrics(self, rollout: Rollout, returns, beta: float, kl_ref: float, update: dict,
-                 skipped: bool) -> dict[str, Any]:
+    def _metrics(
+        self, rollout: Rollout, returns, beta: float, kl_ref: float, update: dict, skipped: bool
+    ) -> dict[str, Any]:
         """Rollout and update statistics, reduced over all processes."""
         st = self.state
         mask = rollout.response_mask
@@ -909,8 +1115,13 @@ class PPOTrainer:
         if not skipped:
             m["value/explained_var"] = explained_variance(rollout.values, returns, mask, self._sum).item()
         m.update(update)
-        m.update({"train/optimizer_steps": st.optimizer_steps, "train/bad_steps": st.bad_steps_total,
-                  "train/early_stops": st.early_stops})
+        m.update(
+            {
+                "train/optimizer_steps": st.optimizer_steps,
+                "train/bad_steps": st.bad_steps_total,
+                "train/early_stops": st.early_stops,
+            }
+        )
         if skipped:
             m["train/skipped"] = 1.0
         if self.accelerator.device.type == "cuda":
@@ -920,8 +1131,12 @@ class PPOTrainer:
     def _reduce_extra(self, extra: dict) -> dict:
         """Numbers from the extra-metrics hook are averaged over processes; other values pass through."""
         device = self.accelerator.device
-        return {k: self._global_mean(torch.tensor([float(v)], device=device))
-                if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in extra.items()}
+        return {
+            k: self._global_mean(torch.tensor([float(v)], device=device))
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            else v
+            for k, v in extra.items()
+        }
 
     def _progress_bar(self):
         if not self.accelerator.is_main_process or self.config.disable_tqdm:
@@ -931,15 +1146,26 @@ class PPOTrainer:
         return tqdm(total=self.num_iterations, initial=self.state.iteration, desc="ppo", unit="it", dynamic_ncols=True)
 
     def _show(self, progress, metrics: dict) -> None:
-        short = {"score": metrics["reward/score"], "kl": metrics["kl/ref"], "β": metrics["kl/coef"],
-                 "band": metrics["kl/band"], "ep/s": metrics["throughput/episodes_per_s"]}
+        short = {
+            "score": metrics["reward/score"],
+            "kl": metrics["kl/ref"],
+            "β": metrics["kl/coef"],
+            "band": metrics["kl/band"],
+            "ep/s": metrics["throughput/episodes_per_s"],
+        }
         if progress is not None:
-            progress.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in short.items()}, refresh=False)
+            progress.set_postfix(
+                {k: f"{v:.3g}" if isinstance(v, float) else v for k, v in short.items()}, refresh=False
+            )
             progress.update(1)
         steps = self._every(self.config.logging_steps)
         if steps and self.state.iteration % steps == 0 and self.accelerator.is_main_process:
-            logger.info("tether ppo: iteration %d/%d %s", self.state.iteration, self.num_iterations,
-                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items()))
+            logger.info(
+                "tether ppo: iteration %d/%d %s",
+                self.state.iteration,
+                self.num_iterations,
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in short.items()),
+            )
 
     # ---- helpers -------------------------------------------------------------------------------
     def _pad_id(self) -> int:
@@ -967,8 +1193,10 @@ class PPOTrainer:
             from safetensors.torch import save_file
 
             (folder / "value_head").mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in models.value_head.state_dict().items()},
-                      str(folder / "value_head" / "value_head.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in models.value_head.state_dict().items()},
+                str(folder / "value_head" / "value_head.safetensors"),
+            )
 
     def save_checkpoint(self) -> Path:
         """Atomic: everything is written into a temporary folder, which is renamed ``checkpoint-N`` last."""
@@ -985,9 +1213,13 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "ppo_config.json").write_text(self.config.to_json_string(), encoding="utf-8")
-            state = {"state": asdict(st), "kl_controller": self.kl_ctl.state_dict(),
-                     "monitor": self.monitor.state_dict(), "world_size": self.world,
-                     "num_iterations": self.num_iterations}
+            state = {
+                "state": asdict(st),
+                "kl_controller": self.kl_ctl.state_dict(),
+                "monitor": self.monitor.state_dict(),
+                "world_size": self.world,
+                "num_iterations": self.num_iterations,
+            }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")  # the completion mark
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -1006,8 +1238,10 @@ class PPOTrainer:
     def _load_checkpoint(self, folder: Path) -> None:
         data = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
         if data.get("world_size", self.world) != self.world:
-            self._say(f"resuming a {data['world_size']}-process checkpoint on {self.world} processes: sampling "
-                      "seeds differ from an uninterrupted run")
+            self._say(
+                f"resuming a {data['world_size']}-process checkpoint on {self.world} processes: sampling "
+                "seeds differ from an uninterrupted run"
+            )
         self.state = PPOState(**data["state"])
         self.kl_ctl.load_state_dict(data["kl_controller"])
         self.monitor.load_state_dict(data.get("monitor", {}))
@@ -1042,7 +1276,7 @@ class PPOTrainer:
         found = list_checkpoints(self.output_dir)
         if divergent_iteration is None:
             return found[-1] if found else None
-        good = [p for p in found if int(p.name[len(CHECKPOINT_PREFIX):]) <= divergent_iteration - 2]
+        good = [p for p in found if int(p.name[len(CHECKPOINT_PREFIX) :]) <= divergent_iteration - 2]
         return good[-1] if good else None
 
     def _finish(self, stopped_reason: str, metrics: dict) -> PPOResult:
@@ -1053,33 +1287,45 @@ class PPOTrainer:
             policy_dir, value_dir = self.save_final()
         found = list_checkpoints(self.output_dir)
         result = PPOResult(
-            output_dir=str(self.output_dir), stopped_reason=stopped_reason, iterations=st.iteration,
-            episodes=st.episodes, policy_dir=policy_dir, value_dir=value_dir,
+            output_dir=str(self.output_dir),
+            stopped_reason=stopped_reason,
+            iterations=st.iteration,
+            episodes=st.episodes,
+            policy_dir=policy_dir,
+            value_dir=value_dir,
             last_checkpoint=str(found[-1]) if found else None,
             last_good_checkpoint=str(last_good) if last_good else None,
-            final_metrics={k: v for k, v in metrics.items()})
+            final_metrics={k: v for k, v in metrics.items()},
+        )
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            summary = asdict(result) | {"state": asdict(st), "kl_controller": self.kl_ctl.state_dict(),
-                                        "temperature": self.config.temperature}
+            summary = asdict(result) | {
+                "state": asdict(st),
+                "kl_controller": self.kl_ctl.state_dict(),
+                "temperature": self.config.temperature,
+            }
             tmp = self.output_dir / f".tmp-{SUMMARY_FILE}"
             tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
             os.replace(tmp, self.output_dir / SUMMARY_FILE)
         acc.wait_for_everyone()
         if stopped_reason == "divergence":
-            self._say(f"stopped at iteration {st.iteration}: KL {metrics.get('kl/ref', float('nan')):.2f} nats is in "
-                      f"the divergence band; no final policy written; last good checkpoint: {result.last_good_checkpoint}")
+            self._say(
+                f"stopped at iteration {st.iteration}: KL {metrics.get('kl/ref', float('nan')):.2f} nats is in "
+                f"the divergence band; no final policy written; last good checkpoint: {result.last_good_checkpoint}"
+            )
         if stopped_reason == "non_finite":
-            message = (f"tether ppo: stopped at iteration {st.iteration} after {st.bad_steps_in_a_row} consecutive "
-                       f"steps with non-finite rewards or losses (--max_bad_steps {self.config.max_bad_steps}); the "
-                       f"batches are in {self.output_dir / BAD_BATCHES_FILE}; last good checkpoint: "
-                       f"{result.last_good_checkpoint}")
+            message = (
+                f"tether ppo: stopped at iteration {st.iteration} after {st.bad_steps_in_a_row} consecutive "
+                f"steps with non-finite rewards or losses (--max_bad_steps {self.config.max_bad_steps}); the "
+                f"batches are in {self.output_dir / BAD_BATCHES_FILE}; last good checkpoint: "
+                f"{result.last_good_checkpoint}"
+            )
             logger.error(message)
             raise NonFiniteError(message)
         return result
 
     def save_final(self) -> tuple[str, str]:
-        """Write policy/ and value_model/ (full models, LoRA merged; the policy's adapter alone in adapter/), atomically."""
+        """Write policy/ and value_model/ (full models, LoRA merged; the policy adapter alone in adapter/)."""
         acc = self.accelerator
         policy_dir = self.output_dir / "policy"
         models = unwrap_model(self.models)
@@ -1100,8 +1346,9 @@ class PPOTrainer:
         return str(policy_dir), str(value_dir)
 
 
-def run_ppo(config: PPOConfig, prompts: Sequence | None = None,
-            extra_metrics: Callable[[Rollout], dict] | None = None) -> PPOResult:
+def run_ppo(
+    config: PPOConfig, prompts: Sequence | None = None, extra_metrics: Callable[[Rollout], dict] | None = None
+) -> PPOResult:
     """The ``tether ppo`` command: train, write policy/, value_model/, metrics.jsonl and ppo_summary.json.
 
     On the embedded demo task (no --dataset, no prompts) the simulated annotator's gold score is

@@ -55,35 +55,60 @@ API_KEY_ENV = "TETHER_API_KEY"
 
 @dataclass
 class ServeConfig:
-    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
-        "help": "The policy to serve: hub id, local folder (full model or PEFT adapter) or the embedded default."})
-    reward_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Reward model that scores and ranks the samples (enables best-of-N). Optional."})
-    served_model_name: str | None = field(default=None, metadata={
-        "help": "Model name reported to clients (default: the policy folder's name)."})
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={
+            "help": "The policy to serve: hub id, local folder (full model or PEFT adapter) or the embedded default."
+        },
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reward model that scores and ranks the samples (enables best-of-N). Optional."}
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "Model name reported to clients (default: the policy folder's name)."}
+    )
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to listen on (0.0.0.0 for all)."})
     port: int = field(default=8000, metadata={"help": "TCP port."})
-    api_key: str | None = field(default=None, metadata={
-        "help": f"Require this key (Authorization: Bearer KEY). Default: ${API_KEY_ENV} if set, else no key."})
-    max_new_tokens_limit: int = field(default=512, metadata={"help": "Largest max_new_tokens / max_tokens a request may ask."})
-    default_max_new_tokens: int | None = field(default=None, metadata={
-        "help": "max_new_tokens when a request gives none (default: 128 or --max_new_tokens_limit if lower)."})
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Require this key (Authorization: Bearer KEY). Default: ${API_KEY_ENV} if set, else no key."
+        },
+    )
+    max_new_tokens_limit: int = field(
+        default=512, metadata={"help": "Largest max_new_tokens / max_tokens a request may ask."}
+    )
+    default_max_new_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "max_new_tokens when a request gives none (default: 128 or --max_new_tokens_limit if lower)."
+        },
+    )
     max_n: int = field(default=16, metadata={"help": "Largest num_return_sequences / n (best-of-N) a request may ask."})
-    max_prompt_tokens: int = field(default=2048, metadata={"help": "Longest prompt (after the chat template), in tokens."})
+    max_prompt_tokens: int = field(
+        default=2048, metadata={"help": "Longest prompt (after the chat template), in tokens."}
+    )
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body, in bytes."})
     default_temperature: float = field(default=0.7, metadata={"help": "Temperature when a request gives none."})
-    max_batch_sequences: int = field(default=32, metadata={
-        "help": "Dynamic batching: most sequences generated together in one call."})
-    batch_wait_ms: float = field(default=5.0, metadata={
-        "help": "Dynamic batching: how long the worker waits for more requests after the first one."})
+    max_batch_sequences: int = field(
+        default=32, metadata={"help": "Dynamic batching: most sequences generated together in one call."}
+    )
+    batch_wait_ms: float = field(
+        default=5.0,
+        metadata={"help": "Dynamic batching: how long the worker waits for more requests after the first one."},
+    )
     max_queue: int = field(default=256, metadata={"help": "Requests waiting beyond this are refused with 503."})
     reward_batch_size: int = field(default=32, metadata={"help": "Sequences per reward-model forward pass."})
     seed: int | None = field(default=None, metadata={"help": "Seed the sampler once at start (reproducible runs)."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is available."})
-    num_threads: int | None = field(default=None, metadata={
-        "help": "CPU threads for the models (torch.set_num_threads). On a machine shared with other busy "
-                "processes, 1 avoids OpenMP threads waiting on each other (or set OMP_WAIT_POLICY=PASSIVE)."})
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for the models (torch.set_num_threads). On a machine shared with other busy "
+            "processes, 1 avoids OpenMP threads waiting on each other (or set OMP_WAIT_POLICY=PASSIVE)."
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "uvicorn log level."})
 
     def __post_init__(self):
@@ -91,16 +116,24 @@ class ServeConfig:
             self.api_key = os.environ.get(API_KEY_ENV) or None
         if self.default_max_new_tokens is None:
             self.default_max_new_tokens = min(128, self.max_new_tokens_limit)
-        checks = {"max_new_tokens_limit": self.max_new_tokens_limit, "max_n": self.max_n,
-                  "max_prompt_tokens": self.max_prompt_tokens, "max_batch_sequences": self.max_batch_sequences,
-                  "max_queue": self.max_queue, "reward_batch_size": self.reward_batch_size,
-                  "max_request_bytes": self.max_request_bytes, "default_max_new_tokens": self.default_max_new_tokens}
+        checks = {
+            "max_new_tokens_limit": self.max_new_tokens_limit,
+            "max_n": self.max_n,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "max_batch_sequences": self.max_batch_sequences,
+            "max_queue": self.max_queue,
+            "reward_batch_size": self.reward_batch_size,
+            "max_request_bytes": self.max_request_bytes,
+            "default_max_new_tokens": self.default_max_new_tokens,
+        }
         for name, value in checks.items():
             if value < 1:
                 raise ConfigError(f"--{name} {value}: must be >= 1")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
-            raise ConfigError(f"--default_max_new_tokens {self.default_max_new_tokens} exceeds "
-                              f"--max_new_tokens_limit {self.max_new_tokens_limit}")
+            raise ConfigError(
+                f"--default_max_new_tokens {self.default_max_new_tokens} exceeds "
+                f"--max_new_tokens_limit {self.max_new_tokens_limit}"
+            )
         if self.max_n > self.max_batch_sequences:
             raise ConfigError(f"--max_n {self.max_n} exceeds --max_batch_sequences {self.max_batch_sequences}")
         if not 0 <= self.default_temperature <= 2:
@@ -115,11 +148,19 @@ class ServeConfig:
 # Errors
 # --------------------------------------------------------------------------------------------
 
+
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with an HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
         self.headers = headers
@@ -151,16 +192,20 @@ def _loc_name(loc) -> str | None:
 
 def validation_error(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Status and body for FastAPI's request validation errors (malformed JSON is a 400)."""
-    detail = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-              for e in errors]
+    detail = [
+        {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in errors
+    ]
     # the deepest location is the most specific (for a union it is the branch that came closest)
     first = max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         where = first.get("loc", ("body", "?"))[-1]
         message = f"malformed JSON body at character {where}: {ctx.get('error', first.get('msg'))}"
-        return 400, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                               "code": "json_invalid"}, "detail": detail}
+        return 400, {
+            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "json_invalid"},
+            "detail": detail,
+        }
     param = _loc_name(first.get("loc", ()))
     text = str(first.get("msg", "")).removeprefix("Value error, ")
     if first.get("type") == "missing" and param is None:
@@ -171,13 +216,16 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]
         message = text
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s), see detail)"
-    return 422, {"error": {"message": message, "type": "invalid_request_error", "param": param,
-                           "code": str(first.get("type"))}, "detail": detail}
+    return 422, {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": str(first.get("type"))},
+        "detail": detail,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # The engine: one worker thread owns the models and batches queued requests
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Job:
@@ -207,14 +255,23 @@ class QueueFull(Exception):
 def cut_at_stop_strings(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text before the first occurrence of any stop string, and whether one occurred."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 class Engine:
     """Runs the policy and reward model on a single worker thread, with dynamic batching."""
 
-    def __init__(self, policy, tokenizer, reward_model=None, rm_tokenizer=None, max_batch_sequences: int = 32,
-                 batch_wait_s: float = 0.005, max_queue: int = 256, reward_batch_size: int = 32):
+    def __init__(
+        self,
+        policy,
+        tokenizer,
+        reward_model=None,
+        rm_tokenizer=None,
+        max_batch_sequences: int = 32,
+        batch_wait_s: float = 0.005,
+        max_queue: int = 256,
+        reward_batch_size: int = 32,
+    ):
         self.policy, self.tokenizer = policy, tokenizer
         self.reward_model, self.rm_tokenizer = reward_model, rm_tokenizer or tokenizer
         self.max_batch_sequences = max_batch_sequences
@@ -318,8 +375,9 @@ class Engine:
             sequences = [jobs[j].prompt_ids for j in members for _ in range(jobs[j].n)]
             longest = max(jobs[j].max_new_tokens for j in members)
             settings = SamplingSettings(max_new_tokens=longest, temperature=temperature, top_p=top_p)
-            out = sample_from_ids(self.policy, self.tokenizer, sequences, settings, num_return_sequences=1,
-                                  batch_size=len(sequences))
+            out = sample_from_ids(
+                self.policy, self.tokenizer, sequences, settings, num_return_sequences=1, batch_size=len(sequences)
+            )
             k = 0
             for j in members:
                 samples[j] = [out[k + i][0] for i in range(jobs[j].n)]
@@ -330,7 +388,7 @@ class Engine:
             for i, s in enumerate(samples[j]):
                 ids, stopped = s.response_ids, s.stopped
                 if len(ids) > job.max_new_tokens:  # generated with a longer limit than this request's
-                    ids, stopped = ids[:job.max_new_tokens], False
+                    ids, stopped = ids[: job.max_new_tokens], False
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 else:
                     text = s.text
@@ -342,8 +400,9 @@ class Engine:
 
             prompts = [job.prompt for job, group in zip(jobs, completions) for _ in group]
             texts = [c.text for group in completions for c in group]
-            scores = score_texts(self.reward_model, self.rm_tokenizer, prompts, texts,
-                                 batch_size=self.reward_batch_size).tolist()
+            scores = score_texts(
+                self.reward_model, self.rm_tokenizer, prompts, texts, batch_size=self.reward_batch_size
+            ).tolist()
             k = 0
             for group in completions:
                 for c in group:
@@ -361,6 +420,7 @@ class Engine:
 # --------------------------------------------------------------------------------------------
 # Request and response models (bounds come from the config)
 # --------------------------------------------------------------------------------------------
+
 
 def build_models(config: ServeConfig) -> dict[str, type]:
     from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -396,12 +456,16 @@ def build_models(config: ServeConfig) -> dict[str, type]:
 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        prompt: str | None = Field(default=None, min_length=1, description="Plain-text prompt (sent as one user "
-                                   "turn through the chat template when the model has one).")
+        prompt: str | None = Field(
+            default=None,
+            min_length=1,
+            description="Plain-text prompt (sent as one user turn through the chat template when the model has one).",
+        )
         messages: list[ChatMessage] | None = Field(default=None, min_length=1, description="Chat messages.")
         max_new_tokens: int = Field(default=config.default_max_new_tokens, ge=1, le=max_new)
-        num_return_sequences: int = Field(default=1, ge=1, le=config.max_n,
-                                          description="N of best-of-N: samples to draw and rank.")
+        num_return_sequences: int = Field(
+            default=1, ge=1, le=config.max_n, description="N of best-of-N: samples to draw and rank."
+        )
         temperature: float | None = Temperature
         top_p: float | None = TopP
         stop: str | list[str] | None = Stop
@@ -415,8 +479,12 @@ def build_models(config: ServeConfig) -> dict[str, type]:
         model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
         model: str | None = None
         messages: list[ChatMessage] = Field(min_length=1)
-        n: int = Field(default=1, ge=1, le=config.max_n, description="Choices to return; with a reward model, "
-                       "best-of-n ranked best first.")
+        n: int = Field(
+            default=1,
+            ge=1,
+            le=config.max_n,
+            description="Choices to return; with a reward model, best-of-n ranked best first.",
+        )
         max_tokens: int | None = Field(default=None, ge=1, le=max_new)
         max_completion_tokens: int | None = Field(default=None, ge=1, le=max_new)
         temperature: float | None = Temperature
@@ -437,8 +505,10 @@ def build_models(config: ServeConfig) -> dict[str, type]:
         @classmethod
         def _off(cls, value, info):
             if value:
-                raise ValueError(f"{'streaming responses are' if info.field_name == 'stream' else 'logprobs are'} "
-                                 f"not supported; send {info.field_name}=false")
+                raise ValueError(
+                    f"{'streaming responses are' if info.field_name == 'stream' else 'logprobs are'} "
+                    f"not supported; send {info.field_name}=false"
+                )
             return value
 
         @field_validator("presence_penalty", "frequency_penalty")
@@ -463,8 +533,10 @@ def build_models(config: ServeConfig) -> dict[str, type]:
         model: str
         ranked: bool = Field(description="True when a reward model ranked the responses (best first).")
         responses: list[ResponseItem]
-        best: ResponseItem | None = Field(description="The top-ranked response (the only one when n = 1 without a "
-                                          "reward model; null for n > 1 without one).")
+        best: ResponseItem | None = Field(
+            description="The top-ranked response (the only one when n = 1 without a "
+            "reward model; null for n > 1 without one)."
+        )
         usage: Usage
 
     class AssistantMessage(BaseModel):
@@ -494,6 +566,7 @@ def build_models(config: ServeConfig) -> dict[str, type]:
 # The application
 # --------------------------------------------------------------------------------------------
 
+
 class _AuthAndSizeMiddleware:
     """Pure ASGI middleware: body-size limit and API key, before any parsing."""
 
@@ -510,13 +583,20 @@ class _AuthAndSizeMiddleware:
             auth = headers.get("authorization", "")
             supplied = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")
             if not supplied or not hmac.compare_digest(supplied.encode(), self.api_key.encode()):
-                error = APIError(401, "missing or invalid API key: send 'Authorization: Bearer KEY'",
-                                 type="authentication_error", code="invalid_api_key")
+                error = APIError(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer KEY'",
+                    type="authentication_error",
+                    code="invalid_api_key",
+                )
                 return await self._reply(send, 401, error.body(), {"www-authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-            error = APIError(413, f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}",
-                             code="request_too_large")
+            error = APIError(
+                413,
+                f"request body of {length} bytes exceeds the limit of {self.max_request_bytes}",
+                code="request_too_large",
+            )
             return await self._reply(send, 413, error.body())
         return await self.app(scope, receive, send)
 
@@ -537,16 +617,17 @@ def load_models(config: ServeConfig) -> dict[str, Any]:
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 
     device = _device(config)
-    out = {"tokenizer": load_tokenizer(config.model_name_or_path),
-           "policy": load_causal_lm(config.model_name_or_path, dtype=config.dtype).to(device).eval()}
+    out = {
+        "tokenizer": load_tokenizer(config.model_name_or_path),
+        "policy": load_causal_lm(config.model_name_or_path, dtype=config.dtype).to(device).eval(),
+    }
     if config.reward_model_name_or_path:
         out["rm_tokenizer"] = load_tokenizer(config.reward_model_name_or_path)
         out["reward_model"] = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype).to(device).eval()
     return out
 
 
-def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None, reward_model=None,
-               rm_tokenizer=None):
+def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None, reward_model=None, rm_tokenizer=None):
     """The FastAPI application. Models are loaded from ``config`` unless given (already loaded)."""
     import copy
 
@@ -570,8 +651,16 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
     if config.seed is not None:
         torch.manual_seed(config.seed)
     name = config.served_model_name or os.path.basename(os.path.normpath(str(config.model_name_or_path))) or "tether"
-    engine = Engine(policy, tokenizer, reward_model, rm_tokenizer, config.max_batch_sequences,
-                    config.batch_wait_ms / 1000.0, config.max_queue, config.reward_batch_size)
+    engine = Engine(
+        policy,
+        tokenizer,
+        reward_model,
+        rm_tokenizer,
+        config.max_batch_sequences,
+        config.batch_wait_ms / 1000.0,
+        config.max_queue,
+        config.reward_batch_size,
+    )
     # The worker thread owns `tokenizer`; requests are tokenised with a copy, one at a time (fast tokenizers
     # must not be used from two threads at once).
     request_tokenizer = copy.deepcopy(tokenizer)
@@ -589,11 +678,18 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
         finally:
             await run_in_threadpool(engine.stop)
 
-    ranked_note = ("With a reward model, n > 1 is best-of-n: responses are ranked best first with their scores. "
-                   "Without one, n > 1 returns n unranked samples with score null." if reward_model is None else
-                   "A reward model is loaded: n > 1 is best-of-n, responses ranked best first with their scores.")
-    app = FastAPI(title="tether", version=_version(), lifespan=lifespan,
-                  description="A policy served with best-of-N reranking by a reward model. " + ranked_note)
+    ranked_note = (
+        "With a reward model, n > 1 is best-of-n: responses are ranked best first with their scores. "
+        "Without one, n > 1 returns n unranked samples with score null."
+        if reward_model is None
+        else "A reward model is loaded: n > 1 is best-of-n, responses ranked best first with their scores."
+    )
+    app = FastAPI(
+        title="tether",
+        version=_version(),
+        lifespan=lifespan,
+        description="A policy served with best-of-N reranking by a reward model. " + ranked_note,
+    )
     app.state.engine = engine
     app.state.config = config
 
@@ -609,41 +705,74 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         error = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
-        return JSONResponse({**error.body(), "detail": exc.detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            {**error.body(), "detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, exc: Exception):  # a bug: say so in JSON, keep serving
         logger.exception("tether serve: internal error")
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(),
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(exc).__name__}", type="server_error").body(), status_code=500
+        )
 
     def encode(prompt: Prompt, param: str) -> list[int]:
         with tokenizer_lock:
             try:
                 ids = prompt_ids(request_tokenizer, prompt)
             except Exception as exc:  # e.g. a chat template that refuses this sequence of roles
-                raise APIError(422, f"{param}: the chat template cannot render this prompt ({exc})", param=param,
-                               code="template_error") from None
+                raise APIError(
+                    422,
+                    f"{param}: the chat template cannot render this prompt ({exc})",
+                    param=param,
+                    code="template_error",
+                ) from None
         if len(ids) > config.max_prompt_tokens:
-            raise APIError(422, f"{param}: the prompt is {len(ids)} tokens; the limit is {config.max_prompt_tokens}",
-                           param=param, code="prompt_too_long")
+            raise APIError(
+                422,
+                f"{param}: the prompt is {len(ids)} tokens; the limit is {config.max_prompt_tokens}",
+                param=param,
+                code="prompt_too_long",
+            )
         return ids
 
-    async def complete(prompt: Prompt, param: str, n: int, max_new_tokens: int, temperature: float | None,
-                       top_p: float | None, stop: list[str]) -> tuple[list[int], list[Completion]]:
+    async def complete(
+        prompt: Prompt,
+        param: str,
+        n: int,
+        max_new_tokens: int,
+        temperature: float | None,
+        top_p: float | None,
+        stop: list[str],
+    ) -> tuple[list[int], list[Completion]]:
         ids = await run_in_threadpool(encode, prompt, param)
         if context_limit is not None and len(ids) + max_new_tokens > context_limit:
-            raise APIError(422, f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
-                           f"exceeds the model's context of {context_limit} tokens", param="max_new_tokens",
-                           code="context_length_exceeded")
-        job = Job(prompt, ids, n, max_new_tokens, config.default_temperature if temperature is None else temperature,
-                  1.0 if top_p is None else top_p, stop)
+            raise APIError(
+                422,
+                f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                f"exceeds the model's context of {context_limit} tokens",
+                param="max_new_tokens",
+                code="context_length_exceeded",
+            )
+        job = Job(
+            prompt,
+            ids,
+            n,
+            max_new_tokens,
+            config.default_temperature if temperature is None else temperature,
+            1.0 if top_p is None else top_p,
+            stop,
+        )
         try:
             future = engine.submit(job)
         except QueueFull:
-            raise APIError(503, f"server busy: {engine.queued()} requests waiting; retry shortly",
-                           type="server_error", code="overloaded", headers={"retry-after": "1"}) from None
+            raise APIError(
+                503,
+                f"server busy: {engine.queued()} requests waiting; retry shortly",
+                type="server_error",
+                code="overloaded",
+                headers={"retry-after": "1"},
+            ) from None
         return ids, await asyncio.wrap_future(future)
 
     GenerateRequest, GenerateResponse = models["GenerateRequest"], models["GenerateResponse"]
@@ -651,11 +780,21 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "reward_model": config.reward_model_name_or_path,
-                "ranked": engine.ranked, "queued": engine.queued(), "stats": dict(engine.stats),
-                "limits": {"max_new_tokens": config.max_new_tokens_limit, "n": config.max_n,
-                           "prompt_tokens": config.max_prompt_tokens, "request_bytes": config.max_request_bytes,
-                           "batch_sequences": config.max_batch_sequences}}
+        return {
+            "status": "ok",
+            "model": name,
+            "reward_model": config.reward_model_name_or_path,
+            "ranked": engine.ranked,
+            "queued": engine.queued(),
+            "stats": dict(engine.stats),
+            "limits": {
+                "max_new_tokens": config.max_new_tokens_limit,
+                "n": config.max_n,
+                "prompt_tokens": config.max_prompt_tokens,
+                "request_bytes": config.max_request_bytes,
+                "batch_sequences": config.max_batch_sequences,
+            },
+        }
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -665,35 +804,65 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
     async def generate(request: GenerateRequest):
         """Sample ``num_return_sequences`` responses; with a reward model, score and rank them (best-of-N)."""
         if (request.prompt is None) == (request.messages is None):
-            raise APIError(422, "prompt: give exactly one of 'prompt' or 'messages'", param="prompt",
-                           code="missing" if request.prompt is None else "conflict")
+            raise APIError(
+                422,
+                "prompt: give exactly one of 'prompt' or 'messages'",
+                param="prompt",
+                code="missing" if request.prompt is None else "conflict",
+            )
         if request.prompt is not None:
             prompt, param = request.prompt, "prompt"
         else:
             prompt, param = tuple(m.plain() for m in request.messages), "messages"
-        ids, completions = await complete(prompt, param, request.num_return_sequences, request.max_new_tokens,
-                                          request.temperature, request.top_p, request.stop or [])
-        items = [{"text": c.text, "score": c.score, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens}
-                 for c in completions]
+        ids, completions = await complete(
+            prompt,
+            param,
+            request.num_return_sequences,
+            request.max_new_tokens,
+            request.temperature,
+            request.top_p,
+            request.stop or [],
+        )
+        items = [
+            {"text": c.text, "score": c.score, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens}
+            for c in completions
+        ]
         best = items[0] if (engine.ranked or len(items) == 1) else None
         used = sum(c.num_tokens for c in completions)
-        return {"model": name, "ranked": engine.ranked, "responses": items, "best": best,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+        return {
+            "model": name,
+            "ranked": engine.ranked,
+            "responses": items,
+            "best": best,
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used},
+        }
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=False)
     async def chat_completions(request: ChatCompletionRequest):
         """OpenAI-compatible chat completion; with a reward model the n choices are ranked best first."""
         max_new = request.max_completion_tokens or request.max_tokens or config.default_max_new_tokens
         prompt = tuple(m.plain() for m in request.messages)
-        ids, completions = await complete(prompt, "messages", request.n, max_new, request.temperature,
-                                          request.top_p, request.stop or [])
+        ids, completions = await complete(
+            prompt, "messages", request.n, max_new, request.temperature, request.top_p, request.stop or []
+        )
         used = sum(c.num_tokens for c in completions)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": c.finish_reason, "logprobs": None, "score": c.score}
-                            for i, c in enumerate(completions)],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "finish_reason": c.finish_reason,
+                    "logprobs": None,
+                    "score": c.score,
+                }
+                for i, c in enumerate(completions)
+            ],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used},
+        }
 
     # outermost: the key and the body size are checked before anything is parsed
     app.add_middleware(_AuthAndSizeMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
@@ -714,6 +883,10 @@ def run_serve(config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(config)
-    logger.info("tether serve: http://%s:%d (docs at /docs)%s", config.host, config.port,
-                "; API key required" if config.api_key else "")
+    logger.info(
+        "tether serve: http://%s:%d (docs at /docs)%s",
+        config.host,
+        config.port,
+        "; API key required" if config.api_key else "",
+    )
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)

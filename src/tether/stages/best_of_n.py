@@ -16,14 +16,16 @@ messages, as given), ``completion`` (the best response), ``score`` and ``n`` (pl
 sample with its score, best first, with ``--return_all``), so ``tether sft --dataset
 OUT/best_of_n.jsonl`` fine-tunes on it directly (rejection-sampling fine-tuning).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,14 +42,28 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass
 class BestOfNConfig:
-    model_name_or_path: str = field(default=EMBEDDED_MODEL, metadata={
-        "help": "The policy to sample from: hub id, local folder (full model or PEFT adapter) or the embedded default."})
-    reward_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "The reward model that ranks the samples (a `tether rm` output folder or any sequence-classification "
-                "model with one label). Required."})
-    dataset: str | None = field(default=None, metadata={
-        "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
-                "(preference and demonstration files work too), or a Hugging Face dataset name. Required."})
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={
+            "help": "The policy to sample from: hub id, local folder "
+            "(full model or PEFT adapter) or the embedded default."
+        },
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reward model that ranks the samples (a `tether "
+            "rm` output folder or any sequence-classification "
+            "model with one label). Required."
+        },
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
+            "(preference and demonstration files work too), or a Hugging Face dataset name. Required."
+        },
+    )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     n: int = field(default=4, metadata={"help": "Samples per prompt (N of best-of-N)."})
@@ -55,20 +71,29 @@ class BestOfNConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 = off, the policy as is)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per sampled response."})
     max_prompt_length: int = field(default=256, metadata={"help": "Maximum prompt tokens (cut from the left)."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Maximum prompt + response tokens when scoring (default: no limit)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Maximum prompt + response tokens when scoring (default: no limit)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (each gives N sequences)."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
-    missing_stop_score: float | None = field(default=None, metadata={
-        "help": "Score given to a response that hit --max_new_tokens without its stop token, replacing the reward "
-                "model's (raw units). Default: score it as it is."})
-    return_all: bool = field(default=False, metadata={
-        "help": "Also write every sample with its score, best first, under 'ranked'."})
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype of both models: float32, bfloat16 or float16."})
+    missing_stop_score: float | None = field(
+        default=None,
+        metadata={
+            "help": "Score given to a response that hit --max_new_tokens without its stop token, replacing the reward "
+            "model's (raw units). Default: score it as it is."
+        },
+    )
+    return_all: bool = field(
+        default=False, metadata={"help": "Also write every sample with its score, best first, under 'ranked'."}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "Weights dtype of both models: float32, bfloat16 or float16."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is available."})
-    output_dir: str | None = field(default=None, metadata={
-        "help": f"Folder for {OUTPUT_FILE} and {SUMMARY_FILE} (default outputs/bon)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": f"Folder for {OUTPUT_FILE} and {SUMMARY_FILE} (default outputs/bon)."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty --output_dir."})
 
     def __post_init__(self):
@@ -92,6 +117,7 @@ class BestOfNConfig:
 # The equations
 # --------------------------------------------------------------------------------------------
 
+
 def bon_kl_bound(n: int) -> float:
     """Upper bound on ``KL(π_bon ‖ π)``: ``log N − (N − 1)/N`` (Beirami et al. 2024).
 
@@ -110,6 +136,7 @@ def reward_gain(best_scores: Sequence[float], all_scores: Sequence[float]) -> fl
 # --------------------------------------------------------------------------------------------
 # Sampling and ranking
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ScoredSample:
@@ -141,16 +168,34 @@ def rank(samples: list[ScoredSample]) -> list[ScoredSample]:
     return sorted(samples, key=lambda s: (-s.score, s.index))
 
 
-def score_samples(reward_model, rm_tokenizer, prompts: Sequence[Prompt], groups: Sequence[Sequence[Sample]],
-                  batch_size: int = 16, max_length: int | None = None, max_prompt_length: int | None = None,
-                  missing_stop_score: float | None = None) -> list[list[ScoredSample]]:
+def score_samples(
+    reward_model,
+    rm_tokenizer,
+    prompts: Sequence[Prompt],
+    groups: Sequence[Sequence[Sample]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    missing_stop_score: float | None = None,
+) -> list[list[ScoredSample]]:
     """Reward-model scores for groups of samples (one group per prompt), each group ranked best first."""
     from tether.models.scoring import score_texts
 
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     flat_texts = [s.text for g in groups for s in g]
-    scores = score_texts(reward_model, rm_tokenizer, flat_prompts, flat_texts, batch_size=batch_size,
-                         max_length=max_length, max_prompt_length=max_prompt_length).tolist() if flat_texts else []
+    scores = (
+        score_texts(
+            reward_model,
+            rm_tokenizer,
+            flat_prompts,
+            flat_texts,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+        ).tolist()
+        if flat_texts
+        else []
+    )
     out, k = [], 0
     for group in groups:
         scored = []
@@ -164,19 +209,44 @@ def score_samples(reward_model, rm_tokenizer, prompts: Sequence[Prompt], groups:
     return out
 
 
-def best_of_n(policy, reward_model, tokenizer, prompts: Sequence[Prompt], n: int, settings: SamplingSettings,
-              batch_size: int = 8, rm_tokenizer=None, reward_batch_size: int = 16,
-              max_prompt_length: int | None = None, max_length: int | None = None,
-              missing_stop_score: float | None = None) -> list[BestOfNResult]:
+def best_of_n(
+    policy,
+    reward_model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    n: int,
+    settings: SamplingSettings,
+    batch_size: int = 8,
+    rm_tokenizer=None,
+    reward_batch_size: int = 16,
+    max_prompt_length: int | None = None,
+    max_length: int | None = None,
+    missing_stop_score: float | None = None,
+) -> list[BestOfNResult]:
     """Sample ``n`` responses per prompt from ``policy``, score them with ``reward_model``, rank them.
 
     ``rm_tokenizer`` defaults to ``tokenizer``; a reward model with its own tokenizer re-tokenises
     the response texts with the shared template rule. Returns one ``BestOfNResult`` per prompt.
     """
-    groups = sample_responses(policy, tokenizer, list(prompts), settings, num_return_sequences=n,
-                              batch_size=batch_size, max_prompt_length=max_prompt_length)
-    ranked = score_samples(reward_model, rm_tokenizer if rm_tokenizer is not None else tokenizer, prompts, groups,
-                           reward_batch_size, max_length, max_prompt_length, missing_stop_score)
+    groups = sample_responses(
+        policy,
+        tokenizer,
+        list(prompts),
+        settings,
+        num_return_sequences=n,
+        batch_size=batch_size,
+        max_prompt_length=max_prompt_length,
+    )
+    ranked = score_samples(
+        reward_model,
+        rm_tokenizer if rm_tokenizer is not None else tokenizer,
+        prompts,
+        groups,
+        reward_batch_size,
+        max_length,
+        max_prompt_length,
+        missing_stop_score,
+    )
     return [BestOfNResult(p, r) for p, r in zip(prompts, ranked)]
 
 
@@ -191,11 +261,18 @@ def result_row(result: BestOfNResult, n: int, return_all: bool) -> dict[str, Any
     best = result.best
     if best is None:
         return None
-    row: dict[str, Any] = {"prompt": _prompt_json(result.prompt), "completion": best.text, "score": best.score,
-                           "n": n, "stopped": best.stopped}
+    row: dict[str, Any] = {
+        "prompt": _prompt_json(result.prompt),
+        "completion": best.text,
+        "score": best.score,
+        "n": n,
+        "stopped": best.stopped,
+    }
     if return_all:
-        row["ranked"] = [{"completion": s.text, "score": s.score, "stopped": s.stopped, "num_tokens": s.num_tokens}
-                         for s in result.ranked]
+        row["ranked"] = [
+            {"completion": s.text, "score": s.score, "stopped": s.stopped, "num_tokens": s.num_tokens}
+            for s in result.ranked
+        ]
     return row
 
 
@@ -229,6 +306,7 @@ def summarise(results: Sequence[BestOfNResult], n: int, reward_stats=None) -> di
 # Running the command
 # --------------------------------------------------------------------------------------------
 
+
 def _device(config: BestOfNConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
 
@@ -243,8 +321,10 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.overwrite_output_dir, resuming=False)
     if not config.reward_model_name_or_path:
-        raise ConfigError("--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
-                          "(train one with `tether rm`)")
+        raise ConfigError(
+            "--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
+            "(train one with `tether rm`)"
+        )
     if config.dataset is None:  # the embedded demo task's held-out prompts
         from tether.demo.task import heldout_prompts
 
@@ -253,7 +333,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
         dataset = config.dataset
         records = load_prompts(dataset, split=config.dataset_split)
     if config.max_prompts is not None:
-        records = records[:config.max_prompts]
+        records = records[: config.max_prompts]
     if not records:
         raise ConfigError(f"--dataset {dataset}: no prompts found")
     prompts = [r.prompt for r in records]
@@ -266,21 +346,42 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     reward_stats = _maybe_reward_stats(config.reward_model_name_or_path)
 
     torch.manual_seed(config.seed)
-    settings = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                top_p=config.top_p)
+    settings = SamplingSettings(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
+    )
     started = time.perf_counter()
-    results = best_of_n(policy, reward_model, tokenizer, prompts, config.n, settings, batch_size=config.batch_size,
-                        rm_tokenizer=rm_tokenizer, reward_batch_size=config.reward_batch_size,
-                        max_prompt_length=config.max_prompt_length, max_length=config.max_length,
-                        missing_stop_score=config.missing_stop_score)
+    results = best_of_n(
+        policy,
+        reward_model,
+        tokenizer,
+        prompts,
+        config.n,
+        settings,
+        batch_size=config.batch_size,
+        rm_tokenizer=rm_tokenizer,
+        reward_batch_size=config.reward_batch_size,
+        max_prompt_length=config.max_prompt_length,
+        max_length=config.max_length,
+        missing_stop_score=config.missing_stop_score,
+    )
     summary = summarise(results, config.n, reward_stats)
-    summary.update({"seconds": time.perf_counter() - started, "temperature": config.temperature,
-                    "top_p": config.top_p, "max_new_tokens": config.max_new_tokens,
-                    "policy": config.model_name_or_path, "reward_model": config.reward_model_name_or_path,
-                    "dataset": dataset})
+    summary.update(
+        {
+            "seconds": time.perf_counter() - started,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "max_new_tokens": config.max_new_tokens,
+            "policy": config.model_name_or_path,
+            "reward_model": config.reward_model_name_or_path,
+            "dataset": dataset,
+        }
+    )
     if summary["prompts_without_usable_sample"]:
-        logger.warning("tether bon: %d prompt(s) got only empty responses and are left out of %s",
-                       summary["prompts_without_usable_sample"], OUTPUT_FILE)
+        logger.warning(
+            "tether bon: %d prompt(s) got only empty responses and are left out of %s",
+            summary["prompts_without_usable_sample"],
+            OUTPUT_FILE,
+        )
 
     staged = staging_folder(output_dir)
     try:
@@ -295,8 +396,14 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     except BaseException:
         discard_folder(staged)
         raise
-    logger.info("tether bon: best of %d over %d prompts: reward gain %.4f at KL <= %.4f nats -> %s", config.n,
-                len(results), summary["reward/gain"] or float("nan"), summary["kl/bon_bound"], output_dir)
+    logger.info(
+        "tether bon: best of %d over %d prompts: reward gain %.4f at KL <= %.4f nats -> %s",
+        config.n,
+        len(results),
+        summary["reward/gain"] or float("nan"),
+        summary["kl/bon_bound"],
+        output_dir,
+    )
     return summary
 
 

@@ -11,6 +11,7 @@ Output folder contract
   are moved into it and the folder is then renamed into place. A crash while saving therefore
   never leaves a half-written model that ``from_pretrained`` would load.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from transformers import TrainerCallback
 
@@ -37,14 +39,17 @@ def require_dataset(dataset: str | None, stage: str) -> str:
     if dataset is None or str(dataset).strip() == "":
         # The demo task has prompts and demonstrations but no fixed preference pairs: they are sampled
         # from the SFT policy and labelled by the simulated annotator, which is the pipeline's job.
-        raise ConfigError(f"--dataset is required for `tether {stage}` (a .jsonl/.json/.parquet/.csv file, "
-                          "a folder of them, or a Hugging Face dataset name); `tether pipeline` builds the "
-                          "embedded demo task's preference pairs for you")
+        raise ConfigError(
+            f"--dataset is required for `tether {stage}` (a .jsonl/.json/.parquet/.csv file, "
+            "a folder of them, or a Hugging Face dataset name); `tether pipeline` builds the "
+            "embedded demo task's preference pairs for you"
+        )
     return str(dataset)
 
 
-def load_train_eval(loader: Callable[..., list], dataset: str, split: str, eval_dataset: str | None,
-                    eval_split_ratio: float, seed: int) -> tuple[list, list]:
+def load_train_eval(
+    loader: Callable[..., list], dataset: str, split: str, eval_dataset: str | None, eval_split_ratio: float, seed: int
+) -> tuple[list, list]:
     """Training and held-out records: an explicit ``eval_dataset`` or a seeded split of ``dataset``."""
     from tether.data.loading import split_train_eval
 
@@ -79,8 +84,10 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output_dir {output_dir}: exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (overwrite or resuming):
-        raise ConfigError(f"--output_dir {output_dir}: exists and is not empty; pass --overwrite_output_dir true "
-                          "to replace it or --resume_from_checkpoint to continue a run")
+        raise ConfigError(
+            f"--output_dir {output_dir}: exists and is not empty; pass --overwrite_output_dir true "
+            "to replace it or --resume_from_checkpoint to continue a run"
+        )
 
 
 def staging_folder(output_dir: Path) -> Path:
@@ -121,17 +128,32 @@ def count_message(n_bad: int, n_total: int, what: str) -> str:
     return f"{n_bad} of {n_total} {what} ({share:.1f}%)"
 
 
-def warn_truncation(stage: str, n_total: int, n_prompt_cut: int, n_response_cut: int, max_length: int,
-                    max_prompt_length: int, unit: str = "examples") -> None:
+def warn_truncation(
+    stage: str,
+    n_total: int,
+    n_prompt_cut: int,
+    n_response_cut: int,
+    max_length: int,
+    max_prompt_length: int,
+    unit: str = "examples",
+) -> None:
     """Say how many examples lost tokens; the response is never dropped entirely."""
     if n_prompt_cut:
-        logger.warning("tether %s: %s had prompts longer than --max_prompt_length %d; they were cut from the left "
-                       "(the end of the prompt is kept)", stage, count_message(n_prompt_cut, n_total, unit),
-                       max_prompt_length)
+        logger.warning(
+            "tether %s: %s had prompts longer than --max_prompt_length %d; they were cut from the left "
+            "(the end of the prompt is kept)",
+            stage,
+            count_message(n_prompt_cut, n_total, unit),
+            max_prompt_length,
+        )
     if n_response_cut:
-        logger.warning("tether %s: %s were longer than --max_length %d; their responses were cut from the right and "
-                       "lost the stop token (at least one response token is always kept)", stage,
-                       count_message(n_response_cut, n_total, unit), max_length)
+        logger.warning(
+            "tether %s: %s were longer than --max_length %d; their responses were cut from the right and "
+            "lost the stop token (at least one response token is always kept)",
+            stage,
+            count_message(n_response_cut, n_total, unit),
+            max_length,
+        )
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -142,8 +164,13 @@ def summarise_lengths(lengths: Sequence[int]) -> dict[str, float]:
     if not lengths:
         return {"count": 0}
     ordered = sorted(lengths)
-    return {"count": len(ordered), "min": ordered[0], "median": ordered[len(ordered) // 2], "max": ordered[-1],
-            "mean": sum(ordered) / len(ordered)}
+    return {
+        "count": len(ordered),
+        "min": ordered[0],
+        "median": ordered[len(ordered) // 2],
+        "max": ordered[-1],
+        "mean": sum(ordered) / len(ordered),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +181,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_FILE = "trainer_state.json"
 BAD_BATCHES_FILE = "bad_batches.jsonl"
 DEFAULT_MAX_BAD_STEPS = 5
-MAX_BAD_STEPS_HELP = ("Skip (and log to bad_batches.jsonl) every optimizer step whose loss or gradients are not "
-                      "finite; stop the run after this many such steps in a row (the last good checkpoint stays).")
+MAX_BAD_STEPS_HELP = (
+    "Skip (and log to bad_batches.jsonl) every optimizer step whose loss or gradients are not "
+    "finite; stop the run after this many such steps in a row (the last good checkpoint stays)."
+)
 LATEST = ("true", "last", "latest")
 
 
@@ -234,8 +263,10 @@ def require_joint_processes(processes_seen: int) -> None:
     """
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and processes_seen == 1:
-        raise ConfigError(f"{launched} processes were launched but they do not train together: on a machine "
-                          "without GPUs pass --use_cpu true (data parallel over gloo)")
+        raise ConfigError(
+            f"{launched} processes were launched but they do not train together: on a machine "
+            "without GPUs pass --use_cpu true (data parallel over gloo)"
+        )
 
 
 class TetherTrainerMixin:
@@ -284,15 +315,18 @@ class TetherTrainerMixin:
         output_dir = Path(self.args.output_dir)
         resume_from_checkpoint = resume_from_checkpoint or None  # False and "" mean a fresh start
         resuming = resume_from_checkpoint is not None
-        if resume_from_checkpoint is True or (isinstance(resume_from_checkpoint, str)
-                                              and resume_from_checkpoint.lower() in LATEST):
+        if resume_from_checkpoint is True or (
+            isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in LATEST
+        ):
             found = latest_checkpoint(output_dir)
             if found is None:
                 logger.info("no complete checkpoint in %s yet; starting from the beginning", output_dir)
             resume_from_checkpoint = str(found) if found is not None else None
         elif resume_from_checkpoint and not (Path(resume_from_checkpoint) / TRAINER_STATE_FILE).is_file():
-            raise ConfigError(f"--resume_from_checkpoint {resume_from_checkpoint}: not a complete checkpoint "
-                              f"(no {TRAINER_STATE_FILE})")
+            raise ConfigError(
+                f"--resume_from_checkpoint {resume_from_checkpoint}: not a complete checkpoint "
+                f"(no {TRAINER_STATE_FILE})"
+            )
         if self.is_world_process_zero() and output_dir.is_dir():
             for stale in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # saves that a crash interrupted
                 shutil.rmtree(stale, ignore_errors=True)
@@ -381,9 +415,15 @@ class TetherTrainerMixin:
         rows = []
         for index, ((inputs, loss), bad) in enumerate(zip(micro, bad_loss.tolist())):
             if bad or bool(local_bad_grads):
-                rows.append({"step": step, "micro_batch": index,
-                             "reason": "non-finite loss" if bad else "non-finite gradients",
-                             "loss": str(float(loss.float())), **_jsonable_batch(inputs, self.processing_class)})
+                rows.append(
+                    {
+                        "step": step,
+                        "micro_batch": index,
+                        "reason": "non-finite loss" if bad else "non-finite gradients",
+                        "loss": str(float(loss.float())),
+                        **_jsonable_batch(inputs, self.processing_class),
+                    }
+                )
         if rows:
             from tether.tracking import append_jsonl
 
@@ -417,14 +457,21 @@ class TetherTrainerMixin:
         control.should_save = False  # never checkpoint a skipped step
         where = Path(self.args.output_dir) / BAD_BATCHES_FILE
         if self.is_world_process_zero():
-            logger.warning("step %d: skipped (non-finite loss or gradients); %d in a row (limit --max_bad_steps %d); "
-                           "the batch is logged in %s", self.state.global_step, self.bad_steps_in_a_row,
-                           self.max_bad_steps, where)
+            logger.warning(
+                "step %d: skipped (non-finite loss or gradients); %d in a row (limit --max_bad_steps %d); "
+                "the batch is logged in %s",
+                self.state.global_step,
+                self.bad_steps_in_a_row,
+                self.max_bad_steps,
+                where,
+            )
         if self.bad_steps_in_a_row >= self.max_bad_steps:
             last_good = latest_checkpoint(self.args.output_dir)
-            message = (f"stopped at step {self.state.global_step} after {self.bad_steps_in_a_row} consecutive steps "
-                       f"with non-finite losses or gradients (--max_bad_steps {self.max_bad_steps}); the batches are "
-                       f"in {where}; last good checkpoint: {last_good if last_good else 'none'}")
+            message = (
+                f"stopped at step {self.state.global_step} after {self.bad_steps_in_a_row} consecutive steps "
+                f"with non-finite losses or gradients (--max_bad_steps {self.max_bad_steps}); the batches are "
+                f"in {where}; last good checkpoint: {last_good if last_good else 'none'}"
+            )
             logger.error(message)
             raise NonFiniteError(message)
 

@@ -24,14 +24,16 @@ Implicit rewards are ``β·(log π − log π_ref)``; the metrics follow TRL's n
 (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
 ``logps/chosen``, ``logps/rejected``), on the training batches and on held-out pairs (``eval_``).
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +43,20 @@ from tether.config import ConfigError, DataArguments, ModelArguments, peft_confi
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
 from tether.data.templates import prompt_response_ids
-from tether.stages.common import (DEFAULT_OUTPUT_ROOT, check_output_dir, discard_folder, load_train_eval,
-                                  publish_folder, require_dataset, resolve_resume, staging_folder, write_json)
-from tether.stages.common import DEFAULT_MAX_BAD_STEPS, MAX_BAD_STEPS_HELP, TetherTrainerMixin
+from tether.stages.common import (
+    DEFAULT_MAX_BAD_STEPS,
+    DEFAULT_OUTPUT_ROOT,
+    MAX_BAD_STEPS_HELP,
+    TetherTrainerMixin,
+    check_output_dir,
+    discard_folder,
+    load_train_eval,
+    publish_folder,
+    require_dataset,
+    resolve_resume,
+    staging_folder,
+    write_json,
+)
 from tether.stages.sft import save_policy
 
 logger = logging.getLogger(__name__)
@@ -53,32 +66,62 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 @dataclass
 class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
-    output_dir: str | None = field(default=None, metadata={
-        "help": f"Where the trained model, metrics.jsonl, eval_results.json and checkpoints are written "
-                f"(default {DEFAULT_OUTPUT_ROOT}/dpo)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."})
-    beta: float = field(default=0.1, metadata={"help": "β: strength of the tie to the reference (higher = closer). "
-                                               "For ipo it is the regulariser τ of the IPO paper."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Where the trained model, metrics.jsonl, eval_results.json and checkpoints are written "
+            f"(default {DEFAULT_OUTPUT_ROOT}/dpo)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."},
+    )
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "β: strength of the tie to the reference (higher = closer). "
+            "For ipo it is the regulariser τ of the IPO paper."
+        },
+    )
     loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: sigmoid (the DPO paper), ipo, or hinge."})
-    label_smoothing: float = field(default=0.0, metadata={
-        "help": "ε of conservative DPO: the loss becomes (1−ε)·L(h) + ε·L(−h), for labels flipped with probability ε. "
-                "Must lie in [0, 0.5)."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={
-        "help": "Compute the reference log-probabilities of all pairs once before training, so no reference model "
-                "stays in memory (with --use_peft the reference is the adapter-disabled policy either way)."})
-    ref_model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Reference model if it is not the starting model (default: the starting model itself)."})
-    merge_lora: bool = field(default=False, metadata={
-        "help": "With --use_peft, save the LoRA weights merged into a full model instead of as an adapter."})
-    share_prompt: bool = field(default=True, metadata={
-        "help": "Compute each pair's prompt once (one row [prompt|chosen|rejected] with a 4-D attention mask). "
-                "Checked against separate sequences before training; off falls back to two rows per pair."})
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "ε of conservative DPO: the loss becomes (1−ε)·L(h) "
+            "+ ε·L(−h), for labels flipped with probability ε. "
+            "Must lie in [0, 0.5)."
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference log-probabilities of all pairs once before training, so no reference model "
+            "stays in memory (with --use_peft the reference is the adapter-disabled policy either way)."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Reference model if it is not the starting model (default: the starting model itself)."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "With --use_peft, save the LoRA weights merged into a full model instead of as an adapter."},
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute each pair's prompt once (one row [prompt|chosen|rejected] with a 4-D attention mask). "
+            "Checked against separate sequences before training; off falls back to two rows per pair."
+        },
+    )
     # TrainingArguments defaults that differ for DPO
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
     logging_steps: float = field(default=10, metadata={"help": "Log train metrics every N optimizer steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: tether collates its own batches."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: tether collates its own batches."}
+    )
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
 
     def __post_init__(self):
@@ -99,8 +142,13 @@ class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
 # The equations
 # --------------------------------------------------------------------------------------------
 
-def log_ratio_difference(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                         ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
+
+def log_ratio_difference(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+) -> torch.Tensor:
     """``h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))`` per pair."""
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
@@ -121,12 +169,15 @@ def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss,
+    "sigmoid": sigmoid_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
 }
 
 
-def label_smoothed(loss_fn: Callable[[torch.Tensor, float], torch.Tensor], h: torch.Tensor, beta: float,
-                   epsilon: float) -> torch.Tensor:
+def label_smoothed(
+    loss_fn: Callable[[torch.Tensor, float], torch.Tensor], h: torch.Tensor, beta: float, epsilon: float
+) -> torch.Tensor:
     """Conservative DPO: ``(1 − ε)·L(h) + ε·L(−h)``, the expected loss when a label is flipped with probability ε."""
     if epsilon == 0.0:
         return loss_fn(h, beta)
@@ -149,9 +200,11 @@ def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: 
 # Tokens and batches
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class TokenizedPair:
     """One preference pair as token ids: the prompt, and each response ending with its stop token."""
+
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
@@ -160,8 +213,9 @@ class TokenizedPair:
     ref_rejected_logp: float | None = None
 
 
-def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int,
-                   max_prompt_length: int | None) -> tuple[list[TokenizedPair], int]:
+def tokenize_pairs(
+    tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int | None
+) -> tuple[list[TokenizedPair], int]:
     """Tokenise with the shared rule (``templates.prompt_response_ids``); returns ``(pairs, n_truncated)``.
 
     ``max_length`` bounds prompt + chosen and prompt + rejected separately, as two sequences would be.
@@ -179,8 +233,9 @@ def tokenize_pairs(tokenizer, pairs: list[PreferencePair], max_length: int,
             continue
         if not prompt:
             if tokenizer.bos_token_id is None:
-                problems.append(f"{where}: prompt: empty, and the tokenizer has no bos token to start the "
-                                f"response from")
+                problems.append(
+                    f"{where}: prompt: empty, and the tokenizer has no bos token to start the response from"
+                )
                 continue
             prompt = [int(tokenizer.bos_token_id)]
         truncated += int(cut_c or cut_r)
@@ -214,10 +269,10 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = 
             p, c, r = len(x.prompt), len(x.chosen), len(x.rejected)
             end = p + c + r
             input_ids[i, :end] = torch.tensor(x.prompt + x.chosen + x.rejected, dtype=torch.long)
-            position_ids[i, :p + c] = torch.arange(p + c)
-            position_ids[i, p + c:end] = torch.arange(p, p + r)
+            position_ids[i, : p + c] = torch.arange(p + c)
+            position_ids[i, p + c : end] = torch.arange(p, p + r)
             allowed[i, 0, :end, :end] = causal[:end, :end]
-            allowed[i, 0, p + c:end, p:p + c] = False  # rejected tokens never see the chosen response
+            allowed[i, 0, p + c : end, p : p + c] = False  # rejected tokens never see the chosen response
             idx = torch.arange(end, width)
             allowed[i, 0, idx, idx] = True  # padding attends to itself only (no fully masked rows)
             for k in range(c):
@@ -232,8 +287,8 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = 
         input_ids = torch.full((2 * n, width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((2 * n, width), dtype=torch.long)
         for j, s in enumerate(seqs):
-            input_ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[j, :len(s)] = 1
+            input_ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attention_mask[j, : len(s)] = 1
             x = items[j % n]
             p, response = len(x.prompt), (x.chosen if j < n else x.rejected)
             for k in range(len(response)):
@@ -276,6 +331,7 @@ class PairDataset(torch.utils.data.Dataset):
 # Sequence log-probabilities
 # --------------------------------------------------------------------------------------------
 
+
 def _causal_lm(model):
     """The transformers causal LM inside DDP/accelerate and PEFT wrappers."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -295,7 +351,9 @@ def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def response_logps(model, batch: dict[str, torch.Tensor], compact_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logps(
+    model, batch: dict[str, torch.Tensor], compact_head: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log π(y_w|x), log π(y_l|x))`` per pair: sums of response-token log-probs, stop token included.
 
     With ``compact_head`` the model returns hidden states and only the response positions go through
@@ -303,8 +361,11 @@ def response_logps(model, batch: dict[str, torch.Tensor], compact_head: bool = T
     used (heads that rescale or soft-cap logits need this).
     """
     n = int(batch["num_pairs"])
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": _model_attention_mask(model, batch["attention_mask"]),
-                              "use_cache": False}
+    kwargs: dict[str, Any] = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": _model_attention_mask(model, batch["attention_mask"]),
+        "use_cache": False,
+    }
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     rows, sources = batch["token_row"], batch["token_source"]
@@ -341,15 +402,17 @@ def check_fast_paths(model, pair: TokenizedPair, pad_id: int) -> tuple[bool, boo
         plain = to(collate_pairs([pair], pad_id, share_prompt=False))
         reference = torch.stack(response_logps(model, plain, compact_head=False))
         try:
-            compact_ok = torch.allclose(torch.stack(response_logps(model, plain, compact_head=True)), reference,
-                                        rtol=rtol, atol=atol)
+            compact_ok = torch.allclose(
+                torch.stack(response_logps(model, plain, compact_head=True)), reference, rtol=rtol, atol=atol
+            )
         except Exception as exc:  # a model without hidden-state outputs or logits_to_keep
             logger.warning("tether dpo: compact LM head unavailable for this model (%s)", exc)
             compact_ok = False
         try:
             shared = to(collate_pairs([pair], pad_id, share_prompt=True))
-            share_ok = torch.allclose(torch.stack(response_logps(model, shared, compact_head=compact_ok)), reference,
-                                      rtol=rtol, atol=atol)
+            share_ok = torch.allclose(
+                torch.stack(response_logps(model, shared, compact_head=compact_ok)), reference, rtol=rtol, atol=atol
+            )
         except Exception as exc:
             logger.warning("tether dpo: shared-prompt layout unavailable for this model (%s)", exc)
             share_ok = False
@@ -359,9 +422,16 @@ def check_fast_paths(model, pair: TokenizedPair, pad_id: int) -> tuple[bool, boo
 
 
 @torch.no_grad()
-def precompute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int, share_prompt: bool,
-                               compact_head: bool, autocast_dtype: torch.dtype | None = None,
-                               disable_adapter: bool = False) -> None:
+def precompute_reference_logps(
+    model,
+    pairs: list[TokenizedPair],
+    pad_id: int,
+    batch_size: int,
+    share_prompt: bool,
+    compact_head: bool,
+    autocast_dtype: torch.dtype | None = None,
+    disable_adapter: bool = False,
+) -> None:
     """Fill ``ref_chosen_logp``/``ref_rejected_logp`` of every pair with one pass of the reference.
 
     Pairs are batched by length (less padding); results do not depend on the batching.
@@ -369,14 +439,17 @@ def precompute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, b
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected))
+    order = sorted(
+        range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
+    )
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    )
     try:
         with adapter_off, autocast:
             for start in range(0, len(order), batch_size):
-                chunk = [pairs[i] for i in order[start:start + batch_size]]
+                chunk = [pairs[i] for i in order[start : start + batch_size]]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
                 chosen, rejected = response_logps(model, batch, compact_head)
                 for x, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
@@ -389,8 +462,14 @@ def precompute_reference_logps(model, pairs: list[TokenizedPair], pad_id: int, b
 # The trainer
 # --------------------------------------------------------------------------------------------
 
-def pair_statistics(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+
+def pair_statistics(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> dict[str, torch.Tensor]:
     """Per-pair values of every DPO metric (averaged by the caller over all pairs)."""
     chosen_rewards = implicit_rewards(policy_chosen, ref_chosen, beta)
     rejected_rewards = implicit_rewards(policy_rejected, ref_rejected, beta)
@@ -449,8 +528,10 @@ class _DPOTrainer(TetherTrainerMixin, Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_sums:
             keys = list(self._train_sums)
-            totals = torch.stack([torch.as_tensor(self._train_sums[k], dtype=torch.float32, device=self.args.device)
-                                  for k in keys] + [torch.tensor(float(self._train_pairs), device=self.args.device)])
+            totals = torch.stack(
+                [torch.as_tensor(self._train_sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
+                + [torch.tensor(float(self._train_pairs), device=self.args.device)]
+            )
             totals = self.accelerator.reduce(totals, reduction="sum")
             count = max(float(totals[-1]), 1.0)
             logs.update({k: round(float(totals[i]) / count, 6) for i, k in enumerate(keys)})
@@ -485,13 +566,15 @@ class _DPOTrainer(TetherTrainerMixin, Trainer):
 # Running the stage
 # --------------------------------------------------------------------------------------------
 
+
 def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Training and held-out pairs from ``--dataset`` / ``--eval_dataset`` / ``--eval_split_ratio``."""
     from tether.data.loading import load_preferences
 
     dataset = require_dataset(config.dataset, "dpo")
-    return load_train_eval(load_preferences, dataset, config.dataset_split, config.eval_dataset,
-                           config.eval_split_ratio, config.seed)
+    return load_train_eval(
+        load_preferences, dataset, config.dataset_split, config.eval_dataset, config.eval_split_ratio, config.seed
+    )
 
 
 def _load_policy(config: DPOConfig):
@@ -505,8 +588,9 @@ def _load_policy(config: DPOConfig):
     return model
 
 
-def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None,
-              tokenizer=None) -> dict[str, Any]:
+def train_dpo(
+    config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None, tokenizer=None
+) -> dict[str, Any]:
     """Train with DPO on already-loaded pairs; returns ``{"train": ..., "eval": ...}`` metrics.
 
     Everything that can fail on the data (tokenisation) happens before the output folder exists.
@@ -524,9 +608,15 @@ def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: 
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
     if cut_train or cut_eval:
-        logger.warning("tether dpo: %d of %d training and %d of %d held-out pairs were longer than --max_length %d; "
-                       "their responses are cut from the right (and lose the stop token)", cut_train, len(train_tok),
-                       cut_eval, len(eval_tok), config.max_length)
+        logger.warning(
+            "tether dpo: %d of %d training and %d of %d held-out pairs were longer than --max_length %d; "
+            "their responses are cut from the right (and lose the stop token)",
+            cut_train,
+            len(train_tok),
+            cut_eval,
+            len(eval_tok),
+            config.max_length,
+        )
 
     if not eval_tok:
         config.eval_strategy = "no"
@@ -536,8 +626,9 @@ def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: 
     share_ok, compact_ok = check_fast_paths(model, train_tok[0], pad_id)
     share_prompt = config.share_prompt and share_ok
     if config.share_prompt and not share_ok:
-        logger.warning("tether dpo: the shared-prompt layout does not reproduce this model's log-probs; "
-                       "using two rows per pair")
+        logger.warning(
+            "tether dpo: the shared-prompt layout does not reproduce this model's log-probs; using two rows per pair"
+        )
 
     ref_model = None
     if config.use_peft:
@@ -557,8 +648,16 @@ def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: 
         scorer = ref_model if ref_model is not None else model
         batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
         for pairs in (train_tok, eval_tok):
-            precompute_reference_logps(scorer, pairs, pad_id, batch, share_prompt, compact_ok, autocast_dtype,
-                                       disable_adapter=ref_model is None and config.use_peft)
+            precompute_reference_logps(
+                scorer,
+                pairs,
+                pad_id,
+                batch,
+                share_prompt,
+                compact_ok,
+                autocast_dtype,
+                disable_adapter=ref_model is None and config.use_peft,
+            )
         ref_model = None  # nothing of the reference stays in memory
     elif ref_model is None and not config.use_peft:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -598,7 +697,8 @@ def train_dpo(config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: 
 
 def run_dpo(config: DPOConfig) -> dict[str, Any]:
     """``tether dpo``: load and check the data, then train; nothing is written if the data is bad."""
-    check_output_dir(Path(config.output_dir), config.overwrite_output_dir,
-                     resolve_resume(config.resume_from_checkpoint) is not None)
+    check_output_dir(
+        Path(config.output_dir), config.overwrite_output_dir, resolve_resume(config.resume_from_checkpoint) is not None
+    )
     train_pairs, eval_pairs = load_preference_data(config)
     return train_dpo(config, train_pairs, eval_pairs)

@@ -21,6 +21,7 @@ Hugging Face models pool at the last token that is not ``config.pad_token_id``; 
 is the stop token (SmolLM2) that lands one token early, so the reward model is saved with a pad
 token distinct from the stop token (see ``choose_distinct_pad_token``).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,10 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,31 +73,42 @@ NEW_PAD_TOKEN = "<|tether_pad|>"
 class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None,
-        metadata={"help": f"Where the reward model is written (default {DEFAULT_OUTPUT_ROOT}/rm). With --eval_only: "
-                          "where eval_results.json is written (nothing is written when not given)."},
+        metadata={
+            "help": f"Where the reward model is written (default {DEFAULT_OUTPUT_ROOT}/rm). With --eval_only: "
+            "where eval_results.json is written (nothing is written when not given)."
+        },
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."}
+        default=False,
+        metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."},
     )
     eval_only: bool = field(
         default=False,
-        metadata={"help": "Score the preference pairs of --dataset with the reward model --model_name_or_path and print "
-                          "the pairwise accuracy (no training)."},
+        metadata={
+            "help": "Score the preference pairs of --dataset with the reward model --model_name_or_path and print "
+            "the pairwise accuracy (no training)."
+        },
     )
     center_rewards_coefficient: float | None = field(
         default=None,
-        metadata={"help": "c in the centering term c*mean((r_chosen + r_rejected)^2) that keeps rewards near 0 "
-                          "(Eisenstein et al. 2023 use 0.01). Off when not given."},
+        metadata={
+            "help": "c in the centering term c*mean((r_chosen + r_rejected)^2) that keeps rewards near 0 "
+            "(Eisenstein et al. 2023 use 0.01). Off when not given."
+        },
     )
     share_prompt: bool = field(
         default=True,
-        metadata={"help": "Score chosen and rejected in one row that holds the prompt once (exact; checked on the first "
-                          "batch, with a fallback to two padded sequences)."},
+        metadata={
+            "help": "Score chosen and rejected in one row that holds the prompt once (exact; checked on the first "
+            "batch, with a fallback to two padded sequences)."
+        },
     )
     reward_stats_max_pairs: int = field(
         default=512,
-        metadata={"help": "Training pairs (chosen and rejected) scored at the end for reward_stats.json, the mean and "
-                          "std used to normalise rewards in PPO."},
+        metadata={
+            "help": "Training pairs (chosen and rejected) scored at the end for reward_stats.json, the mean and "
+            "std used to normalise rewards in PPO."
+        },
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (decayed linearly to 0)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs (references: 1)."})
@@ -103,8 +116,10 @@ class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log loss and training accuracy every N steps."})
     eval_strategy: str = field(
         default="epoch",
-        metadata={"help": "When to evaluate on the held-out pairs: no, steps or epoch (a final evaluation always runs "
-                          "when there are held-out pairs)."},
+        metadata={
+            "help": "When to evaluate on the held-out pairs: no, steps or epoch (a final evaluation always runs "
+            "when there are held-out pairs)."
+        },
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
@@ -119,7 +134,9 @@ class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
 # ---------------------------------------------------------------------------------------------
 # the equations
 # ---------------------------------------------------------------------------------------------
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None
+) -> torch.Tensor:
     """``L = (1/n) Σ_i −log σ(r_w,i − r_l,i − m_i)`` (``m_i = 0`` without margins).
 
     Computed with ``logsigmoid`` so that large negative differences do not underflow.
@@ -188,8 +205,9 @@ class TokenizedPreferences:
         return any(p.margin is not None for p in self.pairs)
 
 
-def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], max_length: int | None,
-                         max_prompt_length: int | None) -> TokenizedPreferences:
+def tokenize_preferences(
+    tokenizer, pairs: Sequence[PreferencePair], max_length: int | None, max_prompt_length: int | None
+) -> TokenizedPreferences:
     """Each pair as ``prompt_ids + response_ids`` (``tether.data.templates``), counting truncations.
 
     The prompt part depends only on the prompt, so chosen and rejected share it token for token.
@@ -199,25 +217,34 @@ def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], max_length:
     out = TokenizedPreferences(pairs=[])
     caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
     for pair in pairs:
-        chosen, n_prompt, chosen_cut = prompt_response_ids(tokenizer, pair.prompt, pair.chosen, max_length,
-                                                           max_prompt_length)
-        rejected, n_prompt_r, rejected_cut = prompt_response_ids(tokenizer, pair.prompt, pair.rejected, max_length,
-                                                                 max_prompt_length)
+        chosen, n_prompt, chosen_cut = prompt_response_ids(
+            tokenizer, pair.prompt, pair.chosen, max_length, max_prompt_length
+        )
+        rejected, n_prompt_r, rejected_cut = prompt_response_ids(
+            tokenizer, pair.prompt, pair.rejected, max_length, max_prompt_length
+        )
         if n_prompt != n_prompt_r or chosen[:n_prompt] != rejected[:n_prompt]:  # guards the shared-prompt rows
             raise AssertionError(f"{pair.origin}: chosen and rejected tokenised with different prompts")
         if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, pair.prompt)) > n_prompt:
             out.prompt_cut += 1
         out.response_cut += int(chosen_cut or rejected_cut)
-        out.pairs.append(TokenizedPair(tuple(chosen[:n_prompt]), tuple(chosen[n_prompt:]), tuple(rejected[n_prompt:]),
-                                       None if pair.margin is None else float(pair.margin)))
+        out.pairs.append(
+            TokenizedPair(
+                tuple(chosen[:n_prompt]),
+                tuple(chosen[n_prompt:]),
+                tuple(rejected[n_prompt:]),
+                None if pair.margin is None else float(pair.margin),
+            )
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # one forward pass for chosen and rejected
 # ---------------------------------------------------------------------------------------------
-def shared_prompt_attention(prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor,
-                            rejected_lengths: torch.Tensor, width: int) -> torch.Tensor:
+def shared_prompt_attention(
+    prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, width: int
+) -> torch.Tensor:
     """Boolean mask ``[B, 1, T, T]`` (True = may attend) for rows ``prompt | chosen | rejected | pad``.
 
     Query i may attend key j iff j ≤ i, both are real tokens, and not (i in rejected and j in
@@ -226,10 +253,10 @@ def shared_prompt_attention(prompt_lengths: torch.Tensor, chosen_lengths: torch.
     device = prompt_lengths.device
     pos = torch.arange(width, device=device)
     p, c, r = (x.to(device).unsqueeze(1) for x in (prompt_lengths, chosen_lengths, rejected_lengths))
-    real = pos.unsqueeze(0) < (p + c + r)                               # [B, T]
-    in_chosen = (pos >= p) & (pos < p + c)                              # [B, T]
-    in_rejected = (pos >= p + c) & (pos < p + c + r)                    # [B, T]
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)                       # [T(query), T(key)]
+    real = pos.unsqueeze(0) < (p + c + r)  # [B, T]
+    in_chosen = (pos >= p) & (pos < p + c)  # [B, T]
+    in_rejected = (pos >= p + c) & (pos < p + c + r)  # [B, T]
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T(query), T(key)]
     allowed = causal.unsqueeze(0) & real.unsqueeze(1) & real.unsqueeze(2)
     allowed = allowed & ~(in_rejected.unsqueeze(2) & in_chosen.unsqueeze(1))
     allowed = allowed | torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
@@ -252,7 +279,9 @@ def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
         dtype = next(model.parameters()).dtype
         if not dtype.is_floating_point:
             dtype = torch.float32
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
     if impl == "sdpa":
         return allowed
     raise NotImplementedError(f"shared-prompt rows need sdpa or eager attention, not {impl}")
@@ -283,7 +312,7 @@ class PreferenceCollator:
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), int(self.pad_token_id), dtype=torch.long)
         for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         batch["input_ids"] = input_ids
         if any(f.margin is not None for f in features):
             batch["margin"] = torch.tensor([0.0 if f.margin is None else f.margin for f in features])
@@ -325,8 +354,11 @@ def shared_prompt_matches(model, pairs: Sequence[TokenizedPair], pad_token_id: i
         separate = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, False)(list(pairs)), device))
         shared = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, True)(list(pairs)), device))
     except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
-        logger.info("tether rm: shared-prompt rows not supported by this model (%s); scoring chosen and rejected as "
-                    "separate rows", exc)
+        logger.info(
+            "tether rm: shared-prompt rows not supported by this model (%s); scoring chosen and rejected as "
+            "separate rows",
+            exc,
+        )
         return False
     finally:
         model.train(was_training)
@@ -335,8 +367,11 @@ def shared_prompt_matches(model, pairs: Sequence[TokenizedPair], pad_token_id: i
     ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(shared, separate))
     if not ok:
         worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(shared, separate))
-        logger.warning("tether rm: shared-prompt rows differ from separate rows by %.3g on this model; scoring chosen "
-                       "and rejected as separate rows", worst)
+        logger.warning(
+            "tether rm: shared-prompt rows differ from separate rows by %.3g on this model; scoring chosen "
+            "and rejected as separate rows",
+            worst,
+        )
     return ok
 
 
@@ -366,15 +401,21 @@ def choose_distinct_pad_token(tokenizer, model=None) -> int:
         if getattr(tokenizer, "chat_template", None):
             try:
                 text = tokenizer.apply_chat_template(
-                    [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                     {"role": "assistant", "content": "a"}], tokenize=False)
+                    [
+                        {"role": "system", "content": "s"},
+                        {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"},
+                    ],
+                    tokenize=False,
+                )
                 used = set(tokenizer(text, add_special_tokens=False)["input_ids"])
             except Exception:  # a template that rejects this conversation: nothing excluded beyond bos/eos
                 used = set()
         excluded = used | {stop, tokenizer.bos_token_id}
         candidates = [tokenizer.unk_token_id]
-        candidates += sorted(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                             if getattr(tok, "special", False))
+        candidates += sorted(
+            i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(tok, "special", False)
+        )
         found = next((int(c) for c in candidates if c is not None and c not in excluded), None)
         if found is None:
             tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
@@ -444,8 +485,9 @@ class RewardTrainer(TetherTrainerMixin, Trainer):
             loss = loss + reward_centering_penalty(chosen, rejected, self.center_rewards_coefficient)
         if model.training:
             with torch.no_grad():
-                self._train_sums["accuracy"] += ((chosen > rejected).float().sum()
-                                                 + 0.5 * (chosen == rejected).float().sum()).item()
+                self._train_sums["accuracy"] += (
+                    (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
+                ).item()
                 self._train_sums["margin"] += (chosen - rejected).sum().item()
                 self._train_sums["pairs"] += chosen.shape[0]
         return (loss, (chosen, rejected)) if return_outputs else loss
@@ -461,8 +503,11 @@ class RewardTrainer(TetherTrainerMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log row: add the training-pair statistics since the last one
-            sums = torch.tensor([self._train_sums["accuracy"], self._train_sums["margin"], self._train_sums["pairs"]],
-                                dtype=torch.float32, device=self.args.device)
+            sums = torch.tensor(
+                [self._train_sums["accuracy"], self._train_sums["margin"], self._train_sums["pairs"]],
+                dtype=torch.float32,
+                device=self.args.device,
+            )
             if self.accelerator.num_processes > 1:  # every process logs; the statistics are over all of their pairs
                 sums = self.accelerator.reduce(sums, reduction="sum")
             if sums[2] > 0:
@@ -503,20 +548,29 @@ def run_reward(config: RewardConfig) -> Path | dict[str, float]:
     resume = resolve_resume(config.resume_from_checkpoint)
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
     dataset = require_dataset(config.dataset, "rm")
-    train, held_out = load_train_eval(load_preferences, dataset, config.dataset_split, config.eval_dataset,
-                                      config.eval_split_ratio, config.seed)
+    train, held_out = load_train_eval(
+        load_preferences, dataset, config.dataset_split, config.eval_dataset, config.eval_split_ratio, config.seed
+    )
     return train_reward(config, train, held_out)
 
 
 def _tokenize_checked(tokenizer, pairs, config, what: str) -> TokenizedPreferences:
     tokens = tokenize_preferences(tokenizer, pairs, config.max_length, config.max_prompt_length)
-    warn_truncation(what, len(pairs), tokens.prompt_cut, tokens.response_cut, config.max_length,
-                    config.max_prompt_length, unit="pairs")
+    warn_truncation(
+        what,
+        len(pairs),
+        tokens.prompt_cut,
+        tokens.response_cut,
+        config.max_length,
+        config.max_prompt_length,
+        unit="pairs",
+    )
     return tokens
 
 
-def train_reward(config: RewardConfig, train: Sequence[PreferencePair],
-                 held_out: Sequence[PreferencePair] = ()) -> Path:
+def train_reward(
+    config: RewardConfig, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair] = ()
+) -> Path:
     """Train on in-memory pairs (``run_reward`` after loading); returns the output folder."""
     from tether.tracking import JsonlMetricsCallback
 
@@ -573,7 +627,9 @@ def train_reward(config: RewardConfig, train: Sequence[PreferencePair],
         "eval_pairs": len(held_out),
         "prompts_cut": tokens.prompt_cut,
         "pairs_truncated": tokens.response_cut,
-        "pair_token_lengths": summarise_lengths([len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokens.pairs]),
+        "pair_token_lengths": summarise_lengths(
+            [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokens.pairs]
+        ),
         "shared_prompt_rows": collator.share_prompt,
         "pad_token_id": pad,
         "train_seconds": train_seconds,
@@ -595,23 +651,28 @@ def train_reward(config: RewardConfig, train: Sequence[PreferencePair],
             discard_folder(staged)
             raise
         if final_eval:
-            logger.info("tether rm: held-out accuracy %.3f on %d pairs", final_eval.get("eval_accuracy", float("nan")),
-                        len(held_out))
+            logger.info(
+                "tether rm: held-out accuracy %.3f on %d pairs",
+                final_eval.get("eval_accuracy", float("nan")),
+                len(held_out),
+            )
         logger.info("tether rm: wrote %s (%d pairs, %.1f s)", output_dir, len(train), train_seconds)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
 
-def training_reward_stats(trainer: RewardTrainer, pairs: Sequence[TokenizedPair], max_pairs: int,
-                          seed: int) -> RewardStats:
+def training_reward_stats(
+    trainer: RewardTrainer, pairs: Sequence[TokenizedPair], max_pairs: int, seed: int
+) -> RewardStats:
     """Mean and std of the trained model's rewards on (a seeded sample of) the training pairs,
     chosen and rejected responses together."""
     sample = list(pairs)
     if max_pairs and len(sample) > max_pairs:
         sample = random.Random(seed).sample(sample, max_pairs)
     rewards = torch.as_tensor(trainer.predict(ListDataset(sample)).predictions)
-    return reward_stats(rewards.flatten(), source=f"reward model on {len(sample)} training pairs "
-                                                   "(chosen and rejected responses)")
+    return reward_stats(
+        rewards.flatten(), source=f"reward model on {len(sample)} training pairs (chosen and rejected responses)"
+    )
 
 
 def save_reward_model(model, tokenizer, folder: Path) -> None:
@@ -629,8 +690,9 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
 # --eval_only
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_pairs(model, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int = 8,
-                share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    model, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int = 8, share_prompt: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected for every pair (in order), in batches of ``batch_size`` pairs."""
     device = next(model.parameters()).device
     if share_prompt:
@@ -641,7 +703,7 @@ def score_pairs(model, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_
     chosen, rejected = [], []
     try:
         for start in range(0, len(pairs), batch_size):
-            c, r = pair_rewards(model, _to_device(collate(list(pairs[start:start + batch_size])), device))
+            c, r = pair_rewards(model, _to_device(collate(list(pairs[start : start + batch_size])), device))
             chosen.append(c.float().cpu())
             rejected.append(r.float().cpu())
     finally:
@@ -660,8 +722,11 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
     if config_file.is_file():
         architectures = json.loads(config_file.read_text()).get("architectures") or []
         if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            logger.warning("tether rm --eval_only: %s is not a reward model (architectures %s); its head is random",
-                           path, architectures)
+            logger.warning(
+                "tether rm --eval_only: %s is not a reward model (architectures %s); its head is random",
+                path,
+                architectures,
+            )
     tokenizer = load_tokenizer(path)
     model = load_scalar_model(path, dtype=config.dtype).to(config.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -674,9 +739,11 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
     metrics["pairs"] = len(pairs)
     metrics["pairs_truncated"] = tokens.response_cut
     metrics["seconds"] = time.perf_counter() - started
-    print(f"accuracy {metrics['accuracy']:.4f} on {len(pairs)} pairs "
-          f"(margin {metrics['margin']:.4f}, reward mean {metrics['reward_mean']:.4f} std {metrics['reward_std']:.4f}, "
-          f"loss {metrics['loss']:.4f})")
+    print(
+        f"accuracy {metrics['accuracy']:.4f} on {len(pairs)} pairs "
+        f"(margin {metrics['margin']:.4f}, reward mean {metrics['reward_mean']:.4f} std {metrics['reward_std']:.4f}, "
+        f"loss {metrics['loss']:.4f})"
+    )
     if config.output_dir_given:
         out = Path(config.output_dir)
         out.mkdir(parents=True, exist_ok=True)

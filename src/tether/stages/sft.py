@@ -19,14 +19,16 @@ The loss is the model's own causal-LM cross-entropy with ``num_items_in_batch``:
 with N the number of response tokens in the whole (gradient-accumulated) batch, so packed and
 unpacked batches give the same loss.
 """
+
 from __future__ import annotations
 
 import bisect
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
@@ -62,25 +64,32 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
         default=None, metadata={"help": f"Where the fine-tuned model is written (default {DEFAULT_OUTPUT_ROOT}/sft)."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."}
+        default=False,
+        metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."},
     )
     packing: bool = field(
         default=False,
-        metadata={"help": "Pack several examples into each row of up to --max_length tokens (position ids restart per "
-                          "example, so attention never crosses examples). A row then counts as one sample of "
-                          "--per_device_train_batch_size."},
+        metadata={
+            "help": "Pack several examples into each row of up to --max_length tokens (position ids restart per "
+            "example, so attention never crosses examples). A row then counts as one sample of "
+            "--per_device_train_batch_size."
+        },
     )
     merge_lora: bool = field(
         default=False,
-        metadata={"help": "With --use_peft: merge the LoRA adapters into the weights and save a full model "
-                          "(default: save the PEFT adapter folder)."},
+        metadata={
+            "help": "With --use_peft: merge the LoRA adapters into the weights and save a full model "
+            "(default: save the PEFT adapter folder)."
+        },
     )
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate (decayed linearly to 0)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training demonstrations."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
     eval_strategy: str = field(
         default="epoch",
-        metadata={"help": "When to compute the held-out loss: no, steps or epoch (off when there is no held-out data)."},
+        metadata={
+            "help": "When to compute the held-out loss: no, steps or epoch (off when there is no held-out data)."
+        },
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
@@ -119,8 +128,9 @@ class TokenizedDemonstrations:
         return [len(e["input_ids"]) for e in self.examples]
 
 
-def tokenize_demonstrations(tokenizer, demonstrations: Sequence[Demonstration], max_length: int | None,
-                            max_prompt_length: int | None) -> TokenizedDemonstrations:
+def tokenize_demonstrations(
+    tokenizer, demonstrations: Sequence[Demonstration], max_length: int | None, max_prompt_length: int | None
+) -> TokenizedDemonstrations:
     """Token ids and labels of every demonstration, counting prompts cut and responses truncated."""
     from tether.data.templates import prompt_ids, prompt_response_ids
 
@@ -128,8 +138,9 @@ def tokenize_demonstrations(tokenizer, demonstrations: Sequence[Demonstration], 
     # A prompt can only have been cut when its part is at one of its caps; only then re-tokenise to check.
     caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
     for demo in demonstrations:
-        ids, n_prompt, truncated = prompt_response_ids(tokenizer, demo.prompt, demo.completion, max_length,
-                                                       max_prompt_length)
+        ids, n_prompt, truncated = prompt_response_ids(
+            tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
+        )
         if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, demo.prompt)) > n_prompt:
             out.prompt_cut += 1
         out.response_cut += int(truncated)
@@ -150,7 +161,9 @@ def pack_by_length(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         raise ValueError("capacity must be >= 1")
     too_long = [i for i, n in enumerate(lengths) if n > capacity]
     if too_long:
-        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row capacity {capacity}")
+        raise ValueError(
+            f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row capacity {capacity}"
+        )
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
     for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -294,11 +307,20 @@ def run_sft(config: SFTConfig) -> Path:
 
         logger.info("tether sft: no --dataset given; using the embedded demo task's demonstrations")
         records = demonstrations()
-        train, held_out = (split_train_eval(records, config.eval_split_ratio, config.seed)
-                           if config.eval_split_ratio else (records, []))
+        train, held_out = (
+            split_train_eval(records, config.eval_split_ratio, config.seed)
+            if config.eval_split_ratio
+            else (records, [])
+        )
     else:
-        train, held_out = load_train_eval(load_demonstrations, config.dataset, config.dataset_split,
-                                          config.eval_dataset, config.eval_split_ratio, config.seed)
+        train, held_out = load_train_eval(
+            load_demonstrations,
+            config.dataset,
+            config.dataset_split,
+            config.eval_dataset,
+            config.eval_split_ratio,
+            config.seed,
+        )
     return train_sft(config, train, held_out)
 
 
@@ -318,14 +340,19 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     tokenizer = load_tokenizer(config.model_name_or_path)
     tokens = tokenize_demonstrations(tokenizer, train, config.max_length, config.max_prompt_length)
     eval_tokens = tokenize_demonstrations(tokenizer, held_out, config.max_length, config.max_prompt_length)
-    warn_truncation("sft", len(train), tokens.prompt_cut, tokens.response_cut, config.max_length,
-                    config.max_prompt_length)
+    warn_truncation(
+        "sft", len(train), tokens.prompt_cut, tokens.response_cut, config.max_length, config.max_prompt_length
+    )
     if config.packing:
         capacity = config.max_length if config.max_length else max(tokens.lengths)
         train_items = packed_rows(tokens.examples, capacity)
         eval_items = packed_rows(eval_tokens.examples, capacity) if eval_tokens.examples else []
-        logger.info("tether sft: packed %d examples into %d rows of <= %d tokens", len(tokens.examples),
-                    len(train_items), capacity)
+        logger.info(
+            "tether sft: packed %d examples into %d rows of <= %d tokens",
+            len(tokens.examples),
+            len(train_items),
+            capacity,
+        )
     else:
         train_items, eval_items = tokens.examples, eval_tokens.examples
     if not eval_items:
@@ -360,8 +387,9 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         "train_loss": result.training_loss,
         "global_steps": trainer.state.global_step,
         "eval": eval_metrics,
-        "activation_checkpointing": bool(getattr(trainer.accelerator.unwrap_model(trainer.model),
-                                                 "is_activation_checkpointing", False)),
+        "activation_checkpointing": bool(
+            getattr(trainer.accelerator.unwrap_model(trainer.model), "is_activation_checkpointing", False)
+        ),
         "use_peft": config.use_peft,
         "merged_lora": bool(config.use_peft and config.merge_lora),
     }
