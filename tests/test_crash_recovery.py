@@ -169,7 +169,7 @@ def test_sft_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_p
     from safetensors.torch import load_file
 
     from tether.cli import main
-    from tether.stages.common import complete_checkpoints, latest_checkpoint
+    from tether.durable import complete_checkpoints, latest_checkpoint
 
     rng = random.Random(5)
     words = "alpha beta gamma delta epsilon zeta eta theta".split()
@@ -204,6 +204,8 @@ def test_sft_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_p
         "1",
         "--save_total_limit",
         "2",
+        "--keep_checkpoints",
+        "true",
         "--use_cpu",
         "true",
         "--report_to",
@@ -363,7 +365,7 @@ def test_max_bad_steps_in_a_row_stop_the_rm_command_and_keep_the_last_good_check
     from safetensors.torch import load_file
 
     from tether.cli import main
-    from tether.stages.common import complete_checkpoints
+    from tether.durable import complete_checkpoints
 
     pairs = _rm_pairs(16, seed=4, margin_at=set(range(4, 16)))  # only the first batch of 4 is finite
     data = _write_jsonl(

@@ -269,6 +269,7 @@ def test_full_fine_tuning_learns_and_saves_a_loadable_model(tmp_path, tiny_model
             save_steps=3,
             per_device_train_batch_size=2,
             learning_rate=3e-2,
+            keep_checkpoints=True,
         ),
         train,
         held_out,

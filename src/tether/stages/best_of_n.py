@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 
-from tether.config import ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError
 from tether.data.records import Prompt
 from tether.generation import Sample, SamplingSettings, sample_responses
-from tether.models.loading import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +313,9 @@ def _device(config: BestOfNConfig) -> torch.device:
 def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     """``tether bon``: load prompts (checked before anything is written), sample, score, write JSONL + summary."""
     from tether.data.loading import load_prompts
+    from tether.durable import staged_output, write_json_atomic
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
-    from tether.stages.common import check_output_dir, discard_folder, publish_folder, staging_folder, write_json
+    from tether.stages.common import check_output_dir
     from tether.tracking import append_jsonl
 
     output_dir = Path(config.output_dir)
@@ -383,19 +383,14 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
             OUTPUT_FILE,
         )
 
-    staged = staging_folder(output_dir)
-    try:
+    with staged_output(output_dir) as staged:
         for result in results:
             row = result_row(result, config.n, config.return_all)
             if row is not None:
                 append_jsonl(staged / OUTPUT_FILE, row)
         if not (staged / OUTPUT_FILE).exists():
             (staged / OUTPUT_FILE).touch()
-        write_json(staged / SUMMARY_FILE, summary)
-        publish_folder(staged, output_dir)
-    except BaseException:
-        discard_folder(staged)
-        raise
+        write_json_atomic(staged / SUMMARY_FILE, summary)
     logger.info(
         "tether bon: best of %d over %d prompts: reward gain %.4f at KL <= %.4f nats -> %s",
         config.n,

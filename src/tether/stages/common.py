@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,16 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tether.config import ConfigError
+from tether.durable import (
+    CHECKPOINT_PREFIX,
+    LATEST,
+    TRAINER_STATE_FILE,
+    latest_checkpoint,
+    publish_checkpoint,
+    remove_stale_staging,
+    rotate_checkpoints,
+    truncate_metrics,
+)
 from tether.errors import NonFiniteError
 
 logger = logging.getLogger(__name__)
@@ -90,39 +98,6 @@ def check_output_dir(output_dir: Path, overwrite: bool, resuming: bool) -> None:
         )
 
 
-def staging_folder(output_dir: Path) -> Path:
-    """A fresh temporary folder beside ``output_dir`` (same filesystem, so the final rename is atomic)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-
-
-def publish_folder(staged: Path, output_dir: Path) -> Path:
-    """Make the finished ``staged`` folder the new ``output_dir``.
-
-    Entries of the old ``output_dir`` that ``staged`` lacks (checkpoints, metrics.jsonl, runs/)
-    are moved into ``staged`` first; entries ``staged`` has replace the old ones. The swap is two
-    renames: the old folder is parked under a hidden name and deleted after the new one is in place.
-    """
-    staged, output_dir = Path(staged), Path(output_dir)
-    staged.chmod(0o755)  # mkdtemp makes it 0700
-    if not output_dir.exists():
-        os.replace(staged, output_dir)
-        return output_dir
-    for entry in list(output_dir.iterdir()):
-        if not (staged / entry.name).exists():
-            os.replace(entry, staged / entry.name)
-    parked = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(output_dir, parked)
-    os.replace(staged, output_dir)
-    shutil.rmtree(parked, ignore_errors=True)
-    return output_dir
-
-
-def discard_folder(path: Path | None) -> None:
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def count_message(n_bad: int, n_total: int, what: str) -> str:
     share = 100.0 * n_bad / max(1, n_total)
     return f"{n_bad} of {n_total} {what} ({share:.1f}%)"
@@ -156,10 +131,6 @@ def warn_truncation(
         )
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
-
-
 def summarise_lengths(lengths: Sequence[int]) -> dict[str, float]:
     if not lengths:
         return {"count": 0}
@@ -176,57 +147,15 @@ def summarise_lengths(lengths: Sequence[int]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 # the Trainer behaviour every Trainer-based stage shares (sft, rm, dpo)
 # ---------------------------------------------------------------------------------------------
-#: Trainer's name for a checkpoint folder is ``checkpoint-<global step>``; its state file is written last.
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAINER_STATE_FILE = "trainer_state.json"
+KEEP_CHECKPOINTS_HELP = (
+    "Keep the checkpoint-N/ folders when the run finishes; by default they are deleted once the final model is saved."
+)
 BAD_BATCHES_FILE = "bad_batches.jsonl"
 DEFAULT_MAX_BAD_STEPS = 5
 MAX_BAD_STEPS_HELP = (
     "Skip (and log to bad_batches.jsonl) every optimizer step whose loss or gradients are not "
     "finite; stop the run after this many such steps in a row (the last good checkpoint stays)."
 )
-LATEST = ("true", "last", "latest")
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Trainer checkpoints ``checkpoint-N`` that hold their ``trainer_state.json``, oldest (lowest N) first.
-
-    Checkpoints are published by a rename (``TetherTrainerMixin``), so a folder of that name is
-    complete; the state file check also rejects folders left by other tools or older versions.
-    """
-    import re
-
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir`` (``--resume_from_checkpoint latest``), or None."""
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints (and ``protect``, e.g. the best one).
-
-    Only complete checkpoints count: a stray folder such as an unfinished ``checkpoint-999`` can
-    neither push a good checkpoint out nor be mistaken for the newest. Returns the deleted folders.
-    """
-    if not keep or keep <= 0:
-        return []
-    found = complete_checkpoints(output_dir)
-    protected = {Path(protect).resolve()} if protect else set()
-    doomed = [p for p in found[:-keep] if p.resolve() not in protected]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
 
 
 def _finite_or_text(value: Any) -> Any:
@@ -328,8 +257,7 @@ class TetherTrainerMixin:
                 f"(no {TRAINER_STATE_FILE})"
             )
         if self.is_world_process_zero() and output_dir.is_dir():
-            for stale in output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # saves that a crash interrupted
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_stale_staging(output_dir)  # saves that a crash interrupted
             if resuming:  # the crashed run's rows after the checkpoint would repeat steps
                 step = 0
                 if resume_from_checkpoint is not None:
@@ -371,13 +299,7 @@ class TetherTrainerMixin:
         self.accelerator.wait_for_everyone()
 
     def _publish_checkpoint(self, staging: Path, name: str, final: Path) -> None:
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            parked = final.with_name(f".old-{name}-{uuid.uuid4().hex[:8]}")
-            os.replace(final, parked)
-            os.replace(staging / name, final)
-            shutil.rmtree(parked, ignore_errors=True)
-        else:
-            os.replace(staging / name, final)
+        publish_checkpoint(staging / name, final)  # replaces the same step saved before (a resumed run)
         shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(final.parent, self.args.save_total_limit, self.state.best_model_checkpoint)
 
@@ -492,19 +414,6 @@ def _gradients_finite(model):
     if not grads:
         return torch.tensor(True)
     return torch.stack([torch.isfinite(g).all() for g in grads]).all()
-
-
-def truncate_metrics(output_dir: Path, step: int) -> None:
-    """Drop the ``metrics.jsonl`` rows written after ``step`` (by a run that crashed later), atomically."""
-    from tether.tracking import METRICS_FILE, read_jsonl
-
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
-        return
-    rows = [r for r in read_jsonl(path) if int(r.get("step", 0) or 0) <= step]
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class _NonFiniteStepCallback(TrainerCallback):

@@ -43,19 +43,17 @@ from tether.config import ConfigError, DataArguments, ModelArguments, peft_confi
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
 from tether.data.templates import prompt_response_ids
+from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
+    KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
-    discard_folder,
     load_train_eval,
-    publish_folder,
     require_dataset,
     resolve_resume,
-    staging_folder,
-    write_json,
 )
 from tether.stages.sft import save_policy
 
@@ -123,6 +121,7 @@ class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=False, metadata={"help": "Kept False: tether collates its own batches."}
     )
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
+    keep_checkpoints: bool = field(default=False, metadata={"help": KEEP_CHECKPOINTS_HELP})
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -682,15 +681,12 @@ def train_dpo(
     eval_metrics = trainer.evaluate() if eval_tok else {}
 
     if trainer.is_world_process_zero():
-        staged = staging_folder(output_dir)
-        try:
+        with staged_output(output_dir) as staged:
             save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
-            write_json(staged / "train_results.json", train_metrics)
-            write_json(staged / "eval_results.json", eval_metrics)
-            publish_folder(staged, output_dir)
-        except BaseException:
-            discard_folder(staged)
-            raise
+            write_json_atomic(staged / "train_results.json", train_metrics)
+            write_json_atomic(staged / "eval_results.json", eval_metrics)
+        if not config.keep_checkpoints:  # the final model is in place: the run needs them no more
+            remove_checkpoints(output_dir)
     trainer.accelerator.wait_for_everyone()
     return {"train": train_metrics, "eval": eval_metrics}
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import tempfile
 import time
@@ -42,22 +41,20 @@ from transformers.trainer_utils import IntervalStrategy
 
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import PreferencePair
+from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores, unwrap_model
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
+    KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
-    discard_folder,
     load_train_eval,
-    publish_folder,
     require_dataset,
     resolve_resume,
-    staging_folder,
     summarise_lengths,
     warn_truncation,
-    write_json,
 )
 from tether.stages.sft import ListDataset
 
@@ -123,6 +120,7 @@ class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
+    keep_checkpoints: bool = field(default=False, metadata={"help": KEEP_CHECKPOINTS_HELP})
 
     def __post_init__(self):
         self.output_dir_given = self.output_dir is not None
@@ -640,16 +638,13 @@ def train_reward(
         "reward_stats": {"mean": stats.mean, "std": stats.std, "count": stats.count},
     }
     if trainer.is_world_process_zero():
-        staged = staging_folder(output_dir)
-        try:
+        with staged_output(output_dir) as staged:
             save_reward_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged)
             save_reward_stats(stats, staged)
-            write_json(staged / EVAL_RESULTS_FILE, {"final": final_eval, "evaluations": history.rows})
-            write_json(staged / SUMMARY_FILE, summary)
-            publish_folder(staged, output_dir)
-        except BaseException:
-            discard_folder(staged)
-            raise
+            write_json_atomic(staged / EVAL_RESULTS_FILE, {"final": final_eval, "evaluations": history.rows})
+            write_json_atomic(staged / SUMMARY_FILE, summary)
+        if not config.keep_checkpoints:  # the final model is in place: the run needs them no more
+            remove_checkpoints(output_dir)
         if final_eval:
             logger.info(
                 "tether rm: held-out accuracy %.3f on %d pairs",
@@ -745,9 +740,6 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
         f"loss {metrics['loss']:.4f})"
     )
     if config.output_dir_given:
-        out = Path(config.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{EVAL_RESULTS_FILE}.tmp-{os.getpid()}"
-        write_json(tmp, {"model": path, "dataset": config.dataset, **metrics})
-        os.replace(tmp, out / EVAL_RESULTS_FILE)
+        results = {"model": path, "dataset": config.dataset, **metrics}
+        write_json_atomic(Path(config.output_dir) / EVAL_RESULTS_FILE, results)
     return metrics

@@ -36,20 +36,18 @@ from transformers.trainer_utils import IntervalStrategy
 
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import Demonstration
+from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
+    KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
-    discard_folder,
     load_train_eval,
-    publish_folder,
     resolve_resume,
-    staging_folder,
     summarise_lengths,
     warn_truncation,
-    write_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,6 +91,7 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Unused: tether collates its own batches."})
     max_bad_steps: int = field(default=DEFAULT_MAX_BAD_STEPS, metadata={"help": MAX_BAD_STEPS_HELP})
+    keep_checkpoints: bool = field(default=False, metadata={"help": KEEP_CHECKPOINTS_HELP})
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -394,14 +393,11 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         "merged_lora": bool(config.use_peft and config.merge_lora),
     }
     if trainer.is_world_process_zero():
-        staged = staging_folder(output_dir)
-        try:
+        with staged_output(output_dir) as staged:
             save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
-            write_json(staged / SUMMARY_FILE, summary)
-            publish_folder(staged, output_dir)
-        except BaseException:
-            discard_folder(staged)
-            raise
+            write_json_atomic(staged / SUMMARY_FILE, summary)
+        if not config.keep_checkpoints:  # the final model is in place: the run needs them no more
+            remove_checkpoints(output_dir)
         logger.info("tether sft: wrote %s (%d examples, %.1f s)", output_dir, len(train), train_seconds)
     trainer.accelerator.wait_for_everyone()
     return output_dir
