@@ -143,8 +143,7 @@ def test_paired_gains_average_samples_per_prompt_first():
 
 
 def test_parse_policy_specs():
-    from tether.config import ConfigError
-    from tether.models.loading import EMBEDDED_MODEL
+    from tether.config import EMBEDDED_MODEL, ConfigError
 
     assert E.parse_policy_specs(["sft=out/sft", "out/ppo/", "embedded"]) == {
         "sft": "out/sft",

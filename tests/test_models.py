@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tether.config import EMBEDDED_MODEL
 from tether.models import loading
 
 
@@ -29,7 +30,7 @@ def test_embedded_default_resolves_to_the_cached_safetensors_copy(embedded_model
     # The cache is used: the default resolves to the converted folder (with its marker), which holds
     # plain safetensors weights and no GGUF quantization config.
     path = loading.resolve_model_path(None)
-    assert path == str(embedded_model_dir) == loading.resolve_model_path(loading.EMBEDDED_MODEL)
+    assert path == str(embedded_model_dir) == loading.resolve_model_path(EMBEDDED_MODEL)
     assert loading.is_cached_embedded(embedded_model_dir)
     assert (embedded_model_dir / "model.safetensors").is_file()
     import json

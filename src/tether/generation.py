@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tether.data.records import Prompt
-from tether.data.templates import prompt_ids, stop_token_id
+from tether.data.templates import pad_token_id, prompt_ids, stop_token_id
 from tether.memory import run_fitting_memory
+from tether.models.wrappers import strip_peft
 
 
 @dataclass
@@ -67,19 +68,11 @@ def generation_config(tokenizer, settings: SamplingSettings, num_return_sequence
         max_new_tokens=int(settings.max_new_tokens),
         # an empty list (not None, which would inherit the model's eos) disables stopping
         eos_token_id=[] if settings.fixed_length else stop_ids(tokenizer, settings),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer),
+        pad_token_id=pad_token_id(tokenizer),
         num_return_sequences=num_return_sequences,
         use_cache=True,
         cache_implementation=settings.cache_implementation,
     )
-
-
-def _hf_model(model):
-    """The transformers model inside PEFT / DDP wrappers (the one whose ``generation_config`` generate reads)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 @contextmanager
@@ -93,7 +86,7 @@ def neutral_model_generation_config(model):
     """
     from transformers import GenerationConfig
 
-    inner = _hf_model(model)
+    inner = strip_peft(model)
     original = getattr(inner, "generation_config", None)
     if original is None:
         yield
@@ -155,7 +148,7 @@ def sample_from_ids(
     was_training = model.training
     model.eval()
     stop = set(stop_ids(tokenizer, settings))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     config = generation_config(tokenizer, settings, num_return_sequences)
     device = next(model.parameters()).device
     out: list[list[Sample]] = []
@@ -267,7 +260,7 @@ def generate_batch(
     was_training = model.training
     model.eval()
     stop = stop_ids(tokenizer, settings)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     config = generation_config(tokenizer, settings)
     if return_logprobs:
         config.output_logits, config.return_dict_in_generate = True, True

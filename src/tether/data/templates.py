@@ -53,6 +53,12 @@ def stop_token_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The padding id: the tokenizer's own, else the stop token. Masks never come from ``token == pad``
+    (SmolLM2 pads with its stop token), so the choice only fills positions that every mask leaves out."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else stop_token_id(tokenizer)
+
+
 def response_ids(tokenizer, response: str, add_stop: bool = True) -> list[int]:
     """Token ids of a response, ending with the stop token so the model learns (and is scored) at a stop."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]

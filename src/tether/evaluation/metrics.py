@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from tether.data.templates import pad_token_id
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -189,7 +191,7 @@ def per_sequence_kl(
     policy, reference, tokenizer, samples: Sequence, temperature: float, batch_size: int = 8
 ) -> list[float]:
     """k1 KL estimate of each sample (see :func:`kl_k1_per_sequence`), log-probs at temperature T."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     lp = response_token_logprobs(policy, samples, temperature, pad, batch_size)
     lr = response_token_logprobs(reference, samples, temperature, pad, batch_size)
     return kl_k1_per_sequence(lp, lr)

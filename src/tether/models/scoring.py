@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from tether.data.templates import pad_token_id
+from tether.models.wrappers import strip_peft
+
 REWARD_STATS_FILE = "reward_stats.json"
 
 
@@ -68,19 +71,9 @@ def padded_batch(
 # ---------------------------------------------------------------------------------------------
 # per-token head outputs
 # ---------------------------------------------------------------------------------------------
-def unwrap_model(model):
-    """The sequence-classification model inside DDP / accelerate / PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    get_base = getattr(model, "get_base_model", None)  # peft.PeftModel
-    if callable(get_base):
-        model = get_base()
-    return model
-
-
 def head_module(model) -> torch.nn.Module:
     """The scalar read-out (``score`` for most architectures, ``classifier`` for some), possibly PEFT-wrapped."""
-    inner = unwrap_model(model)
+    inner = strip_peft(model)
     for name in ("score", "classifier"):
         head = getattr(inner, name, None)
         if isinstance(head, torch.nn.Module):
@@ -113,7 +106,7 @@ def _accepts(model, name: str) -> bool:
     import inspect
 
     try:
-        params = inspect.signature(unwrap_model(model).forward).parameters
+        params = inspect.signature(strip_peft(model).forward).parameters
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -179,7 +172,7 @@ def score_texts(
     sequences = [
         prompt_response_ids(tokenizer, p, r, max_length, max_prompt_length)[0] for p, r in zip(prompts, responses)
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     try:

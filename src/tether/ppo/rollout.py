@@ -32,6 +32,7 @@ from torch import nn
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
 from tether.models.scoring import RewardStats, normalise, position_ids_from_mask, token_scores
+from tether.models.wrappers import strip_peft, unwrap_distributed
 from tether.ppo.losses import apply_missing_stop_penalty, kl_penalty, logprobs_from_logits
 
 
@@ -45,20 +46,6 @@ def build_sequences(
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
     return input_ids, attention_mask, position_ids_from_mask(attention_mask)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DDP/accelerate wrappers (PEFT models are kept: their adapters matter)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP and PEFT wrappers."""
-    model = unwrap_model(model)
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 @functools.cache
@@ -76,7 +63,7 @@ def response_logits(
     """Logits that predict each response token, ``[B, R, V]`` (position ``P − 1 + t`` predicts token ``t``)."""
     n_response = input_ids.shape[1] - prompt_width
     kwargs: dict[str, Any] = {}
-    if _accepts_logits_to_keep(type(hf_model(model))):
+    if _accepts_logits_to_keep(type(strip_peft(model))):
         kwargs["logits_to_keep"] = n_response + 1  # skip the LM head on the prompt
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
@@ -157,7 +144,7 @@ class PolicyAndValue(nn.Module):
         def keep_hidden(_module, _inputs, output):
             captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-        handle = hf_model(self.policy).get_decoder().register_forward_hook(keep_hidden)
+        handle = strip_peft(self.policy).get_decoder().register_forward_hook(keep_hidden)
         try:
             logits = response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
         finally:
@@ -171,7 +158,7 @@ class PolicyAndValue(nn.Module):
 
 def make_value_head(policy: nn.Module) -> nn.Linear:
     """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences)."""
-    config = hf_model(policy).config
+    config = strip_peft(policy).config
     hidden = config.get_text_config().hidden_size
     head = nn.Linear(hidden, 1)
     nn.init.zeros_(head.weight)
@@ -184,7 +171,7 @@ def make_value_head(policy: nn.Module) -> nn.Linear:
 def adapters_disabled(model: nn.Module):
     """The network under a LoRA model's adapters: the reference of a LoRA policy, the reward model
     under a LoRA critic started from it."""
-    with unwrap_model(model).disable_adapter():
+    with unwrap_distributed(model).disable_adapter():
         yield
 
 

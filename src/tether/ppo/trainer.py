@@ -45,11 +45,12 @@ from transformers import TrainingArguments
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.errors import DataError
 from tether.data.records import PromptRecord
+from tether.data.templates import pad_token_id, prompt_text
 from tether.data.templates import prompt_ids as render_prompt_ids
-from tether.data.templates import prompt_text
 from tether.evaluation.monitor import KLMonitor
 from tether.generation import SamplingSettings, left_pad
 from tether.memory import run_fitting_memory
+from tether.models.wrappers import unwrap_distributed
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import make_kl_controller
 from tether.ppo.losses import (
@@ -62,7 +63,7 @@ from tether.ppo.losses import (
     token_rewards,
     value_loss,
 )
-from tether.ppo.rollout import PolicyAndValue, Rollout, make_rollout, make_value_head, unwrap_model
+from tether.ppo.rollout import PolicyAndValue, Rollout, make_rollout, make_value_head
 from tether.tracking import METRICS_FILE, MetricsWriter, append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -847,7 +848,7 @@ class PPOTrainer:
         prompts, token_ids = self._next_prompts()
         query_ids, query_mask = left_pad(token_ids, self._pad_id())
         rollout = make_rollout(
-            models=unwrap_model(self.models),
+            models=unwrap_distributed(self.models),
             reference=self.reference,
             reward_model=self.reward_model,
             tokenizer=self.tokenizer,
@@ -1046,7 +1047,7 @@ class PPOTrainer:
     @contextlib.contextmanager
     def _policy_frozen(self):
         """Critic warm-up: the policy's forward runs without building a graph for its weights."""
-        policy = unwrap_model(self.models).policy
+        policy = unwrap_distributed(self.models).policy
         flags = [(p, p.requires_grad) for p in policy.parameters()]
         for p, _ in flags:
             p.requires_grad_(False)
@@ -1170,7 +1171,7 @@ class PPOTrainer:
     # ---- helpers -------------------------------------------------------------------------------
     def _pad_id(self) -> int:
         tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return pad_token_id(tok)
 
     def _synchronize(self) -> None:
         if self.accelerator.device.type == "cuda":
@@ -1179,7 +1180,7 @@ class PPOTrainer:
     # ---- saving --------------------------------------------------------------------------------
     def _save_models(self, folder: Path, merged: bool) -> None:
         """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/."""
-        models = unwrap_model(self.models)
+        models = unwrap_distributed(self.models)
         for name, model in (("policy", models.policy), ("value_model", models.value_model)):
             if model is None:
                 continue
@@ -1328,7 +1329,7 @@ class PPOTrainer:
         """Write policy/ and value_model/ (full models, LoRA merged; the policy adapter alone in adapter/)."""
         acc = self.accelerator
         policy_dir = self.output_dir / "policy"
-        models = unwrap_model(self.models)
+        models = unwrap_distributed(self.models)
         value_name = "value_model" if models.value_model is not None else "value_head"
         value_dir = self.output_dir / value_name
         if acc.is_main_process:

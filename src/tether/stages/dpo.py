@@ -42,8 +42,9 @@ from transformers import Trainer, TrainingArguments
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
-from tether.data.templates import prompt_response_ids
+from tether.data.templates import pad_token_id, prompt_response_ids
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
+from tether.models.wrappers import strip_peft
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
@@ -331,22 +332,13 @@ class PairDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 
 
-def _causal_lm(model):
-    """The transformers causal LM inside DDP/accelerate and PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
     """A boolean 4-D mask for SDPA; an additive float mask for kernels that add the mask to the scores."""
     if mask.dim() != 4:
         return mask
-    if getattr(_causal_lm(model).config, "_attn_implementation", "sdpa") == "sdpa":
+    if getattr(strip_peft(model).config, "_attn_implementation", "sdpa") == "sdpa":
         return mask
-    dtype = next(_causal_lm(model).parameters()).dtype
+    dtype = next(strip_peft(model).parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
@@ -371,7 +363,7 @@ def response_logps(
     if compact_head:
         out = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
         hidden = out.hidden_states[-1][rows, sources]
-        logits = _causal_lm(model).get_output_embeddings()(hidden)
+        logits = strip_peft(model).get_output_embeddings()(hidden)
     else:
         out = model(**kwargs)
         logits = out.logits[rows, sources]
@@ -603,7 +595,7 @@ def train_dpo(
     if not train_pairs:
         raise ConfigError("no training preference pairs")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
     if cut_train or cut_eval:

@@ -41,8 +41,10 @@ from transformers.trainer_utils import IntervalStrategy
 
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import PreferencePair
+from tether.data.templates import pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
-from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores, unwrap_model
+from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
+from tether.models.wrappers import strip_peft
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
@@ -272,7 +274,7 @@ def shared_prompt_positions(prompt_lengths: torch.Tensor, chosen_lengths: torch.
 
 def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
     """A custom boolean mask in the form the model's attention implementation takes."""
-    impl = getattr(getattr(unwrap_model(model), "config", None), "_attn_implementation", None) or "sdpa"
+    impl = getattr(getattr(strip_peft(model), "config", None), "_attn_implementation", None) or "sdpa"
     if impl == "eager":
         dtype = next(model.parameters()).dtype
         if not dtype.is_floating_point:
@@ -724,7 +726,7 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
             )
     tokenizer = load_tokenizer(path)
     model = load_scalar_model(path, dtype=config.dtype).to(config.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     tokens = _tokenize_checked(tokenizer, pairs, config, "rm --eval_only")
     started = time.perf_counter()
     chosen, rejected = score_pairs(model, tokens.pairs, pad, config.per_device_eval_batch_size, config.share_prompt)

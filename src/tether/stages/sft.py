@@ -36,6 +36,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
 from tether.data.records import Demonstration
+from tether.data.templates import pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
@@ -358,7 +359,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         config.eval_strategy = IntervalStrategy.NO
 
     model = load_policy_for_training(config)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     trainer = SFTTrainer(
         model=model,
         args=config,
