@@ -14,10 +14,11 @@ Rules (all deterministic, so re-running gives the same bytes):
 * split by question: the ``TEST_QUESTIONS`` questions whose SHA-256 of the UTF-8 question text is smallest
   are held out (``test.jsonl.gz``), the rest are ``train.jsonl.gz``; both keep the raw file's order;
 * ties (0) and pairs whose two answers are the same text are dropped;
-* the prompt is one user message: an instruction, the question, then every passage as
-  ``Passage K (TITLE): TEXT``; a passage's text is its sentences with whitespace runs collapsed to one
-  space (as the authors' reward-model code does) after dropping the ``TITLE\\n\\n`` heading that
-  the first sentence of many passages repeats. Answers and questions are kept verbatim.
+* the prompt is one user message: every passage as ``Passage K (TITLE): TEXT``, then the instruction and
+  the question last (tether cuts long prompts from the left, so they survive a cut); a passage's text
+  is its sentences with whitespace runs collapsed to one space (as the authors' reward-model code
+  does) after dropping the ``TITLE\\n\\n`` heading that the first sentence of many passages repeats.
+  Answers and questions are kept verbatim.
 
     python scripts/convert_qa_feedback.py data/qa_feedback/raw/dev_feedback.json.gz data/qa_feedback
 
