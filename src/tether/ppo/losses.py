@@ -210,3 +210,28 @@ def explained_variance(
     _, var_returns = masked_moments(returns, mask, all_reduce)
     _, var_residual = masked_moments(returns - values, mask, all_reduce)
     return 1.0 - var_residual / var_returns.clamp(min=1e-12)
+
+
+def kl_loss_term(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    kind: str = "k3",
+    denominator: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """KL to the reference as a term of the loss (GRPO form, Shao et al. 2024), not a reward:
+
+        L_KL = β · Σ m·k3_t / n,        k3_t = exp(−d_t) − 1 + d_t,   d_t = log π(a_t|s_t) − log π_ref(a_t|s_t)
+
+    averaged exactly as :func:`policy_loss` (token mean, ``n`` = the minibatch's token count when
+    ``denominator`` is given), so ``policy_loss(...).loss + kl_loss_term(...)`` is the GRPO objective
+    and its micro-batch pieces sum to the minibatch value. The gradient flows through ``logp`` only
+    (``ref_logp`` is detached): ∂L_KL/∂logp_t = β·(1 − exp(−d_t))/n. Masked positions get d = 0 before
+    any arithmetic, so whatever they held leaks into neither the value nor the gradient. ``kind``
+    picks another estimator of :func:`kl_penalty` (k3 is GRPO's).
+    """
+    real = mask.bool()
+    zeros = torch.zeros_like(logp)
+    per_token = kl_penalty(torch.where(real, logp, zeros), torch.where(real, ref_logp.detach(), zeros), kind)
+    return beta * masked_mean(per_token, mask, denominator)
