@@ -663,7 +663,7 @@ def test_split_train_eval_refuses_to_leave_nothing_to_train_on():
 
 
 def _readme_examples() -> list[list[dict]]:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parent.parent / "docs" / "data.md").read_text(encoding="utf-8")
     section = readme.split("## Data formats", 1)[1].split("\n## ", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```jsonc\n")[1:]]
     return [[json.loads(line.split("  //")[0]) for line in block.strip().splitlines()] for block in blocks]
