@@ -7,7 +7,6 @@ other runs call ``tether.cli.main`` in-process (the same code path, without re-i
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -23,17 +22,6 @@ from tether.config import ConfigError, parse_config
 
 TETHER = Path(sys.executable).parent / "tether"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _stage_available(name: str) -> bool:
-    return name in COMMANDS and _importable(COMMANDS[name][0])
 
 
 def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -56,7 +44,6 @@ def test_tether_help_lists_every_command():
 
 
 @needs_script
-@pytest.mark.skipif(not _stage_available("sft"), reason="tether.stages.sft is not written yet")
 def test_stage_help_lists_options_with_defaults_and_meaning():
     result = _run("sft", "--help")
     assert result.returncode == 0, result.stderr
@@ -152,7 +139,6 @@ def test_yaml_that_is_not_a_mapping_and_missing_file(tmp_path):
         parse_config(ToyConfig, ["--config", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.skipif(not _stage_available("sft"), reason="tether.stages.sft is not written yet")
 def test_yaml_and_flags_combine_on_a_real_stage_config(tmp_path):
     from tether.stages.sft import SFTConfig
 
@@ -189,7 +175,6 @@ def _leftovers(folder: Path, output: Path) -> list[str]:
 
 
 @needs_script
-@pytest.mark.skipif(not _stage_available("rm"), reason="tether.stages.reward (`tether rm`) is not written yet")
 def test_cli_subprocess_bad_data_exits_2_with_file_line_and_writes_nothing(tmp_path):
     bad = _write_bad_demos(tmp_path)  # demonstrations are not preference pairs
     out = tmp_path / "rm-out"
@@ -211,8 +196,6 @@ def test_cli_subprocess_bad_data_exits_2_with_file_line_and_writes_nothing(tmp_p
     ],
 )
 def test_cli_in_process_bad_data(tmp_path, stage, expected):
-    if not _stage_available(stage):
-        pytest.skip(f"`tether {stage}` is not written yet")
     bad = _write_bad_demos(tmp_path)
     out = tmp_path / f"{stage}-out"
     err = io.StringIO()

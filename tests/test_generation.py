@@ -46,3 +46,44 @@ def test_samples_stop_at_the_stop_token_and_respect_max_new_tokens(tiny_model_di
                 assert len(s.response_ids) == 6 and tokenizer.eos_token_id not in s.response_ids
     # the same prompt gives the same ids whatever else is in the batch (left padding)
     assert out[0][0].prompt_ids == out[0][1].prompt_ids
+
+
+def test_sampled_frequencies_follow_softmax_of_logits_over_t_in_the_whole_vocabulary(tokenizer):
+    """A top-k (transformers' default 50), top-p or temperature leak would show in the frequencies.
+
+    A tiny model with SmolLM2's full 49,152-token vocabulary, its output embeddings scaled so that at
+    T = 0.7 the next-token distribution puts 39% of its mass on the 10 likeliest tokens and 49% on
+    tokens ranked 50 and below (at T = 1 the same buckets hold 8% and 86%). 4,000 first tokens are
+    sampled through the library's own path; each rank bucket's frequency must match its probability
+    under softmax(logits / T) within 4 binomial standard errors.
+    """
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from tether.data.templates import prompt_ids
+    from tether.generation import sample_from_ids
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(16.0)
+    temperature, n = 0.7, 4000
+    ids = prompt_ids(tokenizer, "hello", None)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    rank_of = torch.empty_like(probs, dtype=torch.long)
+    rank_of[probs.argsort(descending=True)] = torch.arange(probs.numel())
+    buckets = [(0, 10), (10, 50), (50, 500), (500, probs.numel())]
+    ordered = probs.sort(descending=True).values
+    expected = [float(ordered[a:b].sum()) for a, b in buckets]
+    assert expected[2] + expected[3] > 0.45  # most of the mass lies where a top-k 50 sampler never goes
+
+    torch.manual_seed(1)
+    settings = SamplingSettings(max_new_tokens=1, temperature=temperature)
+    samples = sample_from_ids(model, tokenizer, [ids], settings, num_return_sequences=n, batch_size=1)[0]
+    ranks = rank_of[torch.tensor([s.response_ids[0] for s in samples])]
+    for (a, b), p in zip(buckets, expected):
+        freq = float(((ranks >= a) & (ranks < b)).float().mean())
+        assert abs(freq - p) <= 4 * (p * (1 - p) / n) ** 0.5, (a, b, freq, p)
