@@ -273,6 +273,14 @@ def test_without_a_reward_model_n_samples_come_back_unranked(models, tiny_model_
         assert len(data["responses"]) == 3 and all(x["score"] is None for x in data["responses"])
         one = httpx.post(running.url + "/generate", json={"prompt": "hi", "max_new_tokens": 3}, timeout=60).json()
         assert one["best"] == one["responses"][0]
+        # streaming n > 1 without a reward model: the samples stream as they are sampled, unranked
+        body = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 4}
+        whole = httpx.post(running.url + "/v1/chat/completions", json=body, timeout=60).json()
+        raw = httpx.post(running.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).content
+        chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+        for i, choice in enumerate(whole["choices"]):
+            pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"][0]["index"] == i]
+            assert len(pieces) > 3 and "".join(pieces) == choice["message"]["content"]
     finally:
         running.stop()
 
@@ -438,6 +446,24 @@ def test_a_client_leaving_mid_stream_leaves_the_server_answering(server):
     reply = chat(server, max_tokens=4).json()
     assert reply["choices"][0]["finish_reason"] in ("stop", "length")
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_a_client_leaving_a_long_stream_stops_its_generation(models, tiny_model_dir):
+    config = ServeConfig(model_name_or_path=str(tiny_model_dir), api_key=None, max_new_tokens_limit=400, use_cpu=True)
+    running = ThreadServer(create_app(config, policy=models["policy"], tokenizer=models["tokenizer"]))
+    try:
+        body = {"prompt": "Go on.", "max_new_tokens": 400, "temperature": 1.0, "stream": True, "seed": 0}
+        with httpx.stream("POST", running.url + "/generate", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert json.loads(next(lines)[len("data: ") :])["type"] == "delta"  # tokens are flowing; hang up
+        deadline = time.time() + 30
+        while httpx.get(running.url + "/health").json()["stats"]["cancelled_rows"] < 1:
+            assert time.time() < deadline, "the worker did not stop the abandoned row"
+            time.sleep(0.05)
+        whole = httpx.post(running.url + "/generate", json={**body, "stream": False}, timeout=60).json()
+        assert whole["responses"][0]["num_tokens"] > 1
+    finally:
+        running.stop()
 
 
 def test_seed_gives_the_same_text_whatever_else_is_batched(server):

@@ -361,13 +361,21 @@ def _row_streamer(rows: list[RowStream | None], tokenizer, stop_ids: set[int]):
     return RowStreamer()
 
 
-def _cancelled_rows(sinks: list[EventSink | None]):
-    """Stopping criteria ending the rows whose client disconnected, so a gone stream frees the batch early."""
+def _cancelled_rows(sinks: list[EventSink | None], stats: dict[str, int]):
+    """Stopping criteria ending the rows whose client disconnected, so a gone stream frees the batch early.
+
+    ``stats["cancelled_rows"]`` counts the rows stopped this way.
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class CancelledRows(StoppingCriteria):
+        def __init__(self):
+            self.stopped = [False] * len(sinks)
+
         def __call__(self, input_ids, scores, **kwargs):
             gone = [sink is not None and sink.cancelled.is_set() for sink in sinks]
+            stats["cancelled_rows"] += sum(g and not s for g, s in zip(gone, self.stopped))
+            self.stopped = gone
             return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([CancelledRows()])
@@ -397,7 +405,7 @@ class Engine:
         self._carry: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "largest_batch": 0, "errors": 0}
+        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "largest_batch": 0, "errors": 0, "cancelled_rows": 0}
 
     @property
     def ranked(self) -> bool:
@@ -516,7 +524,7 @@ class Engine:
                             streams[k].ids, streams[k].done = [], False
                     return {
                         "streamer": _row_streamer([streams[k] for k in indices], self.tokenizer, stop),
-                        "stopping_criteria": _cancelled_rows([sinks[k] for k in indices]),
+                        "stopping_criteria": _cancelled_rows([sinks[k] for k in indices], self.stats),
                     }
 
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=bool(seeded)):
