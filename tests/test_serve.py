@@ -293,6 +293,7 @@ def test_stop_strings_and_config_bounds():
     assert streamable_prefix("hello w", ["x"]) == ("hello w", False)
     assert streamable_prefix("hello world!", ["world"]) == ("hello ", True)
     assert streamable_prefix("caf\ufffd", []) == ("caf", False)
+    assert streamable_prefix("xa\ufffd", ["a\u00e9"]) == ("x", False)  # the unfinished character may be the é
     with pytest.raises(ConfigError):
         ServeConfig(max_n=64, max_batch_sequences=32)
     with pytest.raises(ConfigError):
@@ -414,6 +415,14 @@ def test_generate_stream(server):
     assert len(deltas) > 1 and all(d["type"] == "delta" and d["index"] == 0 for d in deltas)
     assert result["type"] == "result" and {k: v for k, v in result.items() if k != "type"} == whole
     assert "".join(d["text"] for d in deltas) == whole["best"]["text"]
+    # a stop string taken from inside that text: streamed and whole replies are cut at the same place
+    text = whole["best"]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = httpx.post(server.url + "/generate", headers=AUTH, json={**body, "stop": stop}, timeout=60).json()
+    assert cut["best"]["text"] == text[: text.index(stop)] and cut["best"]["finish_reason"] == "stop"
+    raw = httpx.post(server.url + "/generate", headers=AUTH, json={**body, "stop": stop, "stream": True}, timeout=60)
+    pieces = [json.loads(e) for e in sse_events(raw.content)[:-1]]
+    assert "".join(p["text"] for p in pieces[:-1]) == cut["best"]["text"] and pieces[-1]["best"] == cut["best"]
     # best-of-4 with the reward model: ranked first, so no deltas, only the result
     ranked = sse_events(
         httpx.post(

@@ -313,8 +313,9 @@ def streamable_prefix(text: str, stop: list[str]) -> tuple[str, bool]:
     text, hit = cut_at_stop_strings(text, stop)
     if hit:
         return text, True
+    text = text.rstrip("\ufffd")
     hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold].rstrip("\ufffd"), False
+    return text[: len(text) - hold], False
 
 
 class RowStream:
