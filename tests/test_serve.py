@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tether.config import ConfigError
-from tether.serve.app import ServeConfig, create_app, cut_at_stop_strings
+from tether.serve.app import ServeConfig, create_app, cut_at_stop_strings, streamable_prefix
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -184,7 +184,8 @@ BAD_REQUESTS = [
     ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 9}, 422, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}, 422, "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}, 422, "stream"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 422, "logprobs"),
+    ("/generate", {"prompt": "hi", "stream": True, "seed": "x"}, 422, "seed"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
@@ -272,6 +273,14 @@ def test_without_a_reward_model_n_samples_come_back_unranked(models, tiny_model_
         assert len(data["responses"]) == 3 and all(x["score"] is None for x in data["responses"])
         one = httpx.post(running.url + "/generate", json={"prompt": "hi", "max_new_tokens": 3}, timeout=60).json()
         assert one["best"] == one["responses"][0]
+        # streaming n > 1 without a reward model: the samples stream as they are sampled, unranked
+        body = {"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 4}
+        whole = httpx.post(running.url + "/v1/chat/completions", json=body, timeout=60).json()
+        raw = httpx.post(running.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).content
+        chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
+        for i, choice in enumerate(whole["choices"]):
+            pieces = [c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"][0]["index"] == i]
+            assert len(pieces) > 3 and "".join(pieces) == choice["message"]["content"]
     finally:
         running.stop()
 
@@ -279,6 +288,12 @@ def test_without_a_reward_model_n_samples_come_back_unranked(models, tiny_model_
 def test_stop_strings_and_config_bounds():
     assert cut_at_stop_strings("hello world. more", [".", "wor"]) == ("hello ", True)
     assert cut_at_stop_strings("hello", ["x"]) == ("hello", False)
+    # streaming holds back what may still become a stop string, or an unfinished character
+    assert streamable_prefix("hello wo", ["world", "."]) == ("hello ", False)
+    assert streamable_prefix("hello w", ["x"]) == ("hello w", False)
+    assert streamable_prefix("hello world!", ["world"]) == ("hello ", True)
+    assert streamable_prefix("caf\ufffd", []) == ("caf", False)
+    assert streamable_prefix("xa\ufffd", ["a\u00e9"]) == ("x", False)  # the unfinished character may be the é
     with pytest.raises(ConfigError):
         ServeConfig(max_n=64, max_batch_sequences=32)
     with pytest.raises(ConfigError):
@@ -324,3 +339,158 @@ def test_tether_serve_under_a_short_mixed_load(tmp_path, tiny_model_dir, tiny_rm
     assert result["invalid"] > 0 and result["invalid_4xx"] == result["invalid"]
     assert result["server_alive"] and bench.memory_stable(result)
     assert server.process.returncode == 0  # SIGINT: a graceful shutdown
+
+
+def sse_events(raw: bytes) -> list[str]:
+    """The ``data`` of each server-sent event; checks that every event is one ``data: ...`` line + a blank line."""
+    text = raw.decode()
+    assert text.endswith("\n\n") and not text.startswith("\n")
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    return [e[len("data: ") :] for e in events]
+
+
+def chat(server, **body):
+    body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 12, "temperature": 1.0, **body}
+    r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_openai_client_streams_the_same_text_as_the_non_streaming_reply(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    for n in (1, 3):  # n = 1 is streamed token by token; n = 3 with the reward model is ranked, then sent
+        whole = client.chat.completions.create(
+            model="tether", messages=messages, n=n, max_tokens=12, temperature=1.0, seed=11
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model="tether",
+                messages=messages,
+                n=n,
+                max_tokens=12,
+                temperature=1.0,
+                seed=11,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+        for i, choice in enumerate(whole.choices):
+            deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+            assert deltas[0].delta.role == "assistant"
+            assert "".join(d.delta.content or "" for d in deltas) == choice.message.content
+            assert [d.finish_reason for d in deltas][-1] == choice.finish_reason
+            assert all(d.finish_reason is None for d in deltas[:-1])
+            if n == 1:
+                assert len(deltas) > 3  # role, several pieces, finish: streamed as sampled
+        assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_chat_stream_framing_on_raw_bytes(server):
+    r = chat(server, stream=True, seed=3, n=2)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [{"role": "assistant", "content": ""}] * 2
+    finals = [c["choices"][0] for c in chunks if c["choices"][0]["finish_reason"] is not None]
+    assert sorted(f["index"] for f in finals) == [0, 1] and all(f["delta"] == {} for f in finals)
+    scores = [f["score"] for f in finals]  # ranked best first, with the reward model's scores
+    assert scores == sorted(scores, reverse=True)
+    assert "usage" not in chunks[0]  # only with stream_options.include_usage
+
+
+def test_generate_stream(server):
+    body = {"prompt": "Count to ten.", "max_new_tokens": 10, "temperature": 1.0, "seed": 5}
+    whole = httpx.post(server.url + "/generate", headers=AUTH, json=body, timeout=60).json()
+    r = httpx.post(server.url + "/generate", headers=AUTH, json={**body, "stream": True}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]"
+    data = [json.loads(e) for e in events[:-1]]
+    deltas, result = data[:-1], data[-1]
+    assert len(deltas) > 1 and all(d["type"] == "delta" and d["index"] == 0 for d in deltas)
+    assert result["type"] == "result" and {k: v for k, v in result.items() if k != "type"} == whole
+    assert "".join(d["text"] for d in deltas) == whole["best"]["text"]
+    # a stop string taken from inside that text: streamed and whole replies are cut at the same place
+    text = whole["best"]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = httpx.post(server.url + "/generate", headers=AUTH, json={**body, "stop": stop}, timeout=60).json()
+    assert cut["best"]["text"] == text[: text.index(stop)] and cut["best"]["finish_reason"] == "stop"
+    raw = httpx.post(server.url + "/generate", headers=AUTH, json={**body, "stop": stop, "stream": True}, timeout=60)
+    pieces = [json.loads(e) for e in sse_events(raw.content)[:-1]]
+    assert "".join(p["text"] for p in pieces[:-1]) == cut["best"]["text"] and pieces[-1]["best"] == cut["best"]
+    # best-of-4 with the reward model: ranked first, so no deltas, only the result
+    ranked = sse_events(
+        httpx.post(
+            server.url + "/generate", headers=AUTH, json={**body, "stream": True, "num_return_sequences": 4}, timeout=60
+        ).content
+    )
+    assert len(ranked) == 2 and json.loads(ranked[0])["type"] == "result"
+    assert len(json.loads(ranked[0])["responses"]) == 4
+
+
+def test_a_bad_streaming_request_is_a_json_error(server):
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        headers=AUTH,
+        json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 999},
+        timeout=60,
+    )
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["param"] == "max_tokens"
+
+
+def test_a_client_leaving_mid_stream_leaves_the_server_answering(server):
+    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 16, "temperature": 1.0, "stream": True}
+    for _ in range(3):
+        with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk; then hang up
+    time.sleep(0.2)
+    reply = chat(server, max_tokens=4).json()
+    assert reply["choices"][0]["finish_reason"] in ("stop", "length")
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_a_client_leaving_a_long_stream_stops_its_generation(models, tiny_model_dir):
+    config = ServeConfig(model_name_or_path=str(tiny_model_dir), api_key=None, max_new_tokens_limit=400, use_cpu=True)
+    running = ThreadServer(create_app(config, policy=models["policy"], tokenizer=models["tokenizer"]))
+    try:
+        body = {"prompt": "Go on.", "max_new_tokens": 400, "temperature": 1.0, "stream": True, "seed": 0}
+        with httpx.stream("POST", running.url + "/generate", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert json.loads(next(lines)[len("data: ") :])["type"] == "delta"  # tokens are flowing; hang up
+        deadline = time.time() + 30
+        while httpx.get(running.url + "/health").json()["stats"]["cancelled_rows"] < 1:
+            assert time.time() < deadline, "the worker did not stop the abandoned row"
+            time.sleep(0.05)
+        whole = httpx.post(running.url + "/generate", json={**body, "stream": False}, timeout=60).json()
+        assert whole["responses"][0]["num_tokens"] > 1
+    finally:
+        running.stop()
+
+
+def test_seed_gives_the_same_text_whatever_else_is_batched(server):
+    body = {"messages": [{"role": "user", "content": "Seeded."}], "max_tokens": 12, "temperature": 1.0}
+
+    async def seeded_among_others(seed):
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+            others = [
+                client.post("/v1/chat/completions", json={**body, "n": 1 + i % 3, "max_tokens": 4 + i})
+                for i in range(5)
+            ]
+            replies = await asyncio.gather(*others, client.post("/v1/chat/completions", json={**body, "seed": seed}))
+        assert all(r.status_code == 200 for r in replies)
+        return replies[-1].json()["choices"][0]["message"]["content"]
+
+    alone = chat(server, seed=1234).json()["choices"][0]["message"]["content"]
+    assert chat(server, seed=1234).json()["choices"][0]["message"]["content"] == alone
+    assert asyncio.run(seeded_among_others(1234)) == alone
+    assert chat(server, stream=False, seed=1234, n=1).json()["choices"][0]["message"]["content"] == alone
+    others = {chat(server, seed=seed).json()["choices"][0]["message"]["content"] for seed in (1, 2, 3)}
+    assert alone not in others and len(others) == 3

@@ -17,8 +17,10 @@ fill every option tether leaves unset (min_p, no_repeat_ngram_size...) from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -139,11 +141,15 @@ def sample_from_ids(
     settings: SamplingSettings,
     num_return_sequences: int = 1,
     batch_size: int = 16,
+    generate_hooks: Callable[[range], dict[str, Any]] | None = None,
 ) -> list[list[Sample]]:
     """Sample ``num_return_sequences`` responses for each tokenised prompt.
 
     ``batch_size`` prompts per ``generate`` call; after an out-of-memory error the call is retried
     with half as many (:func:`tether.memory.run_fitting_memory`) and the smaller size is kept.
+    ``generate_hooks(prompt_indices)``, when given, returns extra ``generate`` keyword arguments
+    (a ``streamer``, ``stopping_criteria``) for the call about to sample those prompts; the server
+    streams and cancels rows with them.
     """
     was_training = model.training
     model.eval()
@@ -163,9 +169,12 @@ def sample_from_ids(
                 responses = []
                 for first in range(0, len(chunk), rows):
                     ids, mask = left_pad(chunk[first : first + rows], pad_id)
+                    hooks = {}
+                    if generate_hooks is not None:
+                        hooks = generate_hooks(range(start + first, start + first + len(chunk[first : first + rows])))
                     with neutral_model_generation_config(model):
                         generated = model.generate(
-                            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **hooks
                         )
                     responses += generated[:, ids.shape[1] :].tolist()
                 return responses

@@ -3,15 +3,32 @@
 Endpoints
 ---------
 * ``POST /generate``: ``{"prompt" | "messages", "max_new_tokens", "num_return_sequences",
-  "temperature", "top_p", "stop"}`` → every response with its reward score, best first, and the best one.
+  "temperature", "top_p", "stop", "seed", "stream"}`` → every response with its reward score, best
+  first, and the best one.
 * ``POST /v1/chat/completions``: OpenAI-compatible (``messages``, ``n``, ``max_tokens`` /
-  ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``), so existing clients work
-  unchanged. With a reward model the ``n`` choices come best first and each carries its ``score``.
+  ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``,
+  ``stream_options``), so existing clients work unchanged. With a reward model the ``n`` choices
+  come best first and each carries its ``score``.
 * ``GET /v1/models``, ``GET /health``, and FastAPI's OpenAPI page (``/docs``, ``/openapi.json``).
 
 Without a reward model best-of-N is impossible: ``n > 1`` then returns n independent samples in
 sampling order, unranked, with ``score: null`` (as OpenAI's ``n`` does), and ``/generate`` says
 ``"ranked": false`` and gives ``best: null``.
+
+Streaming (``stream: true``): server-sent events, ``data: {json}\n\n`` each, ending with
+``data: [DONE]\n\n``. The chat endpoint sends OpenAI's ``chat.completion.chunk`` objects (a role
+delta per choice, content deltas as tokens are sampled, a last chunk per choice with ``delta: {}``,
+``finish_reason`` and ``score``, and a usage chunk with ``stream_options.include_usage``);
+``/generate`` sends ``{"type": "delta", "index", "text"}`` then ``{"type": "result", ...}`` (the
+non-streaming body). Tokens reach the stream from a transformers streamer inside the worker's
+batched ``generate`` (:class:`RowStream`); text that may still turn into a stop string is held
+back, so the pieces add up to exactly the non-streaming text. Best-of-n with a reward model
+(``n > 1``) ranks all samples before sending anything, then sends each choice whole; without one,
+the n samples stream unranked. A client that disconnects cancels its rows (a stopping criterion),
+and the worker never waits for a reader. Validation errors stay JSON responses.
+
+Seeds: a request with ``seed`` is sampled in a ``generate`` call of its own from an RNG seeded with
+it (the global RNG is restored after), so its text does not depend on what else is queued.
 
 Bad input never reaches the model and never gives a 500: limits come from the config
 (``--max_new_tokens_limit``, ``--max_n``, ``--max_prompt_tokens``, ``--max_request_bytes``) and
@@ -227,6 +244,31 @@ def validation_error(errors: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]
 # --------------------------------------------------------------------------------------------
 
 
+class EventSink:
+    """Carries a streaming request's events from the worker thread to its event loop.
+
+    The worker never waits on the client: events go into an unbounded ``asyncio.Queue`` through
+    ``call_soon_threadsafe``. ``cancelled`` is set when the client goes away; the worker then stops
+    generating that request's rows (:class:`CancelledRows`) and sends nothing more.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def put(self, event) -> None:
+        if self.cancelled.is_set():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    def close(self) -> None:
+        self.put(None)
+
+
 @dataclass
 class Job:
     prompt: Prompt
@@ -236,6 +278,10 @@ class Job:
     temperature: float
     top_p: float
     stop: list[str]
+    seed: int | None = None
+    #: set for ``stream: true``; ``live`` streams tokens as they are sampled (off for best-of-n, which ranks first)
+    sink: EventSink | None = None
+    live: bool = False
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -256,6 +302,84 @@ def cut_at_stop_strings(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text before the first occurrence of any stop string, and whether one occurred."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def streamable_prefix(text: str, stop: list[str]) -> tuple[str, bool]:
+    """The part of a partly generated text that is sure to begin the final text, and whether a stop string occurred.
+
+    The text is cut before the first stop string; without one, a tail that could still grow into a
+    stop string, and a trailing U+FFFD (a character whose bytes are not all sampled yet), are held back.
+    """
+    text, hit = cut_at_stop_strings(text, stop)
+    if hit:
+        return text, True
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold], False
+
+
+class RowStream:
+    """One streamed sample: its tokens so far, and the text already sent (always a prefix of the final text)."""
+
+    def __init__(self, job: Job, index: int):
+        self.job, self.index = job, index
+        self.ids: list[int] = []
+        self.sent = ""
+        self.done = False
+
+    def add(self, token: int, tokenizer, stop_ids: set[int]) -> None:
+        if self.done:
+            return
+        if token in stop_ids:
+            self.done = True
+            return
+        self.ids.append(token)
+        text, hit = streamable_prefix(tokenizer.decode(self.ids, skip_special_tokens=True), self.job.stop)
+        self.done = hit or len(self.ids) >= self.job.max_new_tokens
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.job.sink.put((self.index, text[len(self.sent) :]))
+            self.sent = text
+
+
+def _row_streamer(rows: list[RowStream | None], tokenizer, stop_ids: set[int]):
+    """A transformers streamer (``generate(streamer=...)``) that hands each row's new token to its RowStream.
+
+    ``generate`` calls ``put`` with the prompt ids first, then with one token per row at every step;
+    transformers' own ``TextIteratorStreamer`` only takes one row, so batched rows need this.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    class RowStreamer(BaseStreamer):
+        def put(self, value):
+            if value.dim() == 1:  # a step (the 2-D first call is the prompt)
+                for row, token in zip(rows, value.tolist()):
+                    if row is not None:
+                        row.add(token, tokenizer, stop_ids)
+
+        def end(self):
+            pass
+
+    return RowStreamer()
+
+
+def _cancelled_rows(sinks: list[EventSink | None], stats: dict[str, int]):
+    """Stopping criteria ending the rows whose client disconnected, so a gone stream frees the batch early.
+
+    ``stats["cancelled_rows"]`` counts the rows stopped this way.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class CancelledRows(StoppingCriteria):
+        def __init__(self):
+            self.stopped = [False] * len(sinks)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            gone = [sink is not None and sink.cancelled.is_set() for sink in sinks]
+            stats["cancelled_rows"] += sum(g and not s for g, s in zip(gone, self.stopped))
+            self.stopped = gone
+            return torch.tensor(gone, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([CancelledRows()])
 
 
 class Engine:
@@ -282,7 +406,7 @@ class Engine:
         self._carry: deque[Job] = deque()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "largest_batch": 0, "errors": 0}
+        self.stats = {"requests": 0, "batches": 0, "sequences": 0, "largest_batch": 0, "errors": 0, "cancelled_rows": 0}
 
     @property
     def ranked(self) -> bool:
@@ -306,6 +430,8 @@ class Engine:
                 break
             if job is not None and not job.future.done():
                 job.future.set_exception(APIError(503, "the server is shutting down", type="server_error"))
+                if job.sink is not None:
+                    job.sink.close()
 
     def queued(self) -> int:
         return self._queue.qsize() + len(self._carry)
@@ -358,26 +484,62 @@ class Engine:
                 self.stats["errors"] += 1
                 for job in live:
                     job.future.set_exception(exc)
+                    if job.sink is not None:
+                        job.sink.close()
                 continue
             for job, result in zip(live, results):
                 job.future.set_result(result)
+                if job.sink is not None:
+                    job.sink.close()
 
     @torch.inference_mode()
     def run_batch(self, jobs: list[Job]) -> list[list[Completion]]:
-        """Generate for every job (one ``generate`` per temperature/top-p group), score, rank."""
-        from tether.generation import SamplingSettings, sample_from_ids
+        """Generate for every job, score, rank.
+
+        One ``generate`` per (temperature, top-p) group; a job with a ``seed`` gets a ``generate`` of its
+        own, sampled from a freshly seeded RNG (the global one is restored afterwards), so its output does
+        not depend on what else is batched. Streamed rows get their tokens as they are sampled.
+        """
+        from tether.generation import SamplingSettings, sample_from_ids, stop_ids
 
         samples: dict[int, list] = {}
-        groups: dict[tuple[float, float], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for j, job in enumerate(jobs):
-            groups.setdefault((job.temperature, job.top_p), []).append(j)
-        for (temperature, top_p), members in groups.items():
-            sequences = [jobs[j].prompt_ids for j in members for _ in range(jobs[j].n)]
+            key = (job.temperature, job.top_p) if job.seed is None else (job.temperature, job.top_p, "seeded", j)
+            groups.setdefault(key, []).append(j)
+        device = next(self.policy.parameters()).device
+        for (temperature, top_p, *seeded), members in groups.items():
+            rows = [(jobs[j], i) for j in members for i in range(jobs[j].n)]
+            sequences = [job.prompt_ids for job, _ in rows]
             longest = max(jobs[j].max_new_tokens for j in members)
             settings = SamplingSettings(max_new_tokens=longest, temperature=temperature, top_p=top_p)
-            out = sample_from_ids(
-                self.policy, self.tokenizer, sequences, settings, num_return_sequences=1, batch_size=len(sequences)
-            )
+            streams = [RowStream(job, i) if job.live else None for job, i in rows]
+            sinks = [job.sink for job, _ in rows]
+            hooks = None
+            if any(sink is not None for sink in sinks):
+                stop = set(stop_ids(self.tokenizer, settings))
+
+                def hooks(indices: range, streams=streams, sinks=sinks, stop=stop) -> dict[str, Any]:
+                    for k in indices:  # a retry after an out-of-memory error samples these rows again
+                        if streams[k] is not None:
+                            streams[k].ids, streams[k].done = [], False
+                    return {
+                        "streamer": _row_streamer([streams[k] for k in indices], self.tokenizer, stop),
+                        "stopping_criteria": _cancelled_rows([sinks[k] for k in indices], self.stats),
+                    }
+
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=bool(seeded)):
+                if seeded:
+                    torch.manual_seed(jobs[members[0]].seed)
+                out = sample_from_ids(
+                    self.policy,
+                    self.tokenizer,
+                    sequences,
+                    settings,
+                    num_return_sequences=1,
+                    batch_size=len(sequences),
+                    generate_hooks=hooks,
+                )
             k = 0
             for j in members:
                 samples[j] = [out[k + i][0] for i in range(jobs[j].n)]
@@ -443,6 +605,13 @@ def build_models(config: ServeConfig) -> dict[str, type]:
     Temperature = Field(default=None, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
     TopP = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling threshold; 1 = the policy as is.")
     Stop = Field(default=None, description="Up to 4 strings; the text is cut before the first one.")
+    Seed = Field(
+        default=None,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="Sample from an RNG seeded with this: the same request and seed give the same text, "
+        "whatever else is batched with it.",
+    )
 
     def check_stop(value):
         if value is None:
@@ -469,11 +638,21 @@ def build_models(config: ServeConfig) -> dict[str, type]:
         temperature: float | None = Temperature
         top_p: float | None = TopP
         stop: str | list[str] | None = Stop
+        seed: int | None = Seed
+        stream: bool = Field(
+            default=False,
+            description="Answer with server-sent events: {type: delta, index, text} pieces as they are sampled "
+            "(none for a ranked best-of-n), then {type: result, ...the non-streaming body}, then [DONE].",
+        )
 
         @field_validator("stop")
         @classmethod
         def _stop(cls, value):
             return check_stop(value)
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        include_usage: bool = False
 
     class ChatCompletionRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are accepted and ignored
@@ -490,25 +669,27 @@ def build_models(config: ServeConfig) -> dict[str, type]:
         temperature: float | None = Temperature
         top_p: float | None = TopP
         stop: str | list[str] | None = Stop
-        stream: bool | None = Field(default=False, description="Not supported: must be false.")
+        stream: bool | None = Field(
+            default=False,
+            description="Server-sent chat.completion.chunk events as OpenAI sends them, then [DONE]. With a reward "
+            "model and n > 1 the choices are ranked first, then each is sent whole.",
+        )
+        stream_options: StreamOptions | None = None
         logprobs: bool | None = Field(default=False, description="Not supported: must be false.")
         presence_penalty: float | None = Field(default=0.0, description="Not supported: must be 0.")
         frequency_penalty: float | None = Field(default=0.0, description="Not supported: must be 0.")
-        seed: int | None = Field(default=None, description="Accepted and ignored (batched sampling shares one RNG).")
+        seed: int | None = Seed
 
         @field_validator("stop")
         @classmethod
         def _stop(cls, value):
             return check_stop(value)
 
-        @field_validator("stream", "logprobs")
+        @field_validator("logprobs")
         @classmethod
-        def _off(cls, value, info):
+        def _off(cls, value):
             if value:
-                raise ValueError(
-                    f"{'streaming responses are' if info.field_name == 'stream' else 'logprobs are'} "
-                    f"not supported; send {info.field_name}=false"
-                )
+                raise ValueError("logprobs are not supported; send logprobs=false")
             return value
 
         @field_validator("presence_penalty", "frequency_penalty")
@@ -633,7 +814,7 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -736,7 +917,7 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
             )
         return ids
 
-    async def complete(
+    async def submit(
         prompt: Prompt,
         param: str,
         n: int,
@@ -744,7 +925,10 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
         temperature: float | None,
         top_p: float | None,
         stop: list[str],
-    ) -> tuple[list[int], list[Completion]]:
+        seed: int | None,
+        stream: bool,
+    ) -> tuple[list[int], Job]:
+        """Validate and queue a request. Every 4xx is raised here, before any streamed byte."""
         ids = await run_in_threadpool(encode, prompt, param)
         if context_limit is not None and len(ids) + max_new_tokens > context_limit:
             raise APIError(
@@ -762,9 +946,12 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
             config.default_temperature if temperature is None else temperature,
             1.0 if top_p is None else top_p,
             stop,
+            seed,
+            sink=EventSink(asyncio.get_running_loop()) if stream else None,
+            live=stream and not (engine.ranked and n > 1),  # best-of-n is ranked before anything is sent
         )
         try:
-            future = engine.submit(job)
+            engine.submit(job)
         except QueueFull:
             raise APIError(
                 503,
@@ -773,7 +960,42 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
                 code="overloaded",
                 headers={"retry-after": "1"},
             ) from None
-        return ids, await asyncio.wrap_future(future)
+        return ids, job
+
+    async def job_events(job: Job):
+        """The job's streamed pieces ``(sample index, text)``, then its completions; a gone client cancels it."""
+        try:
+            while (event := await job.sink.queue.get()) is not None:
+                yield event
+            yield job.future.result()
+        finally:
+            job.sink.cancelled.set()
+            job.future.cancel()
+
+    def sse(data: Any) -> str:
+        return f"data: {json.dumps(data)}\n\n"
+
+    def error_event(exc: Exception) -> str:
+        if not isinstance(exc, APIError):
+            logger.error("tether serve: streamed request failed: %r", exc)
+            exc = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return sse(exc.body())
+
+    def rest_of(completion: Completion, sent: str) -> str:
+        """The final text after what was streamed of it (streamed pieces are always a prefix of it)."""
+        if completion.text.startswith(sent):
+            return completion.text[len(sent) :]
+        logger.warning("tether serve: streamed text is not a prefix of the final text; sending the rest whole")
+        return completion.text
+
+    def usage(ids: list[int], completions: list[Completion]) -> dict[str, int]:
+        used = sum(c.num_tokens for c in completions)
+        return {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}
+
+    def event_stream(events) -> StreamingResponse:
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"cache-control": "no-cache", "x-accel-buffering": "no"}
+        )
 
     GenerateRequest, GenerateResponse = models["GenerateRequest"], models["GenerateResponse"]
     ChatCompletionRequest, ChatCompletion = models["ChatCompletionRequest"], models["ChatCompletion"]
@@ -800,9 +1022,28 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tether"}]}
 
-    @app.post("/generate", response_model=GenerateResponse)
+    def generate_body(ids: list[int], completions: list[Completion]) -> dict[str, Any]:
+        items = [
+            {"text": c.text, "score": c.score, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens}
+            for c in completions
+        ]
+        best = items[0] if (engine.ranked or len(items) == 1) else None
+        return {
+            "model": name,
+            "ranked": engine.ranked,
+            "responses": items,
+            "best": best,
+            "usage": usage(ids, completions),
+        }
+
+    @app.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def generate(request: GenerateRequest):
-        """Sample ``num_return_sequences`` responses; with a reward model, score and rank them (best-of-N)."""
+        """Sample ``num_return_sequences`` responses; with a reward model, score and rank them (best-of-N).
+
+        ``stream: true``: server-sent events ``{"type": "delta", "index", "text"}`` (index: the sample, in
+        sampling order) as tokens are sampled, then ``{"type": "result", ...}`` with the non-streaming
+        body, then ``[DONE]``. A ranked best-of-N (reward model, n > 1) sends no deltas: only the result.
+        """
         if (request.prompt is None) == (request.messages is None):
             raise APIError(
                 422,
@@ -814,7 +1055,7 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
             prompt, param = request.prompt, "prompt"
         else:
             prompt, param = tuple(m.plain() for m in request.messages), "messages"
-        ids, completions = await complete(
+        ids, job = await submit(
             prompt,
             param,
             request.num_return_sequences,
@@ -822,47 +1063,120 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
             request.temperature,
             request.top_p,
             request.stop or [],
+            request.seed,
+            request.stream,
         )
-        items = [
-            {"text": c.text, "score": c.score, "finish_reason": c.finish_reason, "num_tokens": c.num_tokens}
-            for c in completions
-        ]
-        best = items[0] if (engine.ranked or len(items) == 1) else None
-        used = sum(c.num_tokens for c in completions)
-        return {
-            "model": name,
-            "ranked": engine.ranked,
-            "responses": items,
-            "best": best,
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used},
-        }
+        if not request.stream:
+            return generate_body(ids, await asyncio.wrap_future(job.future))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=False)
+        async def events():
+            try:
+                async for event in job_events(job):
+                    if isinstance(event, tuple):
+                        yield sse({"type": "delta", "index": event[0], "text": event[1]})
+                    else:
+                        yield sse({"type": "result", **generate_body(ids, event)})
+            except Exception as exc:
+                yield error_event(exc)
+                return
+            yield "data: [DONE]\n\n"
+
+        return event_stream(events())
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        response_model_exclude_none=False,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def chat_completions(request: ChatCompletionRequest):
         """OpenAI-compatible chat completion; with a reward model the n choices are ranked best first."""
         max_new = request.max_completion_tokens or request.max_tokens or config.default_max_new_tokens
         prompt = tuple(m.plain() for m in request.messages)
-        ids, completions = await complete(
-            prompt, "messages", request.n, max_new, request.temperature, request.top_p, request.stop or []
+        ids, job = await submit(
+            prompt,
+            "messages",
+            request.n,
+            max_new,
+            request.temperature,
+            request.top_p,
+            request.stop or [],
+            request.seed,
+            bool(request.stream),
         )
-        used = sum(c.num_tokens for c in completions)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason,
-                    "logprobs": None,
-                    "score": c.score,
-                }
-                for i, c in enumerate(completions)
-            ],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used},
-        }
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if not request.stream:
+            completions = await asyncio.wrap_future(job.future)
+            return {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": name,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason,
+                        "logprobs": None,
+                        "score": c.score,
+                    }
+                    for i, c in enumerate(completions)
+                ],
+                "usage": usage(ids, completions),
+            }
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(index: int | None, delta: dict | None = None, finish_reason=None, **extra) -> str:
+            choices = [] if index is None else [{"index": index, "delta": delta, "logprobs": None, **extra}]
+            if index is not None:
+                choices[0]["finish_reason"] = finish_reason
+            body = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": name,
+                "system_fingerprint": None,
+                "choices": choices,
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        async def events():
+            sent = [""] * request.n  # by sample index
+            for i in range(request.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            try:
+                async for event in job_events(job):
+                    if isinstance(event, tuple):
+                        index, text = event
+                        sent[index] += text
+                        yield chunk(index, {"content": text})
+                    else:
+                        completions = event
+            except Exception as exc:
+                yield error_event(exc)
+                return
+            # unranked choices are in sampling order (choice i = sample i); ranked ones were sent as nothing yet
+            for i, c in enumerate(completions):
+                if rest := rest_of(c, sent[c.index]):
+                    yield chunk(i, {"content": rest})
+                yield chunk(i, {}, c.finish_reason, score=c.score)
+            if include_usage:
+                yield sse(
+                    {
+                        "id": completion_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": name,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": usage(ids, completions),
+                    }
+                )
+            yield "data: [DONE]\n\n"
+
+        return event_stream(events())
 
     # outermost: the key and the body size are checked before anything is parsed
     app.add_middleware(_AuthAndSizeMiddleware, api_key=config.api_key, max_request_bytes=config.max_request_bytes)
