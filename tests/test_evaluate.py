@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tether.evaluation import evaluate as E
-from tether.evaluation.metrics import bon_kl_bound
+from tether.sampling import bon_kl_bound
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from tether.evaluation import report as R
-from tether.evaluation.metrics import bon_kl_bound, r_rl
+from tether.evaluation.metrics import r_rl
 from tether.evaluation.study import StudyConfig, points_from_metrics
+from tether.sampling import bon_kl_bound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -39,7 +39,6 @@ from tether.data.records import Prompt, PromptRecord
 from tether.durable import write_text_atomic
 from tether.evaluation.metrics import (
     best_of_n_expected,
-    bon_kl_bound,
     distinct_n,
     length_stats,
     mean_repetition_rate,
@@ -48,6 +47,7 @@ from tether.evaluation.metrics import (
     spearman,
     word_count,
 )
+from tether.sampling import bon_kl_bound
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def evaluate_policies(
     path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
-    the reward model's favourite kept (``tether.stages.best_of_n.best_of_n``), KL reported as the
+    the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
     analytic bound.
     """
     if temperature <= 0:
@@ -424,7 +424,7 @@ def evaluate_policies(
 
     for name, (base, n) in best_of_n.items():
         logger.info("eval: best-of-%d from %s", n, base)
-        from tether.stages.best_of_n import best_of_n as sample_best_of_n
+        from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
         torch.manual_seed(seed)
