@@ -60,10 +60,13 @@ class BestOfNConfig:
         default=None,
         metadata={
             "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
-            "(preference and demonstration files work too), or a Hugging Face dataset name. Required."
+            "(preference and demonstration files work too), a Hugging Face dataset name, or embedded:demo (the "
+            "demo task's prompts; --dataset_split test for the held-out ones). Required."
         },
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of a hub dataset, a folder of split files or embedded:demo."}
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     n: int = field(default=4, metadata={"help": "Samples per prompt (N of best-of-N)."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (pure sampling: top-k 0)."})
@@ -193,7 +196,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     from tether.data.loading import load_prompts
     from tether.durable import staged_output, write_json_atomic
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
-    from tether.stages.common import check_output_dir
+    from tether.stages.common import check_output_dir, require_dataset
     from tether.tracking import append_jsonl
 
     output_dir = Path(config.output_dir)
@@ -203,13 +206,8 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
             "--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
             "(train one with `tether rm`)"
         )
-    if config.dataset is None:  # the embedded demo task's held-out prompts
-        from tether.demo.task import heldout_prompts
-
-        dataset, records = "the demo task's held-out prompts", heldout_prompts()
-    else:
-        dataset = config.dataset
-        records = load_prompts(dataset, split=config.dataset_split)
+    dataset = require_dataset(config.dataset, "bon")
+    records = load_prompts(dataset, split=config.dataset_split)
     if config.max_prompts is not None:
         records = records[: config.max_prompts]
     if not records:
