@@ -399,6 +399,8 @@ class PipelineRun:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """``tether pipeline``: each stage reads what it needs from ``run`` and records its artifact there
+    (and, when it trains, in ``pipeline_state.json`` through ``run_stage``, so a re-run skips it)."""
     run = start_run(config)
     for stage in (sft_stage, preference_stage, rlhf_rounds, dpo_stage, eval_stage, report_stage):
         stage(run)
