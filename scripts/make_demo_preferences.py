@@ -9,16 +9,21 @@ dropped. Everything is seeded, so a re-run on the same library versions writes t
 
 from __future__ import annotations
 
-import random
+import os
+
+# as the tether command: spinning OpenMP threads crawl on busy cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import random  # noqa: E402
 from pathlib import Path
 
-from tether.config import EMBEDDED_MODEL
-from tether.data.embedded import DEMO
-from tether.data.loading import load_prompts
-from tether.data.writing import write_preferences
-from tether.demo.annotator import DEFAULT_TAU, build_preference_dataset
-from tether.generation import SamplingSettings
-from tether.models.loading import load_causal_lm, load_tokenizer
+from tether.config import EMBEDDED_MODEL  # noqa: E402
+from tether.data.embedded import DEMO  # noqa: E402
+from tether.data.loading import load_prompts  # noqa: E402
+from tether.data.writing import write_preferences  # noqa: E402
+from tether.demo.annotator import DEFAULT_TAU, build_preference_dataset  # noqa: E402
+from tether.generation import SamplingSettings  # noqa: E402
+from tether.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 NUM_PROMPTS = 120
 SEED = 0
@@ -27,6 +32,7 @@ OUTPUT = Path(__file__).resolve().parents[1] / "src" / "tether" / "data" / "embe
 
 def main() -> None:
     prompts = random.Random(SEED).sample(load_prompts(DEMO, "train"), NUM_PROMPTS)
+    print(f"sampling 2 x {NUM_PROMPTS} responses from {EMBEDDED_MODEL}", flush=True)
     pairs = build_preference_dataset(
         load_causal_lm(EMBEDDED_MODEL).eval(),
         load_tokenizer(EMBEDDED_MODEL),

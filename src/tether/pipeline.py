@@ -76,7 +76,11 @@ class PipelineConfig:
         },
     )
     eval_prompts: str | None = field(
-        default=None, metadata={"help": "Held-out prompts for evaluation. Default: the demo task's held-out prompts."}
+        default=None,
+        metadata={
+            "help": "Held-out prompts for evaluation (embedded:demo: the demo task's held-out prompts). Default: "
+            "the demo task's held-out prompts."
+        },
     )
     rounds: int = field(
         default=1,
@@ -424,8 +428,8 @@ def start_run(config: PipelineConfig) -> PipelineRun:
         train_prompts = load_prompts(config.preferences)
     else:
         train_prompts = load_prompts(DEMO, "train")
-    if config.eval_prompts:
-        eval_prompts = load_prompts(config.eval_prompts)
+    if config.eval_prompts:  # embedded:demo as evaluation prompts: its held-out ones
+        eval_prompts = load_prompts(config.eval_prompts, "test" if config.eval_prompts == DEMO else "train")
     elif config.is_demo:
         eval_prompts = load_prompts(DEMO, "test")
     else:
