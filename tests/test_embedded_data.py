@@ -15,7 +15,7 @@ from tether.data.records import Message, PreferencePair
 from tether.data.writing import write_preferences
 
 # the shipped files: 371 prompts (301 train, 70 held out), 52 demonstrations, the fixed pairs
-TRAIN_PROMPTS, TEST_PROMPTS, DEMONSTRATIONS, PREFERENCES = 301, 70, 52, None
+TRAIN_PROMPTS, TEST_PROMPTS, DEMONSTRATIONS, PREFERENCES = 301, 70, 52, 120
 
 
 def test_embedded_demo_loads_every_kind_and_split_with_its_count():
@@ -104,3 +104,16 @@ def test_require_dataset_message():
     with pytest.raises(ConfigError, match=r"--dataset is required for `tether sft`.*embedded:demo for the embedded"):
         require_dataset(None, "sft")
     assert require_dataset("embedded:demo", "sft") == "embedded:demo"
+
+
+def test_tether_rm_trains_on_the_embedded_demo_pairs(tmp_path, tiny_model_dir):
+    import json
+
+    from tether.cli import main
+
+    out = tmp_path / "rm"
+    args = ["rm", "--model_name_or_path", str(tiny_model_dir), "--dataset", "embedded:demo", "--output_dir", str(out)]
+    args += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none"]
+    assert main([*args, "--eval_split_ratio", "0.1"]) == 0
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["train_pairs"] + summary["eval_pairs"] == PREFERENCES and summary["eval_pairs"] >= 12
