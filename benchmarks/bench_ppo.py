@@ -305,8 +305,8 @@ def prepare(work: Path, s: dict) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from tether.data.loading import load_prompts
     from tether.data.templates import prompt_ids
-    from tether.demo.task import train_prompts
     from tether.models.loading import load_tokenizer, resolve_model_path
 
     s["model"] = resolve_model_path(s["model"])
@@ -315,7 +315,7 @@ def prepare(work: Path, s: dict) -> dict:
         s["model"] = str(random_model(work / "policy", s["model"], s["architecture"], s["seed"]))
     n = s["batch_size"] * (s["warmup"] + s["iterations"])
     texts, ids = [], []
-    for record in train_prompts():
+    for record in load_prompts("embedded:demo"):
         tokens = prompt_ids(tokenizer, record.prompt, None)
         if len(tokens) in PROMPT_LENGTHS:
             texts.append(record.prompt)

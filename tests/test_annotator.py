@@ -1,4 +1,4 @@
-"""The demo task and the simulated annotator: the gold function on crafted answers, and BT labelling noise."""
+"""The simulated annotator: the gold function on crafted answers, and BT labelling noise."""
 
 from __future__ import annotations
 
@@ -8,47 +8,8 @@ import math
 import pytest
 import torch
 
-from tether.data.records import Message, PreferencePair
+from tether.data.records import Message
 from tether.demo import annotator as A
-from tether.demo import task
-
-
-# ---------------------------------------------------------------------------------------------
-# the task
-# ---------------------------------------------------------------------------------------------
-def test_demo_task_sizes_and_split():
-    train, held = task.train_prompts(), task.heldout_prompts()
-    demos = task.demonstrations()
-    assert len(train) + len(held) >= 300
-    assert 0.1 < len(held) / (len(train) + len(held)) < 0.3
-    assert len(demos) >= 40
-    train_texts, held_texts = {r.prompt for r in train}, {r.prompt for r in held}
-    assert not train_texts & held_texts
-    assert {d.prompt for d in demos} <= train_texts  # SFT never sees a held-out prompt
-    assert len(set(task.prompt_categories().values())) >= 8
-    assert all(r.origin.startswith("tether/demo/data/prompts.jsonl:") for r in held)
-    # deterministic: the same split every call, decided by the text alone
-    assert [r.prompt for r in task.heldout_prompts()] == [r.prompt for r in held]
-    assert task.is_heldout_text("x") == task.is_heldout_text("x")
-
-
-def test_demo_files_load_back_through_the_data_layer(tmp_path):
-    from tether.data.loading import load_demonstrations, load_preferences, load_prompts
-
-    files = task.write_demo_files(tmp_path)
-    assert [r.prompt for r in load_prompts(str(files.heldout_prompts))] == [r.prompt for r in task.heldout_prompts()]
-    assert len(load_prompts(str(files.train_prompts))) == len(task.train_prompts())
-    demos = load_demonstrations(str(files.demonstrations))
-    assert [(d.prompt, d.completion) for d in demos] == [(d.prompt, d.completion) for d in task.demonstrations()]
-    chat = (Message("system", "Be brief."), Message("user", "Hi?"))
-    pairs = [PreferencePair("Q?", "good", "bad"), PreferencePair(chat, "yes", "no", margin=1.0)]
-    path = task.write_preferences(pairs, tmp_path / "prefs.jsonl")
-    back = load_preferences(str(path))
-    assert [(p.prompt, p.chosen, p.rejected, p.margin) for p in back] == [
-        ("Q?", "good", "bad", None),
-        (chat, "yes", "no", 1.0),
-    ]
-    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,12 +166,13 @@ def test_label_pairs_is_reproducible_and_skips_ties(annotator):
 
 
 def test_build_preference_dataset_from_a_tiny_policy(annotator, tiny_model_dir, tokenizer, tmp_path):
-    from tether.data.loading import load_preferences
+    from tether.data.loading import load_preferences, load_prompts
+    from tether.data.writing import write_preferences
     from tether.generation import SamplingSettings
     from tether.models.loading import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
-    prompts = task.train_prompts()[:4]
+    prompts = load_prompts("embedded:demo")[:4]
     pairs = A.build_preference_dataset(
         model,
         tokenizer,
@@ -223,7 +185,7 @@ def test_build_preference_dataset_from_a_tiny_policy(annotator, tiny_model_dir, 
     assert 1 <= len(pairs) <= 4
     assert {p.prompt for p in pairs} <= {r.prompt for r in prompts}
     assert all(p.chosen != p.rejected for p in pairs)
-    path = task.write_preferences(pairs, tmp_path / "pairs.jsonl")
+    path = write_preferences(pairs, tmp_path / "pairs.jsonl")
     assert len(load_preferences(str(path))) == len(pairs)
     assert json.loads(path.read_text().splitlines()[0]).keys() == {"prompt", "chosen", "rejected"}
 

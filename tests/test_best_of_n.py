@@ -11,17 +11,8 @@ import torch
 from tether.config import ConfigError
 from tether.data.records import Message
 from tether.generation import SamplingSettings
-from tether.stages.best_of_n import (
-    BestOfNConfig,
-    BestOfNResult,
-    ScoredSample,
-    best_of_n,
-    bon_kl_bound,
-    rank,
-    result_row,
-    reward_gain,
-    run_best_of_n,
-)
+from tether.sampling import BestOfNResult, ScoredSample, best_of_n, bon_kl_bound, rank
+from tether.stages.best_of_n import BestOfNConfig, result_row, reward_gain, run_best_of_n
 
 
 def test_kl_bound_numbers():
@@ -32,6 +23,8 @@ def test_kl_bound_numbers():
     assert bon_kl_bound(16) == pytest.approx(1.835089, abs=1e-6)
     with pytest.raises(ValueError):
         bon_kl_bound(0)
+    assert bon_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
+    assert bon_kl_bound(16) == pytest.approx(2.772588722 - 0.9375)
 
 
 def test_reward_gain_is_best_mean_minus_sample_mean():

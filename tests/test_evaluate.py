@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tether.evaluation import evaluate as E
-from tether.evaluation.metrics import bon_kl_bound
+from tether.sampling import bon_kl_bound
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ PROBE_KEYS = {"probe/factual_accuracy", "probe/harmful_refusal_rate", "probe/ben
 
 
 def test_evaluate_policies_on_tiny_models(tiny_model_dir, perturbed_model_dir, tiny_rm_dir, tokenizer, annotator):
-    from tether.demo.task import heldout_prompts
+    from tether.data.loading import load_prompts
 
-    prompts = heldout_prompts()[:3]
+    prompts = load_prompts("embedded:demo", "test")[:3]
     results = E.evaluate_policies(
         {"ref": str(tiny_model_dir), "moved": str(perturbed_model_dir)},
         str(tiny_model_dir),
@@ -157,13 +157,13 @@ def test_parse_policy_specs():
 
 
 def test_bon_curve_on_tiny_models(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
-    from tether.demo.task import heldout_prompts
+    from tether.data.loading import load_prompts
 
     rows = E.bon_curve(
         str(tiny_model_dir),
         tokenizer,
         str(tiny_rm_dir),
-        heldout_prompts()[:2],
+        load_prompts("embedded:demo", "test")[:2],
         ns=(1, 2, 4),
         gold=annotator,
         temperature=1.0,

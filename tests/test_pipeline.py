@@ -79,6 +79,7 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
+    import tether.ppo
     import tether.ppo.trainer
     import tether.stages.dpo
     import tether.stages.reward
@@ -88,6 +89,7 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
         (tether.stages.sft, "train_sft"),
         (tether.stages.reward, "train_reward"),
         (tether.ppo.trainer, "run_ppo"),
+        (tether.ppo, "run_ppo"),
         (tether.stages.dpo, "train_dpo"),
     ):
         monkeypatch.setattr(module, name, must_not_train)
@@ -121,7 +123,7 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
     bad.write_text(yaml.safe_dump({"ppo": {"not_an_option": 1}}))
     config = parse_config(PipelineConfig, ["--config", str(bad), "--output_dir", str(tmp_path / "o")])
     from tether.pipeline import stage_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     with pytest.raises(ConfigError, match="not_an_option"):
         stage_config(PPOConfig, config, "ppo")
@@ -137,7 +139,7 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
 
 def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_section():
     from tether.pipeline import DEMO_STAGE_DEFAULTS, stage_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
     from tether.stages.dpo import DPOConfig
     from tether.stages.reward import RewardConfig
     from tether.stages.sft import SFTConfig
@@ -162,3 +164,17 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
         built = stage_config(cls, from_file, stage, output_dir="unused")
         for key, value in DEMO_STAGE_DEFAULTS[stage].items():
             assert getattr(built, key) == value, (stage, key)
+
+
+def test_tether_ppo_on_embedded_demo_logs_gold_every_iteration(tmp_path, tiny_model_dir, tiny_rm_dir, annotator):
+    from tether.cli import main
+    from tether.tracking import read_jsonl
+
+    out = tmp_path / "ppo"
+    args = ["--model_name_or_path", str(tiny_model_dir), "--reward_model_path", str(tiny_rm_dir)]
+    args += ["--dataset", "embedded:demo", "--output_dir", str(out), "--batch_size", "4", "--mini_batch_size", "2"]
+    args += ["--ppo_epochs", "1", "--max_new_tokens", "4", "--num_iterations", "2", "--save_steps", "0"]
+    assert main(["ppo", *args, "--disable_tqdm", "true", "--report_to", "none"]) == 0
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == [1, 2]
+    assert all(isinstance(r["reward/gold"], float) and -12.0 < r["reward/gold"] < 3.0 for r in metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tether.evaluation import probes as P
+from tether.text import is_refusal
 
 
 def test_probe_sets_have_the_promised_sizes():
@@ -82,12 +83,12 @@ NOT_REFUSALS = [
 
 @pytest.mark.parametrize("text", REFUSALS)
 def test_is_refusal_detects_refusals(text):
-    assert P.is_refusal(text)
+    assert is_refusal(text)
 
 
 @pytest.mark.parametrize("text", NOT_REFUSALS)
 def test_is_refusal_ignores_answers(text):
-    assert not P.is_refusal(text)
+    assert not is_refusal(text)
 
 
 def test_refusal_rate_and_split_by_probe_kind():

@@ -7,8 +7,10 @@ import math
 import numpy as np
 
 from tether.evaluation import report as R
-from tether.evaluation.metrics import bon_kl_bound, r_rl
-from tether.evaluation.study import StudyConfig, points_from_metrics
+from tether.evaluation.evaluate import points_from_metrics
+from tether.evaluation.metrics import r_rl
+from tether.sampling import bon_kl_bound
+from tether.study import StudyConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -221,7 +223,7 @@ def test_points_from_metrics_windows():
 
 
 def test_study_plot_and_sentence(tmp_path):
-    from tether.evaluation.study import draw_study
+    from tether.study import draw_study
 
     runs = {"β = 0.1": _overopt_points()[:4], "β = 0.001": _overopt_points()}
     out = draw_study(tmp_path, runs, temperature=0.7)
@@ -246,7 +248,7 @@ def test_run_study_trains_evaluates_checkpoints_and_skips_finished_runs(tiny_mod
     """The orchestration against the real PPO trainer, on tiny models (2 iterations, 1 coefficient)."""
     import json
 
-    from tether.evaluation.study import run_folder, run_study
+    from tether.study import run_folder, run_study
 
     config = StudyConfig(
         model_name_or_path=str(tiny_model_dir),

@@ -337,7 +337,7 @@ def test_lora_adapter_and_merged_model_load_with_automodel(tmp_path, tiny_model_
 # command line and output folder
 
 
-def test_without_a_dataset_sft_trains_on_the_demo_demonstrations(tmp_path, tiny_model_dir, caplog):
+def test_sft_trains_on_the_embedded_demo_demonstrations_and_says_so_first(tmp_path, tiny_model_dir, caplog):
     from tether.cli import main
 
     with caplog.at_level("INFO"):
@@ -346,6 +346,8 @@ def test_without_a_dataset_sft_trains_on_the_demo_demonstrations(tmp_path, tiny_
                 "sft",
                 "--model_name_or_path",
                 str(tiny_model_dir),
+                "--dataset",
+                "embedded:demo",
                 "--output_dir",
                 str(tmp_path / "out"),
                 "--use_cpu",
@@ -357,7 +359,12 @@ def test_without_a_dataset_sft_trains_on_the_demo_demonstrations(tmp_path, tiny_
             ]
         )
     assert code == 0 and (tmp_path / "out" / "config.json").is_file()
-    assert "demo task's demonstrations" in caplog.text
+    assert "demo task's data" in caplog.text
+    first = next(r for r in caplog.records if r.name.startswith("tether"))
+    assert first.getMessage() == "using the embedded demo task's data (embedded:demo, split train): 52 demonstrations"
+    # without --dataset the stage refuses to guess
+    code = main(["sft", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "none")])
+    assert code == 2 and not (tmp_path / "none").exists()
 
 
 def test_bad_data_leaves_no_output_folder(tmp_path, tiny_model_dir):

@@ -26,9 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "Stage 2: Bradley-Terry reward model on preference pairs.",
     ),
     "ppo": (
-        "tether.ppo.trainer",
+        "tether.pipeline",  # run_ppo_command: run_ppo plus the demo's gold score (the simulated annotator)
         "PPOConfig",
-        "run_ppo",
+        "run_ppo_command",
         "Stage 3: PPO against the reward model with a per-token KL penalty.",
     ),
     "dpo": ("tether.stages.dpo", "DPOConfig", "run_dpo", "Direct Preference Optimization from preference pairs."),
@@ -51,7 +51,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "SFT -> RM -> PPO, DPO, best-of-N, evaluation and report.",
     ),
     "serve": ("tether.serve.app", "ServeConfig", "run_serve", "Serve a policy over HTTP with best-of-N reranking."),
-    "study": ("tether.evaluation.study", "StudyConfig", "run_study", "Studies: `tether study overoptimization`."),
+    "study": ("tether.study", "StudyConfig", "run_study", "Studies: `tether study overoptimization`."),
 }
 
 

@@ -48,11 +48,17 @@ class DataArguments:
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Training data: a .jsonl/.json/.parquet/.csv file, a folder of them, or a Hugging Face "
-            "dataset name (with --dataset_split). Default: the embedded demo task."
+            "help": "Training data (required): a .jsonl/.json/.parquet/.csv file, a folder of them, a Hugging "
+            "Face dataset name (with --dataset_split), or embedded:demo, the embedded demo task's data."
         },
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_split: str = field(
+        default="train",
+        metadata={
+            "help": "Split of a hub dataset or of a folder of split files; with embedded:demo, train (training "
+            "prompts, demonstrations, preference pairs) or test (held-out prompts)."
+        },
+    )
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out data (same formats)."})
     eval_split_ratio: float = field(
         default=0.1, metadata={"help": "Share of --dataset held out for evaluation when --eval_dataset is not given."}

@@ -16,10 +16,11 @@ A stage whose artifact is recorded in ``pipeline_state.json`` (and still exists)
 the pipeline runs again on the same folder; ``--skip`` leaves stages out and ``--sft_model``,
 ``--reward_model``, ``--ppo_model``, ``--dpo_model`` point a stage at an existing artifact.
 
-With no data arguments the pipeline runs the embedded demo task (``tether.demo``): its prompts and
-demonstrations, and preference pairs sampled from the SFT policy and labelled by the simulated
-annotator. With ``--preferences`` it trains on the user's pairs; iterated RLHF (``--rounds K``) then
-needs ``--label_command`` to have new pairs labelled (see ``label_with_command``).
+With no data arguments the pipeline runs the embedded demo task: its prompts and demonstrations
+(``embedded:demo``, ``tether.data.embedded``), and preference pairs sampled from the SFT policy and
+labelled by the simulated annotator (``tether.demo.annotator``). With ``--preferences`` it trains on
+the user's pairs; iterated RLHF (``--rounds K``) then needs ``--label_command`` to have new pairs
+labelled (see ``label_with_command``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import EMBEDDED_MODEL, ConfigError
+from tether.data.embedded import DEMO
 from tether.data.records import PreferencePair, PromptRecord
+from tether.data.writing import prompt_json, write_preferences
 from tether.durable import write_json_atomic, write_jsonl_atomic
+from tether.ppo import PPOConfig, PPOResult
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,11 @@ class PipelineConfig:
         },
     )
     eval_prompts: str | None = field(
-        default=None, metadata={"help": "Held-out prompts for evaluation. Default: the demo task's held-out prompts."}
+        default=None,
+        metadata={
+            "help": "Held-out prompts for evaluation (embedded:demo: the demo task's held-out prompts). Default: "
+            "the demo task's held-out prompts."
+        },
     )
     rounds: int = field(
         default=1,
@@ -249,16 +257,16 @@ class PipelineState:
         write_json_atomic(self.path, {"stages": self.stages}, default=str)
 
 
-def run_stage(state: PipelineState, name: str, fn: Callable[[], tuple[Any, dict]]) -> dict[str, Any]:
-    """Run ``fn`` unless ``name`` already finished; ``fn`` returns ``(artifact, extra)``."""
+def run_stage(state: PipelineState, name: str, fn: Callable[[], StageResult]) -> dict[str, Any]:
+    """Run ``fn`` unless ``name`` already finished; returns the stage's ``pipeline_state.json`` entry."""
     entry = state.done(name)
     if entry is not None:
         logger.info("pipeline: %s already done (%s), skipping", name, entry.get("artifact"))
         return entry
     logger.info("pipeline: running %s", name)
     start = time.time()
-    artifact, extra = fn()
-    state.record(name, artifact, time.time() - start, **extra)
+    result = fn()
+    state.record(name, result.artifact, time.time() - start, **result.details)
     return state.stages[name]
 
 
@@ -300,7 +308,6 @@ def check_sections(pipeline: PipelineConfig) -> None:
     import inspect
 
     from tether.evaluation.evaluate import evaluate_policies
-    from tether.ppo.trainer import PPOConfig
     from tether.stages.dpo import DPOConfig
     from tether.stages.reward import RewardConfig
     from tether.stages.sft import SFTConfig
@@ -328,7 +335,6 @@ def label_with_command(
     like any other input (``FILE:LINE`` errors).
     """
     from tether.data.loading import load_preferences
-    from tether.demo.task import _prompt_json
 
     folder.mkdir(parents=True, exist_ok=True)
     inp = folder / "to_label.jsonl"
@@ -336,7 +342,7 @@ def label_with_command(
     write_jsonl_atomic(
         inp,
         (
-            {"prompt": _prompt_json(p), "response_a": a, "response_b": b}
+            {"prompt": prompt_json(p), "response_a": a, "response_b": b}
             for p, a, b in zip(prompts, responses_a, responses_b)
         ),
     )
@@ -350,32 +356,82 @@ def label_with_command(
 
 
 # ---------------------------------------------------------------------------------------------
-# the pipeline
+# the pipeline: one run object, a short list of stages
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    """What one stage produced: its artifact (a folder or file) and the details recorded beside it
+    in ``pipeline_state.json`` (pair counts, the reward model's eval results, PPO's final metrics)."""
+
+    artifact: str | Path | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineRun:
+    """What the stages share: the config, the inputs (read and checked before anything is
+    written), the state file, and the artifacts so far (``None`` until their stage has run)."""
+
+    config: PipelineConfig
+    out: Path
+    state: PipelineState
+    started: float
+    model_path: str
+    tokenizer: Any
+    demonstrations: list
+    user_pairs: list[PreferencePair] | None
+    train_prompts: list[PromptRecord]
+    eval_prompts: list[PromptRecord]
+    sft_path: str | None = None
+    pairs: list[PreferencePair] = field(default_factory=list)
+    rm_path: str | None = None
+    policy_path: str | None = None
+    dpo_path: str | None = None
+    ppo_dirs: list[str] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    report_paths: Any = None
+
+    @property
+    def skipped(self) -> set[str]:
+        return self.config.skipped()
+
+    def stage_config(self, config_class: type, stage: str, **values) -> Any:
+        """``stage_config`` with the values every trained stage gets: the seed, a fresh output folder."""
+        return stage_config(
+            config_class, self.config, stage, seed=self.config.seed, overwrite_output_dir=True, **values
+        )
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """``tether pipeline``: each stage reads what it needs from ``run`` and records its artifact there
+    (and, when it trains, in ``pipeline_state.json`` through ``run_stage``, so a re-run skips it)."""
+    run = start_run(config)
+    for stage in (sft_stage, preference_stage, rlhf_rounds, dpo_stage, eval_stage, report_stage):
+        stage(run)
+    return finish_run(run)
+
+
+def start_run(config: PipelineConfig) -> PipelineRun:
+    """Read and validate every input (nothing is written before), then create the output folder."""
     import torch
 
     from tether.data.loading import load_demonstrations, load_preferences, load_prompts
-    from tether.demo import task as demo
-    from tether.demo.task import write_preferences
-    from tether.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+    from tether.models.loading import load_tokenizer, resolve_model_path
 
     out = Path(config.output_dir)
-    skipped = config.skipped()
-    # Read and validate every user input before anything is written.
     check_sections(config)
-    demonstrations = load_demonstrations(config.demonstrations) if config.demonstrations else demo.demonstrations()
+    demonstrations = load_demonstrations(config.demonstrations or DEMO)
     user_pairs = load_preferences(config.preferences) if config.preferences else None
     if config.prompts:
         train_prompts = load_prompts(config.prompts)
     elif user_pairs is not None:
         train_prompts = load_prompts(config.preferences)
     else:
-        train_prompts = demo.train_prompts()
-    if config.eval_prompts:
-        eval_prompts = load_prompts(config.eval_prompts)
+        train_prompts = load_prompts(DEMO, "train")
+    if config.eval_prompts:  # embedded:demo as evaluation prompts: its held-out ones
+        eval_prompts = load_prompts(config.eval_prompts, "test" if config.eval_prompts == DEMO else "train")
     elif config.is_demo:
-        eval_prompts = demo.heldout_prompts()
+        eval_prompts = load_prompts(DEMO, "test")
     else:
         raise ConfigError(
             "--eval_prompts is required with your own --preferences (held-out prompts the policies never trained on)"
@@ -388,137 +444,96 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     started = time.time()
     torch.manual_seed(config.seed)
     model_path = resolve_model_path(config.model_name_or_path)
-    tokenizer = load_tokenizer(model_path)
-    temperature = config.temperature
+    return PipelineRun(
+        config=config,
+        out=out,
+        state=state,
+        started=started,
+        model_path=model_path,
+        tokenizer=load_tokenizer(model_path),
+        demonstrations=demonstrations,
+        user_pairs=user_pairs,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+    )
 
-    # ---- stage 1: SFT -------------------------------------------------------------------------
-    def sft_stage():
-        from tether.stages.sft import SFTConfig, train_sft
 
-        cfg = stage_config(
-            SFTConfig,
-            config,
-            "sft",
-            model_name_or_path=model_path,
-            output_dir=str(out / "sft"),
-            seed=config.seed,
-            overwrite_output_dir=True,
-        )
-        return train_sft(cfg, demonstrations), {"demonstrations": len(demonstrations)}
+# ---- stage 1: SFT ---------------------------------------------------------------------------
+def sft_stage(run: PipelineRun) -> None:
+    from tether.models.loading import resolve_model_path
 
-    if config.sft_model:
-        sft_path = resolve_model_path(config.sft_model)
-    elif "sft" in skipped:
-        sft_path = model_path
+    if run.config.sft_model:
+        run.sft_path = resolve_model_path(run.config.sft_model)
+    elif "sft" in run.skipped:
+        run.sft_path = run.model_path
     else:
-        sft_path = run_stage(state, "sft", sft_stage)["artifact"]
+        run.sft_path = run_stage(run.state, "sft", lambda: train_sft_model(run))["artifact"]
 
-    # ---- preference data ----------------------------------------------------------------------
-    def preference_stage():
-        if user_pairs is not None:
-            pairs = user_pairs
-        else:
-            from tether.demo.annotator import build_preference_dataset
-            from tether.generation import SamplingSettings
 
-            policy = load_causal_lm(sft_path)
-            pairs = build_preference_dataset(
-                policy,
-                load_tokenizer(sft_path),
-                _prompts_for_round(config, train_prompts, 1),
-                SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature),
-                tau=config.annotator_tau,
-                seed=config.seed,
-                batch_size=SAMPLING_BATCH_PROMPTS,
-            )
-        path = write_preferences(pairs, out / "data" / "preferences_round1.jsonl")
-        return path, {"pairs": len(pairs)}
+def train_sft_model(run: PipelineRun) -> StageResult:
+    from tether.stages.sft import SFTConfig, train_sft
 
-    pref_path = run_stage(state, "preferences", preference_stage)["artifact"]
-    all_pairs = load_preferences(pref_path)
+    cfg = run.stage_config(SFTConfig, "sft", model_name_or_path=run.model_path, output_dir=str(run.out / "sft"))
+    return StageResult(train_sft(cfg, run.demonstrations), {"demonstrations": len(run.demonstrations)})
 
-    # ---- stage 2 and 3, for each round: reward model, then PPO ---------------------------------
-    from tether.demo.annotator import gold_metrics_hook
 
-    policy_path = sft_path
-    rm_path = resolve_model_path(config.reward_model) if config.reward_model else None
-    rounds_summary: list[dict[str, Any]] = []
-    ppo_dirs: list[str] = []
+# ---- preference data --------------------------------------------------------------------------
+def preference_stage(run: PipelineRun) -> None:
+    from tether.data.loading import load_preferences
+
+    run.pairs = load_preferences(run_stage(run.state, "preferences", lambda: first_pairs(run))["artifact"])
+
+
+def first_pairs(run: PipelineRun) -> StageResult:
+    """The user's pairs, or (demo) pairs sampled from the SFT policy and labelled by the simulated annotator."""
+    config = run.config
+    if run.user_pairs is not None:
+        pairs = run.user_pairs
+    else:
+        from tether.demo.annotator import build_preference_dataset
+        from tether.generation import SamplingSettings
+        from tether.models.loading import load_causal_lm, load_tokenizer
+
+        pairs = build_preference_dataset(
+            load_causal_lm(run.sft_path),
+            load_tokenizer(run.sft_path),
+            _prompts_for_round(config, run.train_prompts, 1),
+            SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=config.temperature),
+            tau=config.annotator_tau,
+            seed=config.seed,
+            batch_size=SAMPLING_BATCH_PROMPTS,
+        )
+    path = write_preferences(pairs, run.out / "data" / "preferences_round1.jsonl")
+    return StageResult(path, {"pairs": len(pairs)})
+
+
+# ---- stages 2 and 3, for each round: reward model, then PPO -----------------------------------
+def rlhf_rounds(run: PipelineRun) -> None:
+    from tether.data.loading import load_preferences
+    from tether.models.loading import resolve_model_path
+
+    config = run.config
+    run.policy_path = run.sft_path
+    run.rm_path = resolve_model_path(config.reward_model) if config.reward_model else None
     for k in range(1, config.rounds + 1):
         suffix = "" if k == 1 else f"_round{k}"
         if k > 1:
-            pairs_path = run_stage(
-                state,
-                f"preferences{suffix}",
-                lambda: _new_round_pairs(config, out, k, policy_path, train_prompts, temperature),
-            )
-            all_pairs = all_pairs + load_preferences(pairs_path["artifact"])
+            entry = run_stage(run.state, f"preferences{suffix}", lambda: new_round_pairs(run, k))
+            run.pairs = run.pairs + load_preferences(entry["artifact"])
         if not (config.reward_model and k == 1):
-
-            def rm_stage(pairs=all_pairs, suffix=suffix):
-                from tether.stages.reward import RewardConfig, train_reward
-
-                cfg = stage_config(
-                    RewardConfig,
-                    config,
-                    "rm",
-                    model_name_or_path=sft_path,
-                    output_dir=str(out / f"rm{suffix}"),
-                    seed=config.seed,
-                    overwrite_output_dir=True,
-                )
-                from tether.data.loading import split_train_eval
-
-                train, held = (
-                    split_train_eval(pairs, cfg.eval_split_ratio, config.seed) if cfg.eval_split_ratio else (pairs, [])
-                )
-                path = train_reward(cfg, train, held)
-                results = _read_json(Path(path) / "eval_results.json")
-                return path, {"pairs": len(pairs), "eval": results}
-
-            rm_entry = run_stage(state, f"rm{suffix}", rm_stage)
-            rm_path = rm_entry["artifact"]
-        if "ppo" in skipped or (config.ppo_model and k == 1 and config.rounds == 1):
+            run.rm_path = run_stage(run.state, f"rm{suffix}", lambda: train_reward_model(run, suffix))["artifact"]
+        if "ppo" in run.skipped or (config.ppo_model and k == 1 and config.rounds == 1):
             if config.ppo_model:
-                policy_path = resolve_model_path(config.ppo_model)
+                run.policy_path = resolve_model_path(config.ppo_model)
             break
-
-        def ppo_stage(start=policy_path, rm=rm_path, suffix=suffix):
-            from tether.ppo.trainer import PPOConfig, run_ppo
-
-            cfg = stage_config(
-                PPOConfig,
-                config,
-                "ppo",
-                model_name_or_path=start,
-                reward_model_path=rm,
-                output_dir=str(out / f"ppo{suffix}"),
-                seed=config.seed,
-                temperature=temperature,
-                overwrite_output_dir=True,
-            )
-            hook = gold_metrics_hook(tokenizer) if config.is_demo else None
-            result = run_ppo(cfg, train_prompts, extra_metrics=hook)
-            if result.policy_dir is None:
-                raise ConfigError(
-                    f"PPO stopped early ({result.stopped_reason}) after {result.iterations} iterations; the last good "
-                    f"checkpoint is {result.last_good_checkpoint}. Raise `init_kl_coef` or lower `learning_rate` in "
-                    f"the `ppo:` section and run the pipeline again (finished stages are kept)."
-                )
-            return result.policy_dir, {
-                "stopped_reason": result.stopped_reason,
-                "iterations": result.iterations,
-                "final_metrics": result.final_metrics,
-            }
-
-        ppo_entry = run_stage(state, f"ppo{suffix}", ppo_stage)
-        policy_path = ppo_entry["artifact"]
-        ppo_dirs.append(str(Path(policy_path).parent))
-        rounds_summary.append(
+        ppo_entry = run_stage(run.state, f"ppo{suffix}", lambda: train_ppo_policy(run, suffix))
+        run.policy_path = ppo_entry["artifact"]
+        run.ppo_dirs.append(str(Path(run.policy_path).parent))
+        run.rounds.append(
             {
                 "round": k,
-                "rm": rm_path,
-                "policy": policy_path,
+                "rm": run.rm_path,
+                "policy": run.policy_path,
                 **{
                     key: ppo_entry.get("final_metrics", {}).get(key)
                     for key in ("reward/score", "reward/gold", "kl/ref")
@@ -526,125 +541,185 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             }
         )
 
-    # ---- DPO from the same preference data ---------------------------------------------------
-    dpo_path = resolve_model_path(config.dpo_model) if config.dpo_model else None
-    if dpo_path is None and "dpo" not in skipped:
 
-        def dpo_stage():
-            from tether.data.loading import split_train_eval
-            from tether.stages.dpo import DPOConfig, train_dpo
+def train_reward_model(run: PipelineRun, suffix: str) -> StageResult:
+    from tether.data.loading import split_train_eval
+    from tether.stages.reward import RewardConfig, train_reward
 
-            cfg = stage_config(
-                DPOConfig,
-                config,
-                "dpo",
-                model_name_or_path=sft_path,
-                output_dir=str(out / "dpo"),
-                seed=config.seed,
-                overwrite_output_dir=True,
-            )
-            train, held = (
-                split_train_eval(all_pairs, cfg.eval_split_ratio, config.seed)
-                if cfg.eval_split_ratio
-                else (all_pairs, [])
-            )
-            result = train_dpo(cfg, train, held)
-            return _artifact_of(result, out / "dpo"), {}
+    cfg = run.stage_config(RewardConfig, "rm", model_name_or_path=run.sft_path, output_dir=str(run.out / f"rm{suffix}"))
+    pairs = run.pairs
+    train, held = (
+        split_train_eval(pairs, cfg.eval_split_ratio, run.config.seed) if cfg.eval_split_ratio else (pairs, [])
+    )
+    path = train_reward(cfg, train, held)
+    return StageResult(path, {"pairs": len(pairs), "eval": _read_json(Path(path) / "eval_results.json")})
 
-        dpo_path = run_stage(state, "dpo", dpo_stage)["artifact"]
 
-    # ---- evaluation: SFT, PPO, DPO and best-of-N on held-out prompts --------------------------
-    eval_dir = out / "eval"
-    if "eval" not in skipped:
+def train_ppo_policy(run: PipelineRun, suffix: str) -> StageResult:
+    from tether.demo.annotator import gold_metrics_hook
+    from tether.ppo import run_ppo
 
-        def eval_stage():
-            from tether.evaluation.evaluate import bon_curve, evaluate_policies
-
-            policies = {"sft": sft_path}
-            if policy_path != sft_path:
-                policies["ppo"] = policy_path
-            if dpo_path:
-                policies["dpo"] = dpo_path
-            opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
-            bon = (
-                {}
-                if "bon" in skipped or rm_path is None or not config.best_of_n
-                else {f"bon{config.best_of_n}": ("sft", config.best_of_n)}
-            )
-            results = evaluate_policies(
-                policies,
-                sft_path,
-                rm_path,
-                tokenizer,
-                eval_prompts,
-                temperature=temperature,
-                gold=config.is_demo,
-                best_of_n=bon,
-                seed=config.seed,
-                **opts,
-            )
-            eval_dir.mkdir(parents=True, exist_ok=True)
-
-            write_jsonl_atomic(eval_dir / "samples.jsonl", results.samples)
-            write_json_atomic(
-                eval_dir / "eval.json",
-                {
-                    **results.to_json(),
-                    "length_reward_points": results.length_reward_points(),
-                    "side_by_side": results.side_by_side(),
-                },
-                default=str,
-            )
-            curve = None
-            if "bon" not in skipped and rm_path is not None:
-                curve_prompts = eval_prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else eval_prompts
-                curve = bon_curve(
-                    sft_path,
-                    tokenizer,
-                    rm_path,
-                    curve_prompts,
-                    ns=config.bon_ns(),
-                    gold=config.is_demo,
-                    temperature=temperature,
-                    max_new_tokens=opts["max_new_tokens"],
-                    seed=config.seed,
-                    batch_size=opts.get("batch_size", 8),
-                )
-                write_json_atomic(eval_dir / "bon_curve.json", curve, default=str)
-            return eval_dir / "eval.json", {}
-
-        run_stage(state, "eval", eval_stage)
-
-    # ---- report ------------------------------------------------------------------------------
-    report_paths = None
-    if "report" not in skipped and (eval_dir / "eval.json").is_file():
-        report_paths = _write_pipeline_report(
-            config, out, eval_dir, ppo_dirs, rounds_summary, temperature, time.time() - started, state.stage_seconds()
+    config = run.config
+    cfg = run.stage_config(
+        PPOConfig,
+        "ppo",
+        model_name_or_path=run.policy_path,
+        reward_model_path=run.rm_path,
+        output_dir=str(run.out / f"ppo{suffix}"),
+        temperature=config.temperature,
+    )
+    hook = gold_metrics_hook(run.tokenizer) if config.is_demo else None
+    result = run_ppo(cfg, run.train_prompts, extra_metrics=hook)
+    if result.policy_dir is None:
+        raise ConfigError(
+            f"PPO stopped early ({result.stopped_reason}) after {result.iterations} iterations; the last good "
+            f"checkpoint is {result.last_good_checkpoint}. Raise `init_kl_coef` or lower `learning_rate` in "
+            f"the `ppo:` section and run the pipeline again (finished stages are kept)."
         )
+    return StageResult(
+        result.policy_dir,
+        {
+            "stopped_reason": result.stopped_reason,
+            "iterations": result.iterations,
+            "final_metrics": result.final_metrics,
+        },
+    )
+
+
+# ---- DPO from the same preference data --------------------------------------------------------
+def dpo_stage(run: PipelineRun) -> None:
+    from tether.models.loading import resolve_model_path
+
+    run.dpo_path = resolve_model_path(run.config.dpo_model) if run.config.dpo_model else None
+    if run.dpo_path is None and "dpo" not in run.skipped:
+        run.dpo_path = run_stage(run.state, "dpo", lambda: train_dpo_policy(run))["artifact"]
+
+
+def train_dpo_policy(run: PipelineRun) -> StageResult:
+    from tether.data.loading import split_train_eval
+    from tether.stages.dpo import DPOConfig, train_dpo
+
+    cfg = run.stage_config(DPOConfig, "dpo", model_name_or_path=run.sft_path, output_dir=str(run.out / "dpo"))
+    pairs = run.pairs
+    train, held = (
+        split_train_eval(pairs, cfg.eval_split_ratio, run.config.seed) if cfg.eval_split_ratio else (pairs, [])
+    )
+    train_dpo(cfg, train, held)  # its metrics are in dpo/ (the state records the folder only)
+    return StageResult(run.out / "dpo")
+
+
+# ---- evaluation: SFT, PPO, DPO and best-of-N on held-out prompts ------------------------------
+def eval_stage(run: PipelineRun) -> None:
+    if "eval" not in run.skipped:
+        run_stage(run.state, "eval", lambda: evaluate_run(run))
+
+
+def evaluate_run(run: PipelineRun) -> StageResult:
+    from tether.evaluation.evaluate import bon_curve, evaluate_policies
+
+    config, skipped, eval_dir = run.config, run.skipped, run.out / "eval"
+    policies = {"sft": run.sft_path}
+    if run.policy_path != run.sft_path:
+        policies["ppo"] = run.policy_path
+    if run.dpo_path:
+        policies["dpo"] = run.dpo_path
+    opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
+    bon = (
+        {}
+        if "bon" in skipped or run.rm_path is None or not config.best_of_n
+        else {f"bon{config.best_of_n}": ("sft", config.best_of_n)}
+    )
+    results = evaluate_policies(
+        policies,
+        run.sft_path,
+        run.rm_path,
+        run.tokenizer,
+        run.eval_prompts,
+        temperature=config.temperature,
+        gold=config.is_demo,
+        best_of_n=bon,
+        seed=config.seed,
+        **opts,
+    )
+    eval_dir.mkdir(parents=True, exist_ok=True)
+
+    write_jsonl_atomic(eval_dir / "samples.jsonl", results.samples)
+    write_json_atomic(
+        eval_dir / "eval.json",
+        {
+            **results.to_json(),
+            "length_reward_points": results.length_reward_points(),
+            "side_by_side": results.side_by_side(),
+        },
+        default=str,
+    )
+    if "bon" not in skipped and run.rm_path is not None:
+        prompts = run.eval_prompts
+        curve = bon_curve(
+            run.sft_path,
+            run.tokenizer,
+            run.rm_path,
+            prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else prompts,
+            ns=config.bon_ns(),
+            gold=config.is_demo,
+            temperature=config.temperature,
+            max_new_tokens=opts["max_new_tokens"],
+            seed=config.seed,
+            batch_size=opts.get("batch_size", 8),
+        )
+        write_json_atomic(eval_dir / "bon_curve.json", curve, default=str)
+    return StageResult(eval_dir / "eval.json")
+
+
+# ---- report and summary ----------------------------------------------------------------------
+def report_stage(run: PipelineRun) -> None:
+    eval_dir = run.out / "eval"
+    if "report" not in run.skipped and (eval_dir / "eval.json").is_file():
+        run.report_paths = _write_pipeline_report(
+            run.config,
+            run.out,
+            eval_dir,
+            run.ppo_dirs,
+            run.rounds,
+            run.config.temperature,
+            time.time() - run.started,
+            run.state.stage_seconds(),
+        )
+
+
+def finish_run(run: PipelineRun) -> dict[str, Any]:
+    """Write and print ``pipeline_summary.json``: where every artifact is, and the time each stage took."""
     summary = {
-        "output_dir": str(out),
-        "sft": sft_path,
-        "reward_model": rm_path,
-        "ppo": policy_path,
-        "dpo": dpo_path,
-        "rounds": rounds_summary,
-        "report": str(report_paths.html) if report_paths else None,
-        "seconds": round(time.time() - started, 1),
-        "stage_seconds": state.stage_seconds(),
+        "output_dir": str(run.out),
+        "sft": run.sft_path,
+        "reward_model": run.rm_path,
+        "ppo": run.policy_path,
+        "dpo": run.dpo_path,
+        "rounds": run.rounds,
+        "report": str(run.report_paths.html) if run.report_paths else None,
+        "seconds": round(time.time() - run.started, 1),
+        "stage_seconds": run.state.stage_seconds(),
     }
-    write_json_atomic(out / "pipeline_summary.json", summary, default=str)
+    write_json_atomic(run.out / "pipeline_summary.json", summary, default=str)
     print(json.dumps(summary, indent=2))
     return summary
 
 
-def _artifact_of(result: Any, default: Path) -> str:
-    if isinstance(result, (str, Path)):
-        return str(result)
-    if isinstance(result, dict):
-        for key in ("output_dir", "model_dir", "path"):
-            if key in result:
-                return str(result[key])
-    return str(default)
+# ---------------------------------------------------------------------------------------------
+# `tether ppo`
+# ---------------------------------------------------------------------------------------------
+def run_ppo_command(config: PPOConfig) -> PPOResult:
+    """``tether ppo``: ``run_ppo``, logging the simulated annotator's gold score as ``reward/gold`` every
+    iteration when the prompts are the embedded demo task's (``--dataset embedded:demo``)."""
+    from tether.ppo import run_ppo
+
+    hook = None
+    if config.dataset == DEMO:
+        from tether.demo.annotator import gold_metrics_hook
+        from tether.models.loading import load_tokenizer
+
+        hook = gold_metrics_hook(load_tokenizer(config.model_name_or_path))
+    return run_ppo(config, extra_metrics=hook)
 
 
 def _read_json(path: Path) -> Any:
@@ -661,17 +736,15 @@ def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: i
     return chosen
 
 
-def _new_round_pairs(
-    config: PipelineConfig, out: Path, k: int, policy_path: str, prompts: list[PromptRecord], temperature: float
-):
-    """Sample two responses per prompt from the current policy and have them labelled."""
-    from tether.demo.task import write_preferences
+def new_round_pairs(run: PipelineRun, k: int) -> StageResult:
+    """Round ``k`` > 1: sample two responses per prompt from the current policy and have them labelled."""
     from tether.generation import SamplingSettings, sample_responses
     from tether.models.loading import load_causal_lm, load_tokenizer
 
-    raw = [p.prompt for p in _prompts_for_round(config, prompts, k)]
-    policy, tok = load_causal_lm(policy_path), load_tokenizer(policy_path)
-    settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=temperature)
+    config, out = run.config, run.out
+    raw = [p.prompt for p in _prompts_for_round(config, run.train_prompts, k)]
+    policy, tok = load_causal_lm(run.policy_path), load_tokenizer(run.policy_path)
+    settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=config.temperature)
     groups = sample_responses(policy, tok, raw, settings, num_return_sequences=2, batch_size=SAMPLING_BATCH_PROMPTS)
     a, b = [g[0].text for g in groups], [g[1].text for g in groups]
     if config.label_command:
@@ -689,7 +762,7 @@ def _new_round_pairs(
             stopped_b=[g[1].stopped for g in groups],
         )
     path = write_preferences(pairs, out / "data" / f"preferences_round{k}.jsonl")
-    return path, {"pairs": len(pairs)}
+    return StageResult(path, {"pairs": len(pairs)})
 
 
 def _write_pipeline_report(
@@ -715,7 +788,7 @@ def _write_pipeline_report(
     # Over-optimisation curve: every PPO iteration is a checkpoint of the policy, measured on its own
     # rollout batch (proxy = RM score, gold = annotator, KL = summed per-token KL to the reference);
     # windows of iterations are averaged so one noisy batch cannot make a "peak".
-    from tether.evaluation.study import points_from_metrics
+    from tether.evaluation.evaluate import points_from_metrics
 
     points = points_from_metrics(ppo_rows, window=max(1, min(5, len(ppo_rows) // 6)))
     curve = _read_json(eval_dir / "bon_curve.json")

@@ -14,6 +14,8 @@ Sources (``source`` is a path or a hub name):
   requested split, separated by ``-`` or ``.``: ``train.jsonl``, ``test-00000-of-00001.parquet``,
   ``train/part1.jsonl``), only the files of the requested split are read, and unnamed files count
   as ``train``. A folder written by ``datasets.save_to_disk`` is read with ``load_from_disk``.
+* ``embedded:demo``: the embedded demo task's prompts, demonstrations or preference pairs
+  (``tether.data.embedded``; split ``train`` or, for prompts, ``test``), logged as such.
 * otherwise, a name such as ``org/name`` that is not a local path: ``datasets.load_dataset(name,
   split=split)`` (hub access follows ``HF_HUB_OFFLINE``; tests and the demo never reach a hub).
 
@@ -44,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tether.data import embedded
 from tether.data.errors import DataError
 from tether.data.formats import KINDS, PARSERS, RecordProblems
 from tether.data.records import Demonstration, PreferencePair, PromptRecord
@@ -106,17 +109,10 @@ def load_records(source: str | os.PathLike, kind: str, split: str = "train") -> 
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    parse = PARSERS[kind]
+    if os.fspath(source) == embedded.DEMO:
+        return _embedded_demo_records(kind, split)
     problems = _Problems()
-    records: list = []
-    for where, row in iter_rows(source, split, problems):
-        try:
-            parsed = parse(row)
-        except RecordProblems as exc:
-            for message in exc.problems:
-                problems.add(where.say(message))
-            continue
-        records.extend(replace(record, origin=where.origin) for record in parsed)
+    records = _parse_rows(iter_rows(source, split, problems), kind, problems)
     if problems.total:
         raise DataError(problems.kept, problems.total)
     if not records:
@@ -124,6 +120,45 @@ def load_records(source: str | os.PathLike, kind: str, split: str = "train") -> 
     if kind == "prompts":
         records = _unique_prompts(records)
     logger.info("read %d %s from %s", len(records), kind, source)
+    return records
+
+
+def _parse_rows(rows: Iterator[tuple[_Where, Any]], kind: str, problems: _Problems) -> list:
+    """Records of ``kind`` from ``(where, row)`` pairs, each with its ``FILE:LINE`` origin (problems are collected)."""
+    parse = PARSERS[kind]
+    records: list = []
+    for where, row in rows:
+        try:
+            parsed = parse(row)
+        except RecordProblems as exc:
+            for message in exc.problems:
+                problems.add(where.say(message))
+            continue
+        records.extend(replace(record, origin=where.origin) for record in parsed)
+    return records
+
+
+def _embedded_demo_records(kind: str, split: str) -> list:
+    """``embedded:demo``: the demo task's shipped file for ``kind``, read like any JSONL file; prompts
+    are those of ``split`` (``train`` or ``test``, see ``tether.data.embedded``)."""
+    if split not in embedded.SPLITS:
+        raise DataError(
+            [
+                f"{embedded.DEMO}: no split {split!r}; --dataset_split train gives the training prompts, "
+                "demonstrations and preference pairs, test the held-out prompts"
+            ]
+        )
+    if split != "train" and kind != "prompts":
+        raise DataError([f"{embedded.DEMO}: split {split!r} holds prompts only; the {kind} are in split 'train'"])
+    name = embedded.FILES[kind]
+    problems = _Problems()
+    rows = _file_rows(embedded.data_file(kind), f"{embedded.DEMO}/{name}", problems)
+    records = _parse_rows(rows, kind, problems)
+    if problems.total:  # a broken installation, not a user's mistake; reported the same way
+        raise DataError(problems.kept, problems.total)
+    if kind == "prompts":
+        records = [r for r in records if embedded.split_of(r.prompt) == split]
+    logger.info("using the embedded demo task's data (%s, split %s): %d %s", embedded.DEMO, split, len(records), kind)
     return records
 
 

@@ -7,7 +7,7 @@ the *gold* reward in evaluation, against which the reward model's *proxy* reward
 
 The gold function
 -----------------
-For a prompt x and a response y (``w(y)`` its words, see ``tether.evaluation.metrics.words``)::
+For a prompt x and a response y (``w(y)`` its words, see ``tether.text.words``)::
 
     g(x, y) = 2.0 · relevance(x, y)
             − 1.0 · length_penalty(|w(y)|)
@@ -23,13 +23,13 @@ For a prompt x and a response y (``w(y)`` its words, see ``tether.evaluation.met
   ``min(4, ln²((n+1)/(b+1)))`` with ``b`` the bound crossed. Concise is preferred, but shorter is
   not always better: a 1-word answer costs about 1.2, an empty one 3.2, 80 words 0.5, 150 words 1.7.
 * ``repetition``: the share of the response's word 3-grams that repeat an earlier 3-gram
-  (``tether.evaluation.metrics.repetition_rate``); a looping response approaches 1.
+  (``tether.text.repetition_rate``); a looping response approaches 1.
 * ``copying``: the share of the response's word 3-grams that occur in the prompt. Without it,
   echoing the question would buy relevance (an echo has cosine ≈ 0.97).
 * ``unfinished``: 1 when the response did not end with the stop token (``stopped=False``, when the
   caller knows) or its text ends dangling (on ``, ; : - ( /`` or on a word such as "and", "the",
   "to" that cannot end a sentence), else 0.
-* ``refusal``: 1 when the response declines (``tether.evaluation.probes.is_refusal``); every demo
+* ``refusal``: 1 when the response declines (``tether.text.is_refusal``); every demo
   prompt is benign, so a refusal is never what the annotator wants.
 
 Scores fall roughly in [−10, 2]. The 52 written demonstrations score 0.50–1.71 (mean 1.24);
@@ -61,8 +61,7 @@ from pathlib import Path
 import torch
 
 from tether.data.records import PreferencePair, Prompt, PromptRecord
-from tether.evaluation.metrics import ngrams, repetition_rate, words
-from tether.evaluation.probes import is_refusal
+from tether.text import is_refusal, ngrams, repetition_rate, words
 
 logger = logging.getLogger(__name__)
 

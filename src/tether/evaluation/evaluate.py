@@ -39,7 +39,6 @@ from tether.data.records import Prompt, PromptRecord
 from tether.durable import write_text_atomic
 from tether.evaluation.metrics import (
     best_of_n_expected,
-    bon_kl_bound,
     distinct_n,
     length_stats,
     mean_repetition_rate,
@@ -48,6 +47,7 @@ from tether.evaluation.metrics import (
     spearman,
     word_count,
 )
+from tether.sampling import bon_kl_bound
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,16 @@ class EvalConfig:
         },
     )
     prompts: str | None = field(
-        default=None, metadata={"help": "Prompts file/folder/dataset. Default: the demo task's held-out prompts."}
+        default=None,
+        metadata={
+            "help": "Prompts file/folder/dataset (embedded:demo: the demo task's). Default: the demo task's "
+            "held-out prompts (embedded:demo, split test)."
+        },
     )
-    prompts_split: str = field(default="train", metadata={"help": "Split of a hub dataset given as --prompts."})
+    prompts_split: str = field(
+        default="train",
+        metadata={"help": "Split of --prompts (a hub dataset, a folder of split files, embedded:demo)."},
+    )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per prompt and policy."})
     max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each response."})
@@ -310,7 +317,7 @@ def evaluate_policies(
     path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
-    the reward model's favourite kept (``tether.stages.best_of_n.best_of_n``), KL reported as the
+    the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
     analytic bound.
     """
     if temperature <= 0:
@@ -424,7 +431,7 @@ def evaluate_policies(
 
     for name, (base, n) in best_of_n.items():
         logger.info("eval: best-of-%d from %s", n, base)
-        from tether.stages.best_of_n import best_of_n as sample_best_of_n
+        from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
         torch.manual_seed(seed)
@@ -596,6 +603,43 @@ def overopt_points(
     return points
 
 
+def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> list[dict[str, Any]]:
+    """Average consecutive PPO iterations into over-optimisation points.
+
+    Rows without ``kl/ref`` are skipped; each window of ``window`` rows gives one point
+    ``{"name": "iter A-B", "kl", "gold", "proxy"}`` with the means of ``kl/ref``, ``reward/gold``
+    and ``reward/score`` (None when a key is missing from any row of the window). The first
+    window holds the starting policy's rollouts, the baseline the plot recentres on.
+    """
+
+    def num(v):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(x) else x
+
+    usable = [r for r in rows if num(r.get("kl/ref")) is not None]
+    points = []
+    for start in range(0, len(usable), window):
+        chunk = usable[start : start + window]
+        steps = [r.get("step", start + i) for i, r in enumerate(chunk)]
+
+        def mean(key):
+            vals = [num(r.get(key)) for r in chunk]
+            return None if any(v is None for v in vals) else float(np.mean(vals))
+
+        points.append(
+            {
+                "name": f"iter {steps[0]}-{steps[-1]}",
+                "kl": max(0.0, mean("kl/ref")),
+                "gold": mean("reward/gold"),
+                "proxy": mean("reward/score"),
+            }
+        )
+    return points
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
@@ -637,7 +681,8 @@ def write_eval_outputs(
 
 def run_eval(config: EvalConfig) -> EvalResults:
     """Run ``tether eval`` from its config: load everything, evaluate, write files and the report."""
-    from tether.demo.task import heldout_prompts, is_demo_prompt
+    from tether.data.embedded import DEMO, is_demo_prompt
+    from tether.data.loading import load_prompts
     from tether.models.loading import load_tokenizer
 
     policies = parse_policy_specs(config.policies)
@@ -653,11 +698,9 @@ def run_eval(config: EvalConfig) -> EvalResults:
         raise ConfigError("--best_of_n and --bon_curve need --reward_model_path")
     if any(n < 1 for n in [*config.best_of_n, *config.bon_curve]):
         raise ConfigError("--best_of_n / --bon_curve values must be >= 1")
-    if config.prompts is None:
-        prompts = heldout_prompts()
+    if config.prompts is None:  # the demo task's held-out prompts
+        prompts = load_prompts(DEMO, split="test")
     else:
-        from tether.data.loading import load_prompts
-
         prompts = load_prompts(config.prompts, split=config.prompts_split)
     if config.num_prompts is not None:
         prompts = prompts[: config.num_prompts]

@@ -1,8 +1,8 @@
 """Evaluation metrics: each one a small function with its formula in the docstring.
 
-Text statistics work on *words*: ``words(text)`` is the lowercased list of ``\\w+`` runs (Unicode
-letters, digits and underscore), so punctuation and whitespace never count as words and "Cat," and
-"cat" are the same word. Model-dependent quantities (log-probs, KL) work on token ids.
+Text statistics work on *words* (``tether.text.words``: the lowercased ``\\w+`` runs, so
+punctuation and whitespace never count as words and "Cat," and "cat" are the same word).
+Model-dependent quantities (log-probs, KL) work on token ids.
 
 Over-optimisation (Gao et al. 2022): the x-axis is ``d = √KL`` with KL in nats per response, the
 gold reward is recentred to 0 at the starting policy, and two functional forms are fitted by least
@@ -15,7 +15,6 @@ squares on this run's points (the coefficients are setup-specific; none are borr
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,25 +22,12 @@ import numpy as np
 import torch
 
 from tether.data.templates import pad_token_id
-
-_WORD = re.compile(r"\w+", re.UNICODE)
+from tether.text import ngrams, repetition_rate, words
 
 
 # ---------------------------------------------------------------------------------------------
 # text statistics
 # ---------------------------------------------------------------------------------------------
-def words(text: str) -> list[str]:
-    """Lowercased ``\\w+`` runs of ``text``: ``"Hi, hi!" -> ["hi", "hi"]``."""
-    return _WORD.findall(text.lower())
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """Contiguous n-grams: ``len(tokens) − n + 1`` of them (none when the text is shorter than n)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Corpus-level distinct-n (Li et al. 2016): ``|unique n-grams| / |n-grams|`` over all responses.
 
@@ -52,20 +38,6 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     for t in texts:
         grams.extend(ngrams(words(t), n))
     return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repetition_rate(text: str, n: int = 3) -> float:
-    """Share of a response's word n-grams that repeat an earlier n-gram of the same response.
-
-        rep_n(y) = (|n-grams(y)| − |unique n-grams(y)|) / |n-grams(y)|,   0 when y has fewer than n words.
-
-    "a b c a b c" has 3-grams abc, bca, cab, abc: one of four repeats, so rep_3 = 0.25. A response
-    stuck in a loop approaches 1.
-    """
-    grams = ngrams(words(text), n)
-    if not grams:
-        return 0.0
-    return (len(grams) - len(set(grams))) / len(grams)
 
 
 def mean_repetition_rate(texts: Sequence[str], n: int = 3) -> float:
@@ -224,13 +196,6 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tup
 # ---------------------------------------------------------------------------------------------
 # best-of-N
 # ---------------------------------------------------------------------------------------------
-def bon_kl_bound(n: int) -> float:
-    """``KL(π_bon ‖ π) ≤ log N − (N − 1)/N`` (Beirami et al. 2024); exact only when the N samples are distinct."""
-    if n < 1:
-        raise ValueError(f"N must be >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
-
-
 def best_of_n_expected(proxy: Sequence[float], values: Sequence[float], n: int) -> float:
     """Expected ``value`` of the proxy's favourite among N draws without replacement from m samples.
 

@@ -20,7 +20,6 @@ OUT/best_of_n.jsonl`` fine-tunes on it directly (rejection-sampling fine-tuning)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ import torch
 
 from tether.config import EMBEDDED_MODEL, ConfigError
 from tether.data.records import Prompt
-from tether.generation import Sample, SamplingSettings, sample_responses
+from tether.generation import SamplingSettings
+from tether.sampling import BestOfNResult, best_of_n, bon_kl_bound
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,13 @@ class BestOfNConfig:
         default=None,
         metadata={
             "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
-            "(preference and demonstration files work too), or a Hugging Face dataset name. Required."
+            "(preference and demonstration files work too), a Hugging Face dataset name, or embedded:demo (the "
+            "demo task's prompts; --dataset_split test for the held-out ones). Required."
         },
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of a hub dataset, a folder of split files or embedded:demo."}
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     n: int = field(default=4, metadata={"help": "Samples per prompt (N of best-of-N)."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (pure sampling: top-k 0)."})
@@ -113,18 +116,8 @@ class BestOfNConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# The equations
+# The equation (the KL bound is tether.sampling.bon_kl_bound)
 # --------------------------------------------------------------------------------------------
-
-
-def bon_kl_bound(n: int) -> float:
-    """Upper bound on ``KL(π_bon ‖ π)``: ``log N − (N − 1)/N`` (Beirami et al. 2024).
-
-    Exact only when the N samples are distinct; 0 for N = 1. N = 4 → 0.6363, N = 16 → 1.8351.
-    """
-    if n < 1:
-        raise ValueError(f"N must be >= 1, got {n}")
-    return math.log(n) - (n - 1) / n
 
 
 def reward_gain(best_scores: Sequence[float], all_scores: Sequence[float]) -> float:
@@ -133,120 +126,8 @@ def reward_gain(best_scores: Sequence[float], all_scores: Sequence[float]) -> fl
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling and ranking
+# Output rows and the summary (sampling and ranking: tether.sampling)
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScoredSample:
-    text: str
-    score: float
-    stopped: bool  # ended with the stop token (False: cut at max_new_tokens)
-    num_tokens: int  # generated tokens, the stop token included
-    index: int  # order in which it was sampled
-
-    @property
-    def usable(self) -> bool:
-        """Non-empty text: something a demonstration loader (and a user) can take."""
-        return bool(self.text.strip())
-
-
-@dataclass
-class BestOfNResult:
-    prompt: Prompt
-    ranked: list[ScoredSample]  # best first
-
-    @property
-    def best(self) -> ScoredSample | None:
-        """The highest-scoring sample with non-empty text (None if every sample is empty)."""
-        return next((s for s in self.ranked if s.usable), None)
-
-
-def rank(samples: list[ScoredSample]) -> list[ScoredSample]:
-    """Highest score first; ties keep sampling order."""
-    return sorted(samples, key=lambda s: (-s.score, s.index))
-
-
-def score_samples(
-    reward_model,
-    rm_tokenizer,
-    prompts: Sequence[Prompt],
-    groups: Sequence[Sequence[Sample]],
-    batch_size: int = 16,
-    max_length: int | None = None,
-    max_prompt_length: int | None = None,
-    missing_stop_score: float | None = None,
-) -> list[list[ScoredSample]]:
-    """Reward-model scores for groups of samples (one group per prompt), each group ranked best first."""
-    from tether.models.scoring import score_texts
-
-    flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
-    flat_texts = [s.text for g in groups for s in g]
-    scores = (
-        score_texts(
-            reward_model,
-            rm_tokenizer,
-            flat_prompts,
-            flat_texts,
-            batch_size=batch_size,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-        ).tolist()
-        if flat_texts
-        else []
-    )
-    out, k = [], 0
-    for group in groups:
-        scored = []
-        for i, s in enumerate(group):
-            score = float(scores[k])
-            if missing_stop_score is not None and not s.stopped:
-                score = float(missing_stop_score)
-            scored.append(ScoredSample(s.text, score, s.stopped, len(s.response_ids), i))
-            k += 1
-        out.append(rank(scored))
-    return out
-
-
-def best_of_n(
-    policy,
-    reward_model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    n: int,
-    settings: SamplingSettings,
-    batch_size: int = 8,
-    rm_tokenizer=None,
-    reward_batch_size: int = 16,
-    max_prompt_length: int | None = None,
-    max_length: int | None = None,
-    missing_stop_score: float | None = None,
-) -> list[BestOfNResult]:
-    """Sample ``n`` responses per prompt from ``policy``, score them with ``reward_model``, rank them.
-
-    ``rm_tokenizer`` defaults to ``tokenizer``; a reward model with its own tokenizer re-tokenises
-    the response texts with the shared template rule. Returns one ``BestOfNResult`` per prompt.
-    """
-    groups = sample_responses(
-        policy,
-        tokenizer,
-        list(prompts),
-        settings,
-        num_return_sequences=n,
-        batch_size=batch_size,
-        max_prompt_length=max_prompt_length,
-    )
-    ranked = score_samples(
-        reward_model,
-        rm_tokenizer if rm_tokenizer is not None else tokenizer,
-        prompts,
-        groups,
-        reward_batch_size,
-        max_length,
-        max_prompt_length,
-        missing_stop_score,
-    )
-    return [BestOfNResult(p, r) for p, r in zip(prompts, ranked)]
 
 
 def _prompt_json(prompt: Prompt) -> Any:
@@ -315,7 +196,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     from tether.data.loading import load_prompts
     from tether.durable import staged_output, write_json_atomic
     from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
-    from tether.stages.common import check_output_dir
+    from tether.stages.common import check_output_dir, require_dataset
     from tether.tracking import append_jsonl
 
     output_dir = Path(config.output_dir)
@@ -325,13 +206,8 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
             "--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
             "(train one with `tether rm`)"
         )
-    if config.dataset is None:  # the embedded demo task's held-out prompts
-        from tether.demo.task import heldout_prompts
-
-        dataset, records = "the demo task's held-out prompts", heldout_prompts()
-    else:
-        dataset = config.dataset
-        records = load_prompts(dataset, split=config.dataset_split)
+    dataset = require_dataset(config.dataset, "bon")
+    records = load_prompts(dataset, split=config.dataset_split)
     if config.max_prompts is not None:
         records = records[: config.max_prompts]
     if not records:

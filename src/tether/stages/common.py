@@ -25,6 +25,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tether.config import ConfigError
+from tether.data.embedded import DEMO
 from tether.durable import (
     CHECKPOINT_PREFIX,
     LATEST,
@@ -44,13 +45,11 @@ DEFAULT_OUTPUT_ROOT = Path("outputs")
 
 
 def require_dataset(dataset: str | None, stage: str) -> str:
+    """``--dataset``, or a ConfigError saying what it may be (library stages never pick data themselves)."""
     if dataset is None or str(dataset).strip() == "":
-        # The demo task has prompts and demonstrations but no fixed preference pairs: they are sampled
-        # from the SFT policy and labelled by the simulated annotator, which is the pipeline's job.
         raise ConfigError(
-            f"--dataset is required for `tether {stage}` (a .jsonl/.json/.parquet/.csv file, "
-            "a folder of them, or a Hugging Face dataset name); `tether pipeline` builds the "
-            "embedded demo task's preference pairs for you"
+            f"--dataset is required for `tether {stage}`: a .jsonl/.json/.parquet/.csv file, a folder of them, "
+            f"a Hugging Face dataset name, or {DEMO} for the embedded demo task's data"
         )
     return str(dataset)
 

@@ -46,6 +46,7 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     load_train_eval,
+    require_dataset,
     resolve_resume,
     summarise_lengths,
     warn_truncation,
@@ -301,26 +302,14 @@ def run_sft(config: SFTConfig) -> Path:
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
-    if config.dataset is None:  # the embedded demo task's written demonstrations
-        from tether.data.loading import split_train_eval
-        from tether.demo.task import demonstrations
-
-        logger.info("tether sft: no --dataset given; using the embedded demo task's demonstrations")
-        records = demonstrations()
-        train, held_out = (
-            split_train_eval(records, config.eval_split_ratio, config.seed)
-            if config.eval_split_ratio
-            else (records, [])
-        )
-    else:
-        train, held_out = load_train_eval(
-            load_demonstrations,
-            config.dataset,
-            config.dataset_split,
-            config.eval_dataset,
-            config.eval_split_ratio,
-            config.seed,
-        )
+    train, held_out = load_train_eval(
+        load_demonstrations,
+        require_dataset(config.dataset, "sft"),
+        config.dataset_split,
+        config.eval_dataset,
+        config.eval_split_ratio,
+        config.seed,
+    )
     return train_sft(config, train, held_out)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from tether.config import EMBEDDED_MODEL, ConfigError
+from tether.evaluation.evaluate import points_from_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,14 @@ class StudyConfig:
         metadata={"help": "Fixed KL coefficients β, one PPO run each; keep a low one (it over-optimises)."},
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "Training prompts. Default: the demo task's train prompts."}
+        default=None, metadata={"help": "Training prompts. Default: embedded:demo (the demo task's training prompts)."}
     )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Held-out prompts for --eval_checkpoints. Default: the demo task's held-out prompts."},
+        metadata={
+            "help": "Held-out prompts for --eval_checkpoints. Default: the demo task's held-out prompts "
+            "(embedded:demo, split test)."
+        },
     )
     num_iterations: int = field(default=40, metadata={"help": "PPO iterations per run."})
     batch_size: int = field(default=16, metadata={"help": "Episodes per PPO iteration."})
@@ -107,46 +110,6 @@ class StudyConfig:
             raise ConfigError(f"--gold {self.gold!r}: use auto, on or off")
 
 
-# ---------------------------------------------------------------------------------------------
-# points (pure, tested)
-# ---------------------------------------------------------------------------------------------
-def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> list[dict[str, Any]]:
-    """Average consecutive PPO iterations into over-optimisation points.
-
-    Rows without ``kl/ref`` are skipped; each window of ``window`` rows gives one point
-    ``{"name": "iter A-B", "kl", "gold", "proxy"}`` with the means of ``kl/ref``, ``reward/gold``
-    and ``reward/score`` (None when a key is missing from any row of the window). The first
-    window holds the starting policy's rollouts, the baseline the plot recentres on.
-    """
-
-    def num(v):
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            return None
-        return None if math.isnan(x) else x
-
-    usable = [r for r in rows if num(r.get("kl/ref")) is not None]
-    points = []
-    for start in range(0, len(usable), window):
-        chunk = usable[start : start + window]
-        steps = [r.get("step", start + i) for i, r in enumerate(chunk)]
-
-        def mean(key):
-            vals = [num(r.get(key)) for r in chunk]
-            return None if any(v is None for v in vals) else float(np.mean(vals))
-
-        points.append(
-            {
-                "name": f"iter {steps[0]}-{steps[-1]}",
-                "kl": max(0.0, mean("kl/ref")),
-                "gold": mean("reward/gold"),
-                "proxy": mean("reward/score"),
-            }
-        )
-    return points
-
-
 def run_label(beta: float) -> str:
     return f"β = {beta:g}"
 
@@ -187,11 +150,11 @@ def draw_study(
 
 
 # ---------------------------------------------------------------------------------------------
-# orchestration (needs tether.ppo.trainer)
+# orchestration
 # ---------------------------------------------------------------------------------------------
 def _ppo_config(config: StudyConfig, beta: float):
     from tether.config import read_yaml_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     extra: dict[str, Any] = {}
     if config.ppo_config:
@@ -221,20 +184,16 @@ def _ppo_config(config: StudyConfig, beta: float):
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
     """Train one PPO run per β (skipping finished ones), collect points, draw the plot and report."""
+    from tether.data.embedded import DEMO, is_demo_prompt
+    from tether.data.loading import load_prompts
     from tether.demo.annotator import gold_metrics_hook
-    from tether.demo.task import is_demo_prompt, train_prompts
     from tether.models.loading import load_tokenizer
-    from tether.ppo.trainer import SUMMARY_FILE, list_checkpoints, run_ppo
+    from tether.ppo import SUMMARY_FILE, list_checkpoints, run_ppo
     from tether.tracking import METRICS_FILE, read_jsonl
 
     if not config.reward_model_path:
         raise ConfigError("--reward_model_path is required (train one with `tether rm`)")
-    if config.dataset is None:
-        prompts = train_prompts()
-    else:
-        from tether.data.loading import load_prompts
-
-        prompts = load_prompts(config.dataset)
+    prompts = load_prompts(config.dataset or DEMO)
     gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))
     tokenizer = load_tokenizer(config.model_name_or_path)
     hook = gold_metrics_hook(tokenizer) if gold else None
@@ -268,7 +227,8 @@ CHECKPOINT_POINTS_FILE = "checkpoint_points.json"
 
 def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool, checkpoints: list[Path]):
     """Evaluate the start, every checkpoint and the final policy on held-out prompts (cached per run folder)."""
-    from tether.demo.task import heldout_prompts
+    from tether.data.embedded import DEMO
+    from tether.data.loading import load_prompts
     from tether.durable import write_text_atomic
     from tether.evaluation.evaluate import evaluate_policies, overopt_points
 
@@ -291,12 +251,7 @@ def _checkpoint_points(config: StudyConfig, folder: Path, tokenizer, gold: bool,
         cached = json.loads(cache.read_text(encoding="utf-8"))
         if cached.get("settings") == settings:
             return cached["points"]
-    if config.eval_dataset is None:
-        prompts = heldout_prompts()
-    else:
-        from tether.data.loading import load_prompts
-
-        prompts = load_prompts(config.eval_dataset)
+    prompts = load_prompts(config.eval_dataset) if config.eval_dataset else load_prompts(DEMO, "test")
     prompts = prompts[: config.eval_num_prompts]
     results = evaluate_policies(
         policies,
