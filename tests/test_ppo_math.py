@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tether.evaluation.monitor import KL_BANDS, KLMonitor, kl_band
+from tether.ppo.monitor import KL_BANDS, KLMonitor, kl_band
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import AdaptiveKLController, FixedKLController, adaptive_kl_update, make_kl_controller
 from tether.ppo.losses import (

@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "Stage 2: Bradley-Terry reward model on preference pairs.",
     ),
     "ppo": (
-        "tether.ppo.trainer",
+        "tether.ppo",
         "PPOConfig",
         "run_ppo",
         "Stage 3: PPO against the reward model with a per-token KL penalty.",

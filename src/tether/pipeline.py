@@ -300,7 +300,7 @@ def check_sections(pipeline: PipelineConfig) -> None:
     import inspect
 
     from tether.evaluation.evaluate import evaluate_policies
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
     from tether.stages.dpo import DPOConfig
     from tether.stages.reward import RewardConfig
     from tether.stages.sft import SFTConfig
@@ -484,7 +484,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             break
 
         def ppo_stage(start=policy_path, rm=rm_path, suffix=suffix):
-            from tether.ppo.trainer import PPOConfig, run_ppo
+            from tether.ppo import PPOConfig, run_ppo
 
             cfg = stage_config(
                 PPOConfig,

@@ -187,11 +187,11 @@ def draw_study(
 
 
 # ---------------------------------------------------------------------------------------------
-# orchestration (needs tether.ppo.trainer)
+# orchestration (needs tether.ppo)
 # ---------------------------------------------------------------------------------------------
 def _ppo_config(config: StudyConfig, beta: float):
     from tether.config import read_yaml_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     extra: dict[str, Any] = {}
     if config.ppo_config:
@@ -213,6 +213,7 @@ def _ppo_config(config: StudyConfig, beta: float):
         seed=config.seed,
         save_steps=config.save_every if config.eval_checkpoints else 0,
         save_total_limit=None,
+        keep_checkpoints=config.eval_checkpoints,  # evaluated after the run
         stop_on_divergence=False,  # the study wants to see what happens past the healthy band
         report_to="none",
     )
@@ -224,7 +225,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     from tether.demo.annotator import gold_metrics_hook
     from tether.demo.task import is_demo_prompt, train_prompts
     from tether.models.loading import load_tokenizer
-    from tether.ppo.trainer import SUMMARY_FILE, list_checkpoints, run_ppo
+    from tether.durable import complete_checkpoints
+    from tether.ppo import SUMMARY_FILE, run_ppo
     from tether.tracking import METRICS_FILE, read_jsonl
 
     if not config.reward_model_path:
@@ -249,7 +251,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             run_ppo(_ppo_config(config, beta), prompts=prompts, extra_metrics=hook)
         if config.eval_checkpoints:
             runs[run_label(beta)] = _checkpoint_points(
-                config, folder, tokenizer, gold, [c / "policy" for c in list_checkpoints(folder)]
+                config, folder, tokenizer, gold, [c / "policy" for c in complete_checkpoints(folder)]
             )
         else:
             runs[run_label(beta)] = points_from_metrics(read_jsonl(folder / METRICS_FILE), config.window)
