@@ -79,7 +79,7 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
-    import tether.ppo.trainer
+    import tether.ppo
     import tether.stages.dpo
     import tether.stages.reward
     import tether.stages.sft
@@ -87,7 +87,7 @@ def test_rerunning_the_pipeline_skips_finished_stages(pipeline_run, monkeypatch)
     for module, name in (
         (tether.stages.sft, "train_sft"),
         (tether.stages.reward, "train_reward"),
-        (tether.ppo.trainer, "run_ppo"),
+        (tether.ppo, "run_ppo"),
         (tether.stages.dpo, "train_dpo"),
     ):
         monkeypatch.setattr(module, name, must_not_train)
@@ -121,7 +121,7 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
     bad.write_text(yaml.safe_dump({"ppo": {"not_an_option": 1}}))
     config = parse_config(PipelineConfig, ["--config", str(bad), "--output_dir", str(tmp_path / "o")])
     from tether.pipeline import stage_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     with pytest.raises(ConfigError, match="not_an_option"):
         stage_config(PPOConfig, config, "ppo")
@@ -137,7 +137,7 @@ def test_pipeline_config_rejects_bad_combinations(tmp_path):
 
 def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_section():
     from tether.pipeline import DEMO_STAGE_DEFAULTS, stage_config
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
     from tether.stages.dpo import DPOConfig
     from tether.stages.reward import RewardConfig
     from tether.stages.sft import SFTConfig

@@ -224,8 +224,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     """Train one PPO run per β (skipping finished ones), collect points, draw the plot and report."""
     from tether.demo.annotator import gold_metrics_hook
     from tether.demo.task import is_demo_prompt, train_prompts
-    from tether.models.loading import load_tokenizer
     from tether.durable import complete_checkpoints
+    from tether.models.loading import load_tokenizer
     from tether.ppo import SUMMARY_FILE, run_ppo
     from tether.tracking import METRICS_FILE, read_jsonl
 

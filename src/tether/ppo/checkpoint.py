@@ -16,6 +16,7 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ class RunFolder:
     ) -> Path:
         """Write ``checkpoint-<iteration>`` atomically, then keep the newest ``--save_total_limit``.
 
-        ``training_state`` (the counters, KL controller, monitor...) becomes the state file, written last.
+        ``training_state`` (the counters, KL controller, monitor...) becomes the state file, written last,
+        with the number of processes (each saves its own random-number state).
         """
         acc = self.accelerator
         target = self.path / f"{CHECKPOINT_PREFIX}{iteration}"
@@ -139,7 +141,8 @@ class RunFolder:
             torch.save(models.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(models.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "ppo_config.json").write_text(self.config.to_json_string(), encoding="utf-8")
-            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(training_state, indent=2), encoding="utf-8")
+            state = training_state | {"world_size": acc.num_processes}
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         acc.wait_for_everyone()
         if acc.is_main_process:
             replace_folder(tmp, target)
@@ -147,10 +150,18 @@ class RunFolder:
         acc.wait_for_everyone()
         return target
 
-    def load_checkpoint(self, folder: Path, models: PPOModels, shuffle_rng: torch.Generator) -> dict[str, Any]:
+    def load_checkpoint(
+        self, folder: Path, models: PPOModels, shuffle_rng: torch.Generator, say: Callable[[str], None] = print
+    ) -> dict[str, Any]:
         """Restore the optimizer, scheduler and this process's random-number state from ``folder``; drop
         the metrics.jsonl rows logged after it. Returns the training state of its state file."""
         data = json.loads((folder / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        world = self.accelerator.num_processes
+        if data.get("world_size", world) != world:
+            say(
+                f"resuming a {data['world_size']}-process checkpoint on {world} processes: sampling "
+                "seeds differ from an uninterrupted run"
+            )
         # loaded on the CPU; load_state_dict moves each state tensor to its parameter's device
         models.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
         models.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False))
@@ -210,8 +221,13 @@ class RunFolder:
         self.accelerator.wait_for_everyone()
         return result
 
-    def log_bad_batch(self, iteration: int, reason: str, rollout) -> Path:
+    def log_bad_batch(self, state, reason: str, rollout, say: Callable[[str], None] = print) -> Path:
         """Append a skipped batch (prompts, responses, scores) to bad_batches.jsonl (one file per process)."""
+        say(
+            f"iteration {state.iteration + 1}: skipped a step ({reason}); {state.bad_steps_in_a_row} in a row "
+            f"(limit --max_bad_steps {self.config.max_bad_steps}); the batch is logged in "
+            f"{self.path / BAD_BATCHES_FILE}"
+        )
         tokenizer = self.tokenizer
         texts = rollout.response_texts(tokenizer)
         prompts = [prompt_text(tokenizer, p) for p in rollout.prompts] if rollout.prompts else None
@@ -219,7 +235,7 @@ class RunFolder:
         append_jsonl(
             path,
             {
-                "iteration": iteration + 1,
+                "iteration": state.iteration + 1,
                 "reason": reason,
                 "prompts": prompts,
                 "responses": texts,

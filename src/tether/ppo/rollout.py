@@ -382,7 +382,8 @@ def score_responses(
     )
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA) to finish, so that wall-clock times measure the work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -414,10 +415,10 @@ def make_rollout(
             settings.generation_batch_size,
             return_logprobs=settings.logprobs_from_sampling,
         )
-    _synchronize(query_ids.device)
+    synchronize(query_ids.device)
     generated_at = time.perf_counter()
     rollout = score_responses(models, query_ids, query_mask, generated, settings, autocast=autocast, prompts=prompts)
-    _synchronize(query_ids.device)
+    synchronize(query_ids.device)
     rollout.generation_batch_size = generated.batch_size
     rollout.time_generate = generated_at - start
     rollout.time_score = time.perf_counter() - generated_at

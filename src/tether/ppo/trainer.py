@@ -55,7 +55,7 @@ from tether.ppo.losses import (
 from tether.ppo.metrics import Processes, Progress, iteration_metrics, reduce_extra
 from tether.ppo.models import build_ppo_models, make_accelerator
 from tether.ppo.monitor import KLMonitor
-from tether.ppo.rollout import PromptSampler, Rollout, RolloutSettings, make_rollout
+from tether.ppo.rollout import PromptSampler, Rollout, RolloutSettings, make_rollout, synchronize
 from tether.tracking import MetricsWriter
 
 logger = logging.getLogger(__name__)
@@ -118,10 +118,6 @@ class PPOTrainer:
     def _say(self, message: str) -> None:
         if self.accelerator.is_main_process:
             logger.warning("tether ppo: %s", message)
-
-    def _synchronize(self) -> None:
-        if self.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> PPOResult:
@@ -212,7 +208,7 @@ class PPOTrainer:
         else:
             self._record_bad_step(batch, "non-finite score, reward, log-prob or value")
             stats = {}
-        self._synchronize()
+        synchronize(self.accelerator.device)
         time_update = time.perf_counter() - update_started
 
         # 6. KL control from the rollout KL (per-response sum, before the update); the learning rate
@@ -346,15 +342,9 @@ class PPOTrainer:
         return stats
 
     def _record_bad_step(self, batch: Rollout, reason: str) -> None:
-        st = self.state
-        st.bad_steps_in_a_row += 1
-        st.bad_steps_total += 1
-        self._say(
-            f"iteration {st.iteration + 1}: skipped a step ({reason}); {st.bad_steps_in_a_row} in a row "
-            f"(limit --max_bad_steps {self.config.max_bad_steps}); the batch is logged in "
-            f"{self.output_dir / checkpoint.BAD_BATCHES_FILE}"
-        )
-        self.folder.log_bad_batch(st.iteration, reason, batch)
+        self.state.bad_steps_in_a_row += 1
+        self.state.bad_steps_total += 1
+        self.folder.log_bad_batch(self.state, reason, batch, self._say)
 
     # ---- checkpoints and the end of a run -------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -363,18 +353,12 @@ class PPOTrainer:
             "state": asdict(self.state),
             "kl_controller": self.kl_ctl.state_dict(),
             "monitor": self.monitor.state_dict(),
-            "world_size": self.world,
             "num_iterations": self.num_iterations,
         }
         return self.folder.save_checkpoint(self.state.iteration, self.models, training_state, self.shuffle_rng)
 
     def _resume(self, folder: Path) -> None:
-        data = self.folder.load_checkpoint(folder, self.models, self.shuffle_rng)
-        if data.get("world_size", self.world) != self.world:
-            self._say(
-                f"resuming a {data['world_size']}-process checkpoint on {self.world} processes: sampling "
-                "seeds differ from an uninterrupted run"
-            )
+        data = self.folder.load_checkpoint(folder, self.models, self.shuffle_rng, self._say)
         self.state = PPOState(**data["state"])
         self.kl_ctl.load_state_dict(data["kl_controller"])
         self.monitor.load_state_dict(data.get("monitor", {}))
