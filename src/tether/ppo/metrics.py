@@ -12,7 +12,7 @@ from tether.ppo.advantages import masked_moments
 from tether.ppo.losses import explained_variance
 from tether.ppo.rollout import Rollout
 
-logger = logging.getLogger("tether.ppo.trainer")
+logger = logging.getLogger("tether.ppo.trainer")  # the progress line is the loop's output: logged under its name
 
 
 class Processes:

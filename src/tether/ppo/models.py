@@ -32,6 +32,7 @@ from torch import nn
 from tether.config import ConfigError, peft_config_from
 from tether.models.scoring import RewardStats, token_scores
 from tether.models.wrappers import strip_peft, unwrap_distributed
+from tether.ppo.config import PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def adapters_disabled(model: nn.Module):
         yield
 
 
-def make_accelerator(cfg):
+def make_accelerator(cfg: PPOConfig):
     """The ``accelerate.Accelerator`` of a PPO run: mixed precision from --bf16/--fp16, CPU with --use_cpu."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -223,7 +224,7 @@ class PPOModels(RolloutModels):
 
 
 def build_ppo_models(
-    cfg,
+    cfg: PPOConfig,
     accelerator,
     tokenizer,
     num_iterations: int,
@@ -308,7 +309,7 @@ def build_ppo_models(
     return models
 
 
-def _add_optimizer(models: PPOModels, cfg, acc, num_iterations: int) -> None:
+def _add_optimizer(models: PPOModels, cfg: PPOConfig, acc, num_iterations: int) -> None:
     """AdamW over the trainable parameters, the schedule (one step per iteration), and ``accelerate.prepare``."""
     from transformers import get_scheduler
 
@@ -359,7 +360,7 @@ def check_reward_model(path: str, tokenizer) -> None:
             )
 
 
-def reward_stats(cfg, say: Callable[[str], None]) -> RewardStats | None:
+def reward_stats(cfg: PPOConfig, say: Callable[[str], None]) -> RewardStats | None:
     """The reward model's score statistics (reward_stats.json) when --normalize_reward, else None."""
     from tether.models.scoring import load_reward_stats
 

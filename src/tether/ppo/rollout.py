@@ -38,6 +38,7 @@ from tether.data.templates import prompt_ids as render_prompt_ids
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
 from tether.models.scoring import normalise, position_ids_from_mask, token_scores
+from tether.ppo.config import PPOConfig, PPOState
 from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
 from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
 
@@ -229,7 +230,7 @@ class PromptSampler:
     """The training prompts, rendered to token ids once, and the order the iterations draw them in:
     a fresh seeded permutation per pass over the data, the same on every process."""
 
-    def __init__(self, cfg, tokenizer, prompts: Sequence | None = None):
+    def __init__(self, cfg: PPOConfig, tokenizer, prompts: Sequence | None = None):
         self.config = cfg
         if prompts is None:
             if cfg.dataset is None or str(cfg.dataset).strip() == "":
@@ -260,7 +261,7 @@ class PromptSampler:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def next_batch(self, state, rank: int, per_process: int) -> tuple[list, list[list[int]]]:
+    def next_batch(self, state: PPOState, rank: int, per_process: int) -> tuple[list, list[list[int]]]:
         """Process ``rank``'s share of the next global batch; advances ``state.data_epoch/data_position``."""
         cfg, st = self.config, state
         n = len(self.prompts)

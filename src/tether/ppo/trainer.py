@@ -86,7 +86,7 @@ class PPOTrainer:
 
         self.config = cfg = config
         self.extra_metrics = extra_metrics
-        self.accelerator = acc = accelerator or make_accelerator(cfg)
+        self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(cfg)
         require_joint_processes(acc.num_processes)  # CPU-only machine launched without --use_cpu true
         self.world, self.rank = acc.num_processes, acc.process_index
         self.processes = Processes(acc)
