@@ -113,7 +113,7 @@ def summarise(marks: list[float], warmup: int, batch: int, tokens_per_episode: i
 
 
 def run_tether(work: Path, s: dict) -> dict:
-    from tether.ppo.trainer import PPOConfig, PPOTrainer
+    from tether.ppo import PPOConfig, PPOTrainer
     from tether.tracking import read_jsonl
 
     prompts = json.loads((work / "prompts.json").read_text())["texts"]
@@ -148,7 +148,7 @@ def run_tether(work: Path, s: dict) -> dict:
     )
     marks: list[float] = []
     trainer = PPOTrainer(config, prompts, extra_metrics=lambda rollout: marks.append(time.perf_counter()) or {})
-    steps = count_optimizer_steps(trainer.optimizer)
+    steps = count_optimizer_steps(trainer.models.optimizer)
     loaded_rss = rss_mb()
     marks.append(time.perf_counter())
     trainer.train()

@@ -74,7 +74,7 @@ def run_config(name: str, work: Path) -> dict:
             optimizer.zero_grad(set_to_none=True)
         detail = {"rows": len(ids), "tokens_per_row": width}
     else:
-        from tether.ppo.trainer import PPOConfig, PPOTrainer
+        from tether.ppo import PPOConfig, PPOTrainer
 
         prompts = json.loads((work / "prompts.json").read_text())["texts"]
         config = PPOConfig(

@@ -25,7 +25,7 @@ def status(field: str) -> int:
 
 
 def run(folder: Path, name: str, case: str, limit_fraction: float | None, need: int | None, rows: int = 16):
-    from tether.ppo.trainer import PPOConfig, PPOTrainer
+    from tether.ppo import PPOConfig, PPOTrainer
     from tether.tracking import read_jsonl
 
     config = PPOConfig(
@@ -56,9 +56,9 @@ def run(folder: Path, name: str, case: str, limit_fraction: float | None, need: 
     trainer.train()
     row = read_jsonl(folder / name / "metrics.jsonl")[0]
     result = {
-        "forward_batch": trainer.forward_batch,
-        "micro": trainer.micro,
-        "generation_batch": trainer.generation_batch,
+        "forward_batch": trainer.rollout_settings.forward_batch_size,
+        "micro": trainer.geometry.micro,
+        "generation_batch": trainer.rollout_settings.generation_batch_size,
         "metrics": {k: v for k, v in row.items() if not k.startswith(("time", "throughput"))},
         "need": status("VmPeak") - before,
     }

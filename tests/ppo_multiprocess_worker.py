@@ -26,9 +26,11 @@ RESPONSES = ["a good <eos>", "b c d e f", "good good <eos>", "x <eos>", "no yes 
 
 def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     torch.set_num_threads(1)
+    import dataclasses
+
     from tether.generation import GeneratedBatch, generate_batch, left_pad
-    from tether.ppo.rollout import score_responses, unwrap_model
-    from tether.ppo.trainer import PPOConfig, PPOTrainer
+    from tether.ppo import PPOConfig, PPOTrainer
+    from tether.ppo.rollout import score_responses
 
     config = PPOConfig(
         output_dir=str(Path(out) / "run"),
@@ -46,13 +48,15 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
         disable_tqdm=True,
         logging_steps=1000,
         report_to="none",
+        keep_checkpoints=True,
         target_kl=1.0,
         init_kl_coef=0.2,
         **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),
     )
     trainer = PPOTrainer(config, PROMPTS)
     tok, acc = trainer.tokenizer, trainer.accelerator
-    share = slice(trainer.rank * trainer.local_batch, (trainer.rank + 1) * trainer.local_batch)
+    local_batch = trainer.geometry.local_batch
+    share = slice(trainer.rank * local_batch, (trainer.rank + 1) * local_batch)
     q, qm = left_pad([tok(p)["input_ids"] for p in PROMPTS[share]], tok.pad_token_id)
     responses = [tok(r)["input_ids"] for r in RESPONSES[share]]
     width = max(map(len, responses))
@@ -61,25 +65,18 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
         lengths=torch.tensor([len(r) for r in responses]),
         stopped=torch.tensor([r[-1] == tok.eos_token_id for r in responses]),
     )
-    rollout = score_responses(
-        models=unwrap_model(trainer.models),
-        reference=trainer.reference,
-        reward_model=trainer.reward_model,
-        query_ids=q,
-        query_mask=qm,
-        generated=generated,
-        temperature=config.temperature,
-        forward_batch_size=trainer.forward_batch,
-        missing_stop_penalty=-1.0,
-    )
+    settings = dataclasses.replace(trainer.rollout_settings, missing_stop_penalty=-1.0)
+    assert settings.sampling.temperature == config.temperature
+    rollout = score_responses(trainer.models, q, qm, generated, settings)
     metrics = trainer.learn(rollout)
     if acc.is_main_process:
-        state = unwrap_model(trainer.models).policy.state_dict()
+        state = trainer.models.policy_and_value.policy.state_dict()
         torch.save({k: v.detach().clone() for k, v in state.items()}, Path(out) / "policy.pt")
 
     # one sample per rank for the same prompt: the trainer seeded each rank differently
     same_q, same_m = left_pad([tok("a b")["input_ids"]] * 4, tok.pad_token_id)
-    sample = generate_batch(unwrap_model(trainer.models).policy, tok, same_q, same_m, trainer.sampling)
+    policy = trainer.models.policy_and_value.policy
+    sample = generate_batch(policy, tok, same_q, same_m, trainer.rollout_settings.sampling)
     padded = torch.nn.functional.pad(sample.responses, (0, 6 - sample.responses.shape[1]), value=-1)
     samples = acc.gather(padded)
     # and the whole loop runs across processes: rollout, update, metrics, an atomic checkpoint, outputs

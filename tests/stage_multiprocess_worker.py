@@ -74,6 +74,7 @@ def run_rm(out: Path, model: str, data: Path, per_device: int) -> None:
         learning_rate=3e-3,
         reward_stats_max_pairs=16,
         max_length=64,
+        keep_checkpoints=True,  # the test inspects the last checkpoint
         **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2, save_total_limit=1),
     )
     with recorded_batches(RewardTrainer, []) as log:

@@ -64,7 +64,8 @@ def test_ppo_killed_with_sigkill_at_a_random_moment_resumes_to_the_uninterrupted
     from safetensors.torch import load_file
 
     from tether.cli import main
-    from tether.ppo.trainer import list_checkpoints, resolve_checkpoint
+    from tether.durable import complete_checkpoints
+    from tether.ppo.checkpoint import resolve_checkpoint
 
     iterations = 24
     data = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
@@ -105,6 +106,8 @@ def test_ppo_killed_with_sigkill_at_a_random_moment_resumes_to_the_uninterrupted
         "none",
         "--logging_steps",
         "1000",
+        "--keep_checkpoints",
+        "true",
     ]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     log = (tmp_path / "killed.log").open("w")
@@ -137,7 +140,7 @@ def test_ppo_killed_with_sigkill_at_a_random_moment_resumes_to_the_uninterrupted
     assert process.returncode == -signal.SIGKILL, "the run ended before the kill: raise --num_iterations"
 
     logged = len(read_jsonl(killed / "metrics.jsonl"))
-    complete = list_checkpoints(killed)
+    complete = complete_checkpoints(killed)
     assert complete and 1 <= logged < iterations
     # every checkpoint-N folder is complete: an interrupted save can only leave a hidden .tmp- folder
     assert all((p / "trainer_state.json").is_file() for p in killed.glob("checkpoint-*"))
@@ -160,7 +163,8 @@ def test_ppo_killed_with_sigkill_at_a_random_moment_resumes_to_the_uninterrupted
         a = load_file(whole / part / "model.safetensors")
         b = load_file(killed / part / "model.safetensors")
         assert _max_difference(a, b) <= 1e-6, part
-    assert [p.name for p in list_checkpoints(killed)] == [f"checkpoint-{iterations - 1}", f"checkpoint-{iterations}"]
+    kept = [p.name for p in complete_checkpoints(killed)]
+    assert kept == [f"checkpoint-{iterations - 1}", f"checkpoint-{iterations}"]
     assert (killed / "checkpoint-999").is_dir() and not list(killed.glob(".tmp-*"))
 
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from tether.evaluation.monitor import KL_BANDS, KLMonitor, kl_band
 from tether.ppo.advantages import gae_advantages, masked_moments, whiten
 from tether.ppo.kl_control import AdaptiveKLController, FixedKLController, adaptive_kl_update, make_kl_controller
 from tether.ppo.losses import (
@@ -22,6 +21,7 @@ from tether.ppo.losses import (
     token_rewards,
     value_loss,
 )
+from tether.ppo.monitor import KL_BANDS, KLMonitor, kl_band
 
 NAN = float("nan")
 

@@ -10,13 +10,12 @@ from ppo_tiny import one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtu
 from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generate_batch, left_pad
 from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 from tether.ppo.losses import logprobs_from_logits
+from tether.ppo.models import PolicyAndValue, RolloutModels, make_value_head, response_logits
 from tether.ppo.rollout import (
-    PolicyAndValue,
+    RolloutSettings,
     build_sequences,
     last_token_scores,
     make_rollout,
-    make_value_head,
-    response_logits,
     score_responses,
 )
 
@@ -81,16 +80,8 @@ def test_the_stop_token_is_inside_the_masks_and_what_follows_it_changes_nothing(
     with torch.no_grad():
         ref.lm_head.weight.mul_(1.5)  # a reference that differs, so the KL is not zero
     q, qm = _queries(tok, ["a b", "c"])
-    ro = score_responses(
-        models=models,
-        reference=ref,
-        reward_model=rm,
-        query_ids=q,
-        query_mask=qm,
-        generated=cut_a,
-        temperature=0.7,
-        missing_stop_penalty=-1.0,
-    )
+    settings = RolloutSettings(SamplingSettings(temperature=0.7), missing_stop_penalty=-1.0)
+    ro = score_responses(RolloutModels(models, ref, rm), q, qm, cut_a, settings)
     real = ro.response_mask
     assert ro.logprobs[0, 2] < 0 and ro.kl[0, 2] != 0  # log-prob and KL of the stop token count
     for t in (ro.logprobs, ro.ref_logprobs, ro.values, ro.kl, ro.kl_penalty):
@@ -133,12 +124,9 @@ def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configu
             m.train()  # train mode everywhere: dropout would be live here
         torch.manual_seed(0)
         models = PolicyAndValue(policy, value).train()
-        first = score_responses(
-            models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm, generated=batch, temperature=0.7
-        )
-        second = score_responses(
-            models=models, reference=ref, reward_model=rm, query_ids=q, query_mask=qm, generated=batch, temperature=0.7
-        )
+        settings = RolloutSettings(SamplingSettings(temperature=0.7))
+        first = score_responses(RolloutModels(models, ref, rm), q, qm, batch, settings)
+        second = score_responses(RolloutModels(models, ref, rm), q, qm, batch, settings)
         return first, second
 
     first, second = rollout(clean=True)
@@ -213,17 +201,8 @@ def test_make_rollout_reads_every_model_once_and_keeps_layout(word_dirs, word_to
     ref = copy.deepcopy(policy).eval()
     q, qm = _queries(word_tok)
     torch.manual_seed(1)
-    ro = make_rollout(
-        models=models,
-        reference=ref,
-        reward_model=rm,
-        tokenizer=word_tok,
-        query_ids=q,
-        query_mask=qm,
-        settings=SamplingSettings(max_new_tokens=5, temperature=0.7),
-        forward_batch_size=3,
-        prompts=PROMPTS,
-    )
+    settings = RolloutSettings(SamplingSettings(max_new_tokens=5, temperature=0.7), forward_batch_size=3)
+    ro = make_rollout(RolloutModels(models, ref, rm), word_tok, q, qm, settings, prompts=PROMPTS)
     n, width = ro.responses.shape
     assert n == 4 and width == int(ro.lengths.max()) and ro.input_ids.shape == (4, q.shape[1] + width)
     assert torch.equal(ro.logprobs, ro.ref_logprobs) and ro.kl.eq(0).all()  # same weights

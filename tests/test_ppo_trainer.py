@@ -12,6 +12,7 @@ from ppo_tiny import GOOD, one_torch_thread, word_dirs, word_tok  # noqa: F401  
 
 from tether.config import ConfigError
 from tether.data.errors import DataError
+from tether.durable import complete_checkpoints
 from tether.tracking import read_jsonl
 
 PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
@@ -39,7 +40,7 @@ DESIGN_METRICS = [
 
 
 def make_config(tmp_path, dirs, name="run", **overrides):
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     values = dict(
         output_dir=str(tmp_path / name),
@@ -61,7 +62,7 @@ def make_config(tmp_path, dirs, name="run", **overrides):
 
 
 def trainer(config, prompts=PROMPTS, **kwargs):
-    from tether.ppo.trainer import PPOTrainer
+    from tether.ppo import PPOTrainer
 
     return PPOTrainer(config, prompts, **kwargs)
 
@@ -131,18 +132,16 @@ def test_old_logprobs_from_the_sampler_match_the_training_forward_closely(tmp_pa
 
 # ---- item 9 -------------------------------------------------------------------------------------
 def test_value_model_is_a_separate_copy_of_the_whole_reward_model(tmp_path, word_dirs):
-    from tether.ppo.rollout import unwrap_model
-
     t = trainer(make_config(tmp_path, word_dirs, num_iterations=1))
-    value = unwrap_model(t.models).value_model
-    rm_params, value_params = dict(t.reward_model.named_parameters()), dict(value.named_parameters())
+    value = t.models.policy_and_value.value_model
+    rm_params, value_params = dict(t.models.reward_model.named_parameters()), dict(value.named_parameters())
     assert rm_params.keys() == value_params.keys()  # backbone and head
     for name, p in value_params.items():
         assert torch.equal(p, rm_params[name]) and p.data_ptr() != rm_params[name].data_ptr()
         assert p.requires_grad and not rm_params[name].requires_grad
     before = {k: v.clone() for k, v in rm_params.items()}
     t.train()
-    assert all(torch.equal(before[k], v) for k, v in t.reward_model.named_parameters())  # frozen
+    assert all(torch.equal(before[k], v) for k, v in t.models.reward_model.named_parameters())  # frozen
     assert not torch.equal(value.score.weight, before["score.weight"])  # the critic trained
 
 
@@ -154,14 +153,23 @@ def test_with_lora_the_critic_is_adapters_on_the_reward_model_which_still_scores
     from tether.generation import left_pad
     from tether.models.loading import load_scalar_model
     from tether.models.scoring import token_scores
-    from tether.ppo.rollout import adapters_disabled, build_sequences, unwrap_model
+    from tether.ppo.models import adapters_disabled
+    from tether.ppo.rollout import build_sequences
 
     config = make_config(
-        tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, num_iterations=2, save_steps=1
+        tmp_path,
+        word_dirs,
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=5e-2,
+        num_iterations=2,
+        save_steps=1,
+        keep_checkpoints=True,
     )
     t = trainer(config)
-    value = unwrap_model(t.models).value_model
-    assert t.reward_model is None and t.reference is None  # four roles, two networks
+    value = t.models.policy_and_value.value_model
+    assert t.models.reward_model is None and t.models.reference is None  # four roles, two networks
     trained = {n for n, p in value.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n or "modules_to_save" in n for n in trained)
     assert any("score" in n and "modules_to_save" in n for n in trained)  # the head trains in full
@@ -187,15 +195,13 @@ def test_with_lora_the_critic_is_adapters_on_the_reward_model_which_still_scores
 
 
 def test_value_head_on_the_policy_starts_at_zero_and_trains(tmp_path, word_dirs):
-    from tether.ppo.rollout import unwrap_model
-
     values = []
     t = trainer(
         make_config(tmp_path, word_dirs, value_head_on_policy=True, num_iterations=1),
         extra_metrics=lambda ro: values.append(ro.values.clone()) or {},
     )
-    head = unwrap_model(t.models).value_head
-    assert unwrap_model(t.models).value_model is None and head.weight.eq(0).all()
+    head = t.models.policy_and_value.value_head
+    assert t.models.policy_and_value.value_model is None and head.weight.eq(0).all()
     t.train()
     assert values[0].eq(0).all()  # zero-initialised head
     assert head.weight.abs().sum() > 0
@@ -204,7 +210,7 @@ def test_value_head_on_the_policy_starts_at_zero_and_trains(tmp_path, word_dirs)
 
 # ---- item 10 -------------------------------------------------------------------------------------
 def test_optimizer_defaults_follow_the_references_and_the_schedule_decays_linearly_to_zero(tmp_path, word_dirs):
-    from tether.ppo.trainer import PPOConfig
+    from tether.ppo import PPOConfig
 
     defaults = PPOConfig(reward_model_path="unused")
     assert defaults.adam_epsilon == 1e-5 and defaults.max_grad_norm is None and defaults.warmup_steps == 0
@@ -215,10 +221,10 @@ def test_optimizer_defaults_follow_the_references_and_the_schedule_decays_linear
 
     config = make_config(tmp_path, word_dirs, num_iterations=4, learning_rate=1e-3)
     t = trainer(config)
-    group = t.optimizer.param_groups[0]
+    group = t.models.optimizer.param_groups[0]
     assert group["eps"] == 1e-5 and group["weight_decay"] == 0.0
     norms = []
-    t.optimizer.optimizer.register_step_pre_hook(
+    t.models.optimizer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: norms.append(
             torch.nn.utils.get_total_norm(
                 [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -228,7 +234,7 @@ def test_optimizer_defaults_follow_the_references_and_the_schedule_decays_linear
     t.train()
     lrs = [r["train/learning_rate"] for r in rows(config)]
     assert lrs == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
-    assert t.optimizer.param_groups[0]["lr"] == 0.0
+    assert t.models.optimizer.param_groups[0]["lr"] == 0.0
     # no clipping by default: the optimizer sees the raw gradient norm
     raw = [e["loss/grad_norm"] for e in t.update_log]
     assert norms[-len(raw) :] == pytest.approx(raw, rel=1e-5)
@@ -238,7 +244,7 @@ def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
     config = make_config(tmp_path, word_dirs, num_iterations=1, max_grad_norm=1e-3)
     t = trainer(config)
     norms = []
-    t.optimizer.optimizer.register_step_pre_hook(
+    t.models.optimizer.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: norms.append(
             torch.nn.utils.get_total_norm(
                 [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -273,13 +279,14 @@ def test_lora_reference_is_the_adapter_disabled_policy_and_equals_the_starting_p
     from tether.generation import left_pad
     from tether.models.loading import load_causal_lm
     from tether.ppo.losses import logprobs_from_logits
-    from tether.ppo.rollout import adapters_disabled, build_sequences, response_logits, unwrap_model
+    from tether.ppo.models import adapters_disabled, response_logits
+    from tether.ppo.rollout import build_sequences
 
     config = make_config(
         tmp_path, word_dirs, use_peft=True, lora_r=4, lora_alpha=8, learning_rate=5e-2, num_iterations=2
     )
     t = trainer(config)
-    assert t.reference is None  # no second copy of the network
+    assert t.models.reference is None  # no second copy of the network
     t.train()
     assert rows(config)[1]["kl/ref"] != 0.0  # the adapters moved the policy
 
@@ -287,7 +294,7 @@ def test_lora_reference_is_the_adapter_disabled_policy_and_equals_the_starting_p
     r = torch.tensor([[word_tok.convert_tokens_to_ids(w) for w in ("a", GOOD, "b", "<eos>")]] * 3)
     args = build_sequences(q, qm, r, torch.ones_like(r, dtype=torch.bool))
     base = load_causal_lm(str(word_dirs["policy"]))
-    policy = unwrap_model(t.models).policy
+    policy = t.models.policy_and_value.policy
 
     def logp(model):
         with torch.no_grad():
@@ -359,6 +366,19 @@ def test_divergence_stops_the_run_and_writes_no_policy(tmp_path, word_dirs):
     )
     summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
     assert summary["stopped_reason"] == "divergence"
+    # a stopped run keeps its checkpoints: they are what the user resumes from
+    assert len(complete_checkpoints(tmp_path / "run")) == result.iterations - 1
+
+
+def test_checkpoints_are_deleted_after_the_final_save_unless_kept(tmp_path, word_dirs):
+    for name, keep in (("dropped", False), ("kept", True)):
+        config = make_config(tmp_path, word_dirs, name=name, num_iterations=2, save_steps=1, keep_checkpoints=keep)
+        result = trainer(config).train()
+        out = tmp_path / name
+        assert (out / "policy" / "config.json").is_file() and (out / "value_model" / "config.json").is_file()
+        expected = ["checkpoint-1", "checkpoint-2"] if keep else []
+        assert [p.name for p in complete_checkpoints(out)] == expected
+        assert result.last_checkpoint == (str(out / "checkpoint-2") if keep else None)
 
 
 # ---- resume -------------------------------------------------------------------------------------
@@ -391,6 +411,7 @@ def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_on
         num_iterations=4,
         save_steps=2,
         save_total_limit=1,
+        keep_checkpoints=True,
         target_kl=1.0,
         init_kl_coef=0.2,
         reward_model_path=str(word_dirs["counting_rm"]),
@@ -422,13 +443,15 @@ def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_on
 
 
 def test_only_complete_checkpoints_are_resumed_and_a_used_folder_needs_a_decision(tmp_path, word_dirs):
-    from tether.ppo.trainer import list_checkpoints, resolve_checkpoint
+    from tether.ppo.checkpoint import resolve_checkpoint
 
     out = tmp_path / "run"
-    trainer(make_config(tmp_path, word_dirs, num_iterations=2, save_steps=1, save_total_limit=5)).train()
+    trainer(
+        make_config(tmp_path, word_dirs, num_iterations=2, save_steps=1, save_total_limit=5, keep_checkpoints=True)
+    ).train()
     (out / ".tmp-checkpoint-3").mkdir()  # a crash while writing checkpoint 3
     (out / "checkpoint-4").mkdir()  # a folder without the state file written last
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert resolve_checkpoint(out, "latest").name == "checkpoint-2"
     with pytest.raises(ConfigError, match="not empty"):  # a fresh run would mix with the old one
         trainer(make_config(tmp_path, word_dirs, num_iterations=2))
@@ -448,7 +471,7 @@ def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, word_dirs):
 def test_non_finite_rewards_are_skipped_counted_logged_and_stop_the_run(tmp_path, word_dirs):
     from transformers import AutoModelForSequenceClassification
 
-    from tether.ppo.trainer import NonFiniteError
+    from tether.errors import NonFiniteError
 
     good = make_config(tmp_path, word_dirs, num_iterations=4, save_steps=2, save_total_limit=3)
     with pytest.raises(Interrupt):
@@ -545,12 +568,10 @@ def test_bad_configurations_fail_with_clear_errors(tmp_path, word_dirs, word_tok
         trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word"))
 
 
-def test_without_a_dataset_the_demo_task_prompts_are_used():
-    from tether.data.records import PromptRecord
-    from tether.ppo.trainer import default_prompts
-
-    prompts = default_prompts()
-    assert len(prompts) > 8 and all(isinstance(p, PromptRecord) for p in prompts)
+def test_without_a_dataset_or_prompts_the_error_names_the_dataset_option(tmp_path, word_dirs):
+    with pytest.raises(ConfigError, match="--dataset is required for `tether ppo`"):
+        trainer(make_config(tmp_path, word_dirs), prompts=None)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -595,6 +616,8 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
             "true",
             "--stop_token",
             "no",
+            "--keep_checkpoints",
+            "true",
         ]
     )
     assert code == 0
@@ -625,7 +648,7 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
 @pytest.mark.slow
 def test_one_iteration_on_the_embedded_smollm2_with_lora(tmp_path, embedded_model_dir, tiny_rm_dir):
     """The real default model: chat template, pad == stop token, tied embeddings; LoRA reference."""
-    from tether.ppo.trainer import PPOConfig, PPOTrainer
+    from tether.ppo import PPOConfig, PPOTrainer
 
     config = PPOConfig(
         output_dir=str(tmp_path / "smol"),

@@ -213,7 +213,7 @@ def test_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp_pat
 
 def test_ppo_processes_launched_without_use_cpu_on_a_cpu_machine_are_refused(tmp_path, word_dirs, monkeypatch):
     from tether.config import ConfigError
-    from tether.ppo.trainer import PPOConfig, PPOTrainer
+    from tether.ppo import PPOConfig, PPOTrainer
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the processes do train together")

@@ -1,7 +1,7 @@
 """Configuration shared by every stage, and the one parser that reads flags and YAML into it.
 
 Each stage's config is a dataclass defined at the top of its own module (``SFTConfig`` in
-``tether/stages/sft.py``, ``PPOConfig`` in ``tether/ppo/trainer.py``...) and composed from the
+``tether/stages/sft.py``, ``PPOConfig`` in ``tether/ppo/config.py``...) and composed from the
 argument groups below plus, for trained stages, ``transformers.TrainingArguments``; so the Python
 API, the command line (``--learning_rate 1e-5``) and YAML files (``learning_rate: 1e-5``) share one
 set of names, types, defaults and help texts. Flags override the YAML file.

@@ -176,6 +176,7 @@ def _ppo_config(config: StudyConfig, beta: float):
         seed=config.seed,
         save_steps=config.save_every if config.eval_checkpoints else 0,
         save_total_limit=None,
+        keep_checkpoints=config.eval_checkpoints,  # evaluated after the run
         stop_on_divergence=False,  # the study wants to see what happens past the healthy band
         report_to="none",
     )
@@ -187,8 +188,9 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     from tether.data.embedded import DEMO, is_demo_prompt
     from tether.data.loading import load_prompts
     from tether.demo.annotator import gold_metrics_hook
+    from tether.durable import complete_checkpoints
     from tether.models.loading import load_tokenizer
-    from tether.ppo import SUMMARY_FILE, list_checkpoints, run_ppo
+    from tether.ppo import SUMMARY_FILE, run_ppo
     from tether.tracking import METRICS_FILE, read_jsonl
 
     if not config.reward_model_path:
@@ -208,7 +210,7 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
             run_ppo(_ppo_config(config, beta), prompts=prompts, extra_metrics=hook)
         if config.eval_checkpoints:
             runs[run_label(beta)] = _checkpoint_points(
-                config, folder, tokenizer, gold, [c / "policy" for c in list_checkpoints(folder)]
+                config, folder, tokenizer, gold, [c / "policy" for c in complete_checkpoints(folder)]
             )
         else:
             runs[run_label(beta)] = points_from_metrics(read_jsonl(folder / METRICS_FILE), config.window)

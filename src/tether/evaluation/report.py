@@ -64,10 +64,10 @@ METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
 # small helpers
 # ---------------------------------------------------------------------------------------------
 def kl_band(kl: float | None) -> str | None:
-    """Name of the health band of a KL to the reference (``tether.evaluation.monitor.kl_band``)."""
+    """Name of the health band of a KL to the reference (``tether.ppo.monitor.kl_band``)."""
     if kl is None or (isinstance(kl, float) and math.isnan(kl)):
         return None
-    from tether.evaluation.monitor import kl_band as monitor_band
+    from tether.ppo.monitor import kl_band as monitor_band
 
     return monitor_band(kl).name.replace("_", " ")
 

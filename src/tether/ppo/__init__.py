@@ -1,5 +1,14 @@
-"""PPO with a per-token KL penalty to a frozen reference (``tether ppo``)."""
+"""PPO for RLHF (``tether ppo``): the public API.
 
-from tether.ppo.trainer import SUMMARY_FILE, PPOConfig, PPOResult, PPOTrainer, list_checkpoints, run_ppo
+``run_ppo(config, prompts=None, extra_metrics=None)`` is the command; ``PPOTrainer`` the loop
+(``tether.ppo.trainer``), ``PPOConfig`` its options (``tether.ppo.config``). The parts: the equations
+(``losses``, ``advantages``, ``kl_control``), the networks (``models``), experience making
+(``rollout``), the output folder (``checkpoint``), metrics (``metrics``) and the KL health monitor
+(``monitor``).
+"""
 
-__all__ = ["PPOConfig", "PPOTrainer", "PPOResult", "run_ppo", "list_checkpoints", "SUMMARY_FILE"]
+from tether.ppo.checkpoint import SUMMARY_FILE
+from tether.ppo.config import PPOConfig, PPOResult, PPOState
+from tether.ppo.trainer import PPOTrainer, run_ppo
+
+__all__ = ["PPOConfig", "PPOResult", "PPOState", "PPOTrainer", "SUMMARY_FILE", "run_ppo"]

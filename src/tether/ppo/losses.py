@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+#: other names of the per-token KL estimators (TRL's ``kl`` and ``mse``)
+KL_ALIASES = {"kl": "k1", "mse": "k2"}
+#: every accepted ``--kl_penalty`` value: the estimators and their aliases
 KL_ESTIMATORS = ("k1", "kl", "abs", "mse", "k2", "k3", "full")
+
+
+def kl_estimator_name(kind: str) -> str:
+    """The canonical name of a KL estimator (``kl`` → ``k1``, ``mse`` → ``k2``; others unchanged)."""
+    return KL_ALIASES.get(kind, kind)
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -74,7 +82,7 @@ def kl_penalty(
     k3:             exp(−d_t) − 1 + d_t       unbiased and ≥ 0 (Schulman's estimator)
     full:           Σ_v π(v)(log π(v) − log π_ref(v))   exact, needs both logits
     """
-    kind = {"kl": "k1", "mse": "k2"}.get(kind, kind)
+    kind = kl_estimator_name(kind)
     d = logp - ref_logp
     if kind == "k1":
         return d

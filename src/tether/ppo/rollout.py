@@ -10,6 +10,11 @@ One rollout, for a batch of left-padded queries:
    (values) and the reward model (score at the last real token = the stop token);
 3. the per-token KL estimate, the score normalisation and the missing-stop penalty.
 
+The result is one :class:`Rollout`: the batch the update reads. The learner adds the token rewards,
+advantages and returns to it before the PPO epochs; :class:`RolloutSettings` holds every option of
+experience making, :class:`~tether.ppo.models.RolloutModels` the networks it reads, and
+:class:`PromptSampler` the training prompts and the order they are drawn in.
+
 Layout of every forward: ``[query (P, left-padded) | response (R, right-padded)]`` with position ids
 that count real tokens only, so the padding of a batch never changes a log-prob or a score. The
 logits and values of response token ``t`` are read at position ``P − 1 + t``; the language-model head
@@ -19,21 +24,23 @@ runs on those positions only (``logits_to_keep``), not on the prompt.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from torch import nn
 
+from tether.config import ConfigError
+from tether.data.errors import DataError
+from tether.data.records import PromptRecord
+from tether.data.templates import prompt_ids as render_prompt_ids
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
-from tether.models.scoring import RewardStats, normalise, position_ids_from_mask, token_scores
-from tether.models.wrappers import strip_peft, unwrap_distributed
-from tether.ppo.losses import apply_missing_stop_penalty, kl_penalty, logprobs_from_logits
+from tether.models.scoring import normalise, position_ids_from_mask, token_scores
+from tether.ppo.config import PPOConfig, PPOState
+from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
+from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,42 +55,6 @@ def build_sequences(
     return input_ids, attention_mask, position_ids_from_mask(attention_mask)
 
 
-@functools.cache
-def _accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def response_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    prompt_width: int,
-) -> torch.Tensor:
-    """Logits that predict each response token, ``[B, R, V]`` (position ``P − 1 + t`` predicts token ``t``)."""
-    n_response = input_ids.shape[1] - prompt_width
-    kwargs: dict[str, Any] = {}
-    if _accepts_logits_to_keep(type(strip_peft(model))):
-        kwargs["logits_to_keep"] = n_response + 1  # skip the LM head on the prompt
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-    )
-    logits = out.logits
-    return logits[:, -(n_response + 1) : -1]
-
-
-def response_values(
-    value_model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    prompt_width: int,
-) -> torch.Tensor:
-    """Scalar head output at the positions that predict each response token, ``[B, R]`` (float32)."""
-    scores = token_scores(value_model, input_ids, attention_mask, position_ids)
-    return scores[:, prompt_width - 1 : -1].float()
-
-
 def last_token_scores(
     reward_model: nn.Module,
     input_ids: torch.Tensor,
@@ -96,83 +67,6 @@ def last_token_scores(
     scores = token_scores(reward_model, input_ids, attention_mask, position_ids)
     index = (prompt_width + lengths - 1).to(scores.device).unsqueeze(1)
     return scores.gather(1, index).squeeze(1).float()
-
-
-class PolicyAndValue(nn.Module):
-    """The two trained networks as one module (one optimiser, one DDP wrapper).
-
-    The critic is either a separate scalar model (by default a copy of the whole reward model,
-    backbone and head: Stiennon et al., InstructGPT; with LoRA, adapters and a trainable head copy
-    on the frozen reward model itself) or a zero-initialised linear head on the policy's last hidden
-    state (``value_head``, Ziegler et al.; saves one network).
-    ``forward`` returns the response logits and values for a ``[query | response]`` batch; the
-    rollout and the update both call it, so old and new log-probs come from the same computation.
-    """
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None):
-        super().__init__()
-        if (value_model is None) == (value_head is None):
-            raise ValueError("give exactly one of value_model and value_head")
-        self.policy = policy
-        self.value_model = value_model
-        self.value_head = value_head
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        prompt_width: int,
-        with_values: bool = True,
-        detach_trunk_for_values: bool = False,
-        with_logits: bool = True,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.value_head is None:
-            logits = (
-                response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
-                if with_logits
-                else None
-            )
-            values = (
-                response_values(self.value_model, input_ids, attention_mask, position_ids, prompt_width)
-                if with_values
-                else None
-            )
-            return logits, values
-        captured: list[torch.Tensor] = []
-
-        def keep_hidden(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-        handle = strip_peft(self.policy).get_decoder().register_forward_hook(keep_hidden)
-        try:
-            logits = response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
-        finally:
-            handle.remove()
-        hidden = captured[-1][:, prompt_width - 1 : -1]
-        if detach_trunk_for_values:  # critic warm-up: the value loss must not move the policy's trunk
-            hidden = hidden.detach()
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() if with_values else None
-        return logits, values
-
-
-def make_value_head(policy: nn.Module) -> nn.Linear:
-    """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences)."""
-    config = strip_peft(policy).config
-    hidden = config.get_text_config().hidden_size
-    head = nn.Linear(hidden, 1)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    param = next(policy.parameters())
-    return head.to(device=param.device, dtype=param.dtype)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """The network under a LoRA model's adapters: the reference of a LoRA policy, the reward model
-    under a LoRA critic started from it."""
-    with unwrap_distributed(model).disable_adapter():
-        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +103,11 @@ class Rollout:
     generation_batch_size: int | None = None
     forward_batch_size: int | None = None
     extras: dict = field(default_factory=dict)
+    # set by the learner before the update (``PPOTrainer.estimate_advantages``); ``logprobs`` and
+    # ``values`` above are the old log-probs and old values the update's ratios and clips start from
+    rewards: torch.Tensor | None = None  # per-token rewards r_t
+    advantages: torch.Tensor | None = None  # whitened advantages Â_t
+    returns: torch.Tensor | None = None  # value targets (advantages before whitening + values)
 
     @property
     def prompt_width(self) -> int:
@@ -230,6 +129,21 @@ class Rollout:
     def prompt_token_lists(self) -> list[list[int]]:
         return [row[m.bool()].tolist() for row, m in zip(self.query_ids.cpu(), self.query_mask.cpu())]
 
+    def sequences(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, position_ids)`` of ``[query | response]`` for ``rows``."""
+        return self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows]
+
+    def all_finite(self) -> bool:
+        """Scores, rewards, log-probs and values are finite on every real token (this process only)."""
+        mask = self.response_mask
+        return bool(
+            torch.isfinite(self.scores).all()
+            and torch.isfinite(self.rewards[mask]).all()
+            and torch.isfinite(self.logprobs[mask]).all()
+            and torch.isfinite(self.ref_logprobs[mask]).all()
+            and torch.isfinite(self.values[mask]).all()
+        )
+
     def select(self, index: torch.Tensor) -> Rollout:
         """The rows ``index`` (tensors only; prompts follow when present)."""
         values = {}
@@ -246,42 +160,161 @@ def _chunks(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
+# ---------------------------------------------------------------------------------------------
+# settings and prompts
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RolloutSettings:
+    """Every option of experience making. ``generation_batch_size`` / ``forward_batch_size`` (None:
+    the whole batch at once) are halved after an out-of-memory error; the trainer keeps the sizes
+    that fitted for the next rollout."""
+
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    kl_estimator: str = "k1"  # --kl_penalty
+    missing_stop_penalty: float | None = None  # --missing_eos_penalty
+    logprobs_from_sampling: bool = False  # --rollout_logprobs generation
+    generation_batch_size: int | None = None
+    forward_batch_size: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, per_process_batch: int, say: Callable[[str], None] = print) -> RolloutSettings:
+        """The settings of a ``PPOConfig``; ``say`` warns about options that bias the PPO ratio."""
+        extra = []
+        if cfg.stop_token not in (None, "", "eos"):
+            extra.append(stop_token_id(tokenizer, cfg.stop_token))
+        if cfg.torch_compile:
+            say(
+                "--torch_compile is not used by tether ppo (with --generation_cache static transformers "
+                "compiles the decoding step on CUDA)"
+            )
+        if cfg.top_k or cfg.top_p < 1.0:
+            say(
+                "top_k/top_p change the sampling distribution away from softmax(logits/T): the PPO ratio "
+                "and the KL are then biased"
+            )
+        fixed = cfg.response_length is not None
+        sampling = SamplingSettings(
+            max_new_tokens=cfg.response_length if fixed else cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            extra_stop_token_ids=extra,
+            fixed_length=fixed,
+            cache_implementation=cfg.generation_cache if cfg.generation_cache == "static" else None,
+        )
+        return cls(
+            sampling=sampling,
+            kl_estimator=cfg.kl_penalty,
+            missing_stop_penalty=cfg.missing_eos_penalty,
+            logprobs_from_sampling=cfg.rollout_logprobs == "generation",
+            generation_batch_size=cfg.generation_batch_size or per_process_batch,
+            forward_batch_size=cfg.forward_batch_size or per_process_batch,
+        )
+
+
+def stop_token_id(tokenizer, token: str) -> int:
+    """The id of ``--stop_token`` (a token string, or an id); a ConfigError unless it is one token."""
+    tok = tokenizer
+    if token.isdigit() and int(token) < len(tok):
+        return int(token)
+    tid = tok.convert_tokens_to_ids(token)
+    if isinstance(tid, int) and tid != tok.unk_token_id:
+        return tid
+    ids = tok(token, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and (ids[0] != tok.unk_token_id or token == tok.unk_token):
+        return ids[0]
+    raise ConfigError(f"--stop_token {token!r} is not a single token of this tokenizer (it encodes to {ids})")
+
+
+class PromptSampler:
+    """The training prompts, rendered to token ids once, and the order the iterations draw them in:
+    a fresh seeded permutation per pass over the data, the same on every process."""
+
+    def __init__(self, cfg: PPOConfig, tokenizer, prompts: Sequence | None = None):
+        self.config = cfg
+        if prompts is None:
+            if cfg.dataset is None or str(cfg.dataset).strip() == "":
+                raise ConfigError(
+                    "--dataset is required for `tether ppo` (a .jsonl/.json/.parquet/.csv file of prompts, a folder "
+                    "of them, or a Hugging Face dataset name), or pass the prompts from Python "
+                    "(PPOTrainer(config, prompts) / run_ppo(config, prompts))"
+                )
+            from tether.data.loading import load_prompts
+
+            prompts = load_prompts(cfg.dataset, cfg.dataset_split)
+        records = [
+            p if isinstance(p, PromptRecord) else PromptRecord(p, origin=f"prompts[{i}]") for i, p in enumerate(prompts)
+        ]
+        if not records:
+            raise DataError([f"{cfg.dataset or 'prompts'}: no prompts"])
+        ids, problems = [], []
+        for r in records:
+            tokens = render_prompt_ids(tokenizer, r.prompt, cfg.max_prompt_length)
+            if not tokens:
+                problems.append(f"{r.origin}: the prompt renders to no tokens")
+            ids.append(tokens)
+        if problems:
+            raise DataError(problems)
+        self.prompts, self.prompt_token_ids = [r.prompt for r in records], ids
+        self._order: tuple[int, torch.Tensor] | None = None  # (data epoch, prompt order)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def next_batch(self, state: PPOState, rank: int, per_process: int) -> tuple[list, list[list[int]]]:
+        """Process ``rank``'s share of the next global batch; advances ``state.data_epoch/data_position``."""
+        cfg, st = self.config, state
+        n = len(self.prompts)
+        chosen = []
+        while len(chosen) < cfg.batch_size:
+            if st.data_position >= n:
+                st.data_epoch, st.data_position = st.data_epoch + 1, 0
+            if self._order is None or self._order[0] != st.data_epoch:
+                seed = cfg.seed + 7919 * st.data_epoch
+                self._order = (st.data_epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
+            order = self._order[1]
+            take = min(cfg.batch_size - len(chosen), n - st.data_position)
+            chosen += order[st.data_position : st.data_position + take].tolist()
+            st.data_position += take
+        mine = chosen[rank * per_process : (rank + 1) * per_process]
+        return [self.prompts[i] for i in mine], [self.prompt_token_ids[i] for i in mine]
+
+
+# ---------------------------------------------------------------------------------------------
+# the rollout
+# ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_responses(
-    *,
-    models: PolicyAndValue,
-    reference: nn.Module | None,
-    reward_model: nn.Module | None,
+    models: RolloutModels,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     generated: GeneratedBatch,
-    temperature: float,
-    kl_estimator: str = "k1",
-    forward_batch_size: int | None = None,
-    reward_stats: RewardStats | None = None,
-    missing_stop_penalty: float | None = None,
+    settings: RolloutSettings,
+    *,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     prompts: list | None = None,
 ) -> Rollout:
     """Everything PPO needs about sampled responses, from one no-grad pass of each model.
 
-    ``reference`` None means "the policy with its LoRA adapters disabled", ``reward_model`` None
-    "the (LoRA) value model with its adapters disabled". When ``generated`` carries
-    the log-probs computed while sampling, they are used as the old log-probs and the policy's own
-    pass is skipped (the value model still runs); they equal the training forward to ~1e-6 in fp32
-    rather than bitwise, so the first minibatch's ratio is 1 only to that precision.
-    The passes run on ``forward_batch_size`` rows at a time (default: all), halved after an
-    out-of-memory error (:func:`tether.memory.run_fitting_memory`); ``Rollout.forward_batch_size``
-    records the size that fitted.
+    ``models.reference`` None means "the policy with its LoRA adapters disabled",
+    ``models.reward_model`` None "the (LoRA) value model with its adapters disabled". When
+    ``generated`` carries the log-probs computed while sampling, they are used as the old log-probs
+    and the policy's own pass is skipped (the value model still runs); they equal the training
+    forward to ~1e-6 in fp32 rather than bitwise, so the first minibatch's ratio is 1 only to that
+    precision. The passes run on ``settings.forward_batch_size`` rows at a time (None: all), halved
+    after an out-of-memory error (:func:`tether.memory.run_fitting_memory`);
+    ``Rollout.forward_batch_size`` records the size that fitted.
     """
+    policy_and_value, reference, reward_model = models.policy_and_value, models.reference, models.reward_model
+    temperature, kl_estimator = settings.sampling.temperature, settings.kl_estimator
     width = int(generated.lengths.max())  # nothing beyond the longest response is ever real
     responses = generated.responses[:, :width]
     response_mask = generated.mask[:, :width]
     input_ids, attention_mask, position_ids = build_sequences(query_ids, query_mask, responses, response_mask)
     prompt_width = query_ids.shape[1]
     n = input_ids.shape[0]
-    full = {"kl": "k1", "mse": "k2"}.get(kl_estimator, kl_estimator) == "full"
-    reuse = generated.logprobs is not None and not full and models.value_head is None
+    full = kl_estimator_name(kl_estimator) == "full"
+    reuse = generated.logprobs is not None and not full and policy_and_value.value_head is None
     sampled_logprobs = generated.logprobs[:, :width] if reuse else None
 
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
@@ -295,15 +328,17 @@ def score_responses(
             mask = response_mask[rows]
             tokens = responses[rows]
             with autocast():
-                logits, values = models(*args, prompt_width=prompt_width, with_logits=not reuse)
+                logits, values = policy_and_value(*args, prompt_width=prompt_width, with_logits=not reuse)
                 if reference is None:
-                    with adapters_disabled(models.policy):
-                        ref_logits = response_logits(models.policy, *args, prompt_width)
+                    with adapters_disabled(policy_and_value.policy):
+                        ref_logits = response_logits(policy_and_value.policy, *args, prompt_width)
                 else:
                     ref_logits = response_logits(reference, *args, prompt_width)
                 if reward_model is None:
-                    with adapters_disabled(models.value_model):
-                        score = last_token_scores(models.value_model, *args, prompt_width, generated.lengths[rows])
+                    with adapters_disabled(policy_and_value.value_model):
+                        score = last_token_scores(
+                            policy_and_value.value_model, *args, prompt_width, generated.lengths[rows]
+                        )
                 else:
                     score = last_token_scores(reward_model, *args, prompt_width, generated.lengths[rows])
             logp = sampled_logprobs[rows] if reuse else logprobs_from_logits(logits, tokens, temperature)
@@ -321,11 +356,11 @@ def score_responses(
         return out
 
     out, size = run_fitting_memory(
-        score_in_chunks, forward_batch_size or n, "the rollout's scoring pass (--forward_batch_size)"
+        score_in_chunks, settings.forward_batch_size or n, "the rollout's scoring pass (--forward_batch_size)"
     )
     raw_scores = torch.cat(out["score"])
-    scores = normalise(raw_scores, reward_stats) if reward_stats is not None else raw_scores
-    scores = apply_missing_stop_penalty(scores, generated.stopped, missing_stop_penalty)
+    scores = normalise(raw_scores, models.reward_stats) if models.reward_stats is not None else raw_scores
+    scores = apply_missing_stop_penalty(scores, generated.stopped, settings.missing_stop_penalty)
     return Rollout(
         query_ids=query_ids,
         query_mask=query_mask,
@@ -348,59 +383,43 @@ def score_responses(
     )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA) to finish, so that wall-clock times measure the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make_rollout(
-    *,
-    models: PolicyAndValue,
-    reference: nn.Module | None,
-    reward_model: nn.Module | None,
+    models: RolloutModels,
     tokenizer,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
-    settings: SamplingSettings,
-    kl_estimator: str = "k1",
-    generation_batch_size: int | None = None,
-    forward_batch_size: int | None = None,
-    reward_stats: RewardStats | None = None,
-    missing_stop_penalty: float | None = None,
+    settings: RolloutSettings,
+    *,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     prompts: list | None = None,
-    synchronize: Callable[[], None] = lambda: None,
-    logprobs_from_sampling: bool = False,
 ) -> Rollout:
-    """Sample one response per query with the policy, then :func:`score_responses`; times both phases.
+    """Sample one response per query with the policy, then :func:`score_responses`; times both phases
+    (on CUDA after a synchronisation, so the times are the device's).
 
-    ``logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
+    ``settings.logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
     separate policy pass (saves one forward; exact only to ~1e-6, see :func:`score_responses`).
     """
     start = time.perf_counter()
     with autocast():  # sample in the precision the update computes the policy in
         generated = generate_batch(
-            models.policy,
+            models.policy_and_value.policy,
             tokenizer,
             query_ids,
             query_mask,
-            settings,
-            generation_batch_size,
-            return_logprobs=logprobs_from_sampling,
+            settings.sampling,
+            settings.generation_batch_size,
+            return_logprobs=settings.logprobs_from_sampling,
         )
-    synchronize()
+    synchronize(query_ids.device)
     generated_at = time.perf_counter()
-    rollout = score_responses(
-        models=models,
-        reference=reference,
-        reward_model=reward_model,
-        query_ids=query_ids,
-        query_mask=query_mask,
-        generated=generated,
-        temperature=settings.temperature,
-        kl_estimator=kl_estimator,
-        forward_batch_size=forward_batch_size,
-        reward_stats=reward_stats,
-        missing_stop_penalty=missing_stop_penalty,
-        autocast=autocast,
-        prompts=prompts,
-    )
-    synchronize()
+    rollout = score_responses(models, query_ids, query_mask, generated, settings, autocast=autocast, prompts=prompts)
+    synchronize(query_ids.device)
     rollout.generation_batch_size = generated.batch_size
     rollout.time_generate = generated_at - start
     rollout.time_score = time.perf_counter() - generated_at

@@ -1,0 +1,341 @@
+"""Options and bookkeeping of ``tether ppo``: the typed configuration shared by the CLI, YAML and
+Python (:class:`PPOConfig`), the batch geometry it implies on a given number of processes, the
+counters a checkpoint carries (:class:`PPOState`) and what a run returns (:class:`PPOResult`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from tether.config import ConfigError, DataArguments, ModelArguments
+from tether.ppo.losses import KL_ESTIMATORS
+from tether.stages.common import KEEP_CHECKPOINTS_HELP
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
+    """Options of ``tether ppo``. TrainingArguments supplies the HF-style names; the PPO loop honours
+    output_dir, learning_rate, adam_beta1/2, adam_epsilon, weight_decay, lr_scheduler_type(+_kwargs),
+    warmup_steps (iterations), max_grad_norm, optim (adamw_torch / adamw_torch_fused), bf16/fp16,
+    gradient_checkpointing, seed, full_determinism, report_to, run_name, disable_tqdm, logging_steps,
+    save_steps, save_total_limit, resume_from_checkpoint and per_device_train_batch_size (micro-batch).
+    Evaluation options of TrainingArguments are not used by PPO.
+    """
+
+    output_dir: str = field(
+        default="outputs/ppo",
+        metadata=_help(
+            "Folder for the trained policy (policy/), the value model (value_model/), metrics.jsonl and checkpoints."
+        ),
+    )
+    # models
+    reward_model_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
+            "the policy's tokenizer). Required."
+        ),
+    )
+    value_model_path: str | None = field(
+        default=None,
+        metadata=_help("Initial value model; default: a separate copy of the whole reward model (backbone and head)."),
+    )
+    value_head_on_policy: bool = field(
+        default=False,
+        metadata=_help(
+            "Use a zero-initialised value head on the policy's last hidden state instead of a separate value "
+            "model (saves one network; Ziegler et al. 2019)."
+        ),
+    )
+    # batch geometry
+    batch_size: int = field(default=64, metadata=_help("Episodes (prompts) per PPO iteration, over all processes."))
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes per optimizer step, over all processes; default: --batch_size (one minibatch per epoch)."
+        ),
+    )
+    per_device_train_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Micro-batch: episodes per forward/backward on each process (gradient accumulation fills the "
+            "minibatch); default: the whole per-process minibatch at once. Halved after an out-of-memory error."
+        ),
+    )
+    forward_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes per no-grad forward in the rollout (policy, reference, value, reward); default: the whole "
+            "per-process batch. Halved after an out-of-memory error."
+        ),
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "Prompts per generate() call on each process; default: the whole per-process batch. Halved after an "
+            "out-of-memory error."
+        ),
+    )
+    ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
+    num_iterations: int | None = field(default=None, metadata=_help("PPO iterations to run (overrides the others)."))
+    total_episodes: int | None = field(
+        default=None,
+        metadata=_help(
+            "Episodes to train on (iterations = total_episodes // batch_size) when --num_iterations is not given."
+        ),
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata=_help("Passes over the prompts when neither --num_iterations nor --total_episodes is given."),
+    )
+    # PPO
+    gamma: float = field(default=1.0, metadata=_help("Discount γ of GAE."))
+    lam: float = field(default=0.95, metadata=_help("GAE λ."))
+    cliprange: float = field(default=0.2, metadata=_help("ε of the clipped surrogate."))
+    cliprange_value: float = field(default=0.2, metadata=_help("ε_v of the clipped value loss (reward units)."))
+    vf_coef: float = field(default=0.1, metadata=_help("Weight of the value loss in the shared loss."))
+    entropy_coef: float = field(default=0.0, metadata=_help("Entropy bonus weight (0: none, as the references)."))
+    whiten_rewards: bool = field(
+        default=False, metadata=_help("Whiten token rewards over real tokens (off by default).")
+    )
+    value_warmup_steps: int = field(
+        default=0, metadata=_help("First iterations that train only the value model (the policy does not move).")
+    )
+    approx_kl_stop: float | None = field(
+        default=None,
+        metadata=_help(
+            "Stop this batch's PPO epochs when ½·mean(Δlogp²) to the rollout policy exceeds this (off by default)."
+        ),
+    )
+    # KL
+    init_kl_coef: float = field(default=0.05, metadata=_help("β: initial (or fixed) KL coefficient."))
+    target_kl: float | None = field(
+        default=None, metadata=_help("Target KL (nats per response) of the adaptive controller; None keeps β fixed.")
+    )
+    horizon: int = field(default=10000, metadata=_help("Horizon of the adaptive KL controller, in episodes."))
+    kl_penalty: str = field(
+        default="k1",
+        metadata=_help(
+            "Per-token KL estimate in the reward: k1 (alias kl) = log-ratio, abs, mse (alias k2) = ½·log-ratio², "
+            "k3, full = exact KL over the vocabulary."
+        ),
+    )
+    stop_on_divergence: bool = field(
+        default=True, metadata=_help("End training when the KL reaches the divergence band (> 20 nats).")
+    )
+    # sampling
+    temperature: float = field(
+        default=0.7,
+        metadata=_help("Sampling temperature; part of the policy (every log-prob, the reference's too, uses it)."),
+    )
+    top_k: int = field(default=0, metadata=_help("Keep 0: PPO assumes pure sampling from softmax(logits/T)."))
+    top_p: float = field(default=1.0, metadata=_help("Keep 1.0: PPO assumes pure sampling from softmax(logits/T)."))
+    max_new_tokens: int = field(default=64, metadata=_help("Maximum response tokens."))
+    stop_token: str | None = field(
+        default=None,
+        metadata=_help(
+            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = none)."
+        ),
+    )
+    response_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Benchmarks only: generate exactly this many tokens, never stopping early (overrides --max_new_tokens)."
+        ),
+    )
+    missing_eos_penalty: float | None = field(
+        default=-1.0,
+        metadata=_help(
+            "Score that REPLACES the reward of a response that never produced its stop token (normalised units); "
+            "None keeps the raw score."
+        ),
+    )
+    normalize_reward: bool = field(
+        default=True,
+        metadata=_help(
+            "Normalise scores with reward_stats.json saved beside the reward model (warns and uses raw scores "
+            "when the file is missing)."
+        ),
+    )
+    rollout_logprobs: str = field(
+        default="recompute",
+        metadata=_help(
+            "Old log-probs: 'recompute' (a separate pass by the training forward: the first minibatch has ratio "
+            "exactly 1) or 'generation' (from the sampler's logits, as TRL: one forward less, equal to ~1e-6 in fp32, "
+            "looser in bf16)."
+        ),
+    )
+    generation_cache: str | None = field(
+        default=None,
+        metadata=_help(
+            "KV cache for sampling: None (dynamic) or 'static' (on CUDA transformers compiles the decoding step)."
+        ),
+    )
+    # optimiser defaults of the references (OpenAI lm-human-preferences, N+ implementation details)
+    learning_rate: float = field(default=3e-6, metadata=_help("AdamW learning rate (linear decay to 0 by default)."))
+    adam_epsilon: float = field(default=1e-5, metadata=_help("AdamW epsilon (1e-5 as the references)."))
+    max_grad_norm: float | None = field(
+        default=None,
+        metadata=_help("Clip the gradient norm to this value; None (default) disables clipping, as the references."),
+    )
+    optim: str = field(
+        default="adamw_torch_fused",
+        metadata=_help("adamw_torch_fused (one fused kernel per step on CPU and CUDA) or adamw_torch (foreach)."),
+    )
+    max_bad_steps: int = field(
+        default=5, metadata=_help("Stop after this many consecutive skipped steps with non-finite rewards or losses.")
+    )
+    # HF-style options with PPO units
+    save_steps: float = field(default=100, metadata=_help("Save a checkpoint every N iterations (0: never)."))
+    save_total_limit: int | None = field(default=2, metadata=_help("Keep the last N checkpoints."))
+    logging_steps: float = field(
+        default=10, metadata=_help("Print a metrics line every N iterations (metrics.jsonl gets every iteration).")
+    )
+    warmup_steps: float = field(default=0, metadata=_help("Learning-rate warmup, in iterations (default 0)."))
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start over in a non-empty --output_dir (its checkpoints, "
+            "metrics and outputs from an earlier run are removed)."
+        ),
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_help(
+            "'latest' (the newest complete checkpoint in --output_dir; "
+            "a fresh start if there is none) or a checkpoint folder."
+        ),
+    )
+    keep_checkpoints: bool = field(default=False, metadata=_help(KEEP_CHECKPOINTS_HELP))
+
+    def __post_init__(self):
+        super().__post_init__()
+        problems = []
+        if self.kl_penalty not in KL_ESTIMATORS:
+            problems.append(f"--kl_penalty {self.kl_penalty!r}: use one of {', '.join(KL_ESTIMATORS)}")
+        if self.batch_size < 1:
+            problems.append("--batch_size must be >= 1")
+        mini = self.mini_batch_size or self.batch_size
+        if mini < 1 or self.batch_size % mini:
+            problems.append(f"--mini_batch_size {mini} must divide --batch_size {self.batch_size}")
+        if self.ppo_epochs < 1:
+            problems.append("--ppo_epochs must be >= 1")
+        if self.temperature <= 0:
+            problems.append("--temperature must be > 0 (it is part of the policy)")
+        if self.target_kl is not None and self.target_kl <= 0:
+            problems.append("--target_kl must be > 0 (or None for a fixed β)")
+        if self.rollout_logprobs not in ("recompute", "generation"):
+            problems.append("--rollout_logprobs must be 'recompute' or 'generation'")
+        if self.generation_cache not in (None, "dynamic", "static"):
+            problems.append("--generation_cache must be 'dynamic' or 'static'")
+        if self.max_new_tokens < 1 or (self.response_length is not None and self.response_length < 1):
+            problems.append("--max_new_tokens / --response_length must be >= 1")
+        if getattr(self.optim, "value", self.optim) not in ("adamw_torch", "adamw_torch_fused"):
+            problems.append(f"--optim {self.optim}: tether ppo uses AdamW (adamw_torch or adamw_torch_fused)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class PPOState:
+    """What a checkpoint needs besides weights and optimiser to continue exactly."""
+
+    iteration: int = 0  # completed iterations
+    episodes: int = 0
+    optimizer_steps: int = 0
+    tokens_generated: int = 0
+    bad_steps_in_a_row: int = 0
+    bad_steps_total: int = 0
+    early_stops: int = 0
+    data_epoch: int = 0
+    data_position: int = 0
+
+
+@dataclass
+class PPOResult:
+    output_dir: str
+    stopped_reason: str  # completed | divergence | non_finite
+    iterations: int
+    episodes: int
+    policy_dir: str | None
+    value_dir: str | None
+    last_checkpoint: str | None
+    last_good_checkpoint: str | None
+    final_metrics: dict
+
+
+@dataclass
+class BatchGeometry:
+    """How one iteration's episodes split over processes, minibatches and micro-batches.
+
+    The three chunk sizes start as configured and are halved after an out-of-memory error; the
+    sizes that fitted stay for the rest of the run.
+    """
+
+    local_batch: int  # episodes per process per iteration
+    local_mini: int  # episodes per process per optimizer step
+    micro: int  # episodes per forward/backward (--per_device_train_batch_size)
+    accumulation: int  # micro-batches per optimizer step
+    forward_batch: int  # episodes per no-grad forward of the rollout
+    generation_batch: int  # prompts per generate() call
+
+
+def batch_geometry(cfg: PPOConfig, world: int) -> BatchGeometry:
+    """The batch split on ``world`` processes; a ConfigError names the option that does not divide."""
+    mini = cfg.mini_batch_size or cfg.batch_size
+    if cfg.batch_size % world or mini % world:
+        raise ConfigError(
+            f"--batch_size {cfg.batch_size} and --mini_batch_size {mini} must be multiples of the {world} processes"
+        )
+    local_batch = cfg.batch_size // world
+    local_mini = mini // world
+    micro = cfg.per_device_train_batch_size or local_mini
+    if micro < 1 or local_mini % micro:
+        raise ConfigError(
+            f"--per_device_train_batch_size {micro} must divide the per-process minibatch "
+            f"{local_mini} (--mini_batch_size {mini} over {world} processes)"
+        )
+    accumulation = local_mini // micro
+    if cfg.gradient_accumulation_steps not in (1, accumulation):
+        raise ConfigError(
+            f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} disagrees with "
+            f"mini_batch_size / (per_device_train_batch_size × processes) = {accumulation}; "
+            "leave it unset"
+        )
+    return BatchGeometry(
+        local_batch=local_batch,
+        local_mini=local_mini,
+        micro=micro,
+        accumulation=accumulation,
+        forward_batch=cfg.forward_batch_size or local_batch,
+        generation_batch=cfg.generation_batch_size or local_batch,
+    )
+
+
+def count_iterations(cfg: PPOConfig, n_prompts: int) -> int:
+    """--num_iterations, else --total_episodes // --batch_size, else ⌈epochs · prompts / batch_size⌉."""
+    if cfg.num_iterations is not None:
+        n = cfg.num_iterations
+    elif cfg.total_episodes is not None:
+        n = cfg.total_episodes // cfg.batch_size
+    else:
+        n = math.ceil(cfg.num_train_epochs * n_prompts / cfg.batch_size)
+    if n < 1:
+        raise ConfigError(
+            f"nothing to train: {n} iterations (check --num_iterations / --total_episodes / "
+            f"--batch_size {cfg.batch_size})"
+        )
+    return n
+
+
+def every(steps: float, num_iterations: int) -> int:
+    """An HF-style interval: N iterations, or a fraction of the run when below 1 (0: never)."""
+    if not steps:
+        return 0
+    return int(steps) if steps >= 1 else max(1, math.ceil(steps * num_iterations))
