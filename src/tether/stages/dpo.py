@@ -343,14 +343,22 @@ def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logps(
-    model, batch: dict[str, torch.Tensor], compact_head: bool = True
+    model, batch: dict[str, torch.Tensor], compact_head: bool = True, autocast_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log π(y_w|x), log π(y_l|x))`` per pair: sums of response-token log-probs, stop token included.
 
     With ``compact_head`` the model returns hidden states and only the response positions go through
     the LM head (``logits_to_keep=1`` skips the head elsewhere); otherwise the model's own logits are
     used (heads that rescale or soft-cap logits need this).
+
+    Under ``--bf16``/``--fp16`` (``autocast_dtype``) the forward pass and the LM head both run in
+    one ``torch.autocast``, whichever model this is: accelerate autocasts only the prepared model's
+    ``forward``, so a head applied outside it would run in float32 for the policy and in 16 bits
+    for references computed under autocast, and ``h`` would not be 0 at identical weights.
     """
+    if autocast_dtype is not None:
+        with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype):
+            return response_logps(model, batch, compact_head)
     n = int(batch["num_pairs"])
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
@@ -434,15 +442,12 @@ def precompute_reference_logps(
         range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
     )
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
     try:
-        with adapter_off, autocast:
+        with adapter_off:
             for start in range(0, len(order), batch_size):
                 chunk = [pairs[i] for i in order[start : start + batch_size]]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
-                chosen, rejected = response_logps(model, batch, compact_head)
+                chosen, rejected = response_logps(model, batch, compact_head, autocast_dtype)
                 for x, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                     x.ref_chosen_logp, x.ref_rejected_logp = c, r
     finally:
@@ -477,10 +482,19 @@ def pair_statistics(
 class _DPOTrainer(TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the DPO loss; the loop, schedules, checkpoints and logging are Trainer's."""
 
-    def __init__(self, *args, dpo: DPOConfig, ref_model=None, compact_head: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        dpo: DPOConfig,
+        ref_model=None,
+        compact_head: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.dpo = dpo
         self.compact_head = compact_head
+        self.autocast_dtype = autocast_dtype  # the policy and every reference compute log-probs in it
         self.ref_model = ref_model
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
@@ -494,13 +508,13 @@ class _DPOTrainer(TetherTrainerMixin, Trainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                return response_logps(self.ref_model, inputs, self.compact_head)
+                return response_logps(self.ref_model, inputs, self.compact_head, self.autocast_dtype)
             unwrapped = self.accelerator.unwrap_model(model)  # PEFT: the reference is the adapter-disabled policy
-            with unwrapped.disable_adapter(), self.accelerator.autocast():
-                return response_logps(unwrapped, inputs, self.compact_head)
+            with unwrapped.disable_adapter():
+                return response_logps(unwrapped, inputs, self.compact_head, self.autocast_dtype)
 
     def _pair_outputs(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = response_logps(model, inputs, self.compact_head)
+        chosen, rejected = response_logps(model, inputs, self.compact_head, self.autocast_dtype)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         ref_chosen, ref_rejected = ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)
         h = log_ratio_difference(chosen, rejected, ref_chosen, ref_rejected)
@@ -664,6 +678,7 @@ def train_dpo(
         dpo=config,
         ref_model=ref_model,
         compact_head=compact_ok,
+        autocast_dtype=autocast_dtype,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     train_metrics = dict(result.metrics)
