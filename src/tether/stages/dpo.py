@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
 from tether.data.templates import pad_token_id, prompt_response_ids
@@ -133,6 +133,7 @@ class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
             raise ConfigError(f"--label_smoothing {self.label_smoothing}: must lie in [0, 0.5)")
         if self.max_length < 2:
             raise ConfigError(f"--max_length {self.max_length}: must be at least 2")
+        check_quantised_training(self)
         if self.output_dir is None:
             self.output_dir = str(DEFAULT_OUTPUT_ROOT / "dpo")
         super().__post_init__()
@@ -583,9 +584,9 @@ def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[
 
 
 def _load_policy(config: DPOConfig):
-    from tether.models.loading import disable_dropout, load_causal_lm
+    from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # a PEFT adapter folder: its merged weights are the starting model
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -608,7 +609,11 @@ def train_dpo(
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
     if not train_pairs:
         raise ConfigError("no training preference pairs")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+    tokenizer = (
+        tokenizer
+        if tokenizer is not None
+        else load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    )
     pad_id = pad_token_id(tokenizer)
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
@@ -639,14 +644,17 @@ def train_dpo(
     if config.use_peft:
         from peft import get_peft_model
 
+        from tether.models.loading import prepare_quantised_for_lora
+
+        model = prepare_quantised_for_lora(model, config.gradient_checkpointing)
         model = get_peft_model(model, peft_config_from(config))
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
     autocast_dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else None)
     if config.ref_model_name_or_path:
-        from tether.models.loading import disable_dropout, load_causal_lm
+        from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype)
+        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
         disable_dropout(ref_model)
         ref_model.to(config.device).eval().requires_grad_(False)
     if config.precompute_ref_log_probs:

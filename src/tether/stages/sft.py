@@ -38,7 +38,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
 from tether.data.records import Demonstration
 from tether.data.templates import pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
@@ -109,6 +109,7 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
     def __post_init__(self):
         if self.assistant_turns not in ASSISTANT_TURNS:
             raise ConfigError(f"--assistant_turns {self.assistant_turns!r}: use {' or '.join(ASSISTANT_TURNS)}")
+        check_quantised_training(self)
         if self.output_dir is None:
             self.output_dir = str(DEFAULT_OUTPUT_ROOT / "sft")
         super().__post_init__()
@@ -305,9 +306,14 @@ class ListDataset(torch.utils.data.Dataset):
 def load_policy_for_training(config: SFTConfig):
     """The causal LM to fine-tune: merged first if the starting point is itself an adapter folder,
     then wrapped with fresh LoRA adapters under ``--use_peft``; dropout off (N+ detail 7)."""
-    from tether.models.loading import disable_dropout, load_causal_lm
+    from tether.models.loading import (
+        disable_dropout,
+        from_pretrained_kwargs,
+        load_causal_lm,
+        prepare_quantised_for_lora,
+    )
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # an SFT adapter folder as the starting point
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -317,6 +323,7 @@ def load_policy_for_training(config: SFTConfig):
     if config.use_peft:
         from peft import get_peft_model
 
+        model = prepare_quantised_for_lora(model, config.activation_checkpointing)
         model = get_peft_model(model, peft_config_from(config, task_type="CAUSAL_LM"))
         if config.activation_checkpointing:
             # transformers#42489: the Trainer does not do this for PEFT models
@@ -390,7 +397,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
 
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     tokens = tokenize_demonstrations(
         tokenizer, train, config.max_length, config.max_prompt_length, config.assistant_turns
     )
