@@ -142,6 +142,16 @@ def test_every_conversational_demonstration_format_gives_the_same_demonstrations
     assert load_demonstrations(path) == CONV_DEMOS
 
 
+def test_only_a_messages_record_makes_its_earlier_assistant_turns_demonstrations():
+    # equal records (the same conversation), but SFT trains "Hello! How can I help?" only from messages
+    messages, prompt_completion = (
+        load_demonstrations(FORMATS / "demos_messages.jsonl"),
+        load_demonstrations(FORMATS / "demos_conv.jsonl"),
+    )
+    assert [d.prompt_turns_are_demonstrations for d in messages] == [True, True, True]
+    assert [d.prompt_turns_are_demonstrations for d in prompt_completion] == [False, False, False]
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -201,6 +201,27 @@ def test_first_loss_is_log_2_and_precomputed_reference_gives_the_live_losses(tmp
     assert losses[True][-1] < math.log(2) - 0.01  # and the updates did something
 
 
+@pytest.mark.parametrize(
+    "reference",
+    [
+        {},  # a live frozen copy of the starting model
+        {"precompute_ref_log_probs": True},  # computed once before training
+        {"use_peft": True, "lora_r": 4},  # the adapter-disabled policy
+    ],
+    ids=["live", "precomputed", "lora"],
+)
+def test_rewards_are_exactly_zero_at_step_0_under_bf16_for_every_reference(
+    tmp_path, tiny_model_dir, tokenizer, reference
+):
+    # Before any update the policy is its reference, so h = 0 exactly, provided the policy and the
+    # reference apply the LM head at the same precision (accelerate autocasts only the model's forward).
+    config = fast_config(tmp_path, tiny_model_dir, max_steps=1, bf16=True, **reference)
+    train_dpo(config, separable_pairs(8, seed=1), [], tokenizer=tokenizer)
+    first = next(r for r in read_metrics(tmp_path / "dpo") if "loss" in r)
+    assert (first["rewards/chosen"], first["rewards/rejected"], first["rewards/margins"]) == (0.0, 0.0, 0.0)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_held_out_implicit_reward_accuracy_rises_well_above_chance(tmp_path, tiny_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -96,3 +98,113 @@ def test_disable_dropout_zeroes_the_functional_attention_dropout_of_llama(tiny_m
     torch.manual_seed(1)
     b = model(ids).logits
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# --attn_implementation, --trust_remote_code, --load_in_4bit (ModelLoadingArguments)
+
+REMOTE_CODE = """
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+
+class MarkedLlamaForCausalLM(LlamaForCausalLM):
+    loaded_from_remote_code = True
+
+
+class MarkedLlamaForSequenceClassification(LlamaForSequenceClassification):
+    loaded_from_remote_code = True
+"""
+
+
+def test_trust_remote_code_loads_the_model_class_shipped_in_the_folder(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from tether.config import ModelLoadingArguments
+
+    folder = tmp_path / "remote-code-model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "marked_llama.py").write_text(REMOTE_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoModelForCausalLM": "marked_llama.MarkedLlamaForCausalLM",
+        "AutoModelForSequenceClassification": "marked_llama.MarkedLlamaForSequenceClassification",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+    trusted = loading.from_pretrained_kwargs(ModelLoadingArguments(trust_remote_code=True))
+    assert trusted == {"trust_remote_code": True}
+    assert type(loading.load_causal_lm(str(folder))).__name__ == "LlamaForCausalLM"  # the folder's code never runs
+    assert loading.load_causal_lm(str(folder), **trusted).loaded_from_remote_code
+    assert loading.load_scalar_model(str(folder), **trusted).loaded_from_remote_code
+    assert loading.load_tokenizer(str(folder), trust_remote_code=True).eos_token == "<|im_end|>"
+
+
+def test_default_loading_arguments_pass_nothing_to_from_pretrained():
+    from tether.config import ModelLoadingArguments
+
+    assert loading.from_pretrained_kwargs(ModelLoadingArguments()) == {}
+    assert loading.from_pretrained_kwargs(ModelLoadingArguments(attn_implementation="eager")) == {
+        "attn_implementation": "eager"
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed here")
+def test_load_in_4bit_without_bitsandbytes_is_a_clear_error_naming_the_option(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from tether.cli import main
+    from tether.config import ConfigError
+    from tether.stages.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"--load_in_4bit needs the bitsandbytes package.*pip install bitsandbytes"):
+        loading.from_pretrained_kwargs(SFTConfig(output_dir=str(tmp_path / "x"), load_in_4bit=True, use_peft=True))
+    data = tmp_path / "demos.jsonl"
+    data.write_text(json.dumps({"prompt": "2+2?", "completion": "4"}) + "\n")
+    out = tmp_path / "out"
+    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(out)]
+    for stage in ("sft", "dpo", "rm"):
+        code = main([stage, *common, "--use_cpu", "true", "--report_to", "none", "--load_in_4bit", "true"])
+        assert code == 2 and "--load_in_4bit trains LoRA adapters" in capsys.readouterr().err  # QLoRA needs LoRA
+    code = main(
+        ["sft", *common, "--use_cpu", "true", "--report_to", "none", "--load_in_4bit", "true", "--use_peft", "true"]
+        + ["--eval_split_ratio", "0"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "--load_in_4bit needs the bitsandbytes package" in err and "pip install bitsandbytes" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_model_dir, tokenizer, tmp_path, attn):
+    from tether.data.records import Demonstration, PreferencePair
+    from tether.evaluation.evaluate import EvalConfig, _Models
+    from tether.serve.app import ServeConfig, load_models
+    from tether.stages.dpo import DPOConfig, TokenizedPair, _load_policy, check_fast_paths
+    from tether.stages.reward import RewardConfig, load_reward_backbone, shared_prompt_matches, tokenize_preferences
+    from tether.stages.sft import SFTCollator, SFTConfig, load_policy_for_training, packed_rows, tokenize_demonstrations
+
+    common = dict(model_name_or_path=str(tiny_model_dir), attn_implementation=attn, use_cpu=True, report_to="none")
+    # SFT packing: position ids restart per example; packed and unpacked losses agree
+    sft = load_policy_for_training(SFTConfig(output_dir=str(tmp_path / "sft"), **common)).eval()
+    assert sft.config._attn_implementation == attn
+    demos = [Demonstration("alpha beta", "gamma delta"), Demonstration("river", "stone cloud light")]
+    examples = tokenize_demonstrations(tokenizer, demos, 512, 256).examples
+    collate = SFTCollator(tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed, unpacked = sft(**collate(packed_rows(examples, 512))).loss, sft(**collate(examples)).loss
+    assert packed.item() == pytest.approx(unpacked.item(), abs=1e-5)
+    # DPO and RM shared-prompt rows: the 4-D masks give the separate sequences' numbers
+    dpo = _load_policy(DPOConfig(output_dir=str(tmp_path / "dpo"), **common))
+    assert dpo.config._attn_implementation == attn
+    pair = TokenizedPair(prompt=[10, 11, 12, 13], chosen=[20, 21, 2], rejected=[30, 31, 32, 33, 2])
+    assert check_fast_paths(dpo, pair, pad_id=2) == (True, True)
+    rm, rm_tokenizer, pad = load_reward_backbone(RewardConfig(output_dir=str(tmp_path / "rm"), **common), tmp_path)
+    assert rm.config._attn_implementation == attn
+    pairs = tokenize_preferences(rm_tokenizer, [PreferencePair("alpha beta", "gamma", "delta river")], 512, 256).pairs
+    assert shared_prompt_matches(rm.eval(), pairs, pad)
+    # the inference stages
+    served = load_models(ServeConfig(model_name_or_path=str(tiny_model_dir), attn_implementation=attn, use_cpu=True))
+    assert served["policy"].config._attn_implementation == attn
+    evaluated = _Models(None, loading.from_pretrained_kwargs(EvalConfig(attn_implementation=attn)))
+    assert evaluated.causal_lm(str(tiny_model_dir)).config._attn_implementation == attn

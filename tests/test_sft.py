@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tether.config import ConfigError
 from tether.data.records import Demonstration, Message
 from tether.stages.sft import (
     IGNORE_INDEX,
@@ -225,6 +226,119 @@ def test_truncation_is_counted_and_never_drops_the_whole_response(tokenizer, cap
         warn_truncation("sft", 3, tokens.prompt_cut, tokens.response_cut, 64, 48)
     assert "1 of 3 examples (33.3%) had prompts longer than --max_prompt_length 48" in caplog.text
     assert "1 of 3 examples (33.3%) were longer than --max_length 64" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-turn conversations: which assistant turns are trained
+
+THREE_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi!"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+# SmolLM2's tokens for THREE_TURNS: 19 before "Hello.", then "Hello", ".", <|im_end|>; 14 template and
+# user tokens ("Ċ<|im_start|>user Ċ 2 + 2 ? <|im_end|> Ċ <|im_start|> ass istant Ċ"), "4", <|im_end|>;
+# 16 more ("... And Ġ 3 + 3 ? ..."), "6", <|im_end|>: 56 tokens.
+ALL_TURNS_MASK = [False] * 19 + [True] * 3 + [False] * 14 + [True] * 2 + [False] * 16 + [True] * 2
+LAST_TURN_MASK = [False] * 54 + [True] * 2
+
+
+def _conversation(messages=THREE_TURNS):
+    from tether.data.formats import parse_demonstration
+
+    return parse_demonstration({"messages": messages})
+
+
+def test_every_assistant_turn_and_its_stop_token_is_a_target_of_a_conversation(tokenizer):
+    full_text = tokenizer.apply_chat_template(THREE_TURNS, tokenize=False)  # ends "6<|im_end|>\n"
+    expected_ids = tokenizer(full_text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
+    stop = tokenizer.eos_token_id
+    for turns, mask in (("all", ALL_TURNS_MASK), ("last", LAST_TURN_MASK)):
+        example = tokenize_demonstrations(tokenizer, [_conversation()], 512, 256, turns).examples[0]
+        assert example["input_ids"] == expected_ids  # as the whole conversation tokenises
+        assert example["labels"] == [t if m else IGNORE_INDEX for t, m in zip(expected_ids, mask, strict=True)]
+    targets = [t for t, m in zip(expected_ids, ALL_TURNS_MASK) if m]
+    assert targets == [19556, 30, stop, 36, stop, 38, stop] == [*tokenizer("Hello.")["input_ids"], 2, 36, 2, 38, 2]
+    assert tokenizer.decode(targets) == "Hello.<|im_end|>4<|im_end|>6<|im_end|>"
+
+
+def test_single_turn_demonstrations_tokenise_exactly_as_before(tokenizer):
+    import hashlib
+
+    from tether.demo.task import demonstrations
+
+    demos = demonstrations()
+    examples = tokenize_demonstrations(tokenizer, demos, 512, 256, "all").examples
+    assert examples == tokenize_demonstrations(tokenizer, demos, 512, 256, "last").examples
+    # sha256 of the demo's 52 tokenised demonstrations before multi-turn training existed
+    digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
+    assert digest == "e1bd4ea31024905f418f5d96fae20937c82c789d7884878b3db797e45c1643ac"
+    one_turn = _conversation(THREE_TURNS[-2:])  # a one-turn {"messages"} record
+    assert tokenize_demonstrations(tokenizer, [one_turn], 512, 256, "all").examples == (
+        tokenize_demonstrations(tokenizer, [Demonstration(one_turn.prompt, "6")], 512, 256, "last").examples
+    )
+
+
+def test_a_prompt_completion_record_trains_its_completion_only_like_trl(tokenizer):
+    from tether.data.formats import parse_demonstration
+
+    record = parse_demonstration({"prompt": THREE_TURNS[:-1], "completion": "6"})
+    assert record == _conversation()  # the same conversation...
+    example = tokenize_demonstrations(tokenizer, [record], 512, 256, "all").examples[0]
+    assert [y != IGNORE_INDEX for y in example["labels"]] == LAST_TURN_MASK  # ...but only the completion trains
+
+
+def test_conversation_truncation_keeps_the_masks_aligned(tokenizer):
+    full = tokenize_demonstrations(tokenizer, [_conversation()], 512, 256, "all").examples[0]
+    # prompt cut from the left to 30 tokens: the turn "4" survives, "Hello." does not
+    cut = tokenize_demonstrations(tokenizer, [_conversation()], 512, 30, "all")
+    assert cut.prompt_cut == 1 and cut.response_cut == 0
+    assert cut.examples[0]["input_ids"] == full["input_ids"][-32:]
+    assert cut.examples[0]["labels"] == [IGNORE_INDEX] + full["labels"][-31:]
+    # max_length 40 (prompt cap 39): the final response keeps one token and loses its stop token
+    short = tokenize_demonstrations(tokenizer, [_conversation()], 40, 256, "all")
+    assert short.prompt_cut == 1 and short.response_cut == 1
+    assert short.examples[0]["input_ids"] == full["input_ids"][-41:-1]
+    assert short.examples[0]["labels"] == [IGNORE_INDEX] + full["labels"][-40:-1]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_option(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None  # a transcript "user: ...\nassistant: ...": no stop token after a turn
+    with pytest.raises(ConfigError, match=r"demonstration 0: .*stop token '<\|im_end\|>'.*--assistant_turns last"):
+        tokenize_demonstrations(plain, [_conversation()], 512, 256, "all")
+    assert tokenize_demonstrations(plain, [_conversation()], 512, 256, "last").examples
+    with pytest.raises(ConfigError, match="--assistant_turns 'first'"):
+        SFTConfig(output_dir="unused", assistant_turns="first")
+
+
+def test_packed_conversations_keep_every_turn_target(tmp_path, tiny_model_dir, tokenizer):
+    conversations = [
+        _conversation(),
+        _conversation(THREE_TURNS[:5]),
+        *[Demonstration(d.prompt, d.completion) for d in _demos(3)],
+    ]
+    examples = tokenize_demonstrations(tokenizer, conversations, 512, 256, "all").examples
+    rows = packed_rows(examples, capacity=128)
+    assert len(rows) < len(examples)
+    n_targets = sum(y != IGNORE_INDEX for e in examples for y in e["labels"])
+    assert (
+        sum(y != IGNORE_INDEX for r in rows for y in r["labels"])
+        == n_targets
+        == 7 + 5 + sum(len(tokenizer(d.completion)["input_ids"]) + 1 for d in conversations[2:])
+    )
+    folder = train_sft(
+        _config(tmp_path, tiny_model_dir, packing=True, max_length=128, num_train_epochs=1, eval_strategy="no"),
+        conversations,
+    )
+    summary = json.loads((folder / "training_summary.json").read_text())
+    assert summary["assistant_turns"] == "all" and summary["packed_rows"] == len(rows)
 
 
 # ------------------------------------------------------------------------------------------------

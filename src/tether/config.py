@@ -25,7 +25,35 @@ EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 
 
 @dataclass
-class ModelArguments:
+class ModelLoadingArguments:
+    """How every model and tokenizer of a stage is loaded (TRL's ``ModelConfig`` names); the defaults
+    pass nothing to ``from_pretrained``. ``tether.models.loading.from_pretrained_kwargs`` reads them."""
+
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention kernel passed to from_pretrained: eager, sdpa, flash_attention_2, flex_attention... "
+            "Default: transformers' choice (sdpa where the model supports it)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Load models and tokenizers whose code ships in their hub repository or folder (that code runs)."
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the weights quantised to 4 bits with bitsandbytes (needs the bitsandbytes package "
+            "and a device it supports, such as a CUDA GPU); training stages then need --use_peft."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit type of --load_in_4bit: nf4 or fp4."})
+
+
+@dataclass
+class ModelArguments(ModelLoadingArguments):
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
         metadata={
@@ -67,6 +95,12 @@ class DataArguments:
     max_prompt_length: int = field(
         default=256, metadata={"help": "Maximum prompt tokens (prompts are cut from the left)."}
     )
+
+
+def check_quantised_training(args: ModelArguments) -> None:
+    """4-bit weights cannot be trained themselves: QLoRA trains LoRA adapters on top of them."""
+    if args.load_in_4bit and not args.use_peft:
+        raise ConfigError("--load_in_4bit trains LoRA adapters on the 4-bit weights (QLoRA): add --use_peft true")
 
 
 def peft_config_from(args: ModelArguments, task_type: str = "CAUSAL_LM"):

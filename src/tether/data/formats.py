@@ -20,8 +20,9 @@ Preference pairs (``parse_preference``; one row may give several pairs):
   exactly one preferred response; one pair per disliked response, in file order.
 
 Demonstrations (``parse_demonstration``): ``{"prompt", "completion"}`` (completion as for ``chosen``)
-or ``{"messages": [...]}`` whose last message is the assistant turn. Extra fields (best-of-N output
-carries scores) are ignored.
+or ``{"messages": [...]}`` whose last message is the assistant turn; every assistant turn of a
+``messages`` record is a demonstration, of a ``prompt``/``completion`` record only the completion.
+Extra fields (best-of-N output carries scores) are ignored.
 
 Prompts (``parse_prompt``): ``{"prompt"}``, ``{"messages"}`` (a final assistant turn is dropped), or
 any preference/demonstration row (its prompt).
@@ -435,7 +436,7 @@ def parse_demonstration(row: Any) -> Demonstration:
     if r.has("messages"):
         parsed = _parse_messages_demonstration(r, r.row["messages"])
         r.done()
-        return Demonstration(prompt=parsed[0], completion=parsed[1])
+        return Demonstration(prompt=parsed[0], completion=parsed[1], prompt_turns_are_demonstrations=True)
     if r.has("chosen") or r.has("responses"):
         raise RecordProblems(["a preference record is not a demonstration: missing field 'completion' (or 'messages')"])
     r.problems.append("missing field 'prompt' and 'completion' (or 'messages')")

@@ -33,6 +33,10 @@ class Demonstration:
     prompt: Prompt
     completion: str
     origin: str = field(default="", compare=False)
+    #: True for a ``{"messages"}`` record: the assistant turns inside ``prompt`` are demonstrations too
+    #: (trained under ``--assistant_turns all``). A ``{"prompt", "completion"}`` record demonstrates its
+    #: completion only, as in TRL. Not compared: both formats hold the same conversation.
+    prompt_turns_are_demonstrations: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

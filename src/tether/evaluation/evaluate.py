@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tether.config import EMBEDDED_MODEL, ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError, ModelLoadingArguments
 from tether.data.records import Prompt, PromptRecord
 from tether.durable import write_text_atomic
 from tether.evaluation.metrics import (
@@ -57,7 +57,7 @@ PROBES_FILE = "probes.jsonl"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelLoadingArguments):
     policies: list[str] = field(
         default_factory=list,
         metadata={
@@ -217,8 +217,9 @@ def text_metrics(
 class _Models:
     """Loads each path once; models given as objects pass through."""
 
-    def __init__(self, dtype: str | None):
+    def __init__(self, dtype: str | None, model_kwargs: Mapping[str, Any] | None = None):
         self.dtype = dtype
+        self.model_kwargs = dict(model_kwargs or {})  # from_pretrained_kwargs of the eval config
         self._cache: dict[str, Any] = {}
 
     def causal_lm(self, model_or_path):
@@ -228,21 +229,24 @@ class _Models:
         if key not in self._cache:
             from tether.models.loading import disable_dropout, load_causal_lm
 
-            model = load_causal_lm(key, dtype=self.dtype)
+            model = load_causal_lm(key, dtype=self.dtype, **self.model_kwargs)
             disable_dropout(model)
             self._cache[key] = model.eval()
         return self._cache[key]
 
 
-def load_reward(reward_model, reward_tokenizer=None):
+def load_reward(reward_model, reward_tokenizer=None, model_kwargs: Mapping[str, Any] | None = None):
     """``(model, tokenizer, stats or None)`` from a folder or ready objects."""
     from tether.models.loading import load_scalar_model, load_tokenizer
     from tether.models.scoring import REWARD_STATS_FILE, load_reward_stats
 
     if isinstance(reward_model, (str, os.PathLike)):
         path = Path(reward_model)
-        model = load_scalar_model(str(path)).eval()
-        tokenizer = reward_tokenizer or load_tokenizer(str(path))
+        kwargs = dict(model_kwargs or {})
+        model = load_scalar_model(str(path), **kwargs).eval()
+        tokenizer = reward_tokenizer or load_tokenizer(
+            str(path), trust_remote_code=kwargs.get("trust_remote_code", False)
+        )
         stats = load_reward_stats(path) if (path / REWARD_STATS_FILE).is_file() else None
         return model, tokenizer, stats
     return reward_model, reward_tokenizer, None
@@ -310,6 +314,7 @@ def evaluate_policies(
     max_prompt_length: int | None = None,
     seed: int = 0,
     dtype: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> EvalResults:
     """Sample from every policy on ``prompts`` and measure it (see the module docstring).
 
@@ -318,13 +323,14 @@ def evaluate_policies(
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
     the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
-    analytic bound.
+    analytic bound. ``model_kwargs`` go to every ``from_pretrained`` of a path
+    (``tether.models.loading.from_pretrained_kwargs``).
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
     from tether.generation import SamplingSettings, sample_responses
 
-    models = _Models(dtype)
+    models = _Models(dtype, model_kwargs)
     raw_prompts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
     if not raw_prompts:
         raise ValueError("no prompts to evaluate on")
@@ -332,7 +338,7 @@ def evaluate_policies(
     ref_model = models.causal_lm(reference) if reference is not None else None
     rm = rm_tok = None
     if reward_model is not None:
-        rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer)
+        rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer, model_kwargs)
         reward_stats = reward_stats if reward_stats is not None else loaded_stats
         rm_tok = rm_tok or tokenizer
     annotator = None
@@ -526,6 +532,7 @@ def bon_curve(
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Best-of-N proxy and gold reward for each N, against the analytic KL bound.
 
@@ -537,9 +544,9 @@ def bon_curve(
 
     m = max(ns)
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
-    models = _Models(None)
+    models = _Models(None, model_kwargs)
     model = models.causal_lm(base_model)
-    rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer)
+    rm, rm_tok, loaded_stats = load_reward(reward_model, reward_tokenizer, model_kwargs)
     rm_tok = rm_tok or tokenizer
     stats = reward_stats if reward_stats is not None else loaded_stats
     annotator = None
@@ -683,7 +690,7 @@ def run_eval(config: EvalConfig) -> EvalResults:
     """Run ``tether eval`` from its config: load everything, evaluate, write files and the report."""
     from tether.data.embedded import DEMO, is_demo_prompt
     from tether.data.loading import load_prompts
-    from tether.models.loading import load_tokenizer
+    from tether.models.loading import from_pretrained_kwargs, load_tokenizer
 
     policies = parse_policy_specs(config.policies)
     if not policies:
@@ -709,7 +716,9 @@ def run_eval(config: EvalConfig) -> EvalResults:
     if (config.best_of_n or config.bon_curve) and base not in policies:
         raise ConfigError(f"--best_of_n_base {base!r} is not one of the --policies names {list(policies)}")
     best = {f"best-of-{n}": (base, int(n)) for n in config.best_of_n}
-    tokenizer = load_tokenizer(next(iter(policies.values())))  # policies share the reference's vocabulary
+    # policies share the reference's vocabulary
+    tokenizer = load_tokenizer(next(iter(policies.values())), trust_remote_code=config.trust_remote_code)
+    model_kwargs = from_pretrained_kwargs(config)
     reference = None if config.reference in ("", "none") else config.reference
     results = evaluate_policies(
         policies,
@@ -729,6 +738,7 @@ def run_eval(config: EvalConfig) -> EvalResults:
         max_prompt_length=config.max_prompt_length,
         seed=config.seed,
         dtype=config.dtype,
+        model_kwargs=model_kwargs,
     )
     curve = None
     if config.bon_curve:
@@ -744,6 +754,7 @@ def run_eval(config: EvalConfig) -> EvalResults:
             batch_size=config.batch_size,
             max_prompt_length=config.max_prompt_length,
             seed=config.seed,
+            model_kwargs=model_kwargs,
         )
     write_eval_outputs(config.output_dir, results, {"config": asdict(config), "bon_curve": curve})
     if config.report:

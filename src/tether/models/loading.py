@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,11 +110,72 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
-def load_tokenizer(name_or_path: str | None, padding_side: str = "right"):
+def from_pretrained_kwargs(args) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments from a config's ``ModelLoadingArguments``
+    (``--attn_implementation``, ``--trust_remote_code``, ``--load_in_4bit``); empty by default, so a
+    default load is exactly ``from_pretrained(path, dtype=...)``."""
+    kwargs: dict[str, Any] = {}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = bnb_4bit_config(args.dtype, args.bnb_4bit_quant_type)
+    return kwargs
+
+
+def bnb_4bit_config(dtype: str | torch.dtype | None, quant_type: str = "nf4"):
+    """The ``BitsAndBytesConfig`` of ``--load_in_4bit`` (QLoRA): 4-bit weights, computed in ``dtype``."""
+    from tether.config import ConfigError
+
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"--bnb_4bit_quant_type {quant_type!r}: use nf4 or fp4")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "--load_in_4bit needs the bitsandbytes package, which is not installed: pip install bitsandbytes "
+            "(it quantises on a CUDA GPU; check its documentation for other devices), or drop --load_in_4bit"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=resolve_dtype(dtype),
+    )
+
+
+def prepare_quantised_for_lora(model, gradient_checkpointing: bool):
+    """QLoRA: peft's ``prepare_model_for_kbit_training`` for a 4-bit model (base frozen, norms in
+    float32); any other model is returned unchanged."""
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def _from_pretrained(load, path: str, **kwargs):
+    """``load(path, **kwargs)``; under ``--load_in_4bit`` a failure names the option (bitsandbytes may not
+    support this device)."""
+    if "quantization_config" not in kwargs:
+        return load(path, **kwargs)
+    from tether.config import ConfigError
+
+    try:
+        return load(path, **kwargs)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"--load_in_4bit: bitsandbytes could not load {path} 4-bit on this machine ({exc}); it needs a device "
+            "bitsandbytes supports (a CUDA GPU), or drop --load_in_4bit"
+        ) from exc
+
+
+def load_tokenizer(name_or_path: str | None, padding_side: str = "right", trust_remote_code: bool = False):
     """The model's own tokenizer; a pad token is set when the model has none."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path = resolve_model_path(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -132,8 +194,8 @@ def load_causal_lm(name_or_path: str | None, dtype: str | torch.dtype | None = N
     if _is_peft_folder(path):
         from peft import AutoPeftModelForCausalLM
 
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+        return _from_pretrained(AutoPeftModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype), **kwargs)
+    return _from_pretrained(AutoModelForCausalLM.from_pretrained, path, dtype=resolve_dtype(dtype), **kwargs)
 
 
 def load_scalar_model(name_or_path: str | None, dtype: str | torch.dtype | None = None, **kwargs):
@@ -145,16 +207,17 @@ def load_scalar_model(name_or_path: str | None, dtype: str | torch.dtype | None 
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    trust_remote_code = bool(kwargs.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     is_scalar = getattr(config, "num_labels", None) == 1 and any(
         a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])
     )
     config.num_labels = 1
     if config.pad_token_id is None:
-        tok_pad = load_tokenizer(path).pad_token_id
+        tok_pad = load_tokenizer(path, trust_remote_code=trust_remote_code).pad_token_id
         config.pad_token_id = tok_pad
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=resolve_dtype(dtype), **kwargs
+    model = _from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained, path, config=config, dtype=resolve_dtype(dtype), **kwargs
     )
     if not is_scalar:
         init_scalar_head(model)

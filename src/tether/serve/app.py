@@ -61,9 +61,8 @@ from typing import Any, Literal
 
 import torch
 
-from tether.config import ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError, ModelLoadingArguments
 from tether.data.records import Message, Prompt
-from tether.models.loading import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ API_KEY_ENV = "TETHER_API_KEY"
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ModelLoadingArguments):
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
         metadata={
@@ -795,16 +794,19 @@ def _device(config: ServeConfig) -> torch.device:
 
 
 def load_models(config: ServeConfig) -> dict[str, Any]:
-    from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.models.loading import from_pretrained_kwargs, load_causal_lm, load_scalar_model, load_tokenizer
 
     device = _device(config)
+    trust, kwargs = config.trust_remote_code, from_pretrained_kwargs(config)
     out = {
-        "tokenizer": load_tokenizer(config.model_name_or_path),
-        "policy": load_causal_lm(config.model_name_or_path, dtype=config.dtype).to(device).eval(),
+        "tokenizer": load_tokenizer(config.model_name_or_path, trust_remote_code=trust),
+        "policy": load_causal_lm(config.model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval(),
     }
     if config.reward_model_name_or_path:
-        out["rm_tokenizer"] = load_tokenizer(config.reward_model_name_or_path)
-        out["reward_model"] = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype).to(device).eval()
+        out["rm_tokenizer"] = load_tokenizer(config.reward_model_name_or_path, trust_remote_code=trust)
+        out["reward_model"] = (
+            load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
+        )
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tether.config import EMBEDDED_MODEL, ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError, ModelLoadingArguments
 from tether.data.records import Prompt
 from tether.generation import SamplingSettings
 from tether.sampling import BestOfNResult, best_of_n, bon_kl_bound
@@ -40,7 +40,7 @@ SUMMARY_FILE = "summary.json"
 
 
 @dataclass
-class BestOfNConfig:
+class BestOfNConfig(ModelLoadingArguments):
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL,
         metadata={
@@ -195,7 +195,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     """``tether bon``: load prompts (checked before anything is written), sample, score, write JSONL + summary."""
     from tether.data.loading import load_prompts
     from tether.durable import staged_output, write_json_atomic
-    from tether.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
+    from tether.models.loading import from_pretrained_kwargs, load_causal_lm, load_scalar_model, load_tokenizer
     from tether.stages.common import check_output_dir, require_dataset
     from tether.tracking import append_jsonl
 
@@ -215,10 +215,11 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     prompts = [r.prompt for r in records]
 
     device = _device(config)
-    tokenizer = load_tokenizer(config.model_name_or_path, padding_side="left")
-    policy = load_causal_lm(config.model_name_or_path, dtype=config.dtype).to(device).eval()
-    rm_tokenizer = load_tokenizer(config.reward_model_name_or_path)
-    reward_model = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype).to(device).eval()
+    trust, kwargs = config.trust_remote_code, from_pretrained_kwargs(config)
+    tokenizer = load_tokenizer(config.model_name_or_path, padding_side="left", trust_remote_code=trust)
+    policy = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
+    rm_tokenizer = load_tokenizer(config.reward_model_name_or_path, trust_remote_code=trust)
+    reward_model = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
     reward_stats = _maybe_reward_stats(config.reward_model_name_or_path)
 
     torch.manual_seed(config.seed)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
 from tether.data.templates import pad_token_id, prompt_response_ids
@@ -133,6 +133,7 @@ class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
             raise ConfigError(f"--label_smoothing {self.label_smoothing}: must lie in [0, 0.5)")
         if self.max_length < 2:
             raise ConfigError(f"--max_length {self.max_length}: must be at least 2")
+        check_quantised_training(self)
         if self.output_dir is None:
             self.output_dir = str(DEFAULT_OUTPUT_ROOT / "dpo")
         super().__post_init__()
@@ -343,14 +344,22 @@ def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logps(
-    model, batch: dict[str, torch.Tensor], compact_head: bool = True
+    model, batch: dict[str, torch.Tensor], compact_head: bool = True, autocast_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log π(y_w|x), log π(y_l|x))`` per pair: sums of response-token log-probs, stop token included.
 
     With ``compact_head`` the model returns hidden states and only the response positions go through
     the LM head (``logits_to_keep=1`` skips the head elsewhere); otherwise the model's own logits are
     used (heads that rescale or soft-cap logits need this).
+
+    Under ``--bf16``/``--fp16`` (``autocast_dtype``) the forward pass and the LM head both run in
+    one ``torch.autocast``, whichever model this is: accelerate autocasts only the prepared model's
+    ``forward``, so a head applied outside it would run in float32 for the policy and in 16 bits
+    for references computed under autocast, and ``h`` would not be 0 at identical weights.
     """
+    if autocast_dtype is not None:
+        with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype):
+            return response_logps(model, batch, compact_head)
     n = int(batch["num_pairs"])
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
@@ -434,15 +443,12 @@ def precompute_reference_logps(
         range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
     )
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
     try:
-        with adapter_off, autocast:
+        with adapter_off:
             for start in range(0, len(order), batch_size):
                 chunk = [pairs[i] for i in order[start : start + batch_size]]
                 batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
-                chosen, rejected = response_logps(model, batch, compact_head)
+                chosen, rejected = response_logps(model, batch, compact_head, autocast_dtype)
                 for x, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                     x.ref_chosen_logp, x.ref_rejected_logp = c, r
     finally:
@@ -477,10 +483,19 @@ def pair_statistics(
 class _DPOTrainer(TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the DPO loss; the loop, schedules, checkpoints and logging are Trainer's."""
 
-    def __init__(self, *args, dpo: DPOConfig, ref_model=None, compact_head: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        dpo: DPOConfig,
+        ref_model=None,
+        compact_head: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.dpo = dpo
         self.compact_head = compact_head
+        self.autocast_dtype = autocast_dtype  # the policy and every reference compute log-probs in it
         self.ref_model = ref_model
         if ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
@@ -494,13 +509,13 @@ class _DPOTrainer(TetherTrainerMixin, Trainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                return response_logps(self.ref_model, inputs, self.compact_head)
+                return response_logps(self.ref_model, inputs, self.compact_head, self.autocast_dtype)
             unwrapped = self.accelerator.unwrap_model(model)  # PEFT: the reference is the adapter-disabled policy
-            with unwrapped.disable_adapter(), self.accelerator.autocast():
-                return response_logps(unwrapped, inputs, self.compact_head)
+            with unwrapped.disable_adapter():
+                return response_logps(unwrapped, inputs, self.compact_head, self.autocast_dtype)
 
     def _pair_outputs(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        chosen, rejected = response_logps(model, inputs, self.compact_head)
+        chosen, rejected = response_logps(model, inputs, self.compact_head, self.autocast_dtype)
         ref_chosen, ref_rejected = self._reference_logps(model, inputs)
         ref_chosen, ref_rejected = ref_chosen.to(chosen.dtype), ref_rejected.to(chosen.dtype)
         h = log_ratio_difference(chosen, rejected, ref_chosen, ref_rejected)
@@ -569,9 +584,9 @@ def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[
 
 
 def _load_policy(config: DPOConfig):
-    from tether.models.loading import disable_dropout, load_causal_lm
+    from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # a PEFT adapter folder: its merged weights are the starting model
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -594,7 +609,11 @@ def train_dpo(
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
     if not train_pairs:
         raise ConfigError("no training preference pairs")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+    tokenizer = (
+        tokenizer
+        if tokenizer is not None
+        else load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    )
     pad_id = pad_token_id(tokenizer)
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
@@ -625,14 +644,17 @@ def train_dpo(
     if config.use_peft:
         from peft import get_peft_model
 
+        from tether.models.loading import prepare_quantised_for_lora
+
+        model = prepare_quantised_for_lora(model, config.gradient_checkpointing)
         model = get_peft_model(model, peft_config_from(config))
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
     autocast_dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else None)
     if config.ref_model_name_or_path:
-        from tether.models.loading import disable_dropout, load_causal_lm
+        from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype)
+        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
         disable_dropout(ref_model)
         ref_model.to(config.device).eval().requires_grad_(False)
     if config.precompute_ref_log_probs:
@@ -664,6 +686,7 @@ def train_dpo(
         dpo=config,
         ref_model=ref_model,
         compact_head=compact_ok,
+        autocast_dtype=autocast_dtype,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     train_metrics = dict(result.metrics)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
 from tether.data.records import PreferencePair
 from tether.data.templates import pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
@@ -128,6 +128,8 @@ class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
         self.output_dir_given = self.output_dir is not None
         if self.output_dir is None:
             self.output_dir = str(DEFAULT_OUTPUT_ROOT / "rm")
+        if not self.eval_only:
+            check_quantised_training(self)
         super().__post_init__()
 
 
@@ -432,25 +434,34 @@ def choose_distinct_pad_token(tokenizer, model=None) -> int:
     return chosen
 
 
-def _materialise_adapter(path: str, folder: Path, dtype) -> str:
-    """A LoRA adapter folder (e.g. ``tether sft --use_peft``) merged into a full causal LM in ``folder``."""
+def _materialise_adapter(path: str, folder: Path, dtype, trust_remote_code: bool = False) -> str:
+    """A LoRA adapter folder (e.g. ``tether sft --use_peft``) merged into a full causal LM in ``folder``
+    (merged at full precision: ``--load_in_4bit`` applies when the reward model is loaded from it)."""
     from tether.models.loading import load_causal_lm, load_tokenizer
 
-    merged = load_causal_lm(path, dtype=dtype).merge_and_unload()
+    kwargs = {"trust_remote_code": True} if trust_remote_code else {}
+    merged = load_causal_lm(path, dtype=dtype, **kwargs).merge_and_unload()
     merged.save_pretrained(folder)
-    load_tokenizer(path).save_pretrained(folder)
+    load_tokenizer(path, trust_remote_code=trust_remote_code).save_pretrained(folder)
     return str(folder)
 
 
 def load_reward_backbone(config: RewardConfig, scratch: Path):
     """The scalar model to train (fresh head on a causal LM, or an existing reward model), dropout off."""
-    from tether.models.loading import disable_dropout, load_scalar_model, load_tokenizer, resolve_model_path
+    from tether.models.loading import (
+        disable_dropout,
+        from_pretrained_kwargs,
+        load_scalar_model,
+        load_tokenizer,
+        prepare_quantised_for_lora,
+        resolve_model_path,
+    )
 
     path = resolve_model_path(config.model_name_or_path)
     if (Path(path) / "adapter_config.json").is_file():
-        path = _materialise_adapter(path, scratch, config.dtype)
-    tokenizer = load_tokenizer(path)
-    model = load_scalar_model(path, dtype=config.dtype)
+        path = _materialise_adapter(path, scratch, config.dtype, config.trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    model = load_scalar_model(path, dtype=config.dtype, **from_pretrained_kwargs(config))
     pad = choose_distinct_pad_token(tokenizer, model)
     disable_dropout(model)
     if config.activation_checkpointing:
@@ -458,6 +469,7 @@ def load_reward_backbone(config: RewardConfig, scratch: Path):
     if config.use_peft:
         from peft import get_peft_model
 
+        model = prepare_quantised_for_lora(model, config.activation_checkpointing)
         model = get_peft_model(model, peft_config_from(config, task_type="SEQ_CLS"))
         if config.activation_checkpointing:
             model.enable_input_require_grads()  # transformers#42489
@@ -710,7 +722,7 @@ def score_pairs(
 
 def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair]) -> dict[str, float]:
     """Score a preference set with an existing reward model; print accuracy; write JSON if asked."""
-    from tether.models.loading import load_scalar_model, load_tokenizer, resolve_model_path
+    from tether.models.loading import from_pretrained_kwargs, load_scalar_model, load_tokenizer, resolve_model_path
 
     if not pairs:
         raise ConfigError(f"--dataset {config.dataset}: no preference pairs")
@@ -724,8 +736,8 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
                 path,
                 architectures,
             )
-    tokenizer = load_tokenizer(path)
-    model = load_scalar_model(path, dtype=config.dtype).to(config.device)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    model = load_scalar_model(path, dtype=config.dtype, **from_pretrained_kwargs(config)).to(config.device)
     pad = pad_token_id(tokenizer)
     tokens = _tokenize_checked(tokenizer, pairs, config, "rm --eval_only")
     started = time.perf_counter()

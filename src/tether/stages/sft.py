@@ -7,6 +7,10 @@ multi-process); tether supplies the tokenisation, the labels and the collation:
   response ends with the stop token, which is a target like any response token;
 * labels are the token ids on response positions and -100 on prompt and padding positions, built
   from lengths (SmolLM2's pad id is its stop token, so ``ids == pad`` would hide the stop token);
+* a ``{"messages"}`` conversation trains every assistant turn, each with its stop token
+  (``--assistant_turns all``, TRL's ``assistant_only_loss``; ``templates.conversation_ids``), or
+  only the last one (``--assistant_turns last``); system and user turns and the template's own
+  tokens are never targets;
 * ``--packing`` puts several examples into one row of at most ``--max_length`` tokens, with
   position ids restarting at 0 for every example. Without an attention mask, transformers turns
   those position ids into a block-diagonal causal mask (sdpa, eager) or variable-length kernels
@@ -34,7 +38,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from tether.config import ConfigError, DataArguments, ModelArguments, peft_config_from
+from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
 from tether.data.records import Demonstration
 from tether.data.templates import pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
@@ -56,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SUMMARY_FILE = "training_summary.json"
+ASSISTANT_TURNS = ("all", "last")
 
 
 @dataclass
@@ -66,6 +71,13 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a non-empty --output_dir (the old model stays until the new one is saved)."},
+    )
+    assistant_turns: str = field(
+        default="all",
+        metadata={
+            "help": 'Which assistant turns of a {"messages"} conversation are trained: all (each turn and its stop '
+            "token, like TRL's assistant_only_loss) or last. A prompt/completion record trains its completion only."
+        },
     )
     packing: bool = field(
         default=False,
@@ -96,6 +108,9 @@ class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
     keep_checkpoints: bool = field(default=False, metadata={"help": KEEP_CHECKPOINTS_HELP})
 
     def __post_init__(self):
+        if self.assistant_turns not in ASSISTANT_TURNS:
+            raise ConfigError(f"--assistant_turns {self.assistant_turns!r}: use {' or '.join(ASSISTANT_TURNS)}")
+        check_quantised_training(self)
         if self.output_dir is None:
             self.output_dir = str(DEFAULT_OUTPUT_ROOT / "sft")
         super().__post_init__()
@@ -112,7 +127,13 @@ def response_labels(input_ids: Sequence[int], n_prompt: int) -> list[int]:
     must not become the target of the previous example's last token. The causal-LM loss then is
     ``L = (1/N) Σ_{y[t] ≠ −100} −log p(ids[t] | ids[<t])`` over the N response tokens of the batch.
     """
-    labels = [IGNORE_INDEX] * n_prompt + list(input_ids[n_prompt:])
+    return target_labels(input_ids, [t >= n_prompt for t in range(len(input_ids))])
+
+
+def target_labels(input_ids: Sequence[int], is_target: Sequence[bool]) -> list[int]:
+    """``y[t] = ids[t]`` where ``is_target[t]`` (assistant turns and their stop tokens), else −100;
+    ``y[0] = −100`` always (see ``response_labels``)."""
+    labels = [int(i) if target else IGNORE_INDEX for i, target in zip(input_ids, is_target, strict=True)]
     if labels:
         labels[0] = IGNORE_INDEX
     return labels
@@ -130,22 +151,55 @@ class TokenizedDemonstrations:
 
 
 def tokenize_demonstrations(
-    tokenizer, demonstrations: Sequence[Demonstration], max_length: int | None, max_prompt_length: int | None
+    tokenizer,
+    demonstrations: Sequence[Demonstration],
+    max_length: int | None,
+    max_prompt_length: int | None,
+    assistant_turns: str = "all",
 ) -> TokenizedDemonstrations:
-    """Token ids and labels of every demonstration, counting prompts cut and responses truncated."""
-    from tether.data.templates import prompt_ids, prompt_response_ids
+    """Token ids and labels of every demonstration, counting prompts cut and responses truncated.
+
+    With ``assistant_turns="all"`` the earlier assistant turns of a ``{"messages"}`` conversation are
+    targets too (``templates.conversation_ids``); a demonstration without them is tokenised exactly
+    as with ``"last"``.
+    """
+    from tether.data.templates import (
+        TemplateError,
+        assistant_turn_indices,
+        conversation_ids,
+        conversation_prompt_ids,
+        prompt_ids,
+        prompt_response_ids,
+    )
 
     out = TokenizedDemonstrations(examples=[])
     # A prompt can only have been cut when its part is at one of its caps; only then re-tokenise to check.
     caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
-    for demo in demonstrations:
-        ids, n_prompt, truncated = prompt_response_ids(
-            tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
+    for i, demo in enumerate(demonstrations):
+        all_turns = (
+            assistant_turns == "all"
+            and demo.prompt_turns_are_demonstrations
+            and bool(assistant_turn_indices(demo.prompt))
         )
-        if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, demo.prompt)) > n_prompt:
+        if all_turns:
+            try:
+                ids, is_target, n_prompt, truncated = conversation_ids(
+                    tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
+                )
+            except TemplateError as exc:
+                raise ConfigError(f"{demo.origin or f'demonstration {i}'}: {exc}; use --assistant_turns last") from None
+            labels = target_labels(ids, is_target)
+            full_prompt = lambda: conversation_prompt_ids(tokenizer, demo.prompt)[0]  # noqa: E731
+        else:
+            ids, n_prompt, truncated = prompt_response_ids(
+                tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
+            )
+            labels = response_labels(ids, n_prompt)
+            full_prompt = lambda: prompt_ids(tokenizer, demo.prompt)  # noqa: E731
+        if caps and n_prompt >= min(caps) and len(full_prompt()) > n_prompt:
             out.prompt_cut += 1
         out.response_cut += int(truncated)
-        out.examples.append({"input_ids": ids, "labels": response_labels(ids, n_prompt)})
+        out.examples.append({"input_ids": ids, "labels": labels})
     return out
 
 
@@ -253,9 +307,14 @@ class ListDataset(torch.utils.data.Dataset):
 def load_policy_for_training(config: SFTConfig):
     """The causal LM to fine-tune: merged first if the starting point is itself an adapter folder,
     then wrapped with fresh LoRA adapters under ``--use_peft``; dropout off (N+ detail 7)."""
-    from tether.models.loading import disable_dropout, load_causal_lm
+    from tether.models.loading import (
+        disable_dropout,
+        from_pretrained_kwargs,
+        load_causal_lm,
+        prepare_quantised_for_lora,
+    )
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype)
+    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # an SFT adapter folder as the starting point
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -265,6 +324,7 @@ def load_policy_for_training(config: SFTConfig):
     if config.use_peft:
         from peft import get_peft_model
 
+        model = prepare_quantised_for_lora(model, config.activation_checkpointing)
         model = get_peft_model(model, peft_config_from(config, task_type="CAUSAL_LM"))
         if config.activation_checkpointing:
             # transformers#42489: the Trainer does not do this for PEFT models
@@ -326,9 +386,13 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
 
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    tokens = tokenize_demonstrations(tokenizer, train, config.max_length, config.max_prompt_length)
-    eval_tokens = tokenize_demonstrations(tokenizer, held_out, config.max_length, config.max_prompt_length)
+    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    tokens = tokenize_demonstrations(
+        tokenizer, train, config.max_length, config.max_prompt_length, config.assistant_turns
+    )
+    eval_tokens = tokenize_demonstrations(
+        tokenizer, held_out, config.max_length, config.max_prompt_length, config.assistant_turns
+    )
     warn_truncation(
         "sft", len(train), tokens.prompt_cut, tokens.response_cut, config.max_length, config.max_prompt_length
     )
@@ -368,6 +432,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         "model_name_or_path": config.model_name_or_path,
         "train_examples": len(train),
         "eval_examples": len(held_out),
+        "assistant_turns": config.assistant_turns,
         "packed_rows": len(train_items) if config.packing else None,
         "prompts_cut": tokens.prompt_cut,
         "responses_truncated": tokens.response_cut,
