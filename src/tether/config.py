@@ -97,6 +97,37 @@ class DataArguments:
     )
 
 
+TRUNCATION_MODES = ("prompt", "drop")
+
+
+@dataclass
+class TruncationArguments:
+    """How the training stages (SFT, reward model, DPO) fit long examples into ``--max_length``
+    (``tether.data.templates.Truncation``); mixed in before ``TrainingArguments``, next to
+    ``DataArguments``."""
+
+    truncation: str = field(
+        default="prompt",
+        metadata={
+            "help": "Long examples: prompt (cut the prompt from the left, down to --min_prompt_length tokens, and "
+            "drop the example if its response still does not fit) or drop (TRL: drop every example that does not "
+            "fit as it is). A response is never cut, so every sequence ends with its stop token. Dropped and cut "
+            "examples are counted in training_summary.json."
+        },
+    )
+    min_prompt_length: int = field(
+        default=64,
+        metadata={"help": "With --truncation prompt, the fewest prompt tokens a cut may leave (or the whole prompt)."},
+    )
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATION_MODES:
+            raise ConfigError(f"--truncation {self.truncation!r}: use one of {', '.join(TRUNCATION_MODES)}")
+        if self.min_prompt_length < 1:
+            raise ConfigError(f"--min_prompt_length {self.min_prompt_length}: must be at least 1")
+        super().__post_init__()  # TrainingArguments' checks
+
+
 def check_quantised_training(args: ModelArguments) -> None:
     """4-bit weights cannot be trained themselves: QLoRA trains LoRA adapters on top of them."""
     if args.load_in_4bit and not args.use_peft:

@@ -11,17 +11,27 @@ responses on the same token boundaries it was trained on (PPO checklist item 14)
 * a response is its text tokenised on its own (no special tokens) followed by the stop token
   (``tokenizer.eos_token_id``; for SmolLM2-Instruct that is ``<|im_end|>``, the end of the turn).
 
-A multi-turn demonstration (``conversation_ids``) continues the same rule turn by turn: each
+A multi-turn demonstration (``conversation_prompt_ids``) continues the same rule turn by turn: each
 earlier assistant turn is ``response_ids`` of its text, between turns come the tokens the chat
 template renders (the next user turn, the generation prompt), so every assistant turn is tokenised
 as the model would have generated it.
+
+Long pairs are fitted by one rule too (``Truncation``): the prompt is cut from the left or the pair
+is dropped, never the response, so every sequence trained or scored ends with the stop token.
 
 Masks are always built from lengths, never from ``token == pad``: SmolLM2 pads with its stop token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tether.config import TRUNCATION_MODES
 from tether.data.records import Message, Prompt
+
+T = TypeVar("T")
 
 
 def as_messages(prompt: Prompt) -> list[dict[str, str]]:
@@ -70,29 +80,83 @@ def response_ids(tokenizer, response: str, add_stop: bool = True) -> list[int]:
     return ids + [stop_token_id(tokenizer)] if add_stop else ids
 
 
-def prompt_response_ids(
-    tokenizer, prompt: Prompt, response: str, max_length: int | None = None, max_prompt_length: int | None = None
-) -> tuple[list[int], int, bool]:
-    """``(ids, n_prompt_tokens, truncated)`` for prompt + response + stop token.
+@dataclass(frozen=True)
+class Truncation:
+    """How a prompt and its response(s) are fitted into ``max_length`` tokens. Never by cutting a
+    response: its last token is the stop token, where the SFT loss ends, the reward model reads its
+    score and DPO's log-probability sums end.
 
-    When the pair is longer than ``max_length`` the response is cut from the right (losing its stop
-    token) and ``truncated`` is True; callers count and warn. The prompt is first cut to
-    ``max_prompt_length`` from the left so that at least part of the response always survives.
+    * ``prompt`` (the default): the prompt is cut from the left (its end, the question and the
+      generation prompt, is kept) to ``max_prompt_length``, then further until prompt + response fit,
+      but never below ``min_prompt_length`` tokens; a pair whose response does not fit beside that
+      much prompt is dropped.
+    * ``drop`` (TRL's reward trainer): nothing is cut; a prompt over ``max_prompt_length`` or a
+      prompt + response over ``max_length`` drops the pair.
+
+    ``None`` limits are no limit. Several responses sharing one prompt (a preference pair) are fitted
+    together by the longest, so they keep the same prompt tokens.
     """
-    p = prompt_ids(tokenizer, prompt, max_prompt_length)
+
+    mode: str = "prompt"
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    min_prompt_length: int = 64
+
+    def __post_init__(self):
+        if self.mode not in TRUNCATION_MODES:
+            raise ValueError(f"--truncation {self.mode!r}: use one of {', '.join(TRUNCATION_MODES)}")
+        if self.min_prompt_length < 1:
+            raise ValueError(f"--min_prompt_length {self.min_prompt_length}: must be at least 1")
+
+    def prompt_tokens_kept(self, n_prompt: int, n_response: int) -> int | None:
+        """Tokens kept from the end of an ``n_prompt``-token prompt beside an ``n_response``-token
+        response (stop token included), or None when the pair is dropped. With ``L`` = max_length,
+        ``P`` = max_prompt_length, ``m`` = min_prompt_length (missing limits = ∞):
+
+            prompt:  k = min(n_prompt, P, L − n_response),  dropped if k < min(n_prompt, P, m)
+            drop:    k = n_prompt,                          dropped if n_prompt > P or n_prompt + n_response > L
+        """
+        inf = float("inf")
+        cap_length = inf if self.max_length is None else self.max_length
+        cap_prompt = inf if self.max_prompt_length is None else self.max_prompt_length
+        if self.mode == "drop":
+            fits = n_prompt <= cap_prompt and n_prompt + n_response <= cap_length
+            return n_prompt if fits else None
+        kept = min(n_prompt, cap_prompt, cap_length - n_response)
+        return int(kept) if kept >= min(n_prompt, cap_prompt, self.min_prompt_length) else None
+
+    def fit_prompt(self, prompt: Sequence[T], *responses: Sequence) -> list[T] | None:
+        """The end of ``prompt`` that fits beside every one of ``responses`` (:meth:`prompt_tokens_kept`
+        for the longest), or None when the pair is dropped. ``prompt`` may be any per-token list."""
+        kept = self.prompt_tokens_kept(len(prompt), max(len(r) for r in responses))
+        return None if kept is None else list(prompt[len(prompt) - kept :])
+
+    def describe(self) -> str:
+        """The options a user changes to keep more of the data, for messages."""
+        return f"--max_length {self.max_length}, --max_prompt_length {self.max_prompt_length}, --truncation {self.mode}"
+
+
+class PairDoesNotFit(ValueError):
+    """A prompt + response that cannot be fitted into ``max_length`` without cutting the response."""
+
+
+def prompt_response_ids(
+    tokenizer, prompt: Prompt, response: str, truncation: Truncation | None = None
+) -> tuple[list[int], int]:
+    """``(ids, n_prompt_tokens)`` for prompt + response + stop token, the prompt cut by ``truncation``
+    (none: nothing is cut). The last id is always the stop token; a pair that cannot fit so raises
+    ``PairDoesNotFit``."""
+    p = prompt_ids(tokenizer, prompt)
     r = response_ids(tokenizer, response)
-    n_prompt, n_response, truncated = fit_lengths(len(p), len(r), max_length)
-    return p[len(p) - n_prompt :] + r[:n_response], n_prompt, truncated
-
-
-def fit_lengths(n_prompt: int, n_response: int, max_length: int | None) -> tuple[int, int, bool]:
-    """``(prompt tokens kept from its end, response tokens kept from its start, truncated)`` within
-    ``max_length``: the response is cut from the right, and the prompt only when it alone would fill
-    ``max_length`` (at least one response token is kept)."""
-    if max_length is None or n_prompt + n_response <= max_length:
-        return n_prompt, n_response, False
-    n_prompt = min(n_prompt, max_length - 1)
-    return n_prompt, max_length - n_prompt, True
+    if truncation is not None:
+        fitted = truncation.fit_prompt(p, r)
+        if fitted is None:
+            raise PairDoesNotFit(
+                f"a {len(p)}-token prompt and a {len(r)}-token response do not fit "
+                f"{truncation.describe()} without cutting the response's stop token"
+            )
+        p = fitted
+    return p + r, len(p)
 
 
 class TemplateError(ValueError):
@@ -145,20 +209,6 @@ def conversation_prompt_ids(tokenizer, prompt: Prompt) -> tuple[list[int], list[
             is_turn += [True] * len(turn)
             done = text + prompt[end].content + stop
     return ids, is_turn
-
-
-def conversation_ids(
-    tokenizer, prompt: Prompt, response: str, max_length: int | None = None, max_prompt_length: int | None = None
-) -> tuple[list[int], list[bool], int, bool]:
-    """``(ids, is_target, n_prompt_tokens, truncated)``: ``prompt_response_ids`` where every assistant
-    turn of the prompt (``conversation_prompt_ids``) is a target like the response; cut the same way."""
-    p, p_turns = conversation_prompt_ids(tokenizer, prompt)
-    if max_prompt_length is not None and len(p) > max_prompt_length:
-        p, p_turns = p[-max_prompt_length:], p_turns[-max_prompt_length:]
-    r = response_ids(tokenizer, response)
-    n_prompt, n_response, truncated = fit_lengths(len(p), len(r), max_length)
-    start = len(p) - n_prompt
-    return p[start:] + r[:n_response], p_turns[start:] + [True] * n_response, n_prompt, truncated
 
 
 def messages_from_dicts(items: list[dict]) -> tuple[Message, ...]:

@@ -163,15 +163,22 @@ def score_texts(
     """Reward of each (prompt, response) pair, tokenised by the one rule of ``tether.data.templates``.
 
     ``tokens = prompt_ids(prompt) + response_ids(response)`` (the response ends with the stop
-    token), exactly as the reward model was trained on; the score is read at the last token.
+    token), exactly as the reward model was trained on; the score is read at the last token, which is
+    always that stop token: a long pair is fitted by cutting its prompt from the left
+    (``Truncation("prompt", max_length, max_prompt_length)``), and a response that does not fit
+    ``max_length`` even so raises ``PairDoesNotFit`` rather than being scored at a token it does not end on.
     """
-    from tether.data.templates import prompt_response_ids
+    from tether.data.templates import PairDoesNotFit, Truncation, prompt_response_ids
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    sequences = [
-        prompt_response_ids(tokenizer, p, r, max_length, max_prompt_length)[0] for p, r in zip(prompts, responses)
-    ]
+    rule = Truncation("prompt", max_length, max_prompt_length)
+    sequences = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        try:
+            sequences.append(prompt_response_ids(tokenizer, p, r, rule)[0])
+        except PairDoesNotFit as exc:
+            raise PairDoesNotFit(f"response {i} cannot be scored: {exc}; raise --max_length") from None
     pad = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()

@@ -30,6 +30,7 @@ import torch
 
 from tether.config import EMBEDDED_MODEL, ConfigError, ModelLoadingArguments
 from tether.data.records import Prompt
+from tether.data.templates import Truncation
 from tether.generation import SamplingSettings
 from tether.sampling import BestOfNResult, best_of_n, bon_kl_bound
 
@@ -74,7 +75,12 @@ class BestOfNConfig(ModelLoadingArguments):
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum tokens per sampled response."})
     max_prompt_length: int = field(default=256, metadata={"help": "Maximum prompt tokens (cut from the left)."})
     max_length: int | None = field(
-        default=None, metadata={"help": "Maximum prompt + response tokens when scoring (default: no limit)."}
+        default=None,
+        metadata={
+            "help": "Maximum prompt + response tokens when scoring (default: no limit). The prompt is cut from the "
+            "left to fit, never the response: it must leave room for --max_new_tokens, the stop token and "
+            "min(--max_prompt_length, 64) prompt tokens."
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generation call (each gives N sequences)."})
     reward_batch_size: int = field(default=16, metadata={"help": "Sequences per reward-model forward pass."})
@@ -113,6 +119,12 @@ class BestOfNConfig(ModelLoadingArguments):
             raise ConfigError("--batch_size and --reward_batch_size must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ConfigError(f"--max_prompts {self.max_prompts}: must be >= 1")
+        room = self.max_new_tokens + 1 + min(self.max_prompt_length, Truncation.min_prompt_length)
+        if self.max_length is not None and self.max_length < room:
+            raise ConfigError(
+                f"--max_length {self.max_length}: a response of --max_new_tokens {self.max_new_tokens} tokens, its "
+                f"stop token and the end of its prompt need {room}; responses are scored whole, never cut"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from tether.config import ConfigError
 from tether.data.embedded import DEMO
+from tether.data.templates import Truncation
 from tether.durable import (
     CHECKPOINT_PREFIX,
     LATEST,
@@ -102,31 +103,34 @@ def count_message(n_bad: int, n_total: int, what: str) -> str:
     return f"{n_bad} of {n_total} {what} ({share:.1f}%)"
 
 
-def warn_truncation(
-    stage: str,
-    n_total: int,
-    n_prompt_cut: int,
-    n_response_cut: int,
-    max_length: int,
-    max_prompt_length: int,
-    unit: str = "examples",
+def truncation_rule(config) -> Truncation:
+    """The stage's ``--truncation`` / ``--max_length`` / ``--max_prompt_length`` / ``--min_prompt_length``."""
+    return Truncation(config.truncation, config.max_length, config.max_prompt_length, config.min_prompt_length)
+
+
+def report_truncation(
+    stage: str, rule: Truncation, n_total: int, n_dropped: int, n_prompt_cut: int, unit: str, required: bool = True
 ) -> None:
-    """Say how many examples lost tokens; the response is never dropped entirely."""
+    """Log how many examples lost prompt tokens or were dropped by ``rule``; when it dropped all of
+    them (and ``required``: the training data), stop with an error naming the options to change."""
+    if n_total and n_dropped == n_total and required:
+        raise ConfigError(
+            f"tether {stage}: all {n_total} {unit} are longer than {rule.describe()} allows without cutting a "
+            "response; raise --max_length (or --max_prompt_length, or lower --min_prompt_length)"
+        )
     if n_prompt_cut:
         logger.warning(
-            "tether %s: %s had prompts longer than --max_prompt_length %d; they were cut from the left "
-            "(the end of the prompt is kept)",
+            "tether %s: %s had their prompt cut from the left (the end of the prompt is kept) to fit %s",
             stage,
             count_message(n_prompt_cut, n_total, unit),
-            max_prompt_length,
+            rule.describe(),
         )
-    if n_response_cut:
+    if n_dropped:
         logger.warning(
-            "tether %s: %s were longer than --max_length %d; their responses were cut from the right and "
-            "lost the stop token (at least one response token is always kept)",
+            "tether %s: %s were dropped: they do not fit %s without cutting a response (and its stop token)",
             stage,
-            count_message(n_response_cut, n_total, unit),
-            max_length,
+            count_message(n_dropped, n_total, unit),
+            rule.describe(),
         )
 
 

@@ -39,10 +39,17 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
+from tether.config import (
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    TruncationArguments,
+    check_quantised_training,
+    peft_config_from,
+)
 from tether.data.errors import DataError
 from tether.data.records import PreferencePair
-from tether.data.templates import pad_token_id, prompt_response_ids
+from tether.data.templates import Truncation, pad_token_id, prompt_ids, response_ids
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.models.wrappers import strip_peft
 from tether.stages.common import (
@@ -53,8 +60,10 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     load_train_eval,
+    report_truncation,
     require_dataset,
     resolve_resume,
+    truncation_rule,
 )
 from tether.stages.sft import save_policy
 
@@ -64,7 +73,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class DPOConfig(ModelArguments, DataArguments, TrainingArguments):
+class DPOConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None,
         metadata={
@@ -215,23 +224,26 @@ class TokenizedPair:
 
 
 def tokenize_pairs(
-    tokenizer, pairs: list[PreferencePair], max_length: int, max_prompt_length: int | None
-) -> tuple[list[TokenizedPair], int]:
-    """Tokenise with the shared rule (``templates.prompt_response_ids``); returns ``(pairs, n_truncated)``.
+    tokenizer, pairs: list[PreferencePair], truncation: Truncation
+) -> tuple[list[TokenizedPair], int, int]:
+    """Tokenise with the shared rule (``templates.prompt_ids`` + ``response_ids``), fitted by
+    ``truncation``; returns ``(pairs, n_prompts_cut, n_pairs_dropped)``.
 
-    ``max_length`` bounds prompt + chosen and prompt + rejected separately, as two sequences would be.
+    ``max_length`` bounds prompt + chosen and prompt + rejected separately, as two sequences would be;
+    both keep the same prompt tokens (cut to fit beside the longer response).
     """
     out: list[TokenizedPair] = []
     problems: list[str] = []
-    truncated = 0
+    prompts_cut = dropped = 0
     for i, pair in enumerate(pairs):
         where = pair.origin or f"pair {i}"
-        ids_c, n_c, cut_c = prompt_response_ids(tokenizer, pair.prompt, pair.chosen, max_length, max_prompt_length)
-        ids_r, n_r, cut_r = prompt_response_ids(tokenizer, pair.prompt, pair.rejected, max_length, max_prompt_length)
-        prompt = ids_c[:n_c]
-        if ids_r[:n_r] != prompt:  # cannot happen with one prompt and one rule; guard the shared-prompt layout
-            problems.append(f"{where}: prompt tokenises differently for chosen and rejected")
+        full_prompt = prompt_ids(tokenizer, pair.prompt)
+        chosen, rejected = response_ids(tokenizer, pair.chosen), response_ids(tokenizer, pair.rejected)
+        prompt = truncation.fit_prompt(full_prompt, chosen, rejected)
+        if prompt is None:
+            dropped += 1
             continue
+        prompts_cut += int(len(prompt) < len(full_prompt))
         if not prompt:
             if tokenizer.bos_token_id is None:
                 problems.append(
@@ -239,11 +251,10 @@ def tokenize_pairs(
                 )
                 continue
             prompt = [int(tokenizer.bos_token_id)]
-        truncated += int(cut_c or cut_r)
-        out.append(TokenizedPair(prompt, ids_c[n_c:], ids_r[n_r:], where))
+        out.append(TokenizedPair(prompt, chosen, rejected, where))
     if problems:
         raise DataError(problems)
-    return out, truncated
+    return out, prompts_cut, dropped
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
@@ -615,18 +626,11 @@ def train_dpo(
         else load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     )
     pad_id = pad_token_id(tokenizer)
-    train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
-    eval_tok, cut_eval = tokenize_pairs(tokenizer, eval_pairs or [], config.max_length, config.max_prompt_length)
-    if cut_train or cut_eval:
-        logger.warning(
-            "tether dpo: %d of %d training and %d of %d held-out pairs were longer than --max_length %d; "
-            "their responses are cut from the right (and lose the stop token)",
-            cut_train,
-            len(train_tok),
-            cut_eval,
-            len(eval_tok),
-            config.max_length,
-        )
+    rule = truncation_rule(config)
+    train_tok, train_cut, train_dropped = tokenize_pairs(tokenizer, train_pairs, rule)
+    eval_tok, eval_cut, eval_dropped = tokenize_pairs(tokenizer, eval_pairs or [], rule)
+    report_truncation("dpo", rule, len(train_pairs), train_dropped, train_cut, "pairs")
+    report_truncation("dpo (held-out)", rule, len(eval_pairs or []), eval_dropped, eval_cut, "pairs", required=False)
 
     if not eval_tok:
         config.eval_strategy = "no"
@@ -691,6 +695,10 @@ def train_dpo(
     result = trainer.train(resume_from_checkpoint=resume)
     train_metrics = dict(result.metrics)
     train_metrics["train_pairs"] = len(train_tok)
+    train_metrics["truncation"] = config.truncation
+    train_metrics["prompts_cut"] = train_cut
+    train_metrics["pairs_dropped"] = train_dropped
+    train_metrics["eval_pairs_dropped"] = eval_dropped
     train_metrics["global_step"] = trainer.state.global_step
     train_metrics["train_pairs_per_second"] = train_metrics.get("train_samples_per_second")
     eval_metrics = trainer.evaluate() if eval_tok else {}

@@ -39,9 +39,16 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
+from tether.config import (
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    TruncationArguments,
+    check_quantised_training,
+    peft_config_from,
+)
 from tether.data.records import PreferencePair
-from tether.data.templates import pad_token_id
+from tether.data.templates import Truncation, pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
 from tether.models.wrappers import strip_peft
@@ -53,10 +60,11 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     load_train_eval,
+    report_truncation,
     require_dataset,
     resolve_resume,
     summarise_lengths,
-    warn_truncation,
+    truncation_rule,
 )
 from tether.stages.sft import ListDataset
 
@@ -69,7 +77,7 @@ NEW_PAD_TOKEN = "<|tether_pad|>"
 
 
 @dataclass
-class RewardConfig(ModelArguments, DataArguments, TrainingArguments):
+class RewardConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None,
         metadata={
@@ -180,7 +188,7 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenizedPair:
-    """The prompt's tokens once, and each response's tokens (ending with the stop token unless truncated)."""
+    """The prompt's tokens once, and each response's tokens (ending with the stop token)."""
 
     prompt: tuple[int, ...]
     chosen: tuple[int, ...]
@@ -199,45 +207,33 @@ class TokenizedPair:
 @dataclass
 class TokenizedPreferences:
     pairs: list[TokenizedPair]
-    prompt_cut: int = 0
-    response_cut: int = 0
+    prompts_cut: int = 0
+    pairs_dropped: int = 0
 
     @property
     def has_margin(self) -> bool:
         return any(p.margin is not None for p in self.pairs)
 
 
-def tokenize_preferences(
-    tokenizer, pairs: Sequence[PreferencePair], max_length: int | None, max_prompt_length: int | None
-) -> TokenizedPreferences:
-    """Each pair as ``prompt_ids + response_ids`` (``tether.data.templates``), counting truncations.
+def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], truncation: Truncation) -> TokenizedPreferences:
+    """Each pair as ``prompt_ids + response_ids`` (``tether.data.templates``), fitted by ``truncation``
+    (counting prompts cut and pairs dropped).
 
-    The prompt part depends only on the prompt, so chosen and rejected share it token for token.
+    Chosen and rejected share the prompt token for token: it is cut once, to fit beside the longer.
     """
-    from tether.data.templates import prompt_ids, prompt_response_ids
+    from tether.data.templates import prompt_ids, response_ids
 
     out = TokenizedPreferences(pairs=[])
-    caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
     for pair in pairs:
-        chosen, n_prompt, chosen_cut = prompt_response_ids(
-            tokenizer, pair.prompt, pair.chosen, max_length, max_prompt_length
-        )
-        rejected, n_prompt_r, rejected_cut = prompt_response_ids(
-            tokenizer, pair.prompt, pair.rejected, max_length, max_prompt_length
-        )
-        if n_prompt != n_prompt_r or chosen[:n_prompt] != rejected[:n_prompt]:  # guards the shared-prompt rows
-            raise AssertionError(f"{pair.origin}: chosen and rejected tokenised with different prompts")
-        if caps and n_prompt >= min(caps) and len(prompt_ids(tokenizer, pair.prompt)) > n_prompt:
-            out.prompt_cut += 1
-        out.response_cut += int(chosen_cut or rejected_cut)
-        out.pairs.append(
-            TokenizedPair(
-                tuple(chosen[:n_prompt]),
-                tuple(chosen[n_prompt:]),
-                tuple(rejected[n_prompt:]),
-                None if pair.margin is None else float(pair.margin),
-            )
-        )
+        prompt = prompt_ids(tokenizer, pair.prompt)
+        chosen, rejected = response_ids(tokenizer, pair.chosen), response_ids(tokenizer, pair.rejected)
+        kept = truncation.fit_prompt(prompt, chosen, rejected)
+        if kept is None:
+            out.pairs_dropped += 1
+            continue
+        out.prompts_cut += int(len(kept) < len(prompt))
+        margin = None if pair.margin is None else float(pair.margin)
+        out.pairs.append(TokenizedPair(tuple(kept), tuple(chosen), tuple(rejected), margin))
     return out
 
 
@@ -566,17 +562,10 @@ def run_reward(config: RewardConfig) -> Path | dict[str, float]:
     return train_reward(config, train, held_out)
 
 
-def _tokenize_checked(tokenizer, pairs, config, what: str) -> TokenizedPreferences:
-    tokens = tokenize_preferences(tokenizer, pairs, config.max_length, config.max_prompt_length)
-    warn_truncation(
-        what,
-        len(pairs),
-        tokens.prompt_cut,
-        tokens.response_cut,
-        config.max_length,
-        config.max_prompt_length,
-        unit="pairs",
-    )
+def _tokenize_checked(tokenizer, pairs, config, what: str, required: bool = True) -> TokenizedPreferences:
+    rule = truncation_rule(config)
+    tokens = tokenize_preferences(tokenizer, pairs, rule)
+    report_truncation(what, rule, len(pairs), tokens.pairs_dropped, tokens.prompts_cut, "pairs", required)
     return tokens
 
 
@@ -600,7 +589,7 @@ def train_reward(
     with tempfile.TemporaryDirectory(prefix="tether-rm-") as scratch:
         model, tokenizer, pad = load_reward_backbone(config, Path(scratch))
     tokens = _tokenize_checked(tokenizer, train, config, "rm")
-    eval_tokens = _tokenize_checked(tokenizer, held_out, config, "rm (held-out)")
+    eval_tokens = _tokenize_checked(tokenizer, held_out, config, "rm (held-out)", required=False)
     if not eval_tokens.pairs:
         config.eval_strategy = IntervalStrategy.NO
 
@@ -632,20 +621,23 @@ def train_reward(
             final_eval = trainer.evaluate()
     stats = training_reward_stats(trainer, tokens.pairs, config.reward_stats_max_pairs, config.seed)
 
+    trained = len(tokens.pairs)
     summary = {
         "stage": "rm",
         "model_name_or_path": config.model_name_or_path,
-        "train_pairs": len(train),
-        "eval_pairs": len(held_out),
-        "prompts_cut": tokens.prompt_cut,
-        "pairs_truncated": tokens.response_cut,
+        "train_pairs": trained,
+        "eval_pairs": len(eval_tokens.pairs),
+        "truncation": config.truncation,
+        "prompts_cut": tokens.prompts_cut,
+        "pairs_dropped": tokens.pairs_dropped,
+        "eval_pairs_dropped": eval_tokens.pairs_dropped,
         "pair_token_lengths": summarise_lengths(
             [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokens.pairs]
         ),
         "shared_prompt_rows": collator.share_prompt,
         "pad_token_id": pad,
         "train_seconds": train_seconds,
-        "train_pairs_per_second": len(train) * config.num_train_epochs / train_seconds if train_seconds else None,
+        "train_pairs_per_second": trained * config.num_train_epochs / train_seconds if train_seconds else None,
         "train_loss": result.training_loss,
         "global_steps": trainer.state.global_step,
         "eval": final_eval,
@@ -745,11 +737,11 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
     metrics = preference_metrics(chosen, rejected)
     margins = torch.tensor([0.0 if p.margin is None else p.margin for p in tokens.pairs])
     metrics["loss"] = bradley_terry_loss(chosen, rejected, margins if tokens.has_margin else None).item()
-    metrics["pairs"] = len(pairs)
-    metrics["pairs_truncated"] = tokens.response_cut
+    metrics["pairs"] = len(tokens.pairs)
+    metrics["pairs_dropped"] = tokens.pairs_dropped
     metrics["seconds"] = time.perf_counter() - started
     print(
-        f"accuracy {metrics['accuracy']:.4f} on {len(pairs)} pairs "
+        f"accuracy {metrics['accuracy']:.4f} on {len(tokens.pairs)} pairs "
         f"(margin {metrics['margin']:.4f}, reward mean {metrics['reward_mean']:.4f} std {metrics['reward_std']:.4f}, "
         f"loss {metrics['loss']:.4f})"
     )

@@ -4,11 +4,12 @@ The loop is ``transformers.Trainer`` (checkpoints, logging, schedulers, mixed pr
 multi-process); tether supplies the tokenisation, the labels and the collation:
 
 * ``tokens = prompt_ids(prompt) + response_ids(completion)`` (``tether.data.templates``); the
-  response ends with the stop token, which is a target like any response token;
+  response ends with the stop token, which is a target like any response token; a long example is
+  fitted by ``--truncation`` (prompt cut from the left, or the example dropped), never by cutting it;
 * labels are the token ids on response positions and -100 on prompt and padding positions, built
   from lengths (SmolLM2's pad id is its stop token, so ``ids == pad`` would hide the stop token);
 * a ``{"messages"}`` conversation trains every assistant turn, each with its stop token
-  (``--assistant_turns all``, TRL's ``assistant_only_loss``; ``templates.conversation_ids``), or
+  (``--assistant_turns all``, TRL's ``assistant_only_loss``; ``templates.conversation_prompt_ids``), or
   only the last one (``--assistant_turns last``); system and user turns and the template's own
   tokens are never targets;
 * ``--packing`` puts several examples into one row of at most ``--max_length`` tokens, with
@@ -38,9 +39,16 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from tether.config import ConfigError, DataArguments, ModelArguments, check_quantised_training, peft_config_from
+from tether.config import (
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    TruncationArguments,
+    check_quantised_training,
+    peft_config_from,
+)
 from tether.data.records import Demonstration
-from tether.data.templates import pad_token_id
+from tether.data.templates import Truncation, pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
@@ -50,10 +58,11 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     load_train_eval,
+    report_truncation,
     require_dataset,
     resolve_resume,
     summarise_lengths,
-    warn_truncation,
+    truncation_rule,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,7 +73,7 @@ ASSISTANT_TURNS = ("all", "last")
 
 
 @dataclass
-class SFTConfig(ModelArguments, DataArguments, TrainingArguments):
+class SFTConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None, metadata={"help": f"Where the fine-tuned model is written (default {DEFAULT_OUTPUT_ROOT}/sft)."}
     )
@@ -142,8 +151,8 @@ def target_labels(input_ids: Sequence[int], is_target: Sequence[bool]) -> list[i
 @dataclass
 class TokenizedDemonstrations:
     examples: list[dict[str, list[int]]]
-    prompt_cut: int = 0
-    response_cut: int = 0
+    prompts_cut: int = 0
+    dropped: int = 0
 
     @property
     def lengths(self) -> list[int]:
@@ -151,30 +160,25 @@ class TokenizedDemonstrations:
 
 
 def tokenize_demonstrations(
-    tokenizer,
-    demonstrations: Sequence[Demonstration],
-    max_length: int | None,
-    max_prompt_length: int | None,
-    assistant_turns: str = "all",
+    tokenizer, demonstrations: Sequence[Demonstration], truncation: Truncation, assistant_turns: str = "all"
 ) -> TokenizedDemonstrations:
-    """Token ids and labels of every demonstration, counting prompts cut and responses truncated.
+    """Token ids and labels of every demonstration, fitted by ``truncation`` (counting prompts cut
+    and demonstrations dropped): a completion is never cut, so every example ends with the stop
+    token it teaches.
 
     With ``assistant_turns="all"`` the earlier assistant turns of a ``{"messages"}`` conversation are
-    targets too (``templates.conversation_ids``); a demonstration without them is tokenised exactly
-    as with ``"last"``.
+    targets too (``templates.conversation_prompt_ids``); a demonstration without them is tokenised
+    exactly as with ``"last"``.
     """
     from tether.data.templates import (
         TemplateError,
         assistant_turn_indices,
-        conversation_ids,
         conversation_prompt_ids,
         prompt_ids,
-        prompt_response_ids,
+        response_ids,
     )
 
     out = TokenizedDemonstrations(examples=[])
-    # A prompt can only have been cut when its part is at one of its caps; only then re-tokenise to check.
-    caps = [c for c in (max_prompt_length, None if max_length is None else max_length - 1) if c is not None]
     for i, demo in enumerate(demonstrations):
         all_turns = (
             assistant_turns == "all"
@@ -183,22 +187,21 @@ def tokenize_demonstrations(
         )
         if all_turns:
             try:
-                ids, is_target, n_prompt, truncated = conversation_ids(
-                    tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
-                )
+                prompt, prompt_targets = conversation_prompt_ids(tokenizer, demo.prompt)
             except TemplateError as exc:
                 raise ConfigError(f"{demo.origin or f'demonstration {i}'}: {exc}; use --assistant_turns last") from None
-            labels = target_labels(ids, is_target)
-            full_prompt = lambda: conversation_prompt_ids(tokenizer, demo.prompt)[0]  # noqa: E731
         else:
-            ids, n_prompt, truncated = prompt_response_ids(
-                tokenizer, demo.prompt, demo.completion, max_length, max_prompt_length
-            )
-            labels = response_labels(ids, n_prompt)
-            full_prompt = lambda: prompt_ids(tokenizer, demo.prompt)  # noqa: E731
-        if caps and n_prompt >= min(caps) and len(full_prompt()) > n_prompt:
-            out.prompt_cut += 1
-        out.response_cut += int(truncated)
+            prompt = prompt_ids(tokenizer, demo.prompt)
+            prompt_targets = [False] * len(prompt)
+        completion = response_ids(tokenizer, demo.completion)
+        kept = truncation.prompt_tokens_kept(len(prompt), len(completion))
+        if kept is None:
+            out.dropped += 1
+            continue
+        out.prompts_cut += int(kept < len(prompt))
+        start = len(prompt) - kept
+        ids = prompt[start:] + completion
+        labels = target_labels(ids, prompt_targets[start:] + [True] * len(completion))
         out.examples.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -387,14 +390,12 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
 
     tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    tokens = tokenize_demonstrations(
-        tokenizer, train, config.max_length, config.max_prompt_length, config.assistant_turns
-    )
-    eval_tokens = tokenize_demonstrations(
-        tokenizer, held_out, config.max_length, config.max_prompt_length, config.assistant_turns
-    )
-    warn_truncation(
-        "sft", len(train), tokens.prompt_cut, tokens.response_cut, config.max_length, config.max_prompt_length
+    rule = truncation_rule(config)
+    tokens = tokenize_demonstrations(tokenizer, train, rule, config.assistant_turns)
+    eval_tokens = tokenize_demonstrations(tokenizer, held_out, rule, config.assistant_turns)
+    report_truncation("sft", rule, len(train), tokens.dropped, tokens.prompts_cut, "demonstrations")
+    report_truncation(
+        "sft (held-out)", rule, len(held_out), eval_tokens.dropped, eval_tokens.prompts_cut, "demonstrations", False
     )
     if config.packing:
         capacity = config.max_length if config.max_length else max(tokens.lengths)
@@ -430,12 +431,14 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     summary = {
         "stage": "sft",
         "model_name_or_path": config.model_name_or_path,
-        "train_examples": len(train),
-        "eval_examples": len(held_out),
+        "train_examples": len(tokens.examples),
+        "eval_examples": len(eval_tokens.examples),
         "assistant_turns": config.assistant_turns,
         "packed_rows": len(train_items) if config.packing else None,
-        "prompts_cut": tokens.prompt_cut,
-        "responses_truncated": tokens.response_cut,
+        "truncation": config.truncation,
+        "prompts_cut": tokens.prompts_cut,
+        "examples_dropped": tokens.dropped,
+        "eval_examples_dropped": eval_tokens.dropped,
         "token_lengths": summarise_lengths(tokens.lengths),
         "train_seconds": train_seconds,
         "train_loss": result.training_loss,
