@@ -136,6 +136,7 @@ def run_tether(args, train_rows, eval_rows) -> dict:
     import torch
 
     from tether.data.records import PreferencePair
+    from tether.data.templates import Truncation
     from tether.models.loading import load_tokenizer
     from tether.stages.dpo import DPOConfig, tokenize_pairs, train_dpo
 
@@ -145,7 +146,7 @@ def run_tether(args, train_rows, eval_rows) -> dict:
     held_out = [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in eval_rows]
     tokens = sum(
         len(x.prompt) * 2 + len(x.chosen) + len(x.rejected)
-        for x in tokenize_pairs(tokenizer, train, args.max_length, None)[0]
+        for x in tokenize_pairs(tokenizer, train, Truncation(max_length=args.max_length))[0]
     )
     config = DPOConfig(
         model_name_or_path=args.model,

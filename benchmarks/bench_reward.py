@@ -152,7 +152,7 @@ def prepare(work: Path, settings: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from preference_data import make_pairs
 
-    from tether.data.templates import prompt_response_ids
+    from tether.data.templates import PairDoesNotFit, Truncation, prompt_response_ids
     from tether.models.loading import load_tokenizer, resolve_model_path
 
     settings["model"] = resolve_model_path(settings["model"])
@@ -164,10 +164,12 @@ def prepare(work: Path, settings: dict) -> dict:
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         ids = []
         for r in rows:
-            chosen, _, cut_c = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], settings["max_length"])
-            rejected, _, cut_r = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], settings["max_length"])
-            if cut_c or cut_r:
-                raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}")
+            whole = Truncation("drop", settings["max_length"])
+            try:
+                chosen, _ = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], whole)
+                rejected, _ = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], whole)
+            except PairDoesNotFit:
+                raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}") from None
             ids.append({"chosen_ids": chosen, "rejected_ids": rejected})
             lengths += [len(chosen), len(rejected)]
         (work / f"{name}_ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ids))

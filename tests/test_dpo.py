@@ -11,6 +11,8 @@ import torch
 
 from tether.config import ConfigError
 from tether.data.records import PreferencePair
+from tether.data.templates import Truncation
+from tether.stages.common import truncation_rule
 from tether.stages.dpo import (
     DPOConfig,
     TokenizedPair,
@@ -149,7 +151,7 @@ def test_response_logps_sum_every_response_token_including_the_stop_token(tiny_m
         PreferencePair("Hi there", "Hello, friend.", "Go away"),
         PreferencePair("A much longer prompt about the weather today", "Sunny.", "It will rain all day long."),
     ]
-    items, _ = tokenize_pairs(tokenizer, pairs, max_length=64, max_prompt_length=None)
+    items, _, _ = tokenize_pairs(tokenizer, pairs, Truncation(max_length=64))
     for x in items:
         assert x.chosen[-1] == tokenizer.eos_token_id and x.rejected[-1] == tokenizer.eos_token_id
     # SmolLM2 pads with its stop token: padding must not be mistaken for (or hide) the stop token
@@ -257,7 +259,7 @@ def test_lora_reference_is_the_adapter_disabled_policy(tmp_path, tiny_model_dir,
     # Recompute the held-out implicit rewards from the saved adapter and a freshly loaded base model.
     policy = load_causal_lm(str(out)).eval()  # a PeftModel
     base = load_causal_lm(str(tiny_model_dir)).eval()
-    items, _ = tokenize_pairs(tokenizer, held_out, config.max_length, config.max_prompt_length)
+    items, _, _ = tokenize_pairs(tokenizer, held_out, truncation_rule(config))
     batch = collate_pairs(items, tokenizer.pad_token_id)
     with torch.no_grad():
         pol_c, pol_r = response_logps(policy, batch)

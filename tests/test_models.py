@@ -178,18 +178,20 @@ def test_load_in_4bit_without_bitsandbytes_is_a_clear_error_naming_the_option(ti
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_model_dir, tokenizer, tmp_path, attn):
     from tether.data.records import Demonstration, PreferencePair
+    from tether.data.templates import Truncation
     from tether.evaluation.evaluate import EvalConfig, _Models
     from tether.serve.app import ServeConfig, load_models
     from tether.stages.dpo import DPOConfig, TokenizedPair, _load_policy, check_fast_paths
     from tether.stages.reward import RewardConfig, load_reward_backbone, shared_prompt_matches, tokenize_preferences
     from tether.stages.sft import SFTCollator, SFTConfig, load_policy_for_training, packed_rows, tokenize_demonstrations
 
+    limits = Truncation(max_length=512, max_prompt_length=256)
     common = dict(model_name_or_path=str(tiny_model_dir), attn_implementation=attn, use_cpu=True, report_to="none")
     # SFT packing: position ids restart per example; packed and unpacked losses agree
     sft = load_policy_for_training(SFTConfig(output_dir=str(tmp_path / "sft"), **common)).eval()
     assert sft.config._attn_implementation == attn
     demos = [Demonstration("alpha beta", "gamma delta"), Demonstration("river", "stone cloud light")]
-    examples = tokenize_demonstrations(tokenizer, demos, 512, 256).examples
+    examples = tokenize_demonstrations(tokenizer, demos, limits).examples
     collate = SFTCollator(tokenizer.pad_token_id)
     with torch.no_grad():
         packed, unpacked = sft(**collate(packed_rows(examples, 512))).loss, sft(**collate(examples)).loss
@@ -201,7 +203,7 @@ def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_m
     assert check_fast_paths(dpo, pair, pad_id=2) == (True, True)
     rm, rm_tokenizer, pad = load_reward_backbone(RewardConfig(output_dir=str(tmp_path / "rm"), **common), tmp_path)
     assert rm.config._attn_implementation == attn
-    pairs = tokenize_preferences(rm_tokenizer, [PreferencePair("alpha beta", "gamma", "delta river")], 512, 256).pairs
+    pairs = tokenize_preferences(rm_tokenizer, [PreferencePair("alpha beta", "gamma", "delta river")], limits).pairs
     assert shared_prompt_matches(rm.eval(), pairs, pad)
     # the inference stages
     served = load_models(ServeConfig(model_name_or_path=str(tiny_model_dir), attn_implementation=attn, use_cpu=True))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tether.data.records import Message, PreferencePair
+from tether.data.templates import Truncation
 from tether.models.scoring import (
     RewardStats,
     last_token_indices,
@@ -42,6 +43,8 @@ from tether.stages.reward import (
     tokenize_preferences,
     train_reward,
 )
+
+LIMITS = Truncation(max_length=512, max_prompt_length=256)  # the stages' defaults
 
 # ------------------------------------------------------------------------------------------------
 # the equations, by hand
@@ -131,7 +134,7 @@ def test_shared_prompt_rows_score_like_separate_sequences(tiny_rm_dir, tokenizer
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir, attn_implementation=attn)
-    tokens = tokenize_preferences(tokenizer, _pairs(6), 512, 256)
+    tokens = tokenize_preferences(tokenizer, _pairs(6), LIMITS)
     shared = pair_rewards(model, PreferenceCollator(0, share_prompt=True)(tokens.pairs))
     separate = pair_rewards(model, PreferenceCollator(0, share_prompt=False)(tokens.pairs))
     # and each sequence alone, unpadded
@@ -310,19 +313,9 @@ def test_reward_stats_are_saved_with_the_model(trained_rm):
 
 def test_margin_column_reaches_the_loss(tokenizer):
     pairs = [PreferencePair("q", "a", "b", margin=1.5), PreferencePair("q", "c", "d", margin=None)]
-    batch = PreferenceCollator(0)(tokenize_preferences(tokenizer, pairs, 64, 32).pairs)
+    batch = PreferenceCollator(0)(tokenize_preferences(tokenizer, pairs, LIMITS).pairs)
     assert batch["margin"].tolist() == [1.5, 0.0]
-    assert "margin" not in PreferenceCollator(0)(tokenize_preferences(tokenizer, pairs[1:], 64, 32).pairs)
-
-
-def test_truncation_is_counted_and_keeps_part_of_every_response(tokenizer):
-    long_prompt = "word " * 80
-    pairs = [PreferencePair(long_prompt, "yes " * 30, "no"), PreferencePair("short", "fine", "ok")]
-    tokens = tokenize_preferences(tokenizer, pairs, max_length=40, max_prompt_length=32)
-    assert tokens.prompt_cut == 1 and tokens.response_cut == 1
-    first = tokens.pairs[0]
-    assert len(first.prompt) == 32 and len(first.prompt) + len(first.chosen) == 40
-    assert first.chosen[-1] != tokenizer.eos_token_id and first.rejected[-1] == tokenizer.eos_token_id
+    assert "margin" not in PreferenceCollator(0)(tokenize_preferences(tokenizer, pairs[1:], LIMITS).pairs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +443,7 @@ def test_embedded_model_shared_prompt_rows_and_hf_pooling_read_the_stop_token(em
         PreferencePair((Message("user", "What is the capital of France?"),), "Paris.", "It is Lyon, I think."),
         PreferencePair("Name two fruits.", "Apple and pear.", "Carrots."),
     ]
-    tokens = tokenize_preferences(tok, pairs, 256, 128)
+    tokens = tokenize_preferences(tok, pairs, Truncation(max_length=256, max_prompt_length=128))
     shared = pair_rewards(model, PreferenceCollator(pad, True)(tokens.pairs))
     separate = pair_rewards(model, PreferenceCollator(pad, False)(tokens.pairs))
     for got, want in zip(shared, separate):

@@ -93,7 +93,7 @@ def rm_score(models, prompt, text) -> float:
     from tether.data.templates import prompt_response_ids
     from tether.models.scoring import token_scores
 
-    ids, _, _ = prompt_response_ids(models["tokenizer"], prompt, text)
+    ids, _ = prompt_response_ids(models["tokenizer"], prompt, text)
     with torch.no_grad():
         return float(
             token_scores(models["reward_model"], torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, -1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 import random
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from tether.config import ConfigError
 from tether.data.records import Demonstration, Message
+from tether.data.templates import Truncation
 from tether.stages.sft import (
     IGNORE_INDEX,
     SFTCollator,
@@ -29,6 +29,8 @@ from tether.stages.sft import (
 )
 
 WORDS = "alpha beta gamma delta river stone cloud light paper green".split()
+
+LIMITS = Truncation(max_length=512, max_prompt_length=256)  # the stages' defaults
 
 
 def _demos(n: int, seed: int = 0) -> list[Demonstration]:
@@ -57,7 +59,7 @@ def test_labels_cover_the_response_and_its_stop_token_only(tokenizer):
     assert response_labels(ids, 3) == [IGNORE_INDEX] * 3 + [21, 22, 2]
     assert response_labels(ids, 0)[0] == IGNORE_INDEX  # nothing predicts the first token of an example
     demo = Demonstration(prompt=(Message("user", "Name a colour."),), completion="Green.")
-    example = tokenize_demonstrations(tokenizer, [demo], 512, 256).examples[0]
+    example = tokenize_demonstrations(tokenizer, [demo], LIMITS).examples[0]
     targets = [t for t in example["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(targets) == "Green.<|im_end|>"
     assert targets[-1] == tokenizer.eos_token_id == tokenizer.pad_token_id  # the stop token is a target
@@ -74,7 +76,7 @@ def _loss_and_logit_grads(model, batch):
 def test_prompt_tokens_never_move_the_targets_and_loss_matches_hand_computation(tiny_model_dir, tokenizer):
     model = _tiny(tiny_model_dir)
     demos = [Demonstration("river stone cloud", "paper green"), Demonstration("alpha", "beta gamma delta light")]
-    examples = tokenize_demonstrations(tokenizer, demos, 512, 256).examples
+    examples = tokenize_demonstrations(tokenizer, demos, LIMITS).examples
     batch = SFTCollator(tokenizer.pad_token_id)(examples)
     loss, grads = _loss_and_logit_grads(model, batch)
 
@@ -116,7 +118,7 @@ def test_loss_is_log_vocab_when_the_model_predicts_uniformly(tiny_model_dir, tok
     model = _tiny(tiny_model_dir)
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()  # every logit 0: p = 1/V for every token
-    examples = tokenize_demonstrations(tokenizer, _demos(2), 512, 256).examples
+    examples = tokenize_demonstrations(tokenizer, _demos(2), LIMITS).examples
     loss = model(**SFTCollator(tokenizer.pad_token_id)(examples)).loss
     assert loss.item() == pytest.approx(math.log(len(tokenizer)), abs=1e-5)  # ln 49152 = 10.8027
 
@@ -152,7 +154,7 @@ def _per_example_losses(logits, labels, spans):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir, tokenizer, attn):
     model = _tiny(tiny_model_dir, attn)
-    examples = tokenize_demonstrations(tokenizer, _demos(7, seed=3), 512, 256).examples
+    examples = tokenize_demonstrations(tokenizer, _demos(7, seed=3), LIMITS).examples
     lengths = [len(e["input_ids"]) for e in examples]
 
     unpacked = SFTCollator(tokenizer.pad_token_id)(examples)
@@ -202,33 +204,6 @@ def test_packed_batch_gives_the_same_per_example_loss_as_unpacked(tiny_model_dir
 
 
 # ------------------------------------------------------------------------------------------------
-# truncation
-
-
-def test_truncation_is_counted_and_never_drops_the_whole_response(tokenizer, caplog):
-    demos = [
-        Demonstration("word " * 100, "the answer is here"),  # prompt longer than max_length
-        Demonstration("short question", "word " * 50),  # response cut
-        Demonstration("fine", "fine"),
-    ]
-    tokens = tokenize_demonstrations(tokenizer, demos, max_length=64, max_prompt_length=48)  # system prompt ~30
-    assert tokens.prompt_cut == 1 and tokens.response_cut == 1
-    for ex in tokens.examples:
-        assert len(ex["input_ids"]) <= 64
-        assert any(y != IGNORE_INDEX for y in ex["labels"])  # some response is always left
-    # max_prompt_length above max_length: the prompt is cut to leave one response token
-    squeezed = tokenize_demonstrations(tokenizer, demos[:1], max_length=8, max_prompt_length=64).examples[0]
-    assert [y != IGNORE_INDEX for y in squeezed["labels"]] == [False] * 7 + [True]
-
-    from tether.stages.common import warn_truncation
-
-    with caplog.at_level(logging.WARNING):
-        warn_truncation("sft", 3, tokens.prompt_cut, tokens.response_cut, 64, 48)
-    assert "1 of 3 examples (33.3%) had prompts longer than --max_prompt_length 48" in caplog.text
-    assert "1 of 3 examples (33.3%) were longer than --max_length 64" in caplog.text
-
-
-# ------------------------------------------------------------------------------------------------
 # multi-turn conversations: which assistant turns are trained
 
 THREE_TURNS = [
@@ -258,7 +233,7 @@ def test_every_assistant_turn_and_its_stop_token_is_a_target_of_a_conversation(t
     expected_ids = tokenizer(full_text.removesuffix("\n"), add_special_tokens=False)["input_ids"]
     stop = tokenizer.eos_token_id
     for turns, mask in (("all", ALL_TURNS_MASK), ("last", LAST_TURN_MASK)):
-        example = tokenize_demonstrations(tokenizer, [_conversation()], 512, 256, turns).examples[0]
+        example = tokenize_demonstrations(tokenizer, [_conversation()], LIMITS, turns).examples[0]
         assert example["input_ids"] == expected_ids  # as the whole conversation tokenises
         assert example["labels"] == [t if m else IGNORE_INDEX for t, m in zip(expected_ids, mask, strict=True)]
     targets = [t for t, m in zip(expected_ids, ALL_TURNS_MASK) if m]
@@ -272,14 +247,14 @@ def test_single_turn_demonstrations_tokenise_exactly_as_before(tokenizer):
     from tether.demo.task import demonstrations
 
     demos = demonstrations()
-    examples = tokenize_demonstrations(tokenizer, demos, 512, 256, "all").examples
-    assert examples == tokenize_demonstrations(tokenizer, demos, 512, 256, "last").examples
+    examples = tokenize_demonstrations(tokenizer, demos, LIMITS, "all").examples
+    assert examples == tokenize_demonstrations(tokenizer, demos, LIMITS, "last").examples
     # sha256 of the demo's 52 tokenised demonstrations before multi-turn training existed
     digest = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
     assert digest == "e1bd4ea31024905f418f5d96fae20937c82c789d7884878b3db797e45c1643ac"
     one_turn = _conversation(THREE_TURNS[-2:])  # a one-turn {"messages"} record
-    assert tokenize_demonstrations(tokenizer, [one_turn], 512, 256, "all").examples == (
-        tokenize_demonstrations(tokenizer, [Demonstration(one_turn.prompt, "6")], 512, 256, "last").examples
+    assert tokenize_demonstrations(tokenizer, [one_turn], LIMITS, "all").examples == (
+        tokenize_demonstrations(tokenizer, [Demonstration(one_turn.prompt, "6")], LIMITS, "last").examples
     )
 
 
@@ -288,22 +263,24 @@ def test_a_prompt_completion_record_trains_its_completion_only_like_trl(tokenize
 
     record = parse_demonstration({"prompt": THREE_TURNS[:-1], "completion": "6"})
     assert record == _conversation()  # the same conversation...
-    example = tokenize_demonstrations(tokenizer, [record], 512, 256, "all").examples[0]
+    example = tokenize_demonstrations(tokenizer, [record], LIMITS, "all").examples[0]
     assert [y != IGNORE_INDEX for y in example["labels"]] == LAST_TURN_MASK  # ...but only the completion trains
 
 
 def test_conversation_truncation_keeps_the_masks_aligned(tokenizer):
-    full = tokenize_demonstrations(tokenizer, [_conversation()], 512, 256, "all").examples[0]
+    full = tokenize_demonstrations(tokenizer, [_conversation()], Truncation(), "all").examples[0]
     # prompt cut from the left to 30 tokens: the turn "4" survives, "Hello." does not
-    cut = tokenize_demonstrations(tokenizer, [_conversation()], 512, 30, "all")
-    assert cut.prompt_cut == 1 and cut.response_cut == 0
+    cut = tokenize_demonstrations(tokenizer, [_conversation()], Truncation(max_length=512, max_prompt_length=30), "all")
+    assert cut.prompts_cut == 1 and cut.dropped == 0
     assert cut.examples[0]["input_ids"] == full["input_ids"][-32:]
     assert cut.examples[0]["labels"] == [IGNORE_INDEX] + full["labels"][-31:]
-    # max_length 40 (prompt cap 39): the final response keeps one token and loses its stop token
-    short = tokenize_demonstrations(tokenizer, [_conversation()], 40, 256, "all")
-    assert short.prompt_cut == 1 and short.response_cut == 1
-    assert short.examples[0]["input_ids"] == full["input_ids"][-41:-1]
-    assert short.examples[0]["labels"] == [IGNORE_INDEX] + full["labels"][-40:-1]
+    # max_length 40: the 54-token prompt would keep 38 < --min_prompt_length 64: dropped, never cut in the response
+    short = tokenize_demonstrations(tokenizer, [_conversation()], Truncation(max_length=40), "all")
+    assert short.prompts_cut == 0 and short.dropped == 1 and not short.examples
+    # with a floor of 8 the prompt gives the 38 tokens and the final "6" keeps its stop token
+    floor = tokenize_demonstrations(tokenizer, [_conversation()], Truncation(max_length=40, min_prompt_length=8), "all")
+    assert floor.examples[0]["input_ids"] == full["input_ids"][-40:]
+    assert floor.examples[0]["labels"] == [IGNORE_INDEX] + full["labels"][-39:]
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_option(tokenizer):
@@ -312,8 +289,8 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_option(tok
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None  # a transcript "user: ...\nassistant: ...": no stop token after a turn
     with pytest.raises(ConfigError, match=r"demonstration 0: .*stop token '<\|im_end\|>'.*--assistant_turns last"):
-        tokenize_demonstrations(plain, [_conversation()], 512, 256, "all")
-    assert tokenize_demonstrations(plain, [_conversation()], 512, 256, "last").examples
+        tokenize_demonstrations(plain, [_conversation()], LIMITS, "all")
+    assert tokenize_demonstrations(plain, [_conversation()], LIMITS, "last").examples
     with pytest.raises(ConfigError, match="--assistant_turns 'first'"):
         SFTConfig(output_dir="unused", assistant_turns="first")
 
@@ -324,7 +301,7 @@ def test_packed_conversations_keep_every_turn_target(tmp_path, tiny_model_dir, t
         _conversation(THREE_TURNS[:5]),
         *[Demonstration(d.prompt, d.completion) for d in _demos(3)],
     ]
-    examples = tokenize_demonstrations(tokenizer, conversations, 512, 256, "all").examples
+    examples = tokenize_demonstrations(tokenizer, conversations, LIMITS, "all").examples
     rows = packed_rows(examples, capacity=128)
     assert len(rows) < len(examples)
     n_targets = sum(y != IGNORE_INDEX for e in examples for y in e["labels"])
