@@ -244,9 +244,9 @@ def test_every_assistant_turn_and_its_stop_token_is_a_target_of_a_conversation(t
 def test_single_turn_demonstrations_tokenise_exactly_as_before(tokenizer):
     import hashlib
 
-    from tether.demo.task import demonstrations
+    from tether.data.loading import load_demonstrations
 
-    demos = demonstrations()
+    demos = load_demonstrations("embedded:demo")
     examples = tokenize_demonstrations(tokenizer, demos, LIMITS, "all").examples
     assert examples == tokenize_demonstrations(tokenizer, demos, LIMITS, "last").examples
     # sha256 of the demo's 52 tokenised demonstrations before multi-turn training existed
