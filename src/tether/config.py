@@ -103,8 +103,9 @@ TRUNCATION_MODES = ("prompt", "drop")
 @dataclass
 class TruncationArguments:
     """How the training stages (SFT, reward model, DPO) fit long examples into ``--max_length``
-    (``tether.data.templates.Truncation``); mixed in before ``TrainingArguments``, next to
-    ``DataArguments``."""
+    (``tether.data.templates.Truncation``). Listed before ``DataArguments`` in a stage config's bases
+    (so ``--help`` shows these options after ``--max_prompt_length``) and before ``TrainingArguments``,
+    whose ``__post_init__`` this one's chains to."""
 
     truncation: str = field(
         default="prompt",

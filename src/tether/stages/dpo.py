@@ -73,7 +73,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class DPOConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
+class DPOConfig(ModelArguments, TruncationArguments, DataArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None,
         metadata={

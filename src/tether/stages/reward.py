@@ -77,7 +77,7 @@ NEW_PAD_TOKEN = "<|tether_pad|>"
 
 
 @dataclass
-class RewardConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
+class RewardConfig(ModelArguments, TruncationArguments, DataArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None,
         metadata={

@@ -73,7 +73,7 @@ ASSISTANT_TURNS = ("all", "last")
 
 
 @dataclass
-class SFTConfig(ModelArguments, DataArguments, TruncationArguments, TrainingArguments):
+class SFTConfig(ModelArguments, TruncationArguments, DataArguments, TrainingArguments):
     output_dir: str | None = field(
         default=None, metadata={"help": f"Where the fine-tuned model is written (default {DEFAULT_OUTPUT_ROOT}/sft)."}
     )
