@@ -21,7 +21,11 @@ def run_sft(out: Path, model: str, data: Path, per_device: int) -> None:
     from tether.stages.sft import SFTConfig, SFTTrainer, run_sft
 
     config = SFTConfig(
-        dataset=str(data / "demos.jsonl"), learning_rate=3e-3, max_length=64, **common_flags(out, model, per_device)
+        dataset=str(data / "demos.jsonl"),
+        eval_split_ratio=0.0,  # all 32 demonstrations train: 4 whole global batches
+        learning_rate=3e-3,
+        max_length=64,
+        **common_flags(out, model, per_device),
     )
     with recorded_batches(SFTTrainer, []) as log:
         run_sft(config)
@@ -30,10 +34,14 @@ def run_sft(out: Path, model: str, data: Path, per_device: int) -> None:
 
 def run_dpo_lora(out: Path, model: str, data: Path, per_device: int) -> None:
     """LoRA: the reference is the policy with its adapters disabled; the adapters are merged on saving."""
+    from transformers import set_seed
+
     from tether.stages.dpo import DPOConfig, run_dpo
 
+    set_seed(0)  # the LoRA A matrices are random: the same draw in both layouts, whatever ran before
     config = DPOConfig(
         dataset=str(data / "pairs.jsonl"),
+        eval_dataset=str(data / "held_out_dpo.jsonl"),
         learning_rate=2e-2,
         beta=0.1,
         max_length=64,
@@ -54,6 +62,7 @@ def run_rm_resumed(out: Path, model: str, data: Path, per_device: int) -> None:
         flags = common_flags(folder, model, per_device) | dict(save_strategy="steps", save_steps=2)
         return RewardConfig(
             dataset=str(data / "pairs.jsonl"),
+            eval_dataset=str(data / "held_out_rm.jsonl"),  # all 32 pairs train: 4 whole global batches
             learning_rate=3e-3,
             reward_stats_max_pairs=8,
             max_length=64,
