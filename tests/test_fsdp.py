@@ -77,7 +77,7 @@ def _launcher(config: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
-    from fsdp_multiprocess_worker import main
+    from sharded_multiprocess_worker import main
 
     root = tmp_path_factory.mktemp("fsdp")
     data = root / "data"
@@ -87,7 +87,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     _write(data / "held_out_rm.jsonl", _pairs(8, rng))
     _write(data / "held_out_dpo.jsonl", _pairs(7, rng))
     _write(data / "demos.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in _pairs(32, rng)])
-    worker = HERE / "fsdp_multiprocess_worker.py"
+    worker = HERE / "sharded_multiprocess_worker.py"
     two = subprocess.Popen(
         [
             *_launcher(fsdp_on_two_cpu_processes(root)),

@@ -157,7 +157,10 @@ def load_scalar_model(name_or_path: str | None, dtype: str | torch.dtype | None 
         path, config=config, dtype=resolve_dtype(dtype), **kwargs
     )
     if not is_scalar:
-        init_scalar_head(model)
+        from tether.models.wrappers import gathered_weights
+
+        with gathered_weights(scalar_head(model), modifier_rank=0):  # ZeRO-3: the head is partitioned already
+            init_scalar_head(model)
     return model
 
 

@@ -14,6 +14,7 @@ Output folder contract
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from tether.durable import (
     truncate_metrics,
 )
 from tether.errors import NonFiniteError
+from tether.models.wrappers import gathered_weights
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +214,14 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def on_main_process(fn: Callable[[], Any]) -> Any:
+def on_main_process(fn: Callable[[], Any], *models) -> Any:
     """``fn()`` run by the main process only, its (picklable) result sent to every process.
 
-    For what a stage computes with the model before the Trainer prepares it (which fast paths give
+    For what a stage computes with ``models`` before the Trainer prepares them (which fast paths give
     the plain forward's numbers, the reference log-probs): under FSDP only the main process holds
-    weights then, and every process must make the same choice. An exception on the main process is
-    raised on every process (none is left waiting in the broadcast).
+    weights then, under ZeRO-3 each process a partition (gathered here, see :func:`gathered_weights`),
+    and every process must make the same choice. An exception on the main process is raised on every
+    process (none is left waiting in the broadcast).
     """
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -227,11 +230,12 @@ def on_main_process(fn: Callable[[], Any]) -> Any:
     if state.num_processes == 1:
         return fn()
     box: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            box = [("ok", fn())]
-        except Exception as exc:  # re-raised below, after every process has it
-            box = [("error", f"{type(exc).__name__}: {exc}")]
+    with gathered_weights(*models):
+        if state.is_main_process:
+            try:
+                box = [("ok", fn())]
+            except Exception as exc:  # re-raised below, after every process has it
+                box = [("error", f"{type(exc).__name__}: {exc}")]
     broadcast_object_list(box)
     status, value = box[0]
     if status == "error":
@@ -275,6 +279,22 @@ def _plain_class(module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
+@contextlib.contextmanager
+def _plain_construction():
+    """Models built inside are ordinary ones: under ZeRO-3 transformers otherwise builds every model
+    inside ``deepspeed.zero.Init``, which partitions it with collectives the other processes never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
+
+
 def unsharded_copy(model, state_dict: dict):
     """A plain copy of ``model`` (a transformers model, possibly inside PEFT) holding ``state_dict``."""
     import copy
@@ -284,7 +304,7 @@ def unsharded_copy(model, state_dict: dict):
     from tether.models.wrappers import strip_peft
 
     base = strip_peft(model)
-    with torch.device("meta"):
+    with _plain_construction(), torch.device("meta"):
         plain = _plain_class(base)(copy.deepcopy(base.config))
         if hasattr(model, "peft_config"):
             from peft import get_peft_model

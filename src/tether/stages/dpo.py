@@ -608,6 +608,14 @@ def train_dpo(
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
     if not train_pairs:
         raise ConfigError("no training preference pairs")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and not (config.precompute_ref_log_probs or config.use_peft):
+        # the frozen copy of the policy would hold ZeRO-3 partitions that no DeepSpeed engine gathers
+        raise ConfigError(
+            "DPO with a live reference model under DeepSpeed ZeRO-3: pass --precompute_ref_log_probs true "
+            "(or --use_peft true: the reference is the policy without its adapters), or use FSDP"
+        )
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
     pad_id = pad_token_id(tokenizer)
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
@@ -629,7 +637,7 @@ def train_dpo(
     model = _load_policy(config)
     if not fsdp_requested():  # under FSDP accelerate places the (sharded) model; processes > 0 may hold meta tensors
         model.to(config.device)
-    share_ok, compact_ok = on_main_process(lambda: check_fast_paths(model, train_tok[0], pad_id))
+    share_ok, compact_ok = on_main_process(lambda: check_fast_paths(model, train_tok[0], pad_id), model)
     share_prompt = config.share_prompt and share_ok
     # FSDP2 shards the LM head in one unit with the final norm (and tied embeddings), gathered for the
     # model's own forward only: calling the head again outside it breaks the backward (a segfault on
@@ -675,7 +683,7 @@ def train_dpo(
             return [[(x.ref_chosen_logp, x.ref_rejected_logp) for x in pairs] for pairs in (train_tok, eval_tok)]
 
         # every process trains on the same numbers (under FSDP only the main process has the weights yet)
-        for pairs, values in zip((train_tok, eval_tok), on_main_process(reference_logps)):
+        for pairs, values in zip((train_tok, eval_tok), on_main_process(reference_logps, scorer)):
             for x, (chosen, rejected) in zip(pairs, values):
                 x.ref_chosen_logp, x.ref_rejected_logp = chosen, rejected
         ref_model = None  # nothing of the reference stays in memory

@@ -611,7 +611,7 @@ def train_reward(
     if config.share_prompt:
         probe = tokens.pairs[: max(1, min(len(tokens.pairs), config.per_device_train_batch_size))]
         # one choice for every process (under FSDP only the main one has the weights before training)
-        collator.share_prompt = on_main_process(lambda: shared_prompt_matches(trainer.model, probe, pad))
+        collator.share_prompt = on_main_process(lambda: shared_prompt_matches(trainer.model, probe, pad), trainer.model)
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
 

@@ -1,11 +1,16 @@
 """Run by tests/test_fsdp.py: the reward-model and DPO runs of ``stage_multiprocess_worker`` plus SFT,
 LoRA DPO and an interrupted-and-resumed reward model, on 1 process (in the test's interpreter) or on
-2 CPU processes under ``accelerate launch --config_file <copy of configs/accelerate/fsdp.yaml>``
-(FSDP2, full sharding, ``fsdp_cpu_ram_efficient_loading: true``, SHARDED_STATE_DICT checkpoints).
+2 CPU processes with sharded weights:
 
-In the 2-process run ``fsdp_on_cpu`` lets accelerate's FSDP code run on CPU processes (see there).
+* ``fsdp``: ``accelerate launch --config_file <copy of configs/accelerate/fsdp.yaml>`` (FSDP2, full
+  sharding, ``fsdp_cpu_ram_efficient_loading: true``, SHARDED_STATE_DICT checkpoints); ``fsdp_on_cpu``
+  lets accelerate's FSDP code run on CPU processes (see there);
+* ``zero2``, ``zero3``: a copy of ``configs/accelerate/deepspeed_zero{2,3}.yaml``; accelerate runs DeepSpeed
+  on CPU processes when the process group's backend is named (``--ddp_backend gloo``), with
+  ``use_cpu: false``.
 
-usage: accelerate launch --config_file FSDP_CPU.yaml fsdp_multiprocess_worker.py OUT MODEL DATA_DIR PER_DEVICE_BATCH
+usage: accelerate launch --config_file CONFIG.yaml sharded_multiprocess_worker.py OUT MODEL DATA_DIR PER_DEVICE_BATCH \
+           [fsdp|zero2|zero3]
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import stage_multiprocess_worker
 import torch
 from stage_multiprocess_worker import _write_batches, common_flags, recorded_batches, run_dpo, run_rm
 
@@ -75,17 +81,20 @@ def run_rm_resumed(out: Path, model: str, data: Path, per_device: int) -> None:
     run_reward(config(out / "resumed", resume_from_checkpoint=str(out / "straight" / "checkpoint-2")))
 
 
-def main(out: str, model: str, data: str, per_device: str) -> None:
+def main(out: str, model: str, data: str, per_device: str, sharding: str = "none") -> None:
     torch.set_num_threads(1)
+    if sharding == "fsdp":
+        import fsdp_on_cpu  # noqa: F401  (before any Accelerator exists)
+    elif sharding in ("zero2", "zero3"):  # DeepSpeed's own process group over gloo; use_cpu turns DeepSpeed off
+        stage_multiprocess_worker.LAUNCH_FLAGS.update(use_cpu=False, ddp_backend="gloo")
     out_dir, per, data_dir = Path(out), int(per_device), Path(data)
     run_sft(out_dir / "sft", model, data_dir, per)
     run_rm(out_dir / "rm", model, data_dir, per)
-    run_dpo(out_dir / "dpo", model, data_dir, per)
+    if sharding != "zero3":  # a live reference model under ZeRO-3 is refused (train_dpo says why)
+        run_dpo(out_dir / "dpo", model, data_dir, per)
     run_dpo_lora(out_dir / "dpo-lora", model, data_dir, per)
     run_rm_resumed(out_dir / "rm-resume", model, data_dir, per)
 
 
 if __name__ == "__main__":
-    import fsdp_on_cpu  # noqa: F401  (before any Accelerator exists)
-
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
