@@ -96,3 +96,13 @@ def test_disable_dropout_zeroes_the_functional_attention_dropout_of_llama(tiny_m
     torch.manual_seed(1)
     b = model(ids).logits
     assert torch.equal(a, b)
+
+
+def test_dtype_auto_is_bfloat16_on_a_bf16_gpu_and_float32_elsewhere():
+    from tether.models.loading import resolve_dtype
+
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert resolve_dtype("auto") == (torch.bfloat16 if gpu_bf16 else torch.float32)
+    assert resolve_dtype("float32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 or auto"):
+        resolve_dtype("int8")
