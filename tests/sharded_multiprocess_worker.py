@@ -60,6 +60,22 @@ def run_dpo_lora(out: Path, model: str, data: Path, per_device: int) -> None:
     run_dpo(config)
 
 
+def run_dpo_precomputed(out: Path, model: str, data: Path, per_device: int) -> None:
+    """Full fine-tuning with the reference log-probs computed once before training (on the main process)."""
+    from tether.stages.dpo import DPOConfig, run_dpo
+
+    config = DPOConfig(
+        dataset=str(data / "pairs.jsonl"),
+        eval_dataset=str(data / "held_out_dpo.jsonl"),
+        learning_rate=5e-3,
+        beta=0.1,
+        max_length=64,
+        precompute_ref_log_probs=True,
+        **common_flags(out, model, per_device),
+    )
+    run_dpo(config)
+
+
 def run_rm_resumed(out: Path, model: str, data: Path, per_device: int) -> None:
     """``straight``: 4 steps with a checkpoint every 2 kept; ``resumed``: steps 3-4 again from checkpoint-2."""
     from tether.stages.reward import RewardConfig, run_reward
@@ -90,8 +106,16 @@ def main(out: str, model: str, data: str, per_device: str, sharding: str = "none
     out_dir, per, data_dir = Path(out), int(per_device), Path(data)
     run_sft(out_dir / "sft", model, data_dir, per)
     run_rm(out_dir / "rm", model, data_dir, per)
-    if sharding != "zero3":  # a live reference model under ZeRO-3 is refused (train_dpo says why)
+    if sharding != "zero3":
         run_dpo(out_dir / "dpo", model, data_dir, per)
+    else:  # a live reference model under ZeRO-3 is refused, before anything is loaded or written
+        from tether.config import ConfigError
+
+        try:
+            run_dpo(out_dir / "dpo", model, data_dir, per)
+        except ConfigError as exc:
+            (out_dir / "dpo.refused.txt").write_text(str(exc))
+    run_dpo_precomputed(out_dir / "dpo-precomputed", model, data_dir, per)
     run_dpo_lora(out_dir / "dpo-lora", model, data_dir, per)
     run_rm_resumed(out_dir / "rm-resume", model, data_dir, per)
 
