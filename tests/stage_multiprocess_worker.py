@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 GLOBAL_BATCH = 8
+#: what a launch layout needs on top of common_flags (sharded_multiprocess_worker: DeepSpeed's backend)
+LAUNCH_FLAGS: dict = {}
 
 
 @contextlib.contextmanager
@@ -49,19 +51,22 @@ def recorded_batches(trainer_class, log: list):
 
 
 def common_flags(out: Path, model: str, per_device: int) -> dict:
-    return dict(
-        output_dir=str(out),
-        model_name_or_path=model,
-        per_device_train_batch_size=per_device,
-        per_device_eval_batch_size=4,
-        num_train_epochs=1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_drop_last=False,
+    return (
+        dict(
+            output_dir=str(out),
+            model_name_or_path=model,
+            per_device_train_batch_size=per_device,
+            per_device_eval_batch_size=4,
+            num_train_epochs=1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+            disable_tqdm=True,
+            use_cpu=True,
+            dataloader_drop_last=False,
+        )
+        | LAUNCH_FLAGS
     )
 
 

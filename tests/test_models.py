@@ -210,3 +210,13 @@ def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_m
     assert served["policy"].config._attn_implementation == attn
     evaluated = _Models(None, loading.from_pretrained_kwargs(EvalConfig(attn_implementation=attn)))
     assert evaluated.causal_lm(str(tiny_model_dir)).config._attn_implementation == attn
+
+
+def test_dtype_auto_is_bfloat16_on_a_bf16_gpu_and_float32_elsewhere():
+    from tether.models.loading import resolve_dtype
+
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert resolve_dtype("auto") == (torch.bfloat16 if gpu_bf16 else torch.float32)
+    assert resolve_dtype("float32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float16 or auto"):
+        resolve_dtype("int8")

@@ -120,10 +120,10 @@ def _same_numbers(a: dict, b: dict, where: str) -> None:
         assert b[key] == pytest.approx(a[key], **TOL), f"{where}: {key}"
 
 
-def _check_global_batches(root: Path, stage: str) -> None:
+def _check_global_batches(root: Path, stage: str, two: str = "two") -> None:
     """Step k of the 2-process run trains on exactly the 8 pairs of step k of the 1-process run, split 4 + 4."""
     one = json.loads((root / "one" / stage / "batches.rank0.json").read_text())
-    rank0, rank1 = (json.loads((root / "two" / stage / f"batches.rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = (json.loads((root / two / stage / f"batches.rank{r}.json").read_text()) for r in (0, 1))
     assert [b["step"] for b in one] == [b["step"] for b in rank0] == [b["step"] for b in rank1] == [1, 2, 3, 4]
     for whole, half0, half1 in zip(one, rank0, rank1):
         assert len(whole["rows"]) == 8 and len(half0["rows"]) == len(half1["rows"]) == 4

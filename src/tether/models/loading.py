@@ -100,14 +100,30 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """The torch dtype of ``--dtype``; ``auto`` is bfloat16 where this process computes on a GPU that
+    supports it and float32 elsewhere (the CPU: bfloat16 matmuls there are slow and lose precision)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "", "auto", "float32", "fp32"):
+    if dtype == "auto":
+        return torch.bfloat16 if _computes_on_bf16_gpu() else torch.float32
+    if dtype in (None, "", "float32", "fp32"):
         return torch.float32
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
     return table[dtype]
+
+
+def _computes_on_bf16_gpu() -> bool:
+    """This process's device (accelerate's, once a run has set it up, e.g. with --use_cpu) is a CUDA
+    GPU with bfloat16 support."""
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # set up already: its device, CPU when asked for
+        device = PartialState().device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def from_pretrained_kwargs(args) -> dict[str, Any]:
@@ -220,7 +236,10 @@ def load_scalar_model(name_or_path: str | None, dtype: str | torch.dtype | None 
         AutoModelForSequenceClassification.from_pretrained, path, config=config, dtype=resolve_dtype(dtype), **kwargs
     )
     if not is_scalar:
-        init_scalar_head(model)
+        from tether.models.wrappers import gathered_weights
+
+        with gathered_weights(scalar_head(model), modifier_rank=0):  # ZeRO-3: the head is partitioned already
+            init_scalar_head(model)
     return model
 
 

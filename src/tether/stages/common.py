@@ -14,6 +14,7 @@ Output folder contract
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from tether.durable import (
     truncate_metrics,
 )
 from tether.errors import NonFiniteError
+from tether.models.wrappers import gathered_weights
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +203,130 @@ def require_joint_processes(processes_seen: int) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# sharded training (FSDP; DeepSpeed ZeRO-3)
+# ---------------------------------------------------------------------------------------------
+def fsdp_requested() -> bool:
+    """``accelerate launch`` was given an FSDP config (it sets ACCELERATE_USE_FSDP in every process).
+
+    With ``fsdp_cpu_ram_efficient_loading: true`` transformers' ``from_pretrained`` then leaves the
+    weights of every process but the main one on the meta device; accelerate's ``prepare`` sends
+    the main process's weights to the others. Until then no model may be moved with ``.to()`` or run
+    on processes > 0 (see :func:`on_main_process`).
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def on_main_process(fn: Callable[[], Any], *models) -> Any:
+    """``fn()`` run by the main process only, its (picklable) result sent to every process.
+
+    For what a stage computes with ``models`` before the Trainer prepares them (which fast paths give
+    the plain forward's numbers, the reference log-probs): under FSDP only the main process holds
+    weights then, under ZeRO-3 each process a partition (gathered here, see :func:`gathered_weights`),
+    and every process must make the same choice. An exception on the main process is raised on every
+    process (none is left waiting in the broadcast).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return fn()
+    box: list[Any] = [None]
+    with gathered_weights(*models):
+        if state.is_main_process:
+            try:
+                box = [("ok", fn())]
+            except Exception as exc:  # re-raised below, after every process has it
+                box = [("error", f"{type(exc).__name__}: {exc}")]
+    broadcast_object_list(box)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"on the main process: {value}")
+    return value
+
+
+def weights_are_sharded(trainer) -> bool:
+    """Each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def complete_model(trainer):
+    """The trained model with all its weights, on the main process; ``None`` on the others.
+
+    EVERY process must call this (not only the main one): with sharded weights the full state dict
+    is gathered with accelerate's ``get_state_dict`` (FSDP2: ``get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)``; ZeRO-3: the consolidated 16-bit state dict), a collective. The main process
+    then loads it into an unsharded copy of the model built on the meta device (PEFT adapters
+    included, so ``merge_and_unload`` and ``save_pretrained`` work as on one process).
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not weights_are_sharded(trainer):
+        return model if trainer.is_world_process_zero() else None
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.is_world_process_zero():
+        return None
+    return unsharded_copy(model, state_dict)
+
+
+def _plain_class(module) -> type:
+    """The module's own class (FSDP2 swaps a sharded module's class for an ``FSDP<Name>`` subclass)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2: nothing was swapped
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
+@contextlib.contextmanager
+def _plain_construction():
+    """Models built inside are ordinary ones: under ZeRO-3 transformers otherwise builds every model
+    inside ``deepspeed.zero.Init``, which partitions it with collectives the other processes never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
+
+
+def unsharded_copy(model, state_dict: dict):
+    """A plain copy of ``model`` (a transformers model, possibly inside PEFT) holding ``state_dict``."""
+    import copy
+
+    import torch
+
+    from tether.models.wrappers import strip_peft
+
+    base = strip_peft(model)
+    with _plain_construction(), torch.device("meta"):
+        plain = _plain_class(base)(copy.deepcopy(base.config))
+        if hasattr(model, "peft_config"):
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    plain.load_state_dict(state_dict, assign=True, strict=True)
+    # buffers outside the state dict (rotary inverse frequencies) are whole on every process
+    plain_buffers = dict(plain.named_buffers())
+    for name, buffer in model.named_buffers():
+        if name not in state_dict and name in plain_buffers:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, buffer.detach().to("cpu").clone(), persistent=False)
+    plain_base = strip_peft(plain)
+    plain_base.tie_weights()
+    if getattr(base, "generation_config", None) is not None:
+        plain_base.generation_config = copy.deepcopy(base.generation_config)
+    return plain.eval()
+
+
 class TetherTrainerMixin:
     """Put before ``transformers.Trainer`` in a stage's trainer class (``class X(TetherTrainerMixin, Trainer)``).
 
@@ -241,6 +367,19 @@ class TetherTrainerMixin:
         self._checkpoint_staging: Path | None = None
         self._replaced_step: Any = _NOT_SET
         self.add_callback(_NonFiniteStepCallback(self))
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if fsdp_requested() and not self.is_fsdp_enabled:
+            # e.g. configs/accelerate/fsdp.yaml with use_cpu: true. transformers has already left the
+            # weights of processes > 0 on the meta device (fsdp_cpu_ram_efficient_loading), and the
+            # plain data-parallel run accelerate would do instead is not what was asked for.
+            raise ConfigError(
+                f"the accelerate config asks for FSDP (distributed_type: FSDP) but accelerate runs it as "
+                f"{self.accelerator.distributed_type.value}: accelerate shards models with FSDP on GPUs only "
+                "(use_cpu: true / --use_cpu true turn it into plain data parallel). On CPU processes use "
+                "configs/accelerate/multi_cpu.yaml; for FSDP run on GPUs with use_cpu: false"
+            )
 
     # ---- resume ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):

@@ -59,7 +59,10 @@ from tether.stages.common import (
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
+    complete_model,
+    fsdp_requested,
     load_train_eval,
+    on_main_process,
     report_truncation,
     require_dataset,
     resolve_resume,
@@ -508,7 +511,18 @@ class _DPOTrainer(TetherTrainerMixin, Trainer):
         self.compact_head = compact_head
         self.autocast_dtype = autocast_dtype  # the policy and every reference compute log-probs in it
         self.ref_model = ref_model
-        if ref_model is not None:
+        if ref_model is not None and self.is_fsdp_enabled:
+            if not self.accelerator.is_fsdp2:
+                raise ConfigError(
+                    "a separate reference model under FSDP needs fsdp_version: 2 in the accelerate config "
+                    "(or pass --precompute_ref_log_probs true)"
+                )
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            # sharded like the policy; with fsdp_cpu_ram_efficient_loading the main process's weights
+            # are sent to the others (prepare_model(evaluation_mode=True) would leave it unsharded)
+            self.ref_model = fsdp2_prepare_model(self.accelerator, ref_model)
+        elif ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         # the loss is already a mean over pairs: let Trainer divide by the accumulation steps itself
         self.model_accepts_loss_kwargs = False
@@ -620,6 +634,14 @@ def train_dpo(
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
     if not train_pairs:
         raise ConfigError("no training preference pairs")
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and not (config.precompute_ref_log_probs or config.use_peft):
+        # the frozen copy of the policy would hold ZeRO-3 partitions that no DeepSpeed engine gathers
+        raise ConfigError(
+            "DPO with a live reference model under DeepSpeed ZeRO-3: pass --precompute_ref_log_probs true "
+            "(or --use_peft true: the reference is the policy without its adapters), or use FSDP"
+        )
     tokenizer = (
         tokenizer
         if tokenizer is not None
@@ -636,9 +658,14 @@ def train_dpo(
         config.eval_strategy = "no"
 
     model = _load_policy(config)
-    model.to(config.device)
-    share_ok, compact_ok = check_fast_paths(model, train_tok[0], pad_id)
+    if not fsdp_requested():  # under FSDP accelerate places the (sharded) model; processes > 0 may hold meta tensors
+        model.to(config.device)
+    share_ok, compact_ok = on_main_process(lambda: check_fast_paths(model, train_tok[0], pad_id), model)
     share_prompt = config.share_prompt and share_ok
+    # FSDP2 shards the LM head in one unit with the final norm (and tied embeddings), gathered for the
+    # model's own forward only: calling the head again outside it breaks the backward (a segfault on
+    # gloo with torch 2.13), so the model computes the logits itself there.
+    compact_ok = compact_ok and not fsdp_requested()
     if config.share_prompt and not share_ok:
         logger.warning(
             "tether dpo: the shared-prompt layout does not reproduce this model's log-probs; using two rows per pair"
@@ -660,21 +687,31 @@ def train_dpo(
 
         ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
         disable_dropout(ref_model)
-        ref_model.to(config.device).eval().requires_grad_(False)
+        if not fsdp_requested():
+            ref_model.to(config.device)
+        ref_model.eval().requires_grad_(False)
     if config.precompute_ref_log_probs:
         scorer = ref_model if ref_model is not None else model
         batch = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
-        for pairs in (train_tok, eval_tok):
-            precompute_reference_logps(
-                scorer,
-                pairs,
-                pad_id,
-                batch,
-                share_prompt,
-                compact_ok,
-                autocast_dtype,
-                disable_adapter=ref_model is None and config.use_peft,
-            )
+
+        def reference_logps() -> list[list[tuple[float, float]]]:
+            for pairs in (train_tok, eval_tok):
+                precompute_reference_logps(
+                    scorer,
+                    pairs,
+                    pad_id,
+                    batch,
+                    share_prompt,
+                    compact_ok,
+                    autocast_dtype,
+                    disable_adapter=ref_model is None and config.use_peft,
+                )
+            return [[(x.ref_chosen_logp, x.ref_rejected_logp) for x in pairs] for pairs in (train_tok, eval_tok)]
+
+        # every process trains on the same numbers (under FSDP only the main process has the weights yet)
+        for pairs, values in zip((train_tok, eval_tok), on_main_process(reference_logps, scorer)):
+            for x, (chosen, rejected) in zip(pairs, values):
+                x.ref_chosen_logp, x.ref_rejected_logp = chosen, rejected
         ref_model = None  # nothing of the reference stays in memory
     elif ref_model is None and not config.use_peft:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -703,9 +740,10 @@ def train_dpo(
     train_metrics["train_pairs_per_second"] = train_metrics.get("train_samples_per_second")
     eval_metrics = trainer.evaluate() if eval_tok else {}
 
+    model = complete_model(trainer)  # every process: under FSDP / ZeRO-3 the weights are gathered
     if trainer.is_world_process_zero():
         with staged_output(output_dir) as staged:
-            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
+            save_policy(model, tokenizer, staged, config.merge_lora)
             write_json_atomic(staged / "train_results.json", train_metrics)
             write_json_atomic(staged / "eval_results.json", eval_metrics)
         if not config.keep_checkpoints:  # the final model is in place: the run needs them no more

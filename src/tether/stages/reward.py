@@ -59,7 +59,9 @@ from tether.stages.common import (
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
+    complete_model,
     load_train_eval,
+    on_main_process,
     report_truncation,
     require_dataset,
     resolve_resume,
@@ -609,7 +611,8 @@ def train_reward(
     started = time.perf_counter()
     if config.share_prompt:
         probe = tokens.pairs[: max(1, min(len(tokens.pairs), config.per_device_train_batch_size))]
-        collator.share_prompt = shared_prompt_matches(trainer.model, probe, pad)
+        # one choice for every process (under FSDP only the main one has the weights before training)
+        collator.share_prompt = on_main_process(lambda: shared_prompt_matches(trainer.model, probe, pad), trainer.model)
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
 
@@ -643,9 +646,10 @@ def train_reward(
         "eval": final_eval,
         "reward_stats": {"mean": stats.mean, "std": stats.std, "count": stats.count},
     }
+    model = complete_model(trainer)  # every process: under FSDP / ZeRO-3 the weights are gathered
     if trainer.is_world_process_zero():
         with staged_output(output_dir) as staged:
-            save_reward_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged)
+            save_reward_model(model, tokenizer, staged)
             save_reward_stats(stats, staged)
             write_json_atomic(staged / EVAL_RESULTS_FILE, {"final": final_eval, "evaluations": history.rows})
             write_json_atomic(staged / SUMMARY_FILE, summary)

@@ -57,6 +57,7 @@ from tether.stages.common import (
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
+    complete_model,
     load_train_eval,
     report_truncation,
     require_dataset,
@@ -450,9 +451,10 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
         "use_peft": config.use_peft,
         "merged_lora": bool(config.use_peft and config.merge_lora),
     }
+    model = complete_model(trainer)  # every process: under FSDP / ZeRO-3 the weights are gathered
     if trainer.is_world_process_zero():
         with staged_output(output_dir) as staged:
-            save_policy(trainer.accelerator.unwrap_model(trainer.model), tokenizer, staged, config.merge_lora)
+            save_policy(model, tokenizer, staged, config.merge_lora)
             write_json_atomic(staged / SUMMARY_FILE, summary)
         if not config.keep_checkpoints:  # the final model is in place: the run needs them no more
             remove_checkpoints(output_dir)
