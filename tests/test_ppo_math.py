@@ -1,4 +1,4 @@
-"""PPO equations against hand-computed numbers (DESIGN.md checklist items 3, 4, 6, 7, 11, 12)."""
+"""PPO equations against hand-computed numbers (docs/ppo.md checklist items 3, 4, 6, 7, 11, 12)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PPO experience making on tiny real models (DESIGN.md checklist items 1, 3, 5, 14)."""
+"""PPO experience making on tiny real models (docs/ppo.md checklist items 1, 3, 5, 14)."""
 
 from __future__ import annotations
 

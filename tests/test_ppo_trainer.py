@@ -1,4 +1,4 @@
-"""The PPO loop end to end on tiny real models (DESIGN.md checklist items 2, 8-13; learning, resume,
+"""The PPO loop end to end on tiny real models (docs/ppo.md checklist items 2, 8-13; learning, resume,
 non-finite handling, divergence stop, outputs, CLI)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sampling responses from a policy, exactly as the policy's distribution says.
 
 Used by PPO rollouts, best-of-N, evaluation and the server. Two things make the samples match the
-``softmax(logits / T)`` that PPO differentiates (DESIGN.md, "The temperature is part of the policy"):
+``softmax(logits / T)`` that PPO differentiates (docs/ppo.md, "The equations": the temperature is part of the policy):
 
 * pure sampling: top-k 0, top-p 1, no repetition penalty, no ``min_new_tokens``, with the model's
   own ``generation_config`` overridden (``generate(do_sample=True)`` otherwise samples with top-k 50);

@@ -2,7 +2,7 @@
 
 The KL is the per-response sum of per-token KL (nats), averaged over the rollout batch and measured
 at the sampling temperature, i.e. the ``kl/ref`` metric of ``tether ppo``. Bands from practice
-(DESIGN.md); the two gaps between the practitioners' bands are named here:
+(docs/ppo.md, "KL health"); the two gaps between the practitioners' bands are named here:
 
 | KL (nats)   | band             | meaning / advice                                                                 |
 |-------------|------------------|----------------------------------------------------------------------------------|
