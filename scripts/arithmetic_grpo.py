@@ -41,6 +41,8 @@ def exact_match(model_path: str, rows: list[dict]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--batch_size", type=int, default=32, help="responses per iteration (prompts × 4)")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--output_dir", default="outputs/arithmetic_grpo")
     args = parser.parse_args()
@@ -63,13 +65,12 @@ def main() -> None:
         advantage_estimator="grpo",
         num_generations=4,
         kl_in_loss=True,
-        batch_size=32,
-        mini_batch_size=16,
+        batch_size=args.batch_size,
         ppo_epochs=1,
         num_iterations=args.iterations,
         learning_rate=args.learning_rate,
         lr_scheduler_type="constant",
-        max_new_tokens=16,
+        max_new_tokens=args.max_new_tokens,
         save_steps=0,
         logging_steps=1,
         disable_tqdm=True,
@@ -86,6 +87,8 @@ def main() -> None:
         "before": before,
         "after": after,
         "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
         "train_wall_s": round(train_s, 1),
         "total_wall_s": round(time.perf_counter() - started, 1),
         "train_reward_first_last": [rows[0]["reward/exact_answer/mean"], rows[-1]["reward/exact_answer/mean"]],

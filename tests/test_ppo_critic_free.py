@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from ppo_tiny import VOCAB, one_torch_thread, word_dirs, word_tok  # noqa: F401  (fixtures)
-from test_ppo_trainer import make_config, rows, trainer
+from test_ppo_trainer import Interrupt, _comparable, crash_in_iteration, make_config, rows, trainer
 
 from tether.config import ConfigError
 from tether.errors import RewardFunctionFailed
@@ -222,3 +222,51 @@ def test_bad_critic_free_and_reward_options_fail_before_the_first_rollout(tmp_pa
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>").save_pretrained(other_rm)
     with pytest.raises(ConfigError, match="tokenizer differs from the policy's"):
         trainer(critic_free(tmp_path, word_dirs, reward_model_path=str(other_rm)), PROMPTS)
+
+
+def test_a_stopped_and_resumed_grpo_run_with_a_reward_function_equals_an_uninterrupted_one(
+    tmp_path, word_dirs, reward_file
+):
+    from tether.models.loading import load_causal_lm
+
+    base = dict(
+        num_iterations=4,
+        save_steps=2,
+        save_total_limit=1,
+        keep_checkpoints=True,
+        target_kl=1.0,
+        init_kl_coef=0.2,
+        kl_in_loss=True,
+        reward_model_path=str(word_dirs["counting_rm"]),
+        reward_funcs=[f"{reward_file}:one"],
+        reward_weights=[1.0, 0.5],
+    )
+    whole = critic_free(tmp_path, word_dirs, "grpo", name="whole", **base)
+    trainer(whole, PROMPTS).train()
+    parts = critic_free(tmp_path, word_dirs, "grpo", name="parts", **base)
+    with pytest.raises(Interrupt):
+        trainer(parts, PROMPTS, extra_metrics=crash_in_iteration(3)).train()
+    resumed = critic_free(tmp_path, word_dirs, "grpo", name="parts", resume_from_checkpoint="latest", **base)
+    t = trainer(resumed, PROMPTS)
+    assert t.state.iteration == 2
+    t.train()
+    a, b = rows(whole), rows(resumed)
+    assert [_comparable(r) for r in b] == [_comparable(r) for r in a] and a[-1]["reward/one/mean"] == 1.0
+    w1 = load_causal_lm(str(tmp_path / "whole" / "policy")).state_dict()
+    w2 = load_causal_lm(str(tmp_path / "parts" / "policy")).state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert not list((tmp_path / "parts" / "checkpoint-4").glob("value*"))  # nothing of a critic in a checkpoint
+
+
+def test_the_command_line_parses_the_new_options(reward_file):
+    from tether.config import parse_config
+    from tether.ppo import PPOConfig
+
+    flags = "--output_dir o --advantage_estimator rloo --num_generations 4 --batch_size 16 --kl_in_loss true"
+    flags += (
+        f" --reward_funcs {reward_file}:one {reward_file}:answer_value --reward_weights 1 0.5 2 --reward_model_path rm"
+    )
+    config = parse_config(PPOConfig, flags.split())
+    assert (config.advantage_estimator, config.num_generations, config.kl_in_loss) == ("rloo", 4, True)
+    assert config.reward_funcs == [f"{reward_file}:one", f"{reward_file}:answer_value"]
+    assert config.reward_weights == [1.0, 0.5, 2.0] and config.scale_rewards == "group" and config.critic_free

@@ -59,9 +59,6 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=None,
         metadata=_help("One weight per reward component: the reward model first, then --reward_funcs (default 1)."),
     )
-    reward_ensemble: str = field(
-        default="mean", metadata=_help("How reward models combine: mean (TRL's weighted sum) or min.")
-    )
     value_model_path: str | None = field(
         default=None,
         metadata=_help("Initial value model; default: a separate copy of the whole reward model (backbone and head)."),
@@ -296,7 +293,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
 
     def _estimator_problems(self) -> list[str]:
         """The critic-free and reward-function options, checked before anything loads (every rank)."""
-        from tether.ppo.rewards import check_reward_ensemble, check_reward_weights, load_reward_functions
+        from tether.ppo.rewards import check_reward_weights, load_reward_functions
 
         problems = []
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
@@ -331,7 +328,6 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
                     "gae without --reward_model_path needs a critic: give --value_model_path or --value_head_on_policy"
                 )
         try:
-            check_reward_ensemble(self.reward_ensemble)
             load_reward_functions(self.reward_funcs)
             check_reward_weights(self.reward_weights, self.reward_components)
         except ConfigError as exc:

@@ -316,7 +316,7 @@ class ProgrammableRewards:
         self.functions = load_reward_functions(cfg.reward_funcs)
         self.names = cfg.reward_components
         self.weights = check_reward_weights(cfg.reward_weights, self.names)
-        self.ensemble = check_reward_ensemble(cfg.reward_ensemble)
+        self.ensemble = "mean"  # one reward model for now (an ensemble of several is the next step)
         self.model_names = self.names[: len(self.names) - len(self.functions)]
         self.needed = bool(self.functions) or cfg.reward_weights is not None
 

@@ -17,6 +17,10 @@ method's pseudo-code; each equation lives in a small pure function of ``tether.p
         monitor   KL health band; stop at divergence
         save      atomic checkpoint every --save_steps iterations
 
+Critic-free (``--advantage_estimator rloo|grpo|reinforce_pp``): the same loop without a value model;
+``--num_generations`` responses per prompt, ``--kl_in_loss`` moves β·k3 from the rewards into the loss,
+``--reward_funcs`` add programmable rewards to (or replace) the reward model's score.
+
 Everything runs through ``accelerate``: one process on CPU, data parallel under
 ``accelerate launch`` (each rank samples its share of the batch with its own seed; whitening, the
 controlled KL, token counts of the loss and every metric are reduced over all ranks).
