@@ -270,3 +270,31 @@ def test_the_command_line_parses_the_new_options(reward_file):
     assert (config.advantage_estimator, config.num_generations, config.kl_in_loss) == ("rloo", 4, True)
     assert config.reward_funcs == [f"{reward_file}:one", f"{reward_file}:answer_value"]
     assert config.reward_weights == [1.0, 0.5, 2.0] and config.scale_rewards == "group" and config.critic_free
+    assert config.reward_model_path == "rm"  # one reward model: the plain path, as before
+    ensemble = parse_config(PPOConfig, "--output_dir o --reward_model_path a b --reward_ensemble min".split())
+    assert ensemble.reward_model_paths == ["a", "b"] and ensemble.reward_components == [
+        "reward_model",
+        "reward_model_2",
+    ]
+    with pytest.raises(ConfigError, match="--reward_ensemble 'max'"):
+        parse_config(PPOConfig, "--output_dir o --reward_model_path a b --reward_ensemble max".split())
+
+
+def test_an_ensemble_of_two_reward_models_scores_with_the_worst_case_and_logs_each(tmp_path, word_dirs):
+    rm, counting = str(word_dirs["rm"]), str(word_dirs["counting_rm"])
+    config = critic_free(
+        tmp_path, word_dirs, "rloo", reward_model_path=[rm, counting], reward_ensemble="min", num_iterations=1
+    )
+    seen = []
+    t = trainer(config, PROMPTS, extra_metrics=lambda rollout: seen.append(rollout) or {})
+    assert len(t.models.ensemble) == 1 and t.models.reward_model is not None
+    t.train()
+    batch = seen[0]
+    first, second = batch.raw_scores, batch.extras["ensemble_scores"][0]  # raw: no reward_stats.json, no penalty
+    assert not torch.allclose(first, second)
+    # min ensemble with weights 1, 1: total = (1 + 1)·min(s1, s2)
+    assert torch.allclose(batch.scores, 2 * torch.minimum(first, second), atol=1e-6)
+    row = rows(config)[0]
+    assert row["reward/reward_model/mean"] == pytest.approx(first.double().mean().item(), abs=1e-6)
+    assert row["reward/reward_model_2/mean"] == pytest.approx(second.double().mean().item(), abs=1e-6)
+    assert row["reward/score"] == pytest.approx(batch.scores.mean().item(), abs=1e-6)

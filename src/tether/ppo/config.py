@@ -5,6 +5,7 @@ counters a checkpoint carries (:class:`PPOState`) and what a run returns (:class
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -41,12 +42,17 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         ),
     )
     # models
-    reward_model_path: str | None = field(
+    reward_model_path: list[str] | None = field(
         default=None,
         metadata=_help(
             "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
-            "the policy's tokenizer). Required, unless --reward_funcs score the responses."
+            "the policy's tokenizer). Required, unless --reward_funcs score the responses. Several folders form an "
+            "ensemble (--reward_ensemble); the first one also starts the value model."
         ),
+    )
+    reward_ensemble: str = field(
+        default="mean",
+        metadata=_help("How several reward models combine: mean (TRL's weighted sum) or min (worst case)."),
     )
     reward_funcs: list[str] = field(
         default_factory=list,
@@ -282,9 +288,17 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             problems.append("--max_new_tokens / --response_length must be >= 1")
         if getattr(self.optim, "value", self.optim) not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"--optim {self.optim}: tether ppo uses AdamW (adamw_torch or adamw_torch_fused)")
+        if isinstance(self.reward_model_path, (list, tuple)) and len(self.reward_model_path) == 1:
+            self.reward_model_path = self.reward_model_path[0]  # one reward model: the plain path
         problems += self._estimator_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def reward_model_paths(self) -> list[str]:
+        """Every --reward_model_path (a str from Python or YAML is one path)."""
+        paths = self.reward_model_path
+        return [] if not paths else [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else list(paths)
 
     @property
     def critic_free(self) -> bool:
@@ -293,7 +307,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
 
     def _estimator_problems(self) -> list[str]:
         """The critic-free and reward-function options, checked before anything loads (every rank)."""
-        from tether.ppo.rewards import check_reward_weights, load_reward_functions
+        from tether.ppo.rewards import check_reward_ensemble, check_reward_weights, load_reward_functions
 
         problems = []
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
@@ -328,6 +342,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
                     "gae without --reward_model_path needs a critic: give --value_model_path or --value_head_on_policy"
                 )
         try:
+            check_reward_ensemble(self.reward_ensemble)
             load_reward_functions(self.reward_funcs)
             check_reward_weights(self.reward_weights, self.reward_components)
         except ConfigError as exc:
@@ -336,8 +351,11 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
 
     @property
     def reward_components(self) -> list[str]:
-        """Names of the reward components in --reward_weights order: the reward model, then the functions."""
-        models = [REWARD_MODEL_COMPONENT] if self.reward_model_path else []
+        """Names of the reward components in --reward_weights order: the reward models (reward_model,
+        reward_model_2, ...), then the functions."""
+        count = len(self.reward_model_paths)
+        models = [REWARD_MODEL_COMPONENT] + [f"{REWARD_MODEL_COMPONENT}_{i}" for i in range(2, count + 1)]
+        models = models[:count]
         return models + [spec.rpartition(":")[2] for spec in self.reward_funcs]
 
 

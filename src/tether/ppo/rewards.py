@@ -316,25 +316,30 @@ class ProgrammableRewards:
         self.functions = load_reward_functions(cfg.reward_funcs)
         self.names = cfg.reward_components
         self.weights = check_reward_weights(cfg.reward_weights, self.names)
-        self.ensemble = "mean"  # one reward model for now (an ensemble of several is the next step)
+        self.ensemble = check_reward_ensemble(cfg.reward_ensemble)
         self.model_names = self.names[: len(self.names) - len(self.functions)]
-        self.needed = bool(self.functions) or cfg.reward_weights is not None
+        self.needed = bool(self.functions) or cfg.reward_weights is not None or len(self.model_names) > 1
 
     def score(
-        self, model_scores: torch.Tensor, prompts: Sequence, texts: Sequence[str], columns: Mapping[str, Sequence]
+        self,
+        model_scores: Sequence[torch.Tensor],
+        prompts: Sequence,
+        texts: Sequence[str],
+        columns: Mapping[str, Sequence],
     ) -> ScoredBatch:
-        """Every component for one batch (``model_scores``: the reward model's, after the missing-stop
-        penalty), combined. A function that raises or returns a bad value raises
-        :class:`RewardFunctionError` naming it and the first failing example."""
+        """Every component for one batch (``model_scores``: each reward model's, after the missing-stop
+        penalty; ignored without a reward model), combined. A function that raises or returns a bad
+        value raises :class:`RewardFunctionError` naming it and the first failing example."""
         components: dict[str, Sequence[float | None]] = {}
-        for name in self.model_names:
-            components[name] = model_scores.float().cpu().tolist()
+        for name, scores in zip(self.model_names, model_scores):
+            components[name] = scores.float().cpu().tolist()
         fn_prompts = [prompt_for_functions(p) for p in prompts]
         completions = [completion_for_functions(p, t) for p, t in zip(prompts, texts)]
         for name, fn in self.functions.items():
             components[name] = call_reward_function(fn, name, fn_prompts, completions, columns)
         combined = combine_rewards(components, self.weights, self.ensemble, reward_models=self.model_names)
-        scores, valid = rewards_tensor(combined.total, device=model_scores.device)
+        device = model_scores[0].device
+        scores, valid = rewards_tensor(combined.total, device=device)
         sums = [
             [
                 sum(v for v in values if v is not None),
@@ -343,7 +348,7 @@ class ProgrammableRewards:
             ]
             for values in components.values()
         ]
-        return ScoredBatch(scores, valid, torch.tensor(sums, dtype=torch.float64, device=model_scores.device))
+        return ScoredBatch(scores, valid, torch.tensor(sums, dtype=torch.float64, device=device))
 
 
 def component_metrics(names: Sequence[str], sums: torch.Tensor) -> dict[str, float]:

@@ -336,7 +336,7 @@ def score_responses(
 
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {
-            k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")
+            k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score", "ensemble")
         }
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
@@ -372,6 +372,12 @@ def score_responses(
             out["kl"].append(torch.where(mask, reported, zeros))
             out["pen"].append(torch.where(mask, pen, zeros))
             out["score"].append(score)
+            if models.ensemble:  # the other reward models of an ensemble, read at the same stop token
+                lengths = generated.lengths[rows]
+                with autocast():
+                    out["ensemble"].append(
+                        [last_token_scores(m, *args, prompt_width, lengths) for m, _ in models.ensemble]
+                    )
             del logits, ref_logits
         return out
 
@@ -381,6 +387,15 @@ def score_responses(
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, models.reward_stats) if models.reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, settings.missing_stop_penalty)
+    extras = {}
+    if models.ensemble:  # each member normalised with its own statistics, then the same missing-stop penalty
+        members = [torch.cat([chunk[i] for chunk in out["ensemble"]]) for i in range(len(models.ensemble))]
+        extras["ensemble_scores"] = [
+            apply_missing_stop_penalty(
+                normalise(s, stats) if stats is not None else s, generated.stopped, settings.missing_stop_penalty
+            )
+            for s, (_, stats) in zip(members, models.ensemble)
+        ]
     return Rollout(
         query_ids=query_ids,
         query_mask=query_mask,
@@ -400,6 +415,7 @@ def score_responses(
         scores=scores,
         prompts=prompts,
         forward_batch_size=size,
+        extras=extras,
     )
 
 
@@ -459,7 +475,8 @@ def add_programmable_rewards(
     when a function fails on one of them, so that none waits in a collective."""
     error, scored = None, None
     try:
-        scored = rewards.score(batch.scores, batch.prompts, batch.response_texts(tokenizer), columns)
+        model_scores = [batch.scores, *batch.extras.get("ensemble_scores", [])]
+        scored = rewards.score(model_scores, batch.prompts, batch.response_texts(tokenizer), columns)
     except RewardFunctionError as exc:
         error = exc
     if not all_ok(error is None):
