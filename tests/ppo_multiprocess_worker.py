@@ -7,8 +7,9 @@ to the same prompt, to show that ranks sample with different seeds.
 
 Then the whole loop (``train``: rollout, update, metrics, checkpoint, outputs) runs once across the processes.
 
-usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM [lora]
-(``lora``: LoRA policy, reference = adapters off, critic = LoRA on the reward model)
+usage: python -m torch.distributed.run --nproc_per_node N ppo_multiprocess_worker.py OUT POLICY RM [lora|grpo]
+(``lora``: LoRA policy, reference = adapters off, critic = LoRA on the reward model; ``grpo``: no critic,
+groups of 2 responses, batch-scaled advantages, the KL in the loss and a reward function with a column)
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ import torch
 PROMPTS = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
 # three responses never stop (they get the missing-stop penalty); the others end with the stop token
 RESPONSES = ["a good <eos>", "b c d e f", "good good <eos>", "x <eos>", "no yes no yes", "m <eos>", "good", "t u <eos>"]
+BONUS = [0.5, 0.0, 1.0, 2.0, 0.0, 1.5, None, 3.0]  # a dataset column (None: the function does not apply)
+
+
+def length_bonus(prompts, completions, bonus, **kwargs):
+    """A --reward_funcs function for the grpo mode: a column value plus the completion's length / 4."""
+    return [None if b is None else b + len(c) / 4 for c, b in zip(completions, bonus)]
 
 
 def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
@@ -52,8 +59,22 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
         target_kl=1.0,
         init_kl_coef=0.2,
         **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),
+        **(
+            {
+                "advantage_estimator": "grpo",
+                "num_generations": 2,
+                "scale_rewards": "batch",
+                "kl_in_loss": True,
+                "reward_funcs": [f"{Path(__file__).resolve()}:length_bonus"],
+            }
+            if mode == "grpo"
+            else {}
+        ),
     )
-    trainer = PPOTrainer(config, PROMPTS)
+    from tether.data.records import PromptRecord
+
+    records = [PromptRecord(p, columns={"bonus": b}) for p, b in zip(PROMPTS, BONUS)]  # the rows' other column
+    trainer = PPOTrainer(config, records if mode == "grpo" else PROMPTS)
     tok, acc = trainer.tokenizer, trainer.accelerator
     local_batch = trainer.geometry.local_batch
     share = slice(trainer.rank * local_batch, (trainer.rank + 1) * local_batch)
@@ -67,7 +88,12 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
     )
     settings = dataclasses.replace(trainer.rollout_settings, missing_stop_penalty=-1.0)
     assert settings.sampling.temperature == config.temperature
-    rollout = score_responses(trainer.models, q, qm, generated, settings)
+    rollout = score_responses(trainer.models, q, qm, generated, settings, prompts=PROMPTS[share])
+    if mode == "grpo":
+        from tether.ppo.rollout import add_programmable_rewards
+
+        columns = {"bonus": BONUS[share]}
+        add_programmable_rewards(rollout, trainer.rewards, tok, columns, trainer.processes.all_true)
     metrics = trainer.learn(rollout)
     if acc.is_main_process:
         state = trainer.models.policy_and_value.policy.state_dict()

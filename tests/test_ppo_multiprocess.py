@@ -24,7 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "grpo"])
 def test_two_process_update_equals_one_process_update(tmp_path, word_dirs, mode):
     from ppo_multiprocess_worker import main
 
@@ -70,7 +70,9 @@ def test_two_process_update_equals_one_process_update(tmp_path, word_dirs, mode)
             assert mb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     wa, wb = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
-    if mode == "full":
+    if mode == "grpo":  # no critic; the function's component reduced as sums and counts over processes
+        assert "loss/value" not in ma and ma["loss/kl"] >= 0 and ma["reward/length_bonus/none"] == 1.0
+    if mode != "lora":
         assert not torch.equal(wa["lm_head.weight"], _initial_lm_head(word_dirs["policy"]))  # the policy moved
     else:  # LoRA B matrices start at zero: the adapters moved
         assert any(wa[k].abs().max() > 0 for k in wa if "lora_B" in k)

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tether.config import ConfigError, parse_config
     from tether.data.errors import DataError
-    from tether.errors import NonFiniteError
+    from tether.errors import NonFiniteError, RewardFunctionFailed
 
     module = importlib.import_module(module_name)
     config_class = getattr(module, config_name)
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"tether {name}: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:  # the run stopped itself; its message says where the last good checkpoint is
+    except (NonFiniteError, RewardFunctionFailed) as exc:
+        # the run stopped itself; its message says where the last good checkpoint is
         print(f"tether {name}: error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,3 +6,8 @@ class NonFiniteError(RuntimeError):
 
     The message names the file holding the offending batches and the last good checkpoint.
     """
+
+
+class RewardFunctionFailed(RuntimeError):
+    """A ``--reward_funcs`` function raised (or returned a bad value) during a run, which stopped before
+    its update; the message names the function, the first failing example and the last checkpoint."""

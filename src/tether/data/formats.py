@@ -444,13 +444,18 @@ def parse_demonstration(row: Any) -> Demonstration:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _other_columns(row: Mapping, prompt_field: str) -> dict[str, Any]:
+    """The fields of a prompt row besides the prompt (a reference answer, say), for reward functions."""
+    return {k: v for k, v in row.items() if k != prompt_field}
+
+
 def parse_prompt(row: Any) -> PromptRecord:
     """A prompt from ``{"prompt"}``, ``{"messages"}`` or any preference/demonstration row."""
     r = _Row(row)
     if r.has("prompt"):
         prompt = r.prompt(r.row["prompt"])
         r.done()
-        return PromptRecord(prompt=prompt)
+        return PromptRecord(prompt=prompt, columns=_other_columns(r.row, "prompt"))
     if r.has("messages"):
         value = r.row["messages"]
         messages = r.messages(value, "messages")
@@ -462,7 +467,7 @@ def parse_prompt(row: Any) -> PromptRecord:
         else:
             r.prompt_ok(messages, "messages")
         r.done()
-        return PromptRecord(prompt=messages)
+        return PromptRecord(prompt=messages, columns=_other_columns(r.row, "messages"))
     if r.has("chosen") or r.has("rejected"):
         return PromptRecord(prompt=parse_preference(row)[0].prompt)
     r.problems.append("field 'prompt' is null" if "prompt" in r.row else "missing field 'prompt' (or 'messages')")

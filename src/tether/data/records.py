@@ -7,7 +7,9 @@ turn when the tokenizer has a chat template and as raw text otherwise (``tether.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,3 +45,6 @@ class Demonstration:
 class PromptRecord:
     prompt: Prompt
     origin: str = field(default="", compare=False)
+    #: the row's other fields (a reference answer, say): ``tether ppo --reward_funcs`` passes them to the
+    #: reward functions as keyword lists, as TRL passes a dataset's columns
+    columns: Mapping[str, Any] = field(default_factory=dict, compare=False)

@@ -224,3 +224,33 @@ def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     A_{i,t} = A_i · m_{i,t}        ``[batch]`` → ``[batch, response_tokens]``
     """
     return torch.where(mask.bool(), advantages.unsqueeze(1), torch.zeros((), dtype=advantages.dtype))
+
+
+def critic_free_advantages(
+    estimator: str,
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+    scale_rewards: str = "group",
+    all_reduce: AllReduceSum | None = None,
+) -> torch.Tensor:
+    """Per-token advantages ``[batch, response_tokens]`` without a value model, from the token rewards
+    ``r_t = −β·KL_t + [t = L − 1]·score`` (β = 0 with ``--kl_in_loss``):
+
+        rloo, grpo:    R_i = Σ_t r_{i,t} = score_i − β·Σ_t KL_{i,t}   (the KL in the sequence reward, as
+                       TRL's RLOO), A_i from :func:`rloo_advantages` / :func:`grpo_advantages`, then
+                       A_{i,t} = A_i on every real token (:func:`token_advantages`)
+        reinforce_pp:  :func:`reinforce_pp_advantages` (return-to-go, whitened over the global batch)
+    """
+    if estimator == "reinforce_pp":
+        return reinforce_pp_advantages(token_rewards, mask, valid, all_reduce=all_reduce)
+    real = mask.bool()
+    sequence = torch.where(real, token_rewards, torch.zeros_like(token_rewards)).sum(1)
+    if estimator == "rloo":
+        advantages = rloo_advantages(sequence, group_size, valid)
+    elif estimator == "grpo":
+        advantages = grpo_advantages(sequence, group_size, scale_rewards, valid=valid, all_reduce=all_reduce)
+    else:
+        raise ValueError(f"no critic-free estimator {estimator!r}")
+    return token_advantages(advantages, mask)

@@ -93,6 +93,20 @@ def last_good_checkpoint(output_dir: Path, divergent_iteration: int | None = Non
     return good[-1] if good else None
 
 
+def reward_function_failed(error: Exception, iteration: int, output_dir: Path):
+    """The error that stops a run whose reward function failed in ``iteration`` (before its update, so
+    nothing of the run is half-written): the function's own message and the last checkpoint."""
+    from tether.errors import RewardFunctionFailed
+
+    last = last_good_checkpoint(output_dir)
+    message = (
+        f"tether ppo: stopped at iteration {iteration} before its update: {error}; last good checkpoint: "
+        f"{last or 'none yet'} (fix the function, then --resume_from_checkpoint latest)"
+    )
+    logger.error(message)
+    return RewardFunctionFailed(message)
+
+
 class RunFolder:
     """The output folder of one PPO run, written by the main process (the others wait where needed)."""
 
@@ -175,13 +189,15 @@ class RunFolder:
         return data
 
     # ---- the run's outputs ---------------------------------------------------------------------
-    def save_final(self, models: PPOModels) -> tuple[str, str]:
+    def save_final(self, models: PPOModels) -> tuple[str, str | None]:
         """Write policy/ and value_model/ (full models, LoRA merged; the policy adapter alone in adapter/),
         then delete the checkpoints unless --keep_checkpoints (the run needs them no more)."""
         acc, output_dir = self.accelerator, self.path
         policy_dir = output_dir / "policy"
         value_name = "value_model" if models.policy_and_value.value_model is not None else "value_head"
-        value_dir = output_dir / value_name
+        if models.policy_and_value.value_model is None and models.policy_and_value.value_head is None:
+            value_name = None  # critic-free: no value model to write
+        value_dir = output_dir / value_name if value_name else None
         if acc.is_main_process:
             tmp = output_dir / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -192,12 +208,13 @@ class RunFolder:
                 policy.save_pretrained(tmp / "adapter", safe_serialization=True)
                 replace_folder(tmp / "adapter", output_dir / "adapter")
             replace_folder(tmp / "policy", policy_dir)
-            replace_folder(tmp / value_name, value_dir)
+            if value_name:
+                replace_folder(tmp / value_name, value_dir)
             shutil.rmtree(tmp, ignore_errors=True)
             if not self.config.keep_checkpoints:  # only now: a crash before leaves them to resume from
                 remove_checkpoints(output_dir)
         acc.wait_for_everyone()
-        return str(policy_dir), str(value_dir)
+        return str(policy_dir), str(value_dir) if value_dir else None
 
     def result(self, stopped_reason: str, state, metrics: dict, final: tuple[str, str] | None, extra: dict):
         """The run's :class:`~tether.ppo.config.PPOResult`, also written to ppo_summary.json (with ``extra``)."""

@@ -5,13 +5,20 @@ counters a checkpoint carries (:class:`PPOState`) and what a run returns (:class
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from tether.config import ConfigError, DataArguments, ModelArguments
+from tether.ppo.advantages import SCALE_REWARDS
 from tether.ppo.losses import KL_ESTIMATORS
 from tether.stages.common import KEEP_CHECKPOINTS_HELP
+
+#: ``--advantage_estimator``: GAE with a critic, or one of the critic-free estimators
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+#: the reward model's name among the reward components (its metrics are reward/reward_model/...)
+REWARD_MODEL_COMPONENT = "reward_model"
 
 
 def _help(text: str) -> dict:
@@ -35,12 +42,28 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         ),
     )
     # models
-    reward_model_path: str | None = field(
+    reward_model_path: list[str] | None = field(
         default=None,
         metadata=_help(
             "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
-            "the policy's tokenizer). Required."
+            "the policy's tokenizer). Required, unless --reward_funcs score the responses. Several folders form an "
+            "ensemble (--reward_ensemble); the first one also starts the value model."
         ),
+    )
+    reward_ensemble: str = field(
+        default="mean",
+        metadata=_help("How several reward models combine: mean (TRL's weighted sum) or min (worst case)."),
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "Programmable rewards: module.path:function or path/to/file.py:function, called as TRL does, "
+            "fn(prompts=, completions=, **dataset_columns) -> one float (or None: does not apply) per completion."
+        ),
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("One weight per reward component: the reward model first, then --reward_funcs (default 1)."),
     )
     value_model_path: str | None = field(
         default=None,
@@ -93,6 +116,33 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     num_train_epochs: float = field(
         default=1.0,
         metadata=_help("Passes over the prompts when neither --num_iterations nor --total_episodes is given."),
+    )
+    # advantage estimator
+    advantage_estimator: str = field(
+        default="gae",
+        metadata=_help(
+            "gae (PPO with a value model), or critic-free: rloo, grpo (group baselines over --num_generations "
+            "responses per prompt) or reinforce_pp (REINFORCE++: batch-whitened returns); critic-free builds no "
+            "value model."
+        ),
+    )
+    num_generations: int = field(
+        default=1,
+        metadata=_help(
+            "Responses sampled per prompt (k, contiguous in the batch; >= 2 for rloo/grpo). --batch_size and "
+            "--mini_batch_size count responses, as TRL counts completions: prompts per iteration = batch_size / k."
+        ),
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata=_help("grpo: divide by the group's std (group), the batch's (batch) or not at all (none: Dr. GRPO)."),
+    )
+    kl_in_loss: bool = field(
+        default=False,
+        metadata=_help(
+            "Put β·k3 KL to the reference into the loss (GRPO) instead of −β·KL into the rewards; same β and "
+            "controller."
+        ),
     )
     # PPO
     gamma: float = field(default=1.0, metadata=_help("Discount γ of GAE."))
@@ -238,8 +288,75 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             problems.append("--max_new_tokens / --response_length must be >= 1")
         if getattr(self.optim, "value", self.optim) not in ("adamw_torch", "adamw_torch_fused"):
             problems.append(f"--optim {self.optim}: tether ppo uses AdamW (adamw_torch or adamw_torch_fused)")
+        if isinstance(self.reward_model_path, (list, tuple)) and len(self.reward_model_path) == 1:
+            self.reward_model_path = self.reward_model_path[0]  # one reward model: the plain path
+        problems += self._estimator_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def reward_model_paths(self) -> list[str]:
+        """Every --reward_model_path (a str from Python or YAML is one path)."""
+        paths = self.reward_model_path
+        return [] if not paths else [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else list(paths)
+
+    @property
+    def critic_free(self) -> bool:
+        """True when the advantages need no value model (every estimator but gae)."""
+        return self.advantage_estimator != "gae"
+
+    def _estimator_problems(self) -> list[str]:
+        """The critic-free and reward-function options, checked before anything loads (every rank)."""
+        from tether.ppo.rewards import check_reward_ensemble, check_reward_weights, load_reward_functions
+
+        problems = []
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            problems.append(
+                f"--advantage_estimator {self.advantage_estimator!r}: use one of {', '.join(ADVANTAGE_ESTIMATORS)}"
+            )
+        k = self.num_generations
+        if k < 1:
+            problems.append("--num_generations must be >= 1")
+        elif self.advantage_estimator in ("rloo", "grpo") and k < 2:
+            problems.append(
+                f"--advantage_estimator {self.advantage_estimator} compares the responses to one prompt: "
+                "set --num_generations to 2 or more"
+            )
+        elif self.batch_size % k:
+            problems.append(
+                f"--batch_size {self.batch_size} counts responses: it must be a multiple of --num_generations {k}"
+            )
+        if self.scale_rewards not in SCALE_REWARDS:
+            problems.append(f"--scale_rewards {self.scale_rewards!r}: use one of {', '.join(SCALE_REWARDS)}")
+        if self.critic_free:
+            if self.value_model_path or self.value_head_on_policy:
+                problems.append(
+                    f"--advantage_estimator {self.advantage_estimator} builds no value model: drop "
+                    "--value_model_path / --value_head_on_policy (or use gae)"
+                )
+            if self.value_warmup_steps:
+                problems.append("--value_warmup_steps needs a value model (--advantage_estimator gae)")
+        elif self.reward_model_path is None and self.reward_funcs:
+            if not (self.value_model_path or self.value_head_on_policy):
+                problems.append(
+                    "gae without --reward_model_path needs a critic: give --value_model_path or --value_head_on_policy"
+                )
+        try:
+            check_reward_ensemble(self.reward_ensemble)
+            load_reward_functions(self.reward_funcs)
+            check_reward_weights(self.reward_weights, self.reward_components)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        return problems
+
+    @property
+    def reward_components(self) -> list[str]:
+        """Names of the reward components in --reward_weights order: the reward models (reward_model,
+        reward_model_2, ...), then the functions."""
+        count = len(self.reward_model_paths)
+        models = [REWARD_MODEL_COMPONENT] + [f"{REWARD_MODEL_COMPONENT}_{i}" for i in range(2, count + 1)]
+        models = models[:count]
+        return models + [spec.rpartition(":")[2] for spec in self.reward_funcs]
 
 
 @dataclass
@@ -294,6 +411,11 @@ def batch_geometry(cfg: PPOConfig, world: int) -> BatchGeometry:
             f"--batch_size {cfg.batch_size} and --mini_batch_size {mini} must be multiples of the {world} processes"
         )
     local_batch = cfg.batch_size // world
+    if local_batch % cfg.num_generations:
+        raise ConfigError(
+            f"--batch_size {cfg.batch_size} over {world} processes leaves {local_batch} responses per process, "
+            f"not whole groups of --num_generations {cfg.num_generations} (each process samples its own prompts)"
+        )
     local_mini = mini // world
     micro = cfg.per_device_train_batch_size or local_mini
     if micro < 1 or local_mini % micro:
@@ -319,13 +441,13 @@ def batch_geometry(cfg: PPOConfig, world: int) -> BatchGeometry:
 
 
 def count_iterations(cfg: PPOConfig, n_prompts: int) -> int:
-    """--num_iterations, else --total_episodes // --batch_size, else ⌈epochs · prompts / batch_size⌉."""
+    """--num_iterations, else --total_episodes // --batch_size, else ⌈epochs · prompts · k / batch_size⌉."""
     if cfg.num_iterations is not None:
         n = cfg.num_iterations
     elif cfg.total_episodes is not None:
         n = cfg.total_episodes // cfg.batch_size
-    else:
-        n = math.ceil(cfg.num_train_epochs * n_prompts / cfg.batch_size)
+    else:  # batch_size / num_generations prompts per iteration
+        n = math.ceil(cfg.num_train_epochs * n_prompts * cfg.num_generations / cfg.batch_size)
     if n < 1:
         raise ConfigError(
             f"nothing to train: {n} iterations (check --num_iterations / --total_episodes / "

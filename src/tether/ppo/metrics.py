@@ -10,6 +10,7 @@ import torch
 
 from tether.ppo.advantages import masked_moments
 from tether.ppo.losses import explained_variance
+from tether.ppo.rewards import component_metrics
 from tether.ppo.rollout import Rollout
 
 logger = logging.getLogger("tether.ppo.trainer")  # the progress line is the loop's output: logged under its name
@@ -60,12 +61,19 @@ def iteration_metrics(
     state,
     skipped: bool,
     processes: Processes,
+    kl_in_reward: bool = True,
 ) -> dict[str, Any]:
-    """Rollout and update statistics (and ``state``'s counters), reduced over all processes."""
+    """Rollout and update statistics (and ``state``'s counters), reduced over all processes.
+
+    With ``--reward_funcs``: ``reward/<component>/mean`` and ``/none`` per component, ``reward/none``
+    (responses without any reward); ``reward/score`` is then the combined reward over the others.
+    """
     mask = batch.response_mask
-    non_score = torch.where(mask, -beta * batch.kl_penalty, torch.zeros_like(batch.kl_penalty)).sum(1)
+    beta_in_reward = beta if kl_in_reward else 0.0  # --kl_in_loss: the KL is a loss term (loss/kl)
+    non_score = torch.where(mask, -beta_in_reward * batch.kl_penalty, torch.zeros_like(batch.kl_penalty)).sum(1)
+    scores = batch.scores if batch.valid is None else batch.scores[batch.valid]
     m: dict[str, Any] = {
-        "reward/score": processes.mean(batch.scores),
+        "reward/score": processes.mean(scores),
         "reward/raw_score": processes.mean(batch.raw_scores),
         "reward/non_score": processes.mean(non_score),
         "reward/total": processes.mean(batch.scores + non_score),
@@ -75,7 +83,11 @@ def iteration_metrics(
         "response/length": processes.mean(batch.lengths.float()),
         "response/stopped": processes.mean(batch.stopped.float()),
     }
-    if not skipped:
+    if "reward_components" in batch.extras:  # sums and counts over every process, then one division
+        names, sums = batch.extras["reward_components"]
+        m.update(component_metrics(names, processes.sum(sums)))
+        m["reward/none"] = processes.sum((~batch.valid).sum().float()).item()
+    if not skipped and batch.values is not None:
         m["value/explained_var"] = explained_variance(batch.values, batch.returns, mask, processes.sum).item()
     m.update(update)
     m.update(

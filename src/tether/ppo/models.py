@@ -87,8 +87,8 @@ class PolicyAndValue(nn.Module):
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None):
         super().__init__()
-        if (value_model is None) == (value_head is None):
-            raise ValueError("give exactly one of value_model and value_head")
+        if value_model is not None and value_head is not None:
+            raise ValueError("give at most one of value_model and value_head (neither: critic-free, values None)")
         self.policy = policy
         self.value_model = value_model
         self.value_head = value_head
@@ -104,6 +104,7 @@ class PolicyAndValue(nn.Module):
         with_logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.value_head is None:
+            with_values = with_values and self.value_model is not None  # critic-free: no value forward at all
             logits = (
                 response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
                 if with_logits
@@ -169,12 +170,16 @@ def make_accelerator(cfg: PPOConfig):
 class RolloutModels:
     """What a rollout reads: the trained networks, the reference (None: the LoRA policy with its
     adapters disabled), the reward model (None: the LoRA critic with its adapters disabled) and the
-    statistics that normalise its scores (None: raw scores)."""
+    statistics that normalise its scores (None: raw scores). ``without_reward_model``: no reward
+    model at all (only ``--reward_funcs`` score; the model scores are 0)."""
 
     policy_and_value: PolicyAndValue
     reference: nn.Module | None = None
     reward_model: nn.Module | None = None
     reward_stats: RewardStats | None = None
+    without_reward_model: bool = False
+    #: the other reward models of an ensemble (--reward_model_path A B ...), each with its score statistics
+    ensemble: list[tuple[nn.Module, RewardStats | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -236,9 +241,12 @@ def build_ppo_models(
     from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
 
     acc = accelerator
-    if cfg.reward_model_path is None:
-        raise ConfigError("--reward_model_path is required (a folder written by `tether rm`)")
-    check_reward_model(cfg.reward_model_path, tokenizer)
+    paths = cfg.reward_model_paths
+    if not paths and not cfg.reward_funcs:
+        raise ConfigError("--reward_model_path is required (a folder written by `tether rm`), or give --reward_funcs")
+    for path in paths:
+        check_reward_model(path, tokenizer)
+    first_rm = paths[0] if paths else None
     ckpt = resume_dir
     policy = load_causal_lm(cfg.model_name_or_path, cfg.dtype)
     if hasattr(policy, "merge_and_unload"):  # an adapter folder (e.g. LoRA SFT) becomes a plain model
@@ -256,8 +264,10 @@ def build_ppo_models(
         reference = copy.deepcopy(policy)
         if ckpt is not None:
             policy = load_causal_lm(str(ckpt / "policy"), cfg.dtype)
-    reward_model = load_scalar_model(cfg.reward_model_path, cfg.dtype)
-    if cfg.value_head_on_policy:
+    reward_model = load_scalar_model(first_rm, cfg.dtype) if first_rm else None
+    if cfg.critic_free:  # no value model: no parameters, no optimizer state, no forward pass
+        value_model = value_head = None
+    elif cfg.value_head_on_policy:
         value_model = None
         value_head = make_value_head(policy)
         if ckpt is not None:
@@ -277,13 +287,13 @@ def build_ppo_models(
             value_model = PeftModel.from_pretrained(base, ckpt / "value_model", is_trainable=True)
         else:
             value_model = get_peft_model(base, peft_config_from(cfg, task_type="SEQ_CLS"))
-        if cfg.value_model_path is None:
+        if cfg.value_model_path is None and reward_model is not None:
             reward_model = None  # scored by the value model with its adapters disabled
     else:
         value_head = None
         value_source = (
-            str(ckpt / "value_model") if ckpt is not None else (cfg.value_model_path or cfg.reward_model_path)
-        )
+            str(ckpt / "value_model") if ckpt is not None else (cfg.value_model_path or first_rm)
+        )  # (without a reward model the config requires --value_model_path or --value_head_on_policy)
         value_model = load_scalar_model(value_source, cfg.dtype)
     for model in (policy, reference, value_model, reward_model):
         if model is not None:
@@ -304,7 +314,12 @@ def build_ppo_models(
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy_and_value = PolicyAndValue(policy, value_model, value_head).to(acc.device)
     policy_and_value.train()
-    models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, say))
+    models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, first_rm, say))
+    models.without_reward_model = first_rm is None
+    for path in paths[1:]:
+        member = load_scalar_model(path, cfg.dtype)
+        disable_dropout(member)
+        models.ensemble.append((member.requires_grad_(False).eval().to(acc.device), reward_stats(cfg, path, say)))
     _add_optimizer(models, cfg, acc, num_iterations)
     return models
 
@@ -360,17 +375,17 @@ def check_reward_model(path: str, tokenizer) -> None:
             )
 
 
-def reward_stats(cfg: PPOConfig, say: Callable[[str], None]) -> RewardStats | None:
-    """The reward model's score statistics (reward_stats.json) when --normalize_reward, else None."""
+def reward_stats(cfg: PPOConfig, path: str | None, say: Callable[[str], None]) -> RewardStats | None:
+    """The score statistics (reward_stats.json) of the reward model at ``path`` when --normalize_reward, else None."""
     from tether.models.scoring import load_reward_stats
 
-    if not cfg.normalize_reward:
+    if not cfg.normalize_reward or path is None:
         return None
     try:
-        stats = load_reward_stats(cfg.reward_model_path)
+        stats = load_reward_stats(path)
     except FileNotFoundError:
         say(
-            f"no reward_stats.json in {cfg.reward_model_path}: raw scores are used, so β, the missing-EOS "
+            f"no reward_stats.json in {path}: raw scores are used, so β, the missing-EOS "
             "penalty and the value clip are in the reward model's raw units"
         )
         return None

@@ -282,3 +282,82 @@ def rewards_tensor(total: Sequence[float | None], device=None) -> tuple[torch.Te
     valid = torch.tensor([r is not None for r in total], dtype=torch.bool, device=device)
     rewards = torch.tensor([0.0 if r is None else r for r in total], dtype=torch.float32, device=device)
     return rewards, valid
+
+
+# ---- one rollout's rewards ----------------------------------------------------------------------
+def prompt_for_functions(prompt):
+    """A prompt as TRL hands it to reward functions: the string, or a list of ``{"role", "content"}`` dicts."""
+    if isinstance(prompt, str):
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def completion_for_functions(prompt, text: str):
+    """A completion as TRL hands it: the text, or ``[{"role": "assistant", "content": text}]`` for a chat prompt."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+@dataclass
+class ScoredBatch:
+    scores: torch.Tensor  # [batch] combined reward, 0 where missing
+    valid: torch.Tensor  # [batch] bool, False where every component was None
+    component_sums: torch.Tensor  # [components, 3]: Σ present values, count present, count None (this process)
+
+
+class ProgrammableRewards:
+    """The reward components of a run (the reward model's score, then ``--reward_funcs``) and how they
+    combine into the score the advantages see (:func:`combine_rewards`).
+
+    ``needed`` is False on the plain path (one reward model, no functions, no weights): the reward
+    model's score is then used as it is, untouched.
+    """
+
+    def __init__(self, cfg):
+        self.functions = load_reward_functions(cfg.reward_funcs)
+        self.names = cfg.reward_components
+        self.weights = check_reward_weights(cfg.reward_weights, self.names)
+        self.ensemble = check_reward_ensemble(cfg.reward_ensemble)
+        self.model_names = self.names[: len(self.names) - len(self.functions)]
+        self.needed = bool(self.functions) or cfg.reward_weights is not None or len(self.model_names) > 1
+
+    def score(
+        self,
+        model_scores: Sequence[torch.Tensor],
+        prompts: Sequence,
+        texts: Sequence[str],
+        columns: Mapping[str, Sequence],
+    ) -> ScoredBatch:
+        """Every component for one batch (``model_scores``: each reward model's, after the missing-stop
+        penalty; ignored without a reward model), combined. A function that raises or returns a bad
+        value raises :class:`RewardFunctionError` naming it and the first failing example."""
+        components: dict[str, Sequence[float | None]] = {}
+        for name, scores in zip(self.model_names, model_scores):
+            components[name] = scores.float().cpu().tolist()
+        fn_prompts = [prompt_for_functions(p) for p in prompts]
+        completions = [completion_for_functions(p, t) for p, t in zip(prompts, texts)]
+        for name, fn in self.functions.items():
+            components[name] = call_reward_function(fn, name, fn_prompts, completions, columns)
+        combined = combine_rewards(components, self.weights, self.ensemble, reward_models=self.model_names)
+        device = model_scores[0].device
+        scores, valid = rewards_tensor(combined.total, device=device)
+        sums = [
+            [
+                sum(v for v in values if v is not None),
+                sum(v is not None for v in values),
+                sum(v is None for v in values),
+            ]
+            for values in components.values()
+        ]
+        return ScoredBatch(scores, valid, torch.tensor(sums, dtype=torch.float64, device=device))
+
+
+def component_metrics(names: Sequence[str], sums: torch.Tensor) -> dict[str, float]:
+    """``reward/<name>/mean`` (Σ values / count over every process: not a mean of means) and
+    ``reward/<name>/none`` from the per-component sums of :meth:`ProgrammableRewards.score` (already
+    summed over processes)."""
+    metrics: dict[str, float] = {}
+    for name, (total, present, missing) in zip(names, sums.tolist()):
+        if present:
+            metrics[f"reward/{name}/mean"] = total / present
+        metrics[f"reward/{name}/none"] = missing
+    return metrics

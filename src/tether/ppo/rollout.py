@@ -41,6 +41,7 @@ from tether.models.scoring import normalise, position_ids_from_mask, token_score
 from tether.ppo.config import PPOConfig, PPOState
 from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
 from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
+from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class Rollout:
     position_ids: torch.Tensor
     logprobs: torch.Tensor  # old policy log-probs at T
     ref_logprobs: torch.Tensor  # reference log-probs at T
-    values: torch.Tensor  # old values
+    values: torch.Tensor | None  # old values (None: critic-free, no value model)
     kl: torch.Tensor  # per-token KL reported and controlled (k1, or exact with --kl_penalty full)
     kl_penalty: torch.Tensor  # per-token estimate that enters the rewards (--kl_penalty)
     raw_scores: torch.Tensor  # reward model output at the stop token
@@ -106,8 +107,11 @@ class Rollout:
     # set by the learner before the update (``PPOTrainer.estimate_advantages``); ``logprobs`` and
     # ``values`` above are the old log-probs and old values the update's ratios and clips start from
     rewards: torch.Tensor | None = None  # per-token rewards r_t
-    advantages: torch.Tensor | None = None  # whitened advantages Â_t
-    returns: torch.Tensor | None = None  # value targets (advantages before whitening + values)
+    advantages: torch.Tensor | None = None  # whitened advantages Â_t (critic-free: the estimator's)
+    returns: torch.Tensor | None = None  # value targets (advantages before whitening + values); critic-free: None
+    #: False where the combined reward is missing (every --reward_funcs returned None and no reward model):
+    #: such a response enters no baseline and gets advantage 0; None: all valid
+    valid: torch.Tensor | None = None
 
     @property
     def prompt_width(self) -> int:
@@ -141,7 +145,7 @@ class Rollout:
             and torch.isfinite(self.rewards[mask]).all()
             and torch.isfinite(self.logprobs[mask]).all()
             and torch.isfinite(self.ref_logprobs[mask]).all()
-            and torch.isfinite(self.values[mask]).all()
+            and (self.values is None or torch.isfinite(self.values[mask]).all())
         )
 
     def select(self, index: torch.Tensor) -> Rollout:
@@ -256,28 +260,41 @@ class PromptSampler:
         if problems:
             raise DataError(problems)
         self.prompts, self.prompt_token_ids = [r.prompt for r in records], ids
+        self.columns = [r.columns for r in records]
+        #: every other column of the prompt rows (a row without one passes None for it)
+        self.column_names = sorted({name for c in self.columns for name in c})
         self._order: tuple[int, torch.Tensor] | None = None  # (data epoch, prompt order)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def next_batch(self, state: PPOState, rank: int, per_process: int) -> tuple[list, list[list[int]]]:
-        """Process ``rank``'s share of the next global batch; advances ``state.data_epoch/data_position``."""
+    def next_batch(self, state: PPOState, rank: int, per_process: int) -> tuple[list, list[list[int]], dict]:
+        """Process ``rank``'s share of the next global batch: ``(prompts, token ids, columns)``, one entry
+        per response; advances ``state.data_epoch/data_position``.
+
+        With ``--num_generations k`` the global batch of ``batch_size`` responses holds ``batch_size / k``
+        prompts; each process takes its whole prompts and repeats each k times contiguously (the group
+        layout of the critic-free estimators). ``columns`` maps each other column of the prompt rows to
+        its values, for the reward functions.
+        """
         cfg, st = self.config, state
-        n = len(self.prompts)
+        k = cfg.num_generations
+        n, wanted = len(self.prompts), cfg.batch_size // k
         chosen = []
-        while len(chosen) < cfg.batch_size:
+        while len(chosen) < wanted:
             if st.data_position >= n:
                 st.data_epoch, st.data_position = st.data_epoch + 1, 0
             if self._order is None or self._order[0] != st.data_epoch:
                 seed = cfg.seed + 7919 * st.data_epoch
                 self._order = (st.data_epoch, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
             order = self._order[1]
-            take = min(cfg.batch_size - len(chosen), n - st.data_position)
+            take = min(wanted - len(chosen), n - st.data_position)
             chosen += order[st.data_position : st.data_position + take].tolist()
             st.data_position += take
-        mine = chosen[rank * per_process : (rank + 1) * per_process]
-        return [self.prompts[i] for i in mine], [self.prompt_token_ids[i] for i in mine]
+        share = per_process // k
+        mine = [i for i in chosen[rank * share : (rank + 1) * share] for _ in range(k)]
+        columns = {name: [self.columns[i].get(name) for i in mine] for name in self.column_names}
+        return [self.prompts[i] for i in mine], [self.prompt_token_ids[i] for i in mine], columns
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +336,7 @@ def score_responses(
 
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {
-            k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score")
+            k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score", "ensemble")
         }
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
@@ -334,7 +351,9 @@ def score_responses(
                         ref_logits = response_logits(policy_and_value.policy, *args, prompt_width)
                 else:
                     ref_logits = response_logits(reference, *args, prompt_width)
-                if reward_model is None:
+                if models.without_reward_model:  # only --reward_funcs score (added by the trainer)
+                    score = torch.zeros(len(tokens), device=tokens.device)
+                elif reward_model is None:
                     with adapters_disabled(policy_and_value.value_model):
                         score = last_token_scores(
                             policy_and_value.value_model, *args, prompt_width, generated.lengths[rows]
@@ -348,10 +367,17 @@ def score_responses(
             zeros = torch.zeros_like(logp)
             out["logprobs"].append(torch.where(mask, logp, zeros))
             out["ref_logprobs"].append(torch.where(mask, ref_logp, zeros))
-            out["values"].append(torch.where(mask, values, zeros))
+            if values is not None:  # None: critic-free, no value model
+                out["values"].append(torch.where(mask, values, zeros))
             out["kl"].append(torch.where(mask, reported, zeros))
             out["pen"].append(torch.where(mask, pen, zeros))
             out["score"].append(score)
+            if models.ensemble:  # the other reward models of an ensemble, read at the same stop token
+                lengths = generated.lengths[rows]
+                with autocast():
+                    out["ensemble"].append(
+                        [last_token_scores(m, *args, prompt_width, lengths) for m, _ in models.ensemble]
+                    )
             del logits, ref_logits
         return out
 
@@ -361,6 +387,15 @@ def score_responses(
     raw_scores = torch.cat(out["score"])
     scores = normalise(raw_scores, models.reward_stats) if models.reward_stats is not None else raw_scores
     scores = apply_missing_stop_penalty(scores, generated.stopped, settings.missing_stop_penalty)
+    extras = {}
+    if models.ensemble:  # each member normalised with its own statistics, then the same missing-stop penalty
+        members = [torch.cat([chunk[i] for chunk in out["ensemble"]]) for i in range(len(models.ensemble))]
+        extras["ensemble_scores"] = [
+            apply_missing_stop_penalty(
+                normalise(s, stats) if stats is not None else s, generated.stopped, settings.missing_stop_penalty
+            )
+            for s, (_, stats) in zip(members, models.ensemble)
+        ]
     return Rollout(
         query_ids=query_ids,
         query_mask=query_mask,
@@ -373,13 +408,14 @@ def score_responses(
         position_ids=position_ids,
         logprobs=torch.cat(out["logprobs"]),
         ref_logprobs=torch.cat(out["ref_logprobs"]),
-        values=torch.cat(out["values"]),
+        values=torch.cat(out["values"]) if out["values"] else None,
         kl=torch.cat(out["kl"]),
         kl_penalty=torch.cat(out["pen"]),
         raw_scores=raw_scores,
         scores=scores,
         prompts=prompts,
         forward_batch_size=size,
+        extras=extras,
     )
 
 
@@ -424,3 +460,26 @@ def make_rollout(
     rollout.time_generate = generated_at - start
     rollout.time_score = time.perf_counter() - generated_at
     return rollout
+
+
+def add_programmable_rewards(
+    batch: Rollout,
+    rewards: ProgrammableRewards,
+    tokenizer,
+    columns: dict[str, list],
+    all_ok: Callable[[bool], bool],
+) -> None:
+    """Replace ``batch.scores`` by the combination of the reward model's score and ``--reward_funcs``
+    (the prompt rows' other ``columns`` reach the functions); set ``batch.valid`` and the component
+    sums the metrics reduce. ``all_ok`` (True on every process) makes every process stop together
+    when a function fails on one of them, so that none waits in a collective."""
+    error, scored = None, None
+    try:
+        model_scores = [batch.scores, *batch.extras.get("ensemble_scores", [])]
+        scored = rewards.score(model_scores, batch.prompts, batch.response_texts(tokenizer), columns)
+    except RewardFunctionError as exc:
+        error = exc
+    if not all_ok(error is None):
+        raise error or RewardFunctionError("a reward function failed on another process (its error names it)")
+    batch.scores, batch.valid = scored.scores, scored.valid
+    batch.extras["reward_components"] = (rewards.names, scored.component_sums)

@@ -17,6 +17,10 @@ method's pseudo-code; each equation lives in a small pure function of ``tether.p
         monitor   KL health band; stop at divergence
         save      atomic checkpoint every --save_steps iterations
 
+Critic-free (``--advantage_estimator rloo|grpo|reinforce_pp``): the same loop without a value model;
+``--num_generations`` responses per prompt, ``--kl_in_loss`` moves β·k3 from the rewards into the loss,
+``--reward_funcs`` add programmable rewards to (or replace) the reward model's score.
+
 Everything runs through ``accelerate``: one process on CPU, data parallel under
 ``accelerate launch`` (each rank samples its share of the batch with its own seed; whitening, the
 controlled KL, token counts of the loss and every metric are reduced over all ranks).
@@ -41,11 +45,12 @@ from tether.errors import NonFiniteError
 from tether.generation import left_pad
 from tether.memory import run_fitting_memory
 from tether.ppo import checkpoint
-from tether.ppo.advantages import gae_advantages, whiten
+from tether.ppo.advantages import critic_free_advantages, gae_advantages, whiten
 from tether.ppo.config import PPOConfig, PPOResult, PPOState, batch_geometry, count_iterations, every
 from tether.ppo.kl_control import make_kl_controller
 from tether.ppo.losses import (
     entropy_from_logits,
+    kl_loss_term,
     logprobs_from_logits,
     masked_mean,
     policy_loss,
@@ -55,7 +60,15 @@ from tether.ppo.losses import (
 from tether.ppo.metrics import Processes, Progress, iteration_metrics, reduce_extra
 from tether.ppo.models import build_ppo_models, make_accelerator
 from tether.ppo.monitor import KLMonitor
-from tether.ppo.rollout import PromptSampler, Rollout, RolloutSettings, make_rollout, synchronize
+from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
+from tether.ppo.rollout import (
+    PromptSampler,
+    Rollout,
+    RolloutSettings,
+    add_programmable_rewards,
+    make_rollout,
+    synchronize,
+)
 from tether.tracking import MetricsWriter
 
 logger = logging.getLogger(__name__)
@@ -98,6 +111,7 @@ class PPOTrainer:
 
         self.tokenizer = tokenizer or load_tokenizer(cfg.model_name_or_path)
         self.prompts = PromptSampler(cfg, self.tokenizer, prompts)
+        self.rewards = ProgrammableRewards(cfg)
         self.rollout_settings = RolloutSettings.from_config(cfg, self.tokenizer, self.geometry.local_batch, self._say)
         self.resume_dir = checkpoint.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
         if cfg.resume_from_checkpoint == "latest" and self.resume_dir is None and acc.is_main_process:
@@ -171,6 +185,8 @@ class PPOTrainer:
                 save_every = every(cfg.save_steps, self.num_iterations)
                 if save_every and st.iteration % save_every == 0 and not metrics.get("train/skipped"):
                     self.save_checkpoint()
+        except RewardFunctionError as exc:  # before this iteration's update: the checkpoints are intact
+            raise checkpoint.reward_function_failed(exc, st.iteration + 1, self.output_dir) from exc
         finally:
             progress.close()
             if writer is not None:
@@ -180,7 +196,7 @@ class PPOTrainer:
     def collect_rollout(self) -> Rollout:
         """Responses to this process's share of the next prompts, scored by every model once."""
         acc, settings = self.accelerator, self.rollout_settings
-        prompts, token_ids = self.prompts.next_batch(self.state, self.rank, self.geometry.local_batch)
+        prompts, token_ids, columns = self.prompts.next_batch(self.state, self.rank, self.geometry.local_batch)
         query_ids, query_mask = (t.to(acc.device) for t in left_pad(token_ids, pad_token_id(self.tokenizer)))
         batch = make_rollout(
             self.models, self.tokenizer, query_ids, query_mask, settings, autocast=acc.autocast, prompts=prompts
@@ -188,6 +204,8 @@ class PPOTrainer:
         # chunk sizes that fitted in memory (smaller than asked after an out-of-memory error) stay
         settings.generation_batch_size = batch.generation_batch_size
         settings.forward_batch_size = batch.forward_batch_size
+        if self.rewards.needed:  # --reward_funcs / --reward_weights: the score becomes their combination
+            add_programmable_rewards(batch, self.rewards, self.tokenizer, columns, self.processes.all_true)
         return batch
 
     def learn(self, batch: Rollout) -> dict[str, Any]:
@@ -218,7 +236,8 @@ class PPOTrainer:
             self.kl_ctl.update(kl_ref, cfg.batch_size)
         self.models.scheduler.step()
 
-        metrics = iteration_metrics(batch, beta, kl_ref, self.kl_ctl.value, stats, st, not finite, self.processes)
+        args = (beta, kl_ref, self.kl_ctl.value, stats, st, not finite, self.processes)
+        metrics = iteration_metrics(batch, *args, kl_in_reward=not cfg.kl_in_loss)
         metrics.update(
             {
                 "time/update": time_update,
@@ -229,13 +248,21 @@ class PPOTrainer:
         return metrics
 
     def estimate_advantages(self, batch: Rollout, beta: float) -> None:
-        """``batch.rewards``: r_t = −β·KL_t, plus the score at the stop token (whitened with
-        --whiten_rewards); ``batch.advantages`` and ``batch.returns`` by GAE over the response tokens
-        (returns before whitening), the advantages then whitened over the real tokens of all processes."""
+        """``batch.rewards``: r_t = −β·KL_t, plus the score at the stop token (β = 0 with --kl_in_loss;
+        whitened with --whiten_rewards); ``batch.advantages`` and ``batch.returns`` by GAE over the
+        response tokens (returns before whitening), the advantages then whitened over the real tokens
+        of all processes. Critic-free estimators: ``critic_free_advantages``, no returns."""
         cfg, mask = self.config, batch.response_mask
-        rewards = token_rewards(batch.kl_penalty, batch.scores, mask, beta)
+        rewards = token_rewards(batch.kl_penalty, batch.scores, mask, 0.0 if cfg.kl_in_loss else beta)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False, all_reduce=self.processes.sum)
+        if cfg.critic_free:
+            batch.rewards, batch.returns = rewards, None
+            estimator, k, scale = cfg.advantage_estimator, cfg.num_generations, cfg.scale_rewards
+            batch.advantages = critic_free_advantages(
+                estimator, rewards, mask, k, batch.valid, scale, self.processes.sum
+            )
+            return
         advantages, returns = gae_advantages(rewards, batch.values, mask, cfg.gamma, cfg.lam)
         batch.rewards, batch.returns = rewards, returns
         batch.advantages = whiten(advantages, mask, all_reduce=self.processes.sum)
@@ -302,19 +329,31 @@ class PPOTrainer:
                     )
                 logp = logprobs_from_logits(logits, batch.responses[idx], cfg.temperature)
                 pg = policy_loss(logp, batch.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange, denominator)
-                vf = value_loss(values, batch.values[idx], batch.returns[idx], mask, cfg.cliprange_value, denominator)
+                vf = None  # critic-free: no value model, the policy loss alone
+                if values is not None:
+                    vf = value_loss(
+                        values, batch.values[idx], batch.returns[idx], mask, cfg.cliprange_value, denominator
+                    )
                 with torch.set_grad_enabled(cfg.entropy_coef > 0 and train_policy):
                     entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask, denominator)
-                loss = cfg.vf_coef * vf.loss
-                if train_policy:
-                    loss = loss + pg.loss - cfg.entropy_coef * entropy
+                if vf is None:
+                    loss = pg.loss - cfg.entropy_coef * entropy
+                else:
+                    loss = cfg.vf_coef * vf.loss
+                    if train_policy:
+                        loss = loss + pg.loss - cfg.entropy_coef * entropy
+                if cfg.kl_in_loss:  # β·k3 to the reference in the loss (GRPO) instead of in the rewards
+                    kl = kl_loss_term(logp, batch.ref_logprobs[idx], mask, self.kl_ctl.value, "k3", denominator)
+                    loss = loss + kl
+                    totals["loss/kl"] += kl.detach()
                 acc.backward(loss)
             totals["loss/total"] += loss.detach()
             totals["loss/policy"] += pg.loss.detach()
-            totals["loss/value"] += vf.loss.detach()
+            if vf is not None:
+                totals["loss/value"] += vf.loss.detach()
+                totals["value/clipfrac"] += vf.clipfrac
             totals["policy/approx_kl"] += pg.approx_kl
             totals["policy/clipfrac"] += pg.clipfrac
-            totals["value/clipfrac"] += vf.clipfrac
             totals["policy/entropy"] += entropy.detach()
             ratio_dev = torch.maximum(ratio_dev, pg.ratio_max_abs_dev)
             del logits, values, logp
