@@ -52,9 +52,8 @@ from tether.stages.common import (
     MAX_BAD_STEPS_HELP,
     TetherTrainerMixin,
     check_output_dir,
-    load_train_eval,
-    require_dataset,
     resolve_resume,
+    stage_data,
 )
 from tether.stages.sft import save_policy
 
@@ -577,16 +576,14 @@ def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[
     """Training and held-out pairs from ``--dataset`` / ``--eval_dataset`` / ``--eval_split_ratio``."""
     from tether.data.loading import load_preferences
 
-    dataset = require_dataset(config.dataset, "dpo")
-    return load_train_eval(
-        load_preferences, dataset, config.dataset_split, config.eval_dataset, config.eval_split_ratio, config.seed
-    )
+    return stage_data(load_preferences, config, "dpo")
 
 
-def _load_policy(config: DPOConfig):
+def _load_policy(config: DPOConfig, model=None):
     from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
+    if model is None:
+        model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # a PEFT adapter folder: its merged weights are the starting model
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -595,14 +592,21 @@ def _load_policy(config: DPOConfig):
 
 
 def train_dpo(
-    config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None, tokenizer=None
+    config: DPOConfig, train_dataset: Any = None, eval_dataset: Any = None, tokenizer=None, *, model=None
 ) -> dict[str, Any]:
-    """Train with DPO on already-loaded pairs; returns ``{"train": ..., "eval": ...}`` metrics.
+    """Train with DPO and write the policy; returns ``{"train": ..., "eval": ...}`` metrics.
 
+    ``train_dataset`` / ``eval_dataset``: ``PreferencePair`` records, a ``datasets.Dataset`` (checked
+    like a file) or a path; without them, ``--dataset`` and its held-out share as ``tether dpo`` reads
+    them (``stage_data``). ``model`` / ``tokenizer``: an already-loaded causal LM (trained in place; the
+    frozen reference is a copy of it unless --ref_model_name_or_path or --use_peft) and its tokenizer.
     Everything that can fail on the data (tokenisation) happens before the output folder exists.
     """
+    from tether.data.loading import load_preferences
     from tether.models.loading import load_tokenizer
     from tether.tracking import JsonlMetricsCallback
+
+    train_pairs, eval_pairs = stage_data(load_preferences, config, "dpo", train_dataset, eval_dataset)
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
@@ -612,7 +616,10 @@ def train_dpo(
     tokenizer = (
         tokenizer
         if tokenizer is not None
-        else load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        else load_tokenizer(
+            config.model_name_or_path if model is None else model.name_or_path,
+            trust_remote_code=config.trust_remote_code,
+        )
     )
     pad_id = pad_token_id(tokenizer)
     train_tok, cut_train = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
@@ -631,7 +638,7 @@ def train_dpo(
     if not eval_tok:
         config.eval_strategy = "no"
 
-    model = _load_policy(config)
+    model = _load_policy(config, model)
     model.to(config.device)
     share_ok, compact_ok = check_fast_paths(model, train_tok[0], pad_id)
     share_prompt = config.share_prompt and share_ok
