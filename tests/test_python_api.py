@@ -126,3 +126,45 @@ def test_bad_rows_and_wrong_models_in_memory_are_named(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError, match="sequence-classification model with one label, got LlamaForCausalLM"):
         tether.train_reward(config, PAIR_ROWS, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     assert not (tmp_path / "rm").exists()  # nothing written
+
+
+def test_dpo_from_a_model_object_and_a_dataset_equals_from_paths(tmp_path, tiny_model_dir):
+    def dpo(name):
+        return tether.DPOConfig(
+            output_dir=str(tmp_path / name),
+            model_name_or_path=str(tiny_model_dir),
+            learning_rate=5e-3,
+            max_length=48,
+            **COMMON,
+        )
+
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(json.dumps(r) + "\n" for r in PAIR_ROWS))
+    from_paths = tether.train_dpo(dpo("dpo-paths"), str(pair_file))
+    from_objects = tether.train_dpo(
+        dpo("dpo-objects"),
+        datasets.Dataset.from_list(PAIR_ROWS),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+    )
+    assert from_paths["train"]["train_pairs"] == from_objects["train"]["train_pairs"] == 8
+    files_weights, object_weights = _weights(tmp_path / "dpo-paths"), _weights(tmp_path / "dpo-objects")
+    assert all((files_weights[k] == object_weights[k]).all() for k in files_weights)
+
+
+def test_ppo_prompts_from_a_dataset_are_checked_like_a_file(tmp_path, tiny_model_dir, tiny_rm_dir, tokenizer):
+    from tether.ppo.rollout import PromptSampler
+
+    config = tether.PPOConfig(
+        output_dir=str(tmp_path / "ppo"),
+        model_name_or_path=str(tiny_model_dir),
+        reward_model_path=str(tiny_rm_dir),
+        batch_size=2,
+        report_to="none",
+    )
+    rows = [{"prompt": "Name a colour."}, {"prompt": "Say hi."}, {"prompt": "Name a colour."}]
+    sampler = PromptSampler(config, tokenizer, datasets.Dataset.from_list(rows))
+    assert sampler.prompts == ["Name a colour.", "Say hi."]  # the repeat dropped, as from a file
+    with pytest.raises(DataError) as info:
+        PromptSampler(config, tokenizer, datasets.Dataset.from_list([{"prompt": "ok"}, {"prompt": ""}]))
+    assert info.value.problems[0].startswith("dataset[train]:2: ")
