@@ -63,7 +63,7 @@ class BestOfNConfig(ModelLoadingArguments):
             "aliases": ["--prompts", "--dataset_name"],
             "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
             "(preference and demonstration files work too), a Hugging Face dataset name, or embedded:demo (the "
-            "demo task's prompts; --dataset_split test for the held-out ones). Required."
+            "demo task's prompts; --dataset_split test for the held-out ones). Required.",
         },
     )
     dataset_config: str | None = field(
