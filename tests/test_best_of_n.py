@@ -107,7 +107,7 @@ def test_bon_output_is_accepted_by_the_demonstration_loader(tmp_path, tiny_model
     out = tmp_path / "bon"
     config = BestOfNConfig(
         model_name_or_path=str(tiny_model_dir),
-        reward_model_name_or_path=str(tiny_rm_dir),
+        reward_model_path=str(tiny_rm_dir),
         dataset=str(prompts_file),
         n=4,
         max_new_tokens=6,
@@ -149,7 +149,7 @@ def test_bon_without_a_reward_model_or_with_bad_prompts_writes_nothing(tmp_path,
     prompts_file = tmp_path / "prompts.jsonl"
     write_prompts(prompts_file)
     out = tmp_path / "bon"
-    with pytest.raises(ConfigError, match="reward_model_name_or_path"):
+    with pytest.raises(ConfigError, match="reward_model_path"):
         run_best_of_n(
             BestOfNConfig(model_name_or_path=str(tiny_model_dir), dataset=str(prompts_file), output_dir=str(out))
         )

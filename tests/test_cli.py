@@ -206,3 +206,81 @@ def test_cli_in_process_bad_data(tmp_path, stage, expected):
         assert line.format(bad=bad) in err.getvalue()
     assert "Traceback" not in err.getvalue()
     assert _leftovers(tmp_path, out) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# One name per option across commands; the other names (and TRL's) are aliases, in flags and YAML
+
+
+def test_reward_model_and_prompts_have_one_name_with_aliases_on_every_command():
+    from tether.evaluation.evaluate import EvalConfig
+    from tether.pipeline import PipelineConfig
+    from tether.ppo import PPOConfig
+    from tether.serve.app import ServeConfig
+    from tether.stages.best_of_n import BestOfNConfig
+
+    for cls in (PPOConfig, EvalConfig, BestOfNConfig, ServeConfig, PipelineConfig):
+        for flag in ("--reward_model_path", "--reward_model_name_or_path", "--reward_model"):
+            assert parse_config(cls, [flag, "rm-dir"]).reward_model_path == "rm-dir", (cls.__name__, flag)
+    for cls in (PPOConfig, EvalConfig, BestOfNConfig):
+        for flag in ("--dataset", "--dataset_name"):
+            assert parse_config(cls, [flag, "p.jsonl"]).dataset == "p.jsonl", (cls.__name__, flag)
+    evaluation = parse_config(EvalConfig, ["--prompts", "held.jsonl", "--prompts_split", "test"])
+    assert (evaluation.dataset, evaluation.dataset_split) == ("held.jsonl", "test")
+
+
+def test_trl_names_set_the_same_ppo_and_data_options(tmp_path):
+    from tether.ppo import PPOConfig
+
+    flags = ["--kl_coef", "0.2", "--num_ppo_epochs", "2", "--kl_estimator", "k3", "--dataset_name", "org/prompts"]
+    flags += ["--dataset_config", "en", "--dataset_train_split", "tr", "--dataset_test_split", "te"]
+    config = parse_config(PPOConfig, [*flags, "--output_dir", str(tmp_path / "ppo"), "--report_to", "none"])
+    assert (config.init_kl_coef, config.ppo_epochs, config.kl_penalty) == (0.2, 2, "k3")
+    assert (config.dataset, config.dataset_config, config.dataset_split, config.dataset_test_split) == (
+        "org/prompts",
+        "en",
+        "tr",
+        "te",
+    )
+    # the same names as YAML keys
+    yaml_file = tmp_path / "ppo.yaml"
+    yaml_file.write_text("kl_coef: 0.3\nnum_ppo_epochs: 3\nkl_estimator: k1\nreward_model: rm\ndataset_name: d\n")
+    config = parse_config(PPOConfig, ["--config", str(yaml_file), "--report_to", "none"])
+    assert (config.init_kl_coef, config.ppo_epochs, config.kl_penalty) == (0.3, 3, "k1")
+    assert (config.reward_model_path, config.dataset) == ("rm", "d")
+    # a flag still wins over the YAML key, whichever of its names either uses
+    assert parse_config(PPOConfig, ["--config", str(yaml_file), "--init_kl_coef", "0.1"]).init_kl_coef == 0.1
+
+
+def test_yaml_giving_one_option_under_two_names_is_refused(tmp_path):
+    from tether.ppo import PPOConfig
+
+    yaml_file = tmp_path / "twice.yaml"
+    yaml_file.write_text("init_kl_coef: 0.1\nkl_coef: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config(PPOConfig, ["--config", str(yaml_file)])
+    assert str(info.value) == f"{yaml_file}: init_kl_coef and kl_coef are the same option (init_kl_coef); give it once"
+    assert main(["ppo", "--config", str(yaml_file)]) == 2
+
+
+def test_pipeline_sections_accept_aliases_and_refuse_unknown_names():
+    from tether.pipeline import PipelineConfig, stage_config
+    from tether.ppo import PPOConfig
+
+    pipeline = PipelineConfig(ppo={"kl_coef": 0.125, "num_ppo_epochs": 1, "report_to": "none"})
+    config = stage_config(PPOConfig, pipeline, "ppo", output_dir="out/ppo")
+    assert (config.init_kl_coef, config.ppo_epochs) == (0.125, 1)
+    with pytest.raises(ConfigError, match=r"pipeline section `ppo`: unknown option\(s\) kl_coeff for PPOConfig"):
+        stage_config(PPOConfig, PipelineConfig(ppo={"kl_coeff": 0.1}), "ppo")
+
+
+def test_help_says_where_a_trl_name_means_something_else():
+    from tether.ppo import PPOConfig
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_config(PPOConfig, ["--help"])
+    text = " ".join(out.getvalue().split())
+    assert "Not TRL's --response_length, which is a maximum" in text
+    assert "Not TRL's --missing_eos_penalty, which is subtracted from the score" in text
+    assert "--init-kl-coef INIT_KL_COEF, --kl_coef INIT_KL_COEF" in text

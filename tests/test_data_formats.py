@@ -697,3 +697,100 @@ def test_readme_data_format_examples_load(tmp_path):
         Demonstration("2+2?", "4"),
         Demonstration((sys_("Be brief."), user("2+2?")), "4"),
     ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset configurations (--dataset_config), held-out splits (--dataset_test_split), in-memory datasets
+
+
+def _write_config_folder(root: Path, rows: list[dict]) -> None:
+    """A local dataset folder with two configurations, one subfolder each, split files inside."""
+    for config, chosen in (("en", rows[:2]), ("fr", rows[2:])):
+        (root / config).mkdir(parents=True)
+        (root / config / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen[:1]))
+        (root / config / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen[1:] or chosen))
+
+
+def test_dataset_config_picks_a_subfolder_of_a_local_folder(tmp_path):
+    _write_config_folder(tmp_path / "ds", _jsonl_rows("pairs.jsonl"))
+    assert load_preferences(tmp_path / "ds", split="train", dataset_config="en") == PAIRS[:1]
+    assert load_preferences(tmp_path / "ds", split="test", dataset_config="en") == PAIRS[1:2]
+    (pair,) = load_preferences(tmp_path / "ds", split="test", dataset_config="fr")
+    assert pair == PAIRS[2] and pair.origin == f"{tmp_path / 'ds' / 'fr' / 'test.jsonl'}:1"  # FILE:LINE still
+
+
+def test_dataset_config_declared_in_a_readme_goes_through_datasets_load_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    rows = _jsonl_rows("pairs.jsonl")
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "a-train.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    (folder / "data" / "b-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: good\n  data_files:\n  - split: train\n    path: data/b-train.jsonl\n"
+        "- config_name: broken\n  data_files:\n  - split: train\n    path: data/a-train.jsonl\n---\n"
+    )
+    pairs = load_preferences(folder, split="train", dataset_config="good")
+    assert pairs == PAIRS[1:]
+    assert [p.origin for p in pairs] == [f"{folder}(good)[train]:1", f"{folder}(good)[train]:2"]
+    with pytest.raises(DataError) as info:  # the rows of a configuration are checked like a file's
+        load_preferences(folder, split="train", dataset_config="broken")
+    assert info.value.problems[0].startswith(f"{folder}(broken)[train]:2: ")
+    with pytest.raises(DataError) as info:
+        load_preferences(folder, split="train", dataset_config="nope")
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{folder}: the local dataset folder (configuration 'nope', split 'train') could not")
+    with pytest.raises(DataError, match="has no configurations"):
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+        load_preferences(tmp_path / "saved", dataset_config="good")
+
+
+def test_held_out_split_of_a_saved_dataset_and_of_an_eval_dataset(tmp_path):
+    import datasets
+
+    from tether.config import parse_config
+    from tether.stages.common import stage_data
+    from tether.stages.reward import RewardConfig
+
+    rows = _jsonl_rows("pairs.jsonl")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows[2:])}
+    ).save_to_disk(str(saved))
+    flags = ["--output_dir", str(tmp_path / "rm"), "--report_to", "none", "--dataset_name", str(saved)]
+    # TRL's --dataset_test_split: the held-out records are that split of --dataset, not a random share
+    config = parse_config(RewardConfig, [*flags, "--dataset_test_split", "test"])
+    train, held_out = stage_data(load_preferences, config, "rm")
+    assert (train, held_out) == (PAIRS[:2], PAIRS[2:])
+    assert held_out[0].origin == f"{saved}[test]:1"
+    # --eval_dataset is read at --dataset_test_split (it used to reuse --dataset_split)
+    other = tmp_path / "other"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(other))
+    config = parse_config(RewardConfig, [*flags, "--eval_dataset", str(other), "--dataset_test_split", "validation"])
+    assert stage_data(load_preferences, config, "rm") == (PAIRS[:2], PAIRS[:1])
+    # without either, --eval_split_ratio still holds out a share of the training split
+    config = parse_config(RewardConfig, [*flags, "--eval_split_ratio", "0.5"])
+    train, held_out = stage_data(load_preferences, config, "rm")
+    assert sorted(train + held_out, key=PAIRS.index) == PAIRS[:2] and len(held_out) == 1
+
+
+def test_in_memory_datasets_and_rows_are_checked_like_files():
+    import datasets
+
+    rows = _jsonl_rows("pairs.jsonl")
+    pairs = load_preferences(datasets.Dataset.from_list(rows))
+    assert pairs == PAIRS and pairs[1].origin == "dataset[train]:2"
+    dataset_dict = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1])})
+    dataset_dict["test"] = datasets.Dataset.from_list(rows[1:])
+    assert load_preferences(dataset_dict, split="test") == PAIRS[1:]
+    with pytest.raises(DataError) as info:
+        load_preferences(datasets.Dataset.from_list([rows[0], {"prompt": "p", "chosen": "c"}]))
+    (problem,) = info.value.problems
+    assert problem.startswith("dataset[train]:2: ") and "rejected" in problem
+    with pytest.raises(DataError) as info:
+        load_preferences([rows[0], {"prompt": "p", "chosen": "c"}])  # plain row dicts
+    assert info.value.problems[0].startswith("records:2: ")
+    assert load_preferences(PAIRS) == PAIRS  # records pass through

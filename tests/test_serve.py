@@ -68,7 +68,7 @@ def models(tiny_model_dir, tiny_rm_dir):
 def server(models, tiny_model_dir, tiny_rm_dir):
     config = ServeConfig(
         model_name_or_path=str(tiny_model_dir),
-        reward_model_name_or_path=str(tiny_rm_dir),
+        reward_model_path=str(tiny_rm_dir),
         api_key=KEY,
         max_new_tokens_limit=16,
         default_max_new_tokens=6,

@@ -82,20 +82,44 @@ class DataArguments:
     dataset: str | None = field(
         default=None,
         metadata={
+            "aliases": ["--dataset_name"],
             "help": "Training data (required): a .jsonl/.json/.parquet/.csv file, a folder of them, a Hugging "
-            "Face dataset name (with --dataset_split), or embedded:demo, the embedded demo task's data."
+            "Face dataset name (with --dataset_split), or embedded:demo, the embedded demo task's data. "
+            "Alias: --dataset_name (TRL).",
+        },
+    )
+    dataset_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Configuration (subset) of a Hugging Face dataset, or of a local dataset folder read by "
+            "datasets.load_dataset (a README.md declaring configs, or one subfolder per configuration); applies "
+            "to --eval_dataset too (TRL's --dataset_config)."
         },
     )
     dataset_split: str = field(
         default="train",
         metadata={
+            "aliases": ["--dataset_train_split"],
             "help": "Split of a hub dataset or of a folder of split files; with embedded:demo, train (training "
-            "prompts, demonstrations, preference pairs) or test (held-out prompts)."
+            "prompts, demonstrations, preference pairs) or test (held-out prompts). Alias: --dataset_train_split "
+            "(TRL).",
+        },
+    )
+    dataset_test_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split (TRL's --dataset_test_split): the split of --eval_dataset, or, without "
+            "--eval_dataset, the split of --dataset evaluated on instead of holding out --eval_split_ratio of "
+            "the training split. Default: --eval_dataset is read with --dataset_split."
         },
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "Held-out data (same formats)."})
     eval_split_ratio: float = field(
-        default=0.1, metadata={"help": "Share of --dataset held out for evaluation when --eval_dataset is not given."}
+        default=0.1,
+        metadata={
+            "help": "Share of --dataset held out for evaluation when neither --eval_dataset nor "
+            "--dataset_test_split is given."
+        },
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + response."})
     max_prompt_length: int = field(
@@ -177,11 +201,36 @@ def read_yaml_config(path: str | Path, config_class: type, section: str | None =
         data = data[section] or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return canonical_options(data, config_class, str(path))
+
+
+def option_aliases(config_class: type) -> dict[str, str]:
+    """``{alias: field name}`` from the fields' ``metadata={"aliases": ["--kl_coef"]}`` (the flags
+    HfArgumentParser adds for a field), so YAML files and pipeline sections accept the same names."""
+    aliases = {}
+    for f in dataclasses.fields(config_class):
+        names = f.metadata.get("aliases", [])
+        for alias in [names] if isinstance(names, str) else names:
+            aliases[alias.lstrip("-").replace("-", "_")] = f.name
+    return aliases
+
+
+def canonical_options(data: dict[str, Any], config_class: type, where: str) -> dict[str, Any]:
+    """``data`` with alias keys renamed to their field names; unknown keys, and a field given under
+    two of its names, are refused naming ``where`` (a file or a YAML section)."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(data) - known)
+    aliases = option_aliases(config_class)
+    unknown = sorted(set(data) - known - set(aliases))
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)} for {config_class.__name__}")
-    return data
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} for {config_class.__name__}")
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in data.items():
+        name = aliases.get(key, key) if key not in known else key
+        if name in out:
+            raise ConfigError(f"{where}: {given_as[name]} and {key} are the same option ({name}); give it once")
+        out[name], given_as[name] = value, key
+    return out
 
 
 def parse_config(

@@ -14,7 +14,7 @@ One output folder holds everything::
 
 A stage whose artifact is recorded in ``pipeline_state.json`` (and still exists) is not redone when
 the pipeline runs again on the same folder; ``--skip`` leaves stages out and ``--sft_model``,
-``--reward_model``, ``--ppo_model``, ``--dpo_model`` point a stage at an existing artifact.
+``--reward_model_path``, ``--ppo_model``, ``--dpo_model`` point a stage at an existing artifact.
 
 With no data arguments the pipeline runs the embedded demo task: its prompts and demonstrations
 (``embedded:demo``, ``tether.data.embedded``), and preference pairs sampled from the SFT policy and
@@ -25,7 +25,6 @@ labelled (see ``label_with_command``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shlex
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.config import EMBEDDED_MODEL, ConfigError
+from tether.config import EMBEDDED_MODEL, ConfigError, canonical_options
 from tether.data.embedded import DEMO
 from tether.data.records import PreferencePair, PromptRecord
 from tether.data.writing import prompt_json, write_preferences
@@ -107,7 +106,13 @@ class PipelineConfig:
         default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."}
     )
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
-    reward_model: str | None = field(default=None, metadata={"help": "Use this reward model instead of training one."})
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--reward_model", "--reward_model_name_or_path"],
+            "help": "Use this reward model instead of training one.",
+        },
+    )
     ppo_model: str | None = field(default=None, metadata={"help": "Use this PPO policy instead of training one."})
     dpo_model: str | None = field(default=None, metadata={"help": "Use this DPO policy instead of training one."})
     annotator_tau: float = field(
@@ -276,9 +281,7 @@ def stage_config(config_class: type, pipeline: PipelineConfig, stage: str, **val
     if pipeline.is_demo:
         options.update(DEMO_STAGE_DEFAULTS.get(stage, {}))
     options.update(values)
-    section = getattr(pipeline, stage)
-    check_section(stage, section, {f.name for f in dataclasses.fields(config_class)}, config_class.__name__)
-    options.update(section)
+    options.update(canonical_options(getattr(pipeline, stage), config_class, f"pipeline section `{stage}`"))
     return config_class(**options)
 
 
@@ -313,7 +316,7 @@ def check_sections(pipeline: PipelineConfig) -> None:
     from tether.stages.sft import SFTConfig
 
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
-        check_section(stage, getattr(pipeline, stage), {f.name for f in dataclasses.fields(cls)}, cls.__name__)
+        canonical_options(getattr(pipeline, stage), cls, f"pipeline section `{stage}`")
     check_section(
         "eval",
         pipeline.eval,
@@ -514,13 +517,13 @@ def rlhf_rounds(run: PipelineRun) -> None:
 
     config = run.config
     run.policy_path = run.sft_path
-    run.rm_path = resolve_model_path(config.reward_model) if config.reward_model else None
+    run.rm_path = resolve_model_path(config.reward_model_path) if config.reward_model_path else None
     for k in range(1, config.rounds + 1):
         suffix = "" if k == 1 else f"_round{k}"
         if k > 1:
             entry = run_stage(run.state, f"preferences{suffix}", lambda: new_round_pairs(run, k))
             run.pairs = run.pairs + load_preferences(entry["artifact"])
-        if not (config.reward_model and k == 1):
+        if not (config.reward_model_path and k == 1):
             run.rm_path = run_stage(run.state, f"rm{suffix}", lambda: train_reward_model(run, suffix))["artifact"]
         if "ppo" in run.skipped or (config.ppo_model and k == 1 and config.rounds == 1):
             if config.ppo_model:

@@ -51,7 +51,13 @@ class StudyConfig:
     model_name_or_path: str = field(
         default=EMBEDDED_MODEL, metadata={"help": "Starting policy (normally the SFT model); also the KL reference."}
     )
-    reward_model_path: str | None = field(default=None, metadata={"help": "Reward-model folder (required)."})
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--reward_model_name_or_path", "--reward_model"],
+            "help": "Reward-model folder (required).",
+        },
+    )
     kl_coefs: list[float] = field(
         default_factory=lambda: [0.2, 0.05, 0.01, 0.001],
         metadata={"help": "Fixed KL coefficients β, one PPO run each; keep a low one (it over-optimises)."},

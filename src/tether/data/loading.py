@@ -17,7 +17,11 @@ Sources (``source`` is a path or a hub name):
 * ``embedded:demo``: the embedded demo task's prompts, demonstrations or preference pairs
   (``tether.data.embedded``; split ``train`` or, for prompts, ``test``), logged as such.
 * otherwise, a name such as ``org/name`` that is not a local path: ``datasets.load_dataset(name,
-  split=split)`` (hub access follows ``HF_HUB_OFFLINE``; tests and the demo never reach a hub).
+  dataset_config, split=split)`` (hub access follows ``HF_HUB_OFFLINE``; tests and the demo never reach a hub).
+* with ``dataset_config`` (``--dataset_config``), a local folder's subfolder of that name is read
+  as a folder (above); without one, ``datasets.load_dataset(folder, dataset_config, split=split)``
+  reads the configurations its README.md declares (rows ``FOLDER(CONFIG)[split]:ROW``).
+* in Python, a ``datasets.Dataset`` or ``DatasetDict`` (rows ``NAME[split]:ROW``).
 
 Errors: every problem becomes one ``FILE:LINE: what is wrong (field X)`` line, all of a source's
 problems are collected (``DataError`` shows the first ``MAX_REPORTED_PROBLEMS`` and counts the
@@ -101,18 +105,34 @@ class _Where:
 # Public API
 
 
-def load_records(source: str | os.PathLike, kind: str, split: str = "train") -> list:
+def load_records(source: Any, kind: str, split: str = "train", dataset_config: str | None = None) -> list:
     """Records of ``kind`` ("preferences", "demonstrations" or "prompts") from ``source``.
+
+    ``source`` is a path or hub name, a ``datasets.Dataset`` / ``DatasetDict`` already in memory
+    (rows ``NAME[split]:ROW``), a list of records of ``kind`` (returned as they are, prompts
+    deduplicated), or a list of row dicts, checked like a file's rows (``records:N``).
+    ``dataset_config`` picks a configuration (subset) of a hub dataset or of a local folder (see the
+    module docstring).
 
     Raises ``DataError`` listing every problem found (``FILE:LINE: what is wrong (field X)``).
     Each record's ``origin`` is its ``FILE:LINE``. Prompts are deduplicated, first occurrence kept.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if isinstance(source, (list, tuple)):
+        records = list(source)
+        if any(isinstance(r, dict) for r in records):  # raw rows, checked like a file's ("records:N")
+            problems = _Problems()
+            records = _parse_rows(((_Where("records", i), r) for i, r in enumerate(records, 1)), kind, problems)
+            if problems.total:
+                raise DataError(problems.kept, problems.total)
+        return _unique_prompts(records) if kind == "prompts" else records
+    if not isinstance(source, (str, os.PathLike)):
+        return _in_memory_records(source, kind, split)
     if os.fspath(source) == embedded.DEMO:
         return _embedded_demo_records(kind, split)
     problems = _Problems()
-    records = _parse_rows(iter_rows(source, split, problems), kind, problems)
+    records = _parse_rows(iter_rows(source, split, problems, dataset_config), kind, problems)
     if problems.total:
         raise DataError(problems.kept, problems.total)
     if not records:
@@ -136,6 +156,30 @@ def _parse_rows(rows: Iterator[tuple[_Where, Any]], kind: str, problems: _Proble
             continue
         records.extend(replace(record, origin=where.origin) for record in parsed)
     return records
+
+
+def _in_memory_records(dataset: Any, kind: str, split: str) -> list:
+    """Records from a ``datasets.Dataset`` (or the ``split`` of a ``DatasetDict``), parsed and
+    checked like a file; origins are ``NAME[split]:ROW`` with NAME the dataset's builder name or
+    ``dataset`` (``split`` names a ``Dataset``'s own split when it has none)."""
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError([f"dataset: no split {split!r} in this DatasetDict (it has: {', '.join(dataset)})"])
+        dataset = dataset[split]
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"expected a path, a hub name, a datasets.Dataset or a list of records, got {type(dataset).__name__}"
+        )
+    name = dataset.info.builder_name or "dataset"
+    problems = _Problems()
+    records = _parse_rows(_dataset_rows(dataset, f"{name}[{dataset.split or split}]"), kind, problems)
+    if problems.total:
+        raise DataError(problems.kept, problems.total)
+    if not records:
+        raise DataError([f"{name}[{dataset.split or split}]: no records"])
+    return _unique_prompts(records) if kind == "prompts" else records
 
 
 def _embedded_demo_records(kind: str, split: str) -> list:
@@ -162,19 +206,19 @@ def _embedded_demo_records(kind: str, split: str) -> list:
     return records
 
 
-def load_preferences(source: str | os.PathLike, split: str = "train") -> list[PreferencePair]:
+def load_preferences(source: Any, split: str = "train", dataset_config: str | None = None) -> list[PreferencePair]:
     """Preference pairs from any accepted pair, conversational or ranked format."""
-    return load_records(source, "preferences", split)
+    return load_records(source, "preferences", split, dataset_config)
 
 
-def load_demonstrations(source: str | os.PathLike, split: str = "train") -> list[Demonstration]:
+def load_demonstrations(source: Any, split: str = "train", dataset_config: str | None = None) -> list[Demonstration]:
     """Demonstrations from ``{"prompt", "completion"}`` or ``{"messages"}`` records."""
-    return load_records(source, "demonstrations", split)
+    return load_records(source, "demonstrations", split, dataset_config)
 
 
-def load_prompts(source: str | os.PathLike, split: str = "train") -> list[PromptRecord]:
+def load_prompts(source: Any, split: str = "train", dataset_config: str | None = None) -> list[PromptRecord]:
     """Prompts from prompt-only, demonstration or preference records (deduplicated, order kept)."""
-    return load_records(source, "prompts", split)
+    return load_records(source, "prompts", split, dataset_config)
 
 
 def split_train_eval(
@@ -235,7 +279,9 @@ def _unique_prompts(records: list[PromptRecord]) -> list[PromptRecord]:
 # Sources -> rows
 
 
-def iter_rows(source: str | os.PathLike, split: str, problems: _Problems) -> Iterator[tuple[_Where, Any]]:
+def iter_rows(
+    source: str | os.PathLike, split: str, problems: _Problems, dataset_config: str | None = None
+) -> Iterator[tuple[_Where, Any]]:
     """``(where, row)`` for every row of ``source``; problems reading it go to ``problems``."""
     display = os.fspath(source)
     path = Path(display).expanduser()
@@ -243,8 +289,20 @@ def iter_rows(source: str | os.PathLike, split: str, problems: _Problems) -> Ite
         if (path / "dataset_dict.json").is_file() or (
             (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
         ):
+            if dataset_config:
+                problems.add(f"{display}: a dataset saved with save_to_disk has no configurations (--dataset_config)")
+                return
             yield from _saved_dataset_rows(path, display, split, problems)
             return
+        if dataset_config:
+            if (path / dataset_config).is_dir():  # one subfolder per configuration: read as a folder
+                path, display = path / dataset_config, os.path.join(display, dataset_config)
+            else:  # configurations declared in the folder's README.md: datasets resolves them
+                yield from _hub_rows(str(path), split, problems, dataset_config, display)
+                return
+        for file, file_display in _folder_files(path, display, split, problems):
+            yield from _file_rows(file, file_display, problems)
+        return
         for file, file_display in _folder_files(path, display, split, problems):
             yield from _file_rows(file, file_display, problems)
         return
@@ -255,7 +313,7 @@ def iter_rows(source: str | os.PathLike, split: str, problems: _Problems) -> Ite
             problems.add(f"{display}: not a regular file or folder")
         return
     if _HUB_NAME.match(display) and not _data_suffix(display):
-        yield from _hub_rows(display, split, problems)
+        yield from _hub_rows(display, split, problems, dataset_config)
         return
     problems.add(f"{display}: no such file or folder")
 
@@ -592,18 +650,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _hub_rows(name: str, split: str, problems: _Problems) -> Iterator[tuple[_Where, Any]]:
+def _hub_rows(
+    name: str, split: str, problems: _Problems, dataset_config: str | None = None, local: str | None = None
+) -> Iterator[tuple[_Where, Any]]:
+    """Rows of ``datasets.load_dataset(name, dataset_config, split=split)``: a hub dataset, or the
+    ``local`` folder whose README.md declares its configurations; origins ``NAME(CONFIG)[split]:ROW``."""
+    label = f"{local or name}({dataset_config})" if dataset_config else (local or name)
     try:
         import datasets
 
-        dataset = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # datasets raises many types (offline, missing, bad split, bad files)
-        problems.add(
-            f"{name}: not a local path, and the Hugging Face dataset {name!r} (split {split!r}) could not "
-            f"be loaded ({type(exc).__name__}: {_first_line(exc)})"
-        )
+        dataset = datasets.load_dataset(name, dataset_config, split=split)
+    except Exception as exc:  # datasets raises many types (offline, missing, bad config or split, bad files)
+        what = f"configuration {dataset_config!r}, split {split!r}" if dataset_config else f"split {split!r}"
+        where = "the local dataset folder" if local else f"not a local path, and the Hugging Face dataset {name!r}"
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        problems.add(f"{local or name}: {where} ({what}) could not be loaded ({reason})")
         return
-    yield from _dataset_rows(dataset, f"{name}[{split}]")
+    yield from _dataset_rows(dataset, f"{label}[{split}]")
 
 
 def _saved_dataset_rows(path: Path, display: str, split: str, problems: _Problems) -> Iterator[tuple[_Where, Any]]:

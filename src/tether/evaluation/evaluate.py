@@ -75,20 +75,29 @@ class EvalConfig(ModelLoadingArguments):
     reward_model_path: str | None = field(
         default=None,
         metadata={
+            "aliases": ["--reward_model_name_or_path", "--reward_model"],
             "help": "Reward-model folder (from `tether rm`). Without it the "
-            "reward-model metrics and best-of-N are skipped."
+            "reward-model metrics and best-of-N are skipped.",
         },
     )
-    prompts: str | None = field(
+    dataset: str | None = field(
         default=None,
         metadata={
+            "aliases": ["--prompts", "--dataset_name"],
             "help": "Prompts file/folder/dataset (embedded:demo: the demo task's). Default: the demo task's "
-            "held-out prompts (embedded:demo, split test)."
+            "held-out prompts (embedded:demo, split test). Alias: --prompts.",
         },
     )
-    prompts_split: str = field(
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) of a Hugging Face or local dataset --dataset."}
+    )
+    dataset_split: str = field(
         default="train",
-        metadata={"help": "Split of --prompts (a hub dataset, a folder of split files, embedded:demo)."},
+        metadata={
+            "aliases": ["--prompts_split"],
+            "help": "Split of --dataset (a hub dataset, a folder of split files, embedded:demo). Alias: "
+            "--prompts_split.",
+        },
     )
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     samples_per_prompt: int = field(default=2, metadata={"help": "Responses sampled per prompt and policy."})
@@ -705,10 +714,10 @@ def run_eval(config: EvalConfig) -> EvalResults:
         raise ConfigError("--best_of_n and --bon_curve need --reward_model_path")
     if any(n < 1 for n in [*config.best_of_n, *config.bon_curve]):
         raise ConfigError("--best_of_n / --bon_curve values must be >= 1")
-    if config.prompts is None:  # the demo task's held-out prompts
+    if config.dataset is None:  # the demo task's held-out prompts
         prompts = load_prompts(DEMO, split="test")
     else:
-        prompts = load_prompts(config.prompts, split=config.prompts_split)
+        prompts = load_prompts(config.dataset, split=config.dataset_split, dataset_config=config.dataset_config)
     if config.num_prompts is not None:
         prompts = prompts[: config.num_prompts]
     gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))

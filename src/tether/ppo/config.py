@@ -44,11 +44,14 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     # models
     reward_model_path: list[str] | None = field(
         default=None,
-        metadata=_help(
-            "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
-            "the policy's tokenizer). Required, unless --reward_funcs score the responses. Several folders form an "
-            "ensemble (--reward_ensemble); the first one also starts the value model."
-        ),
+        metadata={
+            "aliases": ["--reward_model_name_or_path", "--reward_model"],
+            **_help(
+                "Reward model folder (from `tether rm`, or any sequence-classification model with one label sharing "
+                "the policy's tokenizer). Required, unless --reward_funcs score the responses. Several folders form "
+                "an ensemble (--reward_ensemble); the first one also starts the value model."
+            ),
+        },
     )
     reward_ensemble: str = field(
         default="mean",
@@ -105,7 +108,10 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             "out-of-memory error."
         ),
     )
-    ppo_epochs: int = field(default=4, metadata=_help("Passes over each rollout batch."))
+    ppo_epochs: int = field(
+        default=4,
+        metadata={"aliases": ["--num_ppo_epochs"], **_help("Passes over each rollout batch (TRL: num_ppo_epochs).")},
+    )
     num_iterations: int | None = field(default=None, metadata=_help("PPO iterations to run (overrides the others)."))
     total_episodes: int | None = field(
         default=None,
@@ -164,17 +170,23 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         ),
     )
     # KL
-    init_kl_coef: float = field(default=0.05, metadata=_help("β: initial (or fixed) KL coefficient."))
+    init_kl_coef: float = field(
+        default=0.05,
+        metadata={"aliases": ["--kl_coef"], **_help("β: initial (or fixed) KL coefficient (TRL: kl_coef).")},
+    )
     target_kl: float | None = field(
         default=None, metadata=_help("Target KL (nats per response) of the adaptive controller; None keeps β fixed.")
     )
     horizon: int = field(default=10000, metadata=_help("Horizon of the adaptive KL controller, in episodes."))
     kl_penalty: str = field(
         default="k1",
-        metadata=_help(
-            "Per-token KL estimate in the reward: k1 (alias kl) = log-ratio, abs, mse (alias k2) = ½·log-ratio², "
-            "k3, full = exact KL over the vocabulary."
-        ),
+        metadata={
+            "aliases": ["--kl_estimator"],
+            **_help(
+                "Per-token KL estimate in the reward: k1 (alias kl) = log-ratio, abs, mse (alias k2) = ½·log-ratio², "
+                "k3, full = exact KL over the vocabulary (TRL: kl_estimator, k1 or k3)."
+            ),
+        },
     )
     stop_on_divergence: bool = field(
         default=True, metadata=_help("End training when the KL reaches the divergence band (> 20 nats).")
@@ -196,14 +208,15 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     response_length: int | None = field(
         default=None,
         metadata=_help(
-            "Benchmarks only: generate exactly this many tokens, never stopping early (overrides --max_new_tokens)."
+            "Benchmarks only: generate exactly this many tokens, never stopping early (overrides --max_new_tokens). "
+            "Not TRL's --response_length, which is a maximum: that is --max_new_tokens here."
         ),
     )
     missing_eos_penalty: float | None = field(
         default=-1.0,
         metadata=_help(
             "Score that REPLACES the reward of a response that never produced its stop token (normalised units); "
-            "None keeps the raw score."
+            "None keeps the raw score. Not TRL's --missing_eos_penalty, which is subtracted from the score."
         ),
     )
     normalize_reward: bool = field(

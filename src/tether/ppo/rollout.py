@@ -245,7 +245,11 @@ class PromptSampler:
                 )
             from tether.data.loading import load_prompts
 
-            prompts = load_prompts(cfg.dataset, cfg.dataset_split)
+            prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
+        elif not isinstance(prompts, (list, tuple)):  # a datasets.Dataset: rows checked like a file's
+            from tether.data.loading import load_prompts
+
+            prompts = load_prompts(prompts, cfg.dataset_split)
         records = [
             p if isinstance(p, PromptRecord) else PromptRecord(p, origin=f"prompts[{i}]") for i, p in enumerate(prompts)
         ]

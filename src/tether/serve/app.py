@@ -77,8 +77,12 @@ class ServeConfig(ModelLoadingArguments):
             "help": "The policy to serve: hub id, local folder (full model or PEFT adapter) or the embedded default."
         },
     )
-    reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reward model that scores and ranks the samples (enables best-of-N). Optional."}
+    reward_model_path: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ["--reward_model_name_or_path", "--reward_model"],
+            "help": "Reward model that scores and ranks the samples (enables best-of-N). Optional.",
+        },
     )
     served_model_name: str | None = field(
         default=None, metadata={"help": "Model name reported to clients (default: the policy folder's name)."}
@@ -802,10 +806,10 @@ def load_models(config: ServeConfig) -> dict[str, Any]:
         "tokenizer": load_tokenizer(config.model_name_or_path, trust_remote_code=trust),
         "policy": load_causal_lm(config.model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval(),
     }
-    if config.reward_model_name_or_path:
-        out["rm_tokenizer"] = load_tokenizer(config.reward_model_name_or_path, trust_remote_code=trust)
+    if config.reward_model_path:
+        out["rm_tokenizer"] = load_tokenizer(config.reward_model_path, trust_remote_code=trust)
         out["reward_model"] = (
-            load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
+            load_scalar_model(config.reward_model_path, dtype=config.dtype, **kwargs).to(device).eval()
         )
     return out
 
@@ -1007,7 +1011,7 @@ def create_app(config: ServeConfig | None = None, *, policy=None, tokenizer=None
         return {
             "status": "ok",
             "model": name,
-            "reward_model": config.reward_model_name_or_path,
+            "reward_model": config.reward_model_path,
             "ranked": engine.ranked,
             "queued": engine.queued(),
             "stats": dict(engine.stats),

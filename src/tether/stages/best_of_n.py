@@ -49,24 +49,33 @@ class BestOfNConfig(ModelLoadingArguments):
             "(full model or PEFT adapter) or the embedded default."
         },
     )
-    reward_model_name_or_path: str | None = field(
+    reward_model_path: str | None = field(
         default=None,
         metadata={
+            "aliases": ["--reward_model_name_or_path", "--reward_model"],
             "help": "The reward model that ranks the samples (a `tether "
             "rm` output folder or any sequence-classification "
-            "model with one label). Required."
+            "model with one label). Required.",
         },
     )
     dataset: str | None = field(
         default=None,
         metadata={
+            "aliases": ["--prompts", "--dataset_name"],
             "help": "Prompts: a .jsonl/.json/.parquet/.csv file or folder whose records have a prompt or messages "
             "(preference and demonstration files work too), a Hugging Face dataset name, or embedded:demo (the "
-            "demo task's prompts; --dataset_split test for the held-out ones). Required."
+            "demo task's prompts; --dataset_split test for the held-out ones). Required.",
         },
     )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) of a Hugging Face or local dataset --dataset."}
+    )
     dataset_split: str = field(
-        default="train", metadata={"help": "Split of a hub dataset, a folder of split files or embedded:demo."}
+        default="train",
+        metadata={
+            "aliases": ["--dataset_train_split"],
+            "help": "Split of a hub dataset, a folder of split files or embedded:demo.",
+        },
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
     n: int = field(default=4, metadata={"help": "Samples per prompt (N of best-of-N)."})
@@ -213,13 +222,12 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
 
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir, config.overwrite_output_dir, resuming=False)
-    if not config.reward_model_name_or_path:
+    if not config.reward_model_path:
         raise ConfigError(
-            "--reward_model_name_or_path is required: best-of-N ranks samples with a reward model "
-            "(train one with `tether rm`)"
+            "--reward_model_path is required: best-of-N ranks samples with a reward model (train one with `tether rm`)"
         )
     dataset = require_dataset(config.dataset, "bon")
-    records = load_prompts(dataset, split=config.dataset_split)
+    records = load_prompts(dataset, split=config.dataset_split, dataset_config=config.dataset_config)
     if config.max_prompts is not None:
         records = records[: config.max_prompts]
     if not records:
@@ -230,9 +238,9 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     trust, kwargs = config.trust_remote_code, from_pretrained_kwargs(config)
     tokenizer = load_tokenizer(config.model_name_or_path, padding_side="left", trust_remote_code=trust)
     policy = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
-    rm_tokenizer = load_tokenizer(config.reward_model_name_or_path, trust_remote_code=trust)
-    reward_model = load_scalar_model(config.reward_model_name_or_path, dtype=config.dtype, **kwargs).to(device).eval()
-    reward_stats = _maybe_reward_stats(config.reward_model_name_or_path)
+    rm_tokenizer = load_tokenizer(config.reward_model_path, trust_remote_code=trust)
+    reward_model = load_scalar_model(config.reward_model_path, dtype=config.dtype, **kwargs).to(device).eval()
+    reward_stats = _maybe_reward_stats(config.reward_model_path)
 
     torch.manual_seed(config.seed)
     settings = SamplingSettings(
@@ -261,7 +269,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
             "top_p": config.top_p,
             "max_new_tokens": config.max_new_tokens,
             "policy": config.model_name_or_path,
-            "reward_model": config.reward_model_name_or_path,
+            "reward_model": config.reward_model_path,
             "dataset": dataset,
         }
     )

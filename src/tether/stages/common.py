@@ -58,17 +58,30 @@ def require_dataset(dataset: str | None, stage: str) -> str:
 
 
 def load_train_eval(
-    loader: Callable[..., list], dataset: str, split: str, eval_dataset: str | None, eval_split_ratio: float, seed: int
+    loader: Callable[..., list],
+    dataset: Any,
+    split: str,
+    eval_dataset: Any,
+    eval_split_ratio: float,
+    seed: int,
+    dataset_config: str | None = None,
+    test_split: str | None = None,
 ) -> tuple[list, list]:
-    """Training and held-out records: an explicit ``eval_dataset`` or a seeded split of ``dataset``."""
+    """Training and held-out records: ``eval_dataset`` (its ``test_split``, default ``split``), else
+    the ``test_split`` of ``dataset``, else a seeded ``eval_split_ratio`` share of ``dataset``.
+
+    ``dataset`` and ``eval_dataset`` are whatever ``loader`` reads: paths, hub names, ``datasets.Dataset``
+    objects or lists of records."""
     from tether.data.loading import split_train_eval
 
-    records = loader(dataset, split=split)
+    records = loader(dataset, split=split, dataset_config=dataset_config)
     if not records:
         raise ConfigError(f"--dataset {dataset}: no records found")
-    if eval_dataset:
-        eval_records = loader(eval_dataset, split=split)
+    if eval_dataset is not None and not (isinstance(eval_dataset, str) and eval_dataset == ""):
+        eval_records = loader(eval_dataset, split=test_split or split, dataset_config=dataset_config)
         return list(records), list(eval_records)
+    if test_split:
+        return list(records), list(loader(dataset, split=test_split, dataset_config=dataset_config))
     if not 0.0 <= eval_split_ratio < 1.0:
         raise ConfigError(f"--eval_split_ratio must be in [0, 1), got {eval_split_ratio}")
     if eval_split_ratio == 0.0:
@@ -77,6 +90,34 @@ def load_train_eval(
     if not train:
         raise ConfigError(f"--eval_split_ratio {eval_split_ratio} leaves no training records out of {len(records)}")
     return list(train), list(held_out)
+
+
+def stage_data(
+    loader: Callable[..., list], config: Any, stage: str, train_dataset: Any = None, eval_dataset: Any = None
+) -> tuple[list, list]:
+    """The records a ``train_*`` function trains and evaluates on.
+
+    Without ``train_dataset``: ``--dataset``, ``--eval_dataset`` / ``--dataset_test_split`` /
+    ``--eval_split_ratio``, as the command reads them. Otherwise ``train_dataset`` and ``eval_dataset``
+    (None: no held-out data), each a list of records, a ``datasets.Dataset`` (parsed and checked like
+    a file, rows ``NAME[split]:ROW``) or a path or hub name (read with ``--dataset_split`` /
+    ``--dataset_test_split`` and ``--dataset_config``)."""
+    if train_dataset is None:
+        return load_train_eval(
+            loader,
+            require_dataset(config.dataset, stage),
+            config.dataset_split,
+            config.eval_dataset,
+            config.eval_split_ratio,
+            config.seed,
+            config.dataset_config,
+            config.dataset_test_split,
+        )
+    train = loader(train_dataset, split=config.dataset_split, dataset_config=config.dataset_config)
+    if eval_dataset is None:
+        return list(train), []
+    split = config.dataset_test_split or config.dataset_split
+    return list(train), list(loader(eval_dataset, split=split, dataset_config=config.dataset_config))
 
 
 def resolve_resume(resume_from_checkpoint: str | None) -> str | bool | None:

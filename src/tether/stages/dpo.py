@@ -61,11 +61,10 @@ from tether.stages.common import (
     check_output_dir,
     complete_model,
     fsdp_requested,
-    load_train_eval,
     on_main_process,
     report_truncation,
-    require_dataset,
     resolve_resume,
+    stage_data,
     truncation_rule,
 )
 from tether.stages.sft import save_policy
@@ -602,16 +601,14 @@ def load_preference_data(config: DPOConfig) -> tuple[list[PreferencePair], list[
     """Training and held-out pairs from ``--dataset`` / ``--eval_dataset`` / ``--eval_split_ratio``."""
     from tether.data.loading import load_preferences
 
-    dataset = require_dataset(config.dataset, "dpo")
-    return load_train_eval(
-        load_preferences, dataset, config.dataset_split, config.eval_dataset, config.eval_split_ratio, config.seed
-    )
+    return stage_data(load_preferences, config, "dpo")
 
 
-def _load_policy(config: DPOConfig):
+def _load_policy(config: DPOConfig, model=None):
     from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
+    if model is None:
+        model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # a PEFT adapter folder: its merged weights are the starting model
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -620,14 +617,21 @@ def _load_policy(config: DPOConfig):
 
 
 def train_dpo(
-    config: DPOConfig, train_pairs: list[PreferencePair], eval_pairs: list[PreferencePair] | None = None, tokenizer=None
+    config: DPOConfig, train_dataset: Any = None, eval_dataset: Any = None, tokenizer=None, *, model=None
 ) -> dict[str, Any]:
-    """Train with DPO on already-loaded pairs; returns ``{"train": ..., "eval": ...}`` metrics.
+    """Train with DPO and write the policy; returns ``{"train": ..., "eval": ...}`` metrics.
 
+    ``train_dataset`` / ``eval_dataset``: ``PreferencePair`` records, a ``datasets.Dataset`` (checked
+    like a file) or a path; without them, ``--dataset`` and its held-out share as ``tether dpo`` reads
+    them (``stage_data``). ``model`` / ``tokenizer``: an already-loaded causal LM (trained in place; the
+    frozen reference is a copy of it unless --ref_model_name_or_path or --use_peft) and its tokenizer.
     Everything that can fail on the data (tokenisation) happens before the output folder exists.
     """
+    from tether.data.loading import load_preferences
     from tether.models.loading import load_tokenizer
     from tether.tracking import JsonlMetricsCallback
+
+    train_pairs, eval_pairs = stage_data(load_preferences, config, "dpo", train_dataset, eval_dataset)
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
@@ -645,7 +649,10 @@ def train_dpo(
     tokenizer = (
         tokenizer
         if tokenizer is not None
-        else load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        else load_tokenizer(
+            config.model_name_or_path if model is None else model.name_or_path,
+            trust_remote_code=config.trust_remote_code,
+        )
     )
     pad_id = pad_token_id(tokenizer)
     rule = truncation_rule(config)
@@ -657,7 +664,7 @@ def train_dpo(
     if not eval_tok:
         config.eval_strategy = "no"
 
-    model = _load_policy(config)
+    model = _load_policy(config, model)
     if not fsdp_requested():  # under FSDP accelerate places the (sharded) model; processes > 0 may hold meta tensors
         model.to(config.device)
     share_ok, compact_ok = on_main_process(lambda: check_fast_paths(model, train_tok[0], pad_id), model)

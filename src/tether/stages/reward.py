@@ -60,11 +60,11 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
-    load_train_eval,
     on_main_process,
     report_truncation,
     require_dataset,
     resolve_resume,
+    stage_data,
     summarise_lengths,
     truncation_rule,
 )
@@ -444,8 +444,9 @@ def _materialise_adapter(path: str, folder: Path, dtype, trust_remote_code: bool
     return str(folder)
 
 
-def load_reward_backbone(config: RewardConfig, scratch: Path):
-    """The scalar model to train (fresh head on a causal LM, or an existing reward model), dropout off."""
+def load_reward_backbone(config: RewardConfig, scratch: Path, model=None, tokenizer=None):
+    """The scalar model to train (fresh head on a causal LM, or an existing reward model; ``model`` /
+    ``tokenizer`` when already loaded), dropout off."""
     from tether.models.loading import (
         disable_dropout,
         from_pretrained_kwargs,
@@ -455,11 +456,21 @@ def load_reward_backbone(config: RewardConfig, scratch: Path):
         resolve_model_path,
     )
 
-    path = resolve_model_path(config.model_name_or_path)
-    if (Path(path) / "adapter_config.json").is_file():
-        path = _materialise_adapter(path, scratch, config.dtype, config.trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
-    model = load_scalar_model(path, dtype=config.dtype, **from_pretrained_kwargs(config))
+    if model is None:
+        path = resolve_model_path(config.model_name_or_path)
+        if (Path(path) / "adapter_config.json").is_file():
+            path = _materialise_adapter(path, scratch, config.dtype, config.trust_remote_code)
+        model = load_scalar_model(path, dtype=config.dtype, **from_pretrained_kwargs(config))
+    else:
+        if getattr(model.config, "num_labels", None) != 1:
+            raise ConfigError(
+                f"model: a reward model is a sequence-classification model with one label, got "
+                f"{type(model).__name__} (num_labels={getattr(model.config, 'num_labels', None)}); load it with "
+                "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)"
+            )
+        path = model.name_or_path
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
     pad = choose_distinct_pad_token(tokenizer, model)
     disable_dropout(model)
     if config.activation_checkpointing:
@@ -553,14 +564,12 @@ def run_reward(config: RewardConfig) -> Path | dict[str, float]:
 
     if config.eval_only:
         dataset = require_dataset(config.dataset, "rm --eval_only")
-        return evaluate_reward_model(config, load_preferences(dataset, split=config.dataset_split))
+        pairs = load_preferences(dataset, split=config.dataset_split, dataset_config=config.dataset_config)
+        return evaluate_reward_model(config, pairs)
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
-    dataset = require_dataset(config.dataset, "rm")
-    train, held_out = load_train_eval(
-        load_preferences, dataset, config.dataset_split, config.eval_dataset, config.eval_split_ratio, config.seed
-    )
+    train, held_out = stage_data(load_preferences, config, "rm")
     return train_reward(config, train, held_out)
 
 
@@ -572,10 +581,21 @@ def _tokenize_checked(tokenizer, pairs, config, what: str, required: bool = True
 
 
 def train_reward(
-    config: RewardConfig, train: Sequence[PreferencePair], held_out: Sequence[PreferencePair] = ()
+    config: RewardConfig, train_dataset: Any = None, eval_dataset: Any = None, *, model=None, tokenizer=None
 ) -> Path:
-    """Train on in-memory pairs (``run_reward`` after loading); returns the output folder."""
+    """Train the reward model and write it; returns the output folder.
+
+    ``train_dataset`` / ``eval_dataset``: ``PreferencePair`` records, a ``datasets.Dataset`` (checked
+    like a file) or a path; without them, ``--dataset`` and its held-out share as ``tether rm`` reads
+    them (``stage_data``). ``model``: an already-loaded sequence-classification model with one label
+    (e.g. ``AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)``), trained in
+    place; ``tokenizer`` its tokenizer (its pad token may be changed, see ``choose_distinct_pad_token``).
+    """
+    from tether.data.loading import load_preferences
     from tether.tracking import JsonlMetricsCallback
+
+    train, held_out = stage_data(load_preferences, config, "rm", train_dataset, eval_dataset)
+    started_from = config.model_name_or_path if model is None else (model.name_or_path or "(in-memory model)")
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
@@ -589,7 +609,7 @@ def train_reward(
 
     set_seed(config.seed)  # the new reward head is random: --seed makes a run reproducible, whatever ran before
     with tempfile.TemporaryDirectory(prefix="tether-rm-") as scratch:
-        model, tokenizer, pad = load_reward_backbone(config, Path(scratch))
+        model, tokenizer, pad = load_reward_backbone(config, Path(scratch), model, tokenizer)
     tokens = _tokenize_checked(tokenizer, train, config, "rm")
     eval_tokens = _tokenize_checked(tokenizer, held_out, config, "rm (held-out)", required=False)
     if not eval_tokens.pairs:
@@ -627,7 +647,7 @@ def train_reward(
     trained = len(tokens.pairs)
     summary = {
         "stage": "rm",
-        "model_name_or_path": config.model_name_or_path,
+        "model_name_or_path": started_from,
         "train_pairs": trained,
         "eval_pairs": len(eval_tokens.pairs),
         "truncation": config.truncation,

@@ -58,10 +58,9 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
-    load_train_eval,
     report_truncation,
-    require_dataset,
     resolve_resume,
+    stage_data,
     summarise_lengths,
     truncation_rule,
 )
@@ -308,9 +307,10 @@ class ListDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
-def load_policy_for_training(config: SFTConfig):
-    """The causal LM to fine-tune: merged first if the starting point is itself an adapter folder,
-    then wrapped with fresh LoRA adapters under ``--use_peft``; dropout off (N+ detail 7)."""
+def load_policy_for_training(config: SFTConfig, model=None):
+    """The causal LM to fine-tune (``model`` if given, else loaded from ``--model_name_or_path``): merged
+    first if the starting point is itself an adapter, then wrapped with fresh LoRA adapters under
+    ``--use_peft``; dropout off (N+ detail 7)."""
     from tether.models.loading import (
         disable_dropout,
         from_pretrained_kwargs,
@@ -318,7 +318,8 @@ def load_policy_for_training(config: SFTConfig):
         prepare_quantised_for_lora,
     )
 
-    model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
+    if model is None:
+        model = load_causal_lm(config.model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
     if hasattr(model, "merge_and_unload"):  # an SFT adapter folder as the starting point
         model = model.merge_and_unload()
     disable_dropout(model)
@@ -334,6 +335,11 @@ def load_policy_for_training(config: SFTConfig):
             # transformers#42489: the Trainer does not do this for PEFT models
             model.enable_input_require_grads()
     return model
+
+
+def _name_of(model, config) -> str:
+    """What the run started from: ``--model_name_or_path``, or the folder/hub id a passed model was loaded from."""
+    return config.model_name_or_path if model is None else (getattr(model, "name_or_path", "") or "(in-memory model)")
 
 
 def final_evaluation(trainer: Trainer) -> dict[str, float]:
@@ -366,21 +372,26 @@ def run_sft(config: SFTConfig) -> Path:
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
     check_output_dir(output_dir, config.overwrite_output_dir, resume is not None)
-    train, held_out = load_train_eval(
-        load_demonstrations,
-        require_dataset(config.dataset, "sft"),
-        config.dataset_split,
-        config.eval_dataset,
-        config.eval_split_ratio,
-        config.seed,
-    )
+    train, held_out = stage_data(load_demonstrations, config, "sft")
     return train_sft(config, train, held_out)
 
 
-def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Sequence[Demonstration] = ()) -> Path:
-    """Fine-tune on in-memory demonstrations (``run_sft`` after loading); returns the output folder."""
+def train_sft(
+    config: SFTConfig, train_dataset: Any = None, eval_dataset: Any = None, *, model=None, tokenizer=None
+) -> Path:
+    """Fine-tune and write the model; returns the output folder.
+
+    ``train_dataset`` / ``eval_dataset``: ``Demonstration`` records, a ``datasets.Dataset`` (checked
+    like a file) or a path; without them, ``--dataset`` and its held-out share as ``tether sft`` reads
+    them (``stage_data``). ``model`` / ``tokenizer``: already-loaded objects used instead of
+    ``--model_name_or_path`` (the model is trained in place; ``--use_peft`` wraps it with adapters).
+    """
+    from tether.data.loading import load_demonstrations
     from tether.models.loading import load_tokenizer
     from tether.tracking import JsonlMetricsCallback
+
+    train, held_out = stage_data(load_demonstrations, config, "sft", train_dataset, eval_dataset)
+    started_from = _name_of(model, config)
 
     output_dir = Path(config.output_dir)
     resume = resolve_resume(config.resume_from_checkpoint)
@@ -390,7 +401,8 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     if config.max_length is not None and config.max_length < 2:
         raise ConfigError("--max_length must be at least 2 (one prompt and one response token)")
 
-    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(started_from, trust_remote_code=config.trust_remote_code)
     rule = truncation_rule(config)
     tokens = tokenize_demonstrations(tokenizer, train, rule, config.assistant_turns)
     eval_tokens = tokenize_demonstrations(tokenizer, held_out, rule, config.assistant_turns)
@@ -413,7 +425,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
     if not eval_items:
         config.eval_strategy = IntervalStrategy.NO
 
-    model = load_policy_for_training(config)
+    model = load_policy_for_training(config, model)
     pad = pad_token_id(tokenizer)
     trainer = SFTTrainer(
         model=model,
@@ -431,7 +443,7 @@ def train_sft(config: SFTConfig, train: Sequence[Demonstration], held_out: Seque
 
     summary = {
         "stage": "sft",
-        "model_name_or_path": config.model_name_or_path,
+        "model_name_or_path": started_from,
         "train_examples": len(tokens.examples),
         "eval_examples": len(eval_tokens.examples),
         "assistant_turns": config.assistant_turns,
