@@ -220,3 +220,11 @@ def test_dtype_auto_is_bfloat16_on_a_bf16_gpu_and_float32_elsewhere():
     assert resolve_dtype("float32") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="float16 or auto"):
         resolve_dtype("int8")
+
+
+def test_ppo_refuses_load_in_4bit_instead_of_ignoring_it(tmp_path):
+    from tether.config import ConfigError
+    from tether.ppo import PPOConfig
+
+    with pytest.raises(ConfigError, match=r"--load_in_4bit is not supported by `tether ppo`"):
+        PPOConfig(output_dir=str(tmp_path / "ppo"), reward_model_path="rm", dataset="p.jsonl", load_in_4bit=True)

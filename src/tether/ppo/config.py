@@ -282,6 +282,8 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         problems = []
         if self.kl_penalty not in KL_ESTIMATORS:
             problems.append(f"--kl_penalty {self.kl_penalty!r}: use one of {', '.join(KL_ESTIMATORS)}")
+        if self.load_in_4bit:  # the 4-bit reference/critic paths are not built: refuse rather than ignore the flag
+            problems.append("--load_in_4bit is not supported by `tether ppo` yet (sft, rm and dpo train QLoRA)")
         if self.batch_size < 1:
             problems.append("--batch_size must be >= 1")
         mini = self.mini_batch_size or self.batch_size

@@ -238,7 +238,7 @@ def build_ppo_models(
 ) -> PPOModels:
     """Load the four roles from ``cfg`` (the trained ones from ``resume_dir`` when resuming), then the
     optimizer and schedule; the trained networks are prepared by ``accelerator``."""
-    from tether.models.loading import disable_dropout, load_causal_lm, load_scalar_model
+    from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm, load_scalar_model
 
     acc = accelerator
     paths = cfg.reward_model_paths
@@ -248,7 +248,7 @@ def build_ppo_models(
         check_reward_model(path, tokenizer)
     first_rm = paths[0] if paths else None
     ckpt = resume_dir
-    policy = load_causal_lm(cfg.model_name_or_path, cfg.dtype)
+    policy = load_causal_lm(cfg.model_name_or_path, cfg.dtype, **from_pretrained_kwargs(cfg))
     if hasattr(policy, "merge_and_unload"):  # an adapter folder (e.g. LoRA SFT) becomes a plain model
         policy = policy.merge_and_unload()
     reference = None
@@ -264,7 +264,7 @@ def build_ppo_models(
         reference = copy.deepcopy(policy)
         if ckpt is not None:
             policy = load_causal_lm(str(ckpt / "policy"), cfg.dtype)
-    reward_model = load_scalar_model(first_rm, cfg.dtype) if first_rm else None
+    reward_model = load_scalar_model(first_rm, cfg.dtype, **from_pretrained_kwargs(cfg)) if first_rm else None
     if cfg.critic_free:  # no value model: no parameters, no optimizer state, no forward pass
         value_model = value_head = None
     elif cfg.value_head_on_policy:
@@ -282,7 +282,11 @@ def build_ppo_models(
         # disabled (PEFT keeps the original head for that state), so the two roles share one
         # network, as the reference and the policy do. PEFT freezes the backbone and the original head.
         value_head = None
-        base = reward_model if cfg.value_model_path is None else load_scalar_model(cfg.value_model_path, cfg.dtype)
+        base = (
+            reward_model
+            if cfg.value_model_path is None
+            else load_scalar_model(cfg.value_model_path, cfg.dtype, **from_pretrained_kwargs(cfg))
+        )
         if ckpt is not None:
             value_model = PeftModel.from_pretrained(base, ckpt / "value_model", is_trainable=True)
         else:
@@ -294,7 +298,7 @@ def build_ppo_models(
         value_source = (
             str(ckpt / "value_model") if ckpt is not None else (cfg.value_model_path or first_rm)
         )  # (without a reward model the config requires --value_model_path or --value_head_on_policy)
-        value_model = load_scalar_model(value_source, cfg.dtype)
+        value_model = load_scalar_model(value_source, cfg.dtype, **from_pretrained_kwargs(cfg))
     for model in (policy, reference, value_model, reward_model):
         if model is not None:
             disable_dropout(model)  # ratio 1 and KL 0 at equal weights, in train mode too
@@ -317,7 +321,7 @@ def build_ppo_models(
     models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, first_rm, say))
     models.without_reward_model = first_rm is None
     for path in paths[1:]:
-        member = load_scalar_model(path, cfg.dtype)
+        member = load_scalar_model(path, cfg.dtype, **from_pretrained_kwargs(cfg))
         disable_dropout(member)
         models.ensemble.append((member.requires_grad_(False).eval().to(acc.device), reward_stats(cfg, path, say)))
     _add_optimizer(models, cfg, acc, num_iterations)

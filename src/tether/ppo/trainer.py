@@ -109,7 +109,7 @@ class PPOTrainer:
         set_seed(cfg.seed + 100003 * self.rank)  # each rank samples different responses (OpenAI's seed + rank·100003)
         self.geometry = batch_geometry(cfg, self.world)
 
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model_name_or_path)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
         self.prompts = PromptSampler(cfg, self.tokenizer, prompts)
         self.rewards = ProgrammableRewards(cfg)
         self.rollout_settings = RolloutSettings.from_config(cfg, self.tokenizer, self.geometry.local_batch, self._say)
