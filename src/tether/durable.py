@@ -172,11 +172,6 @@ def remove_stale_staging(output_dir: str | Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def publish_checkpoint(staged: Path, final: Path) -> Path:
-    """Rename a finished checkpoint folder into place (replacing the same step saved before)."""
-    return replace_folder(staged, final)
-
-
 def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: str | Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` complete checkpoints (and ``protect``, e.g. the best one).
 

@@ -33,8 +33,8 @@ from tether.durable import (
     LATEST,
     TRAINER_STATE_FILE,
     latest_checkpoint,
-    publish_checkpoint,
     remove_stale_staging,
+    replace_folder,
     rotate_checkpoints,
     truncate_metrics,
 )
@@ -482,7 +482,7 @@ class TetherTrainerMixin:
         self.accelerator.wait_for_everyone()
 
     def _publish_checkpoint(self, staging: Path, name: str, final: Path) -> None:
-        publish_checkpoint(staging / name, final)  # replaces the same step saved before (a resumed run)
+        replace_folder(staging / name, final)  # replaces the same step saved before (a resumed run)
         shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(final.parent, self.args.save_total_limit, self.state.best_model_checkpoint)
 
