@@ -233,6 +233,7 @@ def test_held_out_implicit_reward_accuracy_rises_well_above_chance(tmp_path, tin
     metrics = train_dpo(config, train, held_out, tokenizer=tokenizer)
     out = tmp_path / "dpo"
     assert metrics["eval"]["eval_pairs"] == 24
+    assert metrics["train"]["shared_prompt_rows"] is True and metrics["train"]["padding_free_rows"] is True
     assert metrics["eval"]["eval_rewards/accuracies"] >= 0.9
     assert metrics["eval"]["eval_rewards/margins"] > 0
     saved = json.loads((out / "eval_results.json").read_text())
@@ -313,12 +314,13 @@ def test_bad_data_exits_cleanly_and_leaves_no_output_dir(tmp_path, tiny_model_di
 
 def test_fast_paths_are_checked_and_hold_for_sdpa_and_eager_attention(tiny_model_dir, tokenizer):
     from tether.models.loading import load_causal_lm
+    from tether.models.packing import Layout
     from tether.stages.dpo import check_fast_paths
 
     pair = TokenizedPair(prompt=[10, 11, 12, 13], chosen=[20, 21, 2], rejected=[30, 31, 32, 33, 2])
     for implementation in ("sdpa", "eager"):  # boolean 4-D mask vs additive float mask
         model = load_causal_lm(str(tiny_model_dir), attn_implementation=implementation).eval()
-        assert check_fast_paths(model, pair, pad_id=2) == (True, True)
+        assert check_fast_paths(model, [pair], pad_id=2) == (Layout(share_prompt=True, padding_free=True), True)
         with torch.no_grad():
             shared = torch.stack(response_logps(model, collate_pairs([pair, pair], 2, share_prompt=True)))
             separate = torch.stack(response_logps(model, collate_pairs([pair, pair], 2, share_prompt=False)))

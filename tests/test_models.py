@@ -180,9 +180,10 @@ def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_m
     from tether.data.records import Demonstration, PreferencePair
     from tether.data.templates import Truncation
     from tether.evaluation.evaluate import EvalConfig, _Models
+    from tether.models.packing import Layout
     from tether.serve.app import ServeConfig, load_models
     from tether.stages.dpo import DPOConfig, TokenizedPair, _load_policy, check_fast_paths
-    from tether.stages.reward import RewardConfig, load_reward_backbone, shared_prompt_matches, tokenize_preferences
+    from tether.stages.reward import RewardConfig, choose_reward_layout, load_reward_backbone, tokenize_preferences
     from tether.stages.sft import SFTCollator, SFTConfig, load_policy_for_training, packed_rows, tokenize_demonstrations
 
     limits = Truncation(max_length=512, max_prompt_length=256)
@@ -200,11 +201,12 @@ def test_every_stage_loads_with_attn_implementation_and_its_4d_masks_hold(tiny_m
     dpo = _load_policy(DPOConfig(output_dir=str(tmp_path / "dpo"), **common))
     assert dpo.config._attn_implementation == attn
     pair = TokenizedPair(prompt=[10, 11, 12, 13], chosen=[20, 21, 2], rejected=[30, 31, 32, 33, 2])
-    assert check_fast_paths(dpo, pair, pad_id=2) == (True, True)
+    fastest = Layout(share_prompt=True, padding_free=True)
+    assert check_fast_paths(dpo, [pair, pair], pad_id=2) == (fastest, True)
     rm, rm_tokenizer, pad = load_reward_backbone(RewardConfig(output_dir=str(tmp_path / "rm"), **common), tmp_path)
     assert rm.config._attn_implementation == attn
     pairs = tokenize_preferences(rm_tokenizer, [PreferencePair("alpha beta", "gamma", "delta river")], limits).pairs
-    assert shared_prompt_matches(rm.eval(), pairs, pad)
+    assert choose_reward_layout(rm.eval(), pairs, pad) == fastest
     # the inference stages
     served = load_models(ServeConfig(model_name_or_path=str(tiny_model_dir), attn_implementation=attn, use_cpu=True))
     assert served["policy"].config._attn_implementation == attn

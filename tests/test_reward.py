@@ -17,6 +17,7 @@ import torch
 
 from tether.data.records import Message, PreferencePair
 from tether.data.templates import Truncation
+from tether.models.packing import Layout, Segment, lay_out_rows
 from tether.models.scoring import (
     RewardStats,
     last_token_indices,
@@ -34,12 +35,10 @@ from tether.stages.reward import (
     RewardConfig,
     bradley_terry_loss,
     choose_distinct_pad_token,
+    choose_reward_layout,
     pair_rewards,
     preference_metrics,
     reward_centering_penalty,
-    shared_prompt_attention,
-    shared_prompt_matches,
-    shared_prompt_positions,
     tokenize_preferences,
     train_reward,
 )
@@ -102,9 +101,9 @@ def test_last_token_index_and_positions_for_right_and_left_padding():
 
 
 def test_shared_prompt_mask_and_positions_by_hand():
-    # one row: prompt (2 tokens) | chosen (1) | rejected (2) | pad (1)
-    p, c, r = torch.tensor([2]), torch.tensor([1]), torch.tensor([2])
-    allowed = shared_prompt_attention(p, c, r, 6)[0, 0].int().tolist()
+    # row 1: prompt (2 tokens) | chosen (1) | rejected (2) | pad (1); row 0 is one plain 6-token sequence
+    rows = lay_out_rows([[1, 2, 3, 4, 5, 6], [4, 5, 6, 7, 8]], [Segment(6), Segment(2, (1, 2))], 0, pack=False)
+    allowed = rows.attention()[1, 0].int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0, 0],  # prompt 0
         [1, 1, 0, 0, 0, 0],  # prompt 1
@@ -113,7 +112,7 @@ def test_shared_prompt_mask_and_positions_by_hand():
         [1, 1, 0, 1, 1, 0],  # rejected 1
         [0, 0, 0, 0, 0, 1],  # padding: itself only (no all-masked softmax)
     ]
-    assert shared_prompt_positions(p, c, 6).tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert rows.position_ids[1].tolist() == [0, 1, 2, 2, 3, 0]  # the padding's position is never attended to
 
 
 def _pairs(n: int, seed: int = 0) -> list[PreferencePair]:
@@ -147,7 +146,7 @@ def test_shared_prompt_rows_score_like_separate_sequences(tiny_rm_dir, tokenizer
     for got, want in zip(shared, separate):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(shared[0], alone_c, atol=1e-5, rtol=1e-5)
-    assert shared_prompt_matches(model, tokens.pairs, 0)
+    assert choose_reward_layout(model, tokens.pairs, 0) == Layout(share_prompt=True, padding_free=True)
 
 
 def test_score_is_the_same_for_left_and_right_padding(tiny_rm_dir, tokenizer):
@@ -251,6 +250,7 @@ def test_separable_preferences_are_learned_on_held_out_pairs(trained_rm):
     assert any("eval_accuracy" in r for r in rows) and any("loss" in r and "accuracy" in r for r in rows)
     summary = json.loads((folder / "training_summary.json").read_text())
     assert summary["shared_prompt_rows"] is True and summary["eval_pairs"] == len(held_out) == 80
+    assert summary["padding_free_rows"] is True
 
 
 def test_shuffled_labels_stay_near_chance(tmp_path, tiny_model_dir):

@@ -17,11 +17,11 @@ import torch
 from tether.config import ConfigError
 from tether.data.records import Demonstration, Message
 from tether.data.templates import Truncation
+from tether.models.packing import pack_by_length
 from tether.stages.sft import (
     IGNORE_INDEX,
     SFTCollator,
     SFTConfig,
-    pack_by_length,
     packed_rows,
     response_labels,
     tokenize_demonstrations,

@@ -196,6 +196,11 @@ def summarise_lengths(lengths: Sequence[int]) -> dict[str, float]:
 KEEP_CHECKPOINTS_HELP = (
     "Keep the checkpoint-N/ folders when the run finishes; by default they are deleted once the final model is saved."
 )
+PADDING_FREE_HELP = (
+    "Pack the pairs of each batch into as few rows as fit the longest one, kept apart by a block-diagonal "
+    "attention mask with per-pair position ids (TRL's name). The batch keeps its pairs, so the loss is the same; "
+    "checked against plain rows on the first batch, with a fallback."
+)
 BAD_BATCHES_FILE = "bad_batches.jsonl"
 DEFAULT_MAX_BAD_STEPS = 5
 MAX_BAD_STEPS_HELP = (

@@ -16,9 +16,12 @@ the prompt and themselves but not the chosen tokens, and position ids that resta
 response right after the prompt. One forward pass gives both responses' log-probabilities,
 exactly as two separate sequences would, while the prompt is computed once instead of twice. Only
 the hidden states of response tokens go through the LM head (the prompt's and the padding's vocab
-projections are never computed). Before training a one-pair check compares this against plain
-separate sequences and falls back (with a warning) for models or attention kernels where it does
-not hold (FlashAttention, which ignores 4-D masks; heads that rescale logits).
+projections are never computed). With ``--padding_free`` (default) the pairs of a batch are packed
+into as few rows as fit the longest, each kept apart by a block-diagonal mask with its own position
+ids (``tether.models.packing``): the same pairs make the step, in fewer padded tokens. Before
+training a check on the first batch compares these layouts against plain separate sequences and
+falls back (logging why) for models or attention kernels where they do not hold (FlashAttention,
+which ignores 4-D masks; heads that rescale logits).
 
 Implicit rewards are ``β·(log π − log π_ref)``; the metrics follow TRL's names
 (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
@@ -51,12 +54,21 @@ from tether.data.errors import DataError
 from tether.data.records import PreferencePair
 from tether.data.templates import Truncation, pad_token_id, prompt_ids, response_ids
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
+from tether.models.packing import (
+    Layout,
+    Segment,
+    candidate_layouts,
+    first_exact_layout,
+    lay_out_rows,
+    model_attention_mask,
+)
 from tether.models.wrappers import strip_peft
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
     KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
+    PADDING_FREE_HELP,
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
@@ -125,6 +137,7 @@ class DPOConfig(ModelArguments, TruncationArguments, DataArguments, TrainingArgu
             "Checked against separate sequences before training; off falls back to two rows per pair."
         },
     )
+    padding_free: bool = field(default=True, metadata={"help": PADDING_FREE_HELP})
     # TrainingArguments defaults that differ for DPO
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (DPO uses small ones)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
@@ -259,55 +272,61 @@ def tokenize_pairs(
     return out, prompts_cut, dropped
 
 
-def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
-    """Pad a batch of pairs and say where each response token is read from.
+def collate_pairs(
+    items: list[TokenizedPair], pad_id: int, share_prompt: bool = True, padding_free: bool = False
+) -> dict[str, torch.Tensor]:
+    """Lay out a batch of pairs and say where each response token is read from.
 
-    Shared layout (``share_prompt``): one row per pair, ``[prompt | chosen | rejected | pad]``, a
-    boolean 4-D mask ``(B, 1, W, W)`` (True = may attend) and position ids that restart the rejected
-    response after the prompt. Separate layout: rows ``0..B-1`` are prompt+chosen, ``B..2B-1``
-    prompt+rejected, right-padded, with a 2-D mask from lengths.
+    Shared layout (``share_prompt``): each pair is one segment ``[prompt | chosen | rejected]`` whose
+    rejected tokens see the prompt but not the chosen ones and take the positions they would have
+    right after the prompt. Otherwise each pair is two segments, prompt+chosen and prompt+rejected.
+    ``padding_free`` packs the segments into as few rows as fit the longest one, kept apart by a
+    block-diagonal mask (``tether.models.packing``); otherwise one segment per row. Either fast layout
+    gives a boolean 4-D mask ``(R, 1, W, W)`` (True = may attend) and position ids; plain rows (neither)
+    are rows ``0..B-1`` prompt+chosen, ``B..2B-1`` prompt+rejected, right-padded, with a 2-D mask.
 
-    Either way ``token_row``, ``token_source`` and ``token_target`` list every response token (stop
-    token included): the row, the position whose hidden state predicts it, and its id;
+    Every layout lists every response token (stop token included) in ``token_row``, ``token_source``
+    and ``token_target``: the row, the position whose hidden state predicts it, and its id;
     ``token_sequence`` is ``i`` for pair i's chosen response and ``B + i`` for its rejected one.
     """
     n = len(items)
     rows, sources, targets, sequences = [], [], [], []
     if share_prompt:
-        width = max(len(x.prompt) + len(x.chosen) + len(x.rejected) for x in items)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        position_ids = torch.zeros((n, width), dtype=torch.long)
-        allowed = torch.zeros((n, 1, width, width), dtype=torch.bool)
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        for i, x in enumerate(items):
-            p, c, r = len(x.prompt), len(x.chosen), len(x.rejected)
-            end = p + c + r
-            input_ids[i, :end] = torch.tensor(x.prompt + x.chosen + x.rejected, dtype=torch.long)
-            position_ids[i, : p + c] = torch.arange(p + c)
-            position_ids[i, p + c : end] = torch.arange(p, p + r)
-            allowed[i, 0, :end, :end] = causal[:end, :end]
-            allowed[i, 0, p + c : end, p : p + c] = False  # rejected tokens never see the chosen response
-            idx = torch.arange(end, width)
-            allowed[i, 0, idx, idx] = True  # padding attends to itself only (no fully masked rows)
-            for k in range(c):
-                rows.append(i), sources.append(p + k - 1), targets.append(x.chosen[k]), sequences.append(i)
-            for k in range(r):
-                src = p - 1 if k == 0 else p + c + k - 1  # the first rejected token follows the prompt
-                rows.append(i), sources.append(src), targets.append(x.rejected[k]), sequences.append(n + i)
-        batch = {"input_ids": input_ids, "attention_mask": allowed, "position_ids": position_ids}
+        segments = [Segment(len(x.prompt), (len(x.chosen), len(x.rejected))) for x in items]
+        tokens = [x.prompt + x.chosen + x.rejected for x in items]
     else:
-        seqs = [x.prompt + x.chosen for x in items] + [x.prompt + x.rejected for x in items]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((2 * n, width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((2 * n, width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            input_ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention_mask[j, : len(s)] = 1
-            x = items[j % n]
-            p, response = len(x.prompt), (x.chosen if j < n else x.rejected)
-            for k in range(len(response)):
-                rows.append(j), sources.append(p + k - 1), targets.append(response[k]), sequences.append(j)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        segments = [Segment(len(x.prompt) + len(x.chosen)) for x in items]
+        segments += [Segment(len(x.prompt) + len(x.rejected)) for x in items]
+        tokens = [x.prompt + x.chosen for x in items] + [x.prompt + x.rejected for x in items]
+    layout = lay_out_rows(tokens, segments, pad_id, padding_free)
+    for i, x in enumerate(items):
+        p, c = len(x.prompt), len(x.chosen)
+        if share_prompt:
+            row, start = layout.row[i], layout.offset[i]
+            chosen_src = [start + p + k - 1 for k in range(c)]
+            # the first rejected token follows the prompt, the others follow each other
+            rejected_src = [start + (p - 1 if k == 0 else p + c + k - 1) for k in range(len(x.rejected))]
+            chosen_row = rejected_row = row
+        else:
+            chosen_row, rejected_row = layout.row[i], layout.row[n + i]
+            chosen_src = [layout.offset[i] + p + k - 1 for k in range(c)]
+            rejected_src = [layout.offset[n + i] + p + k - 1 for k in range(len(x.rejected))]
+        for sequence, row, srcs, response in (
+            (i, chosen_row, chosen_src, x.chosen),
+            (n + i, rejected_row, rejected_src, x.rejected),
+        ):
+            rows += [row] * len(response)
+            sources += srcs
+            targets += response
+            sequences += [sequence] * len(response)
+    if share_prompt or padding_free:
+        batch = {
+            "input_ids": layout.input_ids,
+            "attention_mask": layout.attention(),
+            "position_ids": layout.position_ids,
+        }
+    else:
+        batch = {"input_ids": layout.input_ids, "attention_mask": (layout.segment_ids >= 0).long()}
     batch.update(
         token_row=torch.tensor(rows, dtype=torch.long),
         token_source=torch.tensor(sources, dtype=torch.long),
@@ -322,12 +341,12 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int, share_prompt: bool = 
 
 
 class PairCollator:
-    def __init__(self, pad_id: int, share_prompt: bool):
+    def __init__(self, pad_id: int, layout: Layout):
         self.pad_id = pad_id
-        self.share_prompt = share_prompt
+        self.layout = layout
 
     def __call__(self, items: list[TokenizedPair]) -> dict[str, torch.Tensor]:
-        return collate_pairs(items, self.pad_id, self.share_prompt)
+        return collate_pairs(items, self.pad_id, self.layout.share_prompt, self.layout.padding_free)
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -344,16 +363,6 @@ class PairDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 # Sequence log-probabilities
 # --------------------------------------------------------------------------------------------
-
-
-def _model_attention_mask(model, mask: torch.Tensor) -> torch.Tensor:
-    """A boolean 4-D mask for SDPA; an additive float mask for kernels that add the mask to the scores."""
-    if mask.dim() != 4:
-        return mask
-    if getattr(strip_peft(model).config, "_attn_implementation", "sdpa") == "sdpa":
-        return mask
-    dtype = next(strip_peft(model).parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def response_logps(
@@ -376,7 +385,7 @@ def response_logps(
     n = int(batch["num_pairs"])
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
-        "attention_mask": _model_attention_mask(model, batch["attention_mask"]),
+        "attention_mask": model_attention_mask(model, batch["attention_mask"]),
         "use_cache": False,
     }
     if "position_ids" in batch:
@@ -399,8 +408,12 @@ def response_logps(
 
 
 @torch.no_grad()
-def check_fast_paths(model, pair: TokenizedPair, pad_id: int) -> tuple[bool, bool]:
-    """``(share_prompt_ok, compact_head_ok)``: do the fast paths give the plain forward's numbers on one pair?
+def check_fast_paths(
+    model, pairs: list[TokenizedPair], pad_id: int, share_prompt: bool = True, padding_free: bool = True
+) -> tuple[Layout, bool]:
+    """``(layout, compact_head_ok)``: whether the compact LM head gives the plain forward's log-probs on
+    the first pair, then the fastest layout the options allow that gives plain rows' log-probs on
+    ``pairs`` (the first batch; ``first_exact_layout``).
 
     Tolerances allow rounding (wider for 16-bit weights); a mask or head the model ignores shifts a
     sequence log-prob by nats, far beyond them.
@@ -412,26 +425,24 @@ def check_fast_paths(model, pair: TokenizedPair, pad_id: int) -> tuple[bool, boo
         half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         rtol, atol = (1e-2, 0.1) if half else (1e-5, 1e-3)
         to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
-        plain = to(collate_pairs([pair], pad_id, share_prompt=False))
-        reference = torch.stack(response_logps(model, plain, compact_head=False))
+        one = to(collate_pairs(pairs[:1], pad_id, share_prompt=False))
+        full_head = torch.stack(response_logps(model, one, compact_head=False))
         try:
             compact_ok = torch.allclose(
-                torch.stack(response_logps(model, plain, compact_head=True)), reference, rtol=rtol, atol=atol
+                torch.stack(response_logps(model, one, compact_head=True)), full_head, rtol=rtol, atol=atol
             )
         except Exception as exc:  # a model without hidden-state outputs or logits_to_keep
             logger.warning("tether dpo: compact LM head unavailable for this model (%s)", exc)
             compact_ok = False
-        try:
-            shared = to(collate_pairs([pair], pad_id, share_prompt=True))
-            share_ok = torch.allclose(
-                torch.stack(response_logps(model, shared, compact_head=compact_ok)), reference, rtol=rtol, atol=atol
-            )
-        except Exception as exc:
-            logger.warning("tether dpo: shared-prompt layout unavailable for this model (%s)", exc)
-            share_ok = False
+
+        def logps(layout: Layout) -> torch.Tensor:
+            batch = to(collate_pairs(pairs, pad_id, layout.share_prompt, layout.padding_free))
+            return torch.stack(response_logps(model, batch, compact_head=compact_ok))
+
+        layout = first_exact_layout(candidate_layouts(share_prompt, padding_free), logps, rtol, atol, "tether dpo")
     finally:
         model.train(was_training)
-    return share_ok, compact_ok
+    return layout, compact_ok
 
 
 @torch.no_grad()
@@ -440,7 +451,7 @@ def precompute_reference_logps(
     pairs: list[TokenizedPair],
     pad_id: int,
     batch_size: int,
-    share_prompt: bool,
+    layout: Layout,
     compact_head: bool,
     autocast_dtype: torch.dtype | None = None,
     disable_adapter: bool = False,
@@ -460,7 +471,10 @@ def precompute_reference_logps(
         with adapter_off:
             for start in range(0, len(order), batch_size):
                 chunk = [pairs[i] for i in order[start : start + batch_size]]
-                batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate_pairs(chunk, pad_id, layout.share_prompt, layout.padding_free).items()
+                }
                 chosen, rejected = response_logps(model, batch, compact_head, autocast_dtype)
                 for x, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
                     x.ref_chosen_logp, x.ref_rejected_logp = c, r
@@ -667,16 +681,14 @@ def train_dpo(
     model = _load_policy(config, model)
     if not fsdp_requested():  # under FSDP accelerate places the (sharded) model; processes > 0 may hold meta tensors
         model.to(config.device)
-    share_ok, compact_ok = on_main_process(lambda: check_fast_paths(model, train_tok[0], pad_id), model)
-    share_prompt = config.share_prompt and share_ok
+    probe = train_tok[: max(1, config.per_device_train_batch_size)]  # the first batch
+    layout, compact_ok = on_main_process(
+        lambda: check_fast_paths(model, probe, pad_id, config.share_prompt, config.padding_free), model
+    )
     # FSDP2 shards the LM head in one unit with the final norm (and tied embeddings), gathered for the
     # model's own forward only: calling the head again outside it breaks the backward (a segfault on
     # gloo with torch 2.13), so the model computes the logits itself there.
     compact_ok = compact_ok and not fsdp_requested()
-    if config.share_prompt and not share_ok:
-        logger.warning(
-            "tether dpo: the shared-prompt layout does not reproduce this model's log-probs; using two rows per pair"
-        )
 
     ref_model = None
     if config.use_peft:
@@ -708,7 +720,7 @@ def train_dpo(
                     pairs,
                     pad_id,
                     batch,
-                    share_prompt,
+                    layout,
                     compact_ok,
                     autocast_dtype,
                     disable_adapter=ref_model is None and config.use_peft,
@@ -728,7 +740,7 @@ def train_dpo(
         args=config,
         train_dataset=PairDataset(train_tok),
         eval_dataset=PairDataset(eval_tok) if eval_tok else None,
-        data_collator=PairCollator(pad_id, share_prompt),
+        data_collator=PairCollator(pad_id, layout),
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(output_dir)],
         dpo=config,
@@ -744,6 +756,8 @@ def train_dpo(
     train_metrics["pairs_dropped"] = train_dropped
     train_metrics["eval_pairs_dropped"] = eval_dropped
     train_metrics["global_step"] = trainer.state.global_step
+    train_metrics["shared_prompt_rows"] = layout.share_prompt
+    train_metrics["padding_free_rows"] = layout.padding_free
     train_metrics["train_pairs_per_second"] = train_metrics.get("train_samples_per_second")
     eval_metrics = trainer.evaluate() if eval_tok else {}
 

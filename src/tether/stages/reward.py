@@ -11,9 +11,12 @@ Chosen and rejected of a batch go through the model in one forward pass. By defa
 (``--share_prompt``) each pair is one row ``prompt + chosen + rejected``: the rejected tokens see the
 prompt but not the chosen tokens (a custom 4-D attention mask) and take the positions they would
 have after the prompt alone, so both scores equal those of the two separate sequences while the
-prompt is computed once. On the first batch tether checks that equality against two separately
-padded sequences and falls back to them if the model does not support it (flash attention, sliding
-windows, bidirectional encoders).
+prompt is computed once. With ``--padding_free`` (default) the pairs of a batch are packed into as
+few rows as fit the longest, each pair kept apart by a block-diagonal mask with its own position ids
+(``tether.models.packing``): the batch still holds the same pairs, in fewer padded tokens. On the
+first batch tether checks these layouts against two separately padded sequences and falls back,
+logging why, if the model does not support them (flash attention, sliding windows, bidirectional
+encoders).
 
 Saved reward model: ``AutoModelForSequenceClassification.from_pretrained(path)`` and
 ``pipeline("text-classification", model=path, function_to_apply="none")`` give tether's scores.
@@ -50,13 +53,21 @@ from tether.config import (
 from tether.data.records import PreferencePair
 from tether.data.templates import Truncation, pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
-from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
-from tether.models.wrappers import strip_peft
+from tether.models.packing import (
+    Layout,
+    Segment,
+    candidate_layouts,
+    first_exact_layout,
+    lay_out_rows,
+    model_attention_mask,
+)
+from tether.models.scoring import RewardStats, padded_batch, reward_stats, save_reward_stats, token_scores
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
     KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
+    PADDING_FREE_HELP,
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
@@ -112,6 +123,7 @@ class RewardConfig(ModelArguments, TruncationArguments, DataArguments, TrainingA
             "batch, with a fallback to two padded sequences)."
         },
     )
+    padding_free: bool = field(default=True, metadata={"help": PADDING_FREE_HELP})
     reward_stats_max_pairs: int = field(
         default=512,
         metadata={
@@ -242,78 +254,54 @@ def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], truncation:
 # ---------------------------------------------------------------------------------------------
 # one forward pass for chosen and rejected
 # ---------------------------------------------------------------------------------------------
-def shared_prompt_attention(
-    prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, width: int
-) -> torch.Tensor:
-    """Boolean mask ``[B, 1, T, T]`` (True = may attend) for rows ``prompt | chosen | rejected | pad``.
-
-    Query i may attend key j iff j ≤ i, both are real tokens, and not (i in rejected and j in
-    chosen). Every position may attend itself, so padding rows never have an all-masked softmax.
-    """
-    device = prompt_lengths.device
-    pos = torch.arange(width, device=device)
-    p, c, r = (x.to(device).unsqueeze(1) for x in (prompt_lengths, chosen_lengths, rejected_lengths))
-    real = pos.unsqueeze(0) < (p + c + r)  # [B, T]
-    in_chosen = (pos >= p) & (pos < p + c)  # [B, T]
-    in_rejected = (pos >= p + c) & (pos < p + c + r)  # [B, T]
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T(query), T(key)]
-    allowed = causal.unsqueeze(0) & real.unsqueeze(1) & real.unsqueeze(2)
-    allowed = allowed & ~(in_rejected.unsqueeze(2) & in_chosen.unsqueeze(1))
-    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
-    return allowed.unsqueeze(1)
-
-
-def shared_prompt_positions(prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """Position ids ``[B, T]``: ``0..P−1`` for the prompt, ``P..P+C−1`` for chosen, ``P, P+1, ...`` again
-    for rejected (the positions it has in ``prompt + rejected``); padding gets whatever follows."""
-    device = prompt_lengths.device
-    pos = torch.arange(width, device=device).unsqueeze(0)
-    p, c = prompt_lengths.to(device).unsqueeze(1), chosen_lengths.to(device).unsqueeze(1)
-    return torch.where(pos >= p + c, pos - c, pos)
-
-
-def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A custom boolean mask in the form the model's attention implementation takes."""
-    impl = getattr(getattr(strip_peft(model), "config", None), "_attn_implementation", None) or "sdpa"
-    if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    if impl == "sdpa":
-        return allowed
-    raise NotImplementedError(f"shared-prompt rows need sdpa or eager attention, not {impl}")
-
-
 @dataclass
 class PreferenceCollator:
-    """Batches of pairs for one forward pass.
+    """Batches of pairs for one forward pass; the batch is always the pairs given, only the rows differ.
 
-    ``share_prompt=True``: row i is ``prompt_i + chosen_i + rejected_i`` right-padded, with the
-    segment lengths. ``share_prompt=False``: rows ``chosen_1..chosen_B, rejected_1..rejected_B``
-    right-padded, with their lengths (``[2B]``). Margins come along when the data have them.
+    ``share_prompt``: each pair is one segment ``prompt | chosen | rejected`` (the rejected tokens see
+    the prompt, not the chosen ones). Otherwise two segments ``prompt + chosen`` and ``prompt + rejected``.
+    ``padding_free``: the segments are packed into as few rows as fit the longest one
+    (``tether.models.packing``), with a block-diagonal 4-D mask; otherwise one segment per row.
+    Either fast layout gives ``attention`` (boolean ``[R, 1, W, W]``), ``position_ids`` and the flat
+    indices ``chosen_index`` / ``rejected_index`` (``row · W + column``) of each response's stop token.
+    Plain rows (neither) are ``chosen_1..chosen_B, rejected_1..rejected_B`` right-padded with their
+    ``lengths`` and a 2-D mask. Margins come along when the data have them.
     """
 
     pad_token_id: int
     share_prompt: bool = True
+    padding_free: bool = False
 
     def __call__(self, features: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
-        if self.share_prompt:
-            rows = [list(f.prompt + f.chosen + f.rejected) for f in features]
-            batch["prompt_lengths"] = torch.tensor([len(f.prompt) for f in features])
-            batch["chosen_lengths"] = torch.tensor([len(f.chosen) for f in features])
-            batch["rejected_lengths"] = torch.tensor([len(f.rejected) for f in features])
+        if self.share_prompt or self.padding_free:
+            n = len(features)
+            if self.share_prompt:
+                segments = [Segment(len(f.prompt), (len(f.chosen), len(f.rejected))) for f in features]
+                tokens = [f.prompt + f.chosen + f.rejected for f in features]
+            else:
+                segments = [Segment(len(f.prompt) + len(f.chosen)) for f in features]
+                segments += [Segment(len(f.prompt) + len(f.rejected)) for f in features]
+                tokens = [f.chosen_ids for f in features] + [f.rejected_ids for f in features]
+            rows = lay_out_rows(tokens, segments, self.pad_token_id, self.padding_free)
+            width = rows.input_ids.shape[1]
+            start = [rows.row[i] * width + rows.offset[i] for i in range(len(segments))]
+            if self.share_prompt:
+                chosen = [start[i] + len(f.prompt) + len(f.chosen) - 1 for i, f in enumerate(features)]
+                rejected = [start[i] + segments[i].length - 1 for i in range(n)]
+            else:
+                chosen = [start[i] + segments[i].length - 1 for i in range(n)]
+                rejected = [start[n + i] + segments[n + i].length - 1 for i in range(n)]
+            # a per-pair tensor first: Trainer reads the batch size from the first entry
+            batch["chosen_index"] = torch.tensor(chosen, dtype=torch.long)
+            batch["rejected_index"] = torch.tensor(rejected, dtype=torch.long)
+            batch["input_ids"] = rows.input_ids
+            batch["attention"] = rows.attention()
+            batch["position_ids"] = rows.position_ids
         else:
             rows = [f.chosen_ids for f in features] + [f.rejected_ids for f in features]
             batch["lengths"] = torch.tensor([len(r) for r in rows])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), int(self.pad_token_id), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        batch["input_ids"] = input_ids
+            batch["input_ids"], _ = padded_batch(rows, self.pad_token_id)
         if any(f.margin is not None for f in features):
             batch["margin"] = torch.tensor([0.0 if f.margin is None else f.margin for f in features])
         return batch
@@ -322,14 +310,11 @@ class PreferenceCollator:
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r_chosen, r_rejected)``, each ``[B]``, from one forward pass over a ``PreferenceCollator`` batch."""
     input_ids = batch["input_ids"]
+    if "chosen_index" in batch:
+        mask = model_attention_mask(model, batch["attention"])
+        scores = token_scores(model, input_ids, mask, batch["position_ids"]).flatten()
+        return scores[batch["chosen_index"].to(scores.device)], scores[batch["rejected_index"].to(scores.device)]
     width = input_ids.shape[1]
-    if "prompt_lengths" in batch:
-        p, c, r = batch["prompt_lengths"], batch["chosen_lengths"], batch["rejected_lengths"]
-        mask = attention_mask_for(model, shared_prompt_attention(p, c, r, width))
-        scores = token_scores(model, input_ids, mask, shared_prompt_positions(p, c, width))
-        ends = torch.stack([p + c - 1, p + c + r - 1], dim=1).to(scores.device)
-        picked = scores.gather(1, ends)
-        return picked[:, 0], picked[:, 1]
     lengths = batch["lengths"].to(input_ids.device)
     attention_mask = (torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)).long()
     scores = token_scores(model, input_ids, attention_mask)
@@ -343,36 +328,27 @@ def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def shared_prompt_matches(model, pairs: Sequence[TokenizedPair], pad_token_id: int) -> bool:
-    """True when shared-prompt rows give the same rewards as separate sequences on these pairs."""
+def choose_reward_layout(
+    model, pairs: Sequence[TokenizedPair], pad_token_id: int, share_prompt: bool = True, padding_free: bool = True
+) -> Layout:
+    """The fastest layout the options allow whose rewards on these pairs equal those of plain rows
+    (``tether.models.packing.first_exact_layout``; a refused layout is logged with its reason)."""
     if not pairs:
-        return True
+        return Layout(share_prompt, padding_free)
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+
+    def rewards(layout: Layout) -> torch.Tensor:
+        collate = PreferenceCollator(pad_token_id, layout.share_prompt, layout.padding_free)
+        return torch.stack(pair_rewards(model, _to_device(collate(list(pairs)), device)))
+
     was_training = model.training
     model.eval()
     try:
-        separate = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, False)(list(pairs)), device))
-        shared = pair_rewards(model, _to_device(PreferenceCollator(pad_token_id, True)(list(pairs)), device))
-    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
-        logger.info(
-            "tether rm: shared-prompt rows not supported by this model (%s); scoring chosen and rejected as "
-            "separate rows",
-            exc,
-        )
-        return False
+        return first_exact_layout(candidate_layouts(share_prompt, padding_free), rewards, tol, tol, "tether rm")
     finally:
         model.train(was_training)
-    dtype = next(model.parameters()).dtype
-    tol = 1e-3 if dtype == torch.float32 else 5e-2
-    ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in zip(shared, separate))
-    if not ok:
-        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(shared, separate))
-        logger.warning(
-            "tether rm: shared-prompt rows differ from separate rows by %.3g on this model; scoring chosen "
-            "and rejected as separate rows",
-            worst,
-        )
-    return ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,7 +591,7 @@ def train_reward(
     if not eval_tokens.pairs:
         config.eval_strategy = IntervalStrategy.NO
 
-    collator = PreferenceCollator(pad_token_id=pad, share_prompt=config.share_prompt)
+    collator = PreferenceCollator(pad, config.share_prompt, config.padding_free)
     history = EvaluationHistory()
     trainer = RewardTrainer(
         model=model,
@@ -629,10 +605,14 @@ def train_reward(
         center_rewards_coefficient=config.center_rewards_coefficient,
     )
     started = time.perf_counter()
-    if config.share_prompt:
+    if config.share_prompt or config.padding_free:
         probe = tokens.pairs[: max(1, min(len(tokens.pairs), config.per_device_train_batch_size))]
         # one choice for every process (under FSDP only the main one has the weights before training)
-        collator.share_prompt = on_main_process(lambda: shared_prompt_matches(trainer.model, probe, pad), trainer.model)
+        layout = on_main_process(
+            lambda: choose_reward_layout(trainer.model, probe, pad, config.share_prompt, config.padding_free),
+            trainer.model,
+        )
+        collator.share_prompt, collator.padding_free = layout.share_prompt, layout.padding_free
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
 
@@ -658,6 +638,7 @@ def train_reward(
             [len(p.prompt) + len(p.chosen) + len(p.rejected) for p in tokens.pairs]
         ),
         "shared_prompt_rows": collator.share_prompt,
+        "padding_free_rows": collator.padding_free,
         "pad_token_id": pad,
         "train_seconds": train_seconds,
         "train_pairs_per_second": trained * config.num_train_epochs / train_seconds if train_seconds else None,
@@ -716,13 +697,19 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def score_pairs(
-    model, pairs: Sequence[TokenizedPair], pad_token_id: int, batch_size: int = 8, share_prompt: bool = True
+    model,
+    pairs: Sequence[TokenizedPair],
+    pad_token_id: int,
+    batch_size: int = 8,
+    share_prompt: bool = True,
+    padding_free: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected for every pair (in order), in batches of ``batch_size`` pairs."""
     device = next(model.parameters()).device
-    if share_prompt:
-        share_prompt = shared_prompt_matches(model, pairs[:batch_size], pad_token_id)
-    collate = PreferenceCollator(pad_token_id, share_prompt)
+    if share_prompt or padding_free:
+        layout = choose_reward_layout(model, pairs[:batch_size], pad_token_id, share_prompt, padding_free)
+        share_prompt, padding_free = layout.share_prompt, layout.padding_free
+    collate = PreferenceCollator(pad_token_id, share_prompt, padding_free)
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -757,7 +744,9 @@ def evaluate_reward_model(config: RewardConfig, pairs: Sequence[PreferencePair])
     pad = pad_token_id(tokenizer)
     tokens = _tokenize_checked(tokenizer, pairs, config, "rm --eval_only")
     started = time.perf_counter()
-    chosen, rejected = score_pairs(model, tokens.pairs, pad, config.per_device_eval_batch_size, config.share_prompt)
+    chosen, rejected = score_pairs(
+        model, tokens.pairs, pad, config.per_device_eval_batch_size, config.share_prompt, config.padding_free
+    )
     metrics = preference_metrics(chosen, rejected)
     margins = torch.tensor([0.0 if p.margin is None else p.margin for p in tokens.pairs])
     metrics["loss"] = bradley_terry_loss(chosen, rejected, margins if tokens.has_margin else None).item()

@@ -12,7 +12,8 @@ multi-process); tether supplies the tokenisation, the labels and the collation:
   (``--assistant_turns all``, TRL's ``assistant_only_loss``; ``templates.conversation_prompt_ids``), or
   only the last one (``--assistant_turns last``); system and user turns and the template's own
   tokens are never targets;
-* ``--packing`` puts several examples into one row of at most ``--max_length`` tokens, with
+* ``--packing`` puts several examples into one row of at most ``--max_length`` tokens
+  (``tether.models.packing.pack_by_length``, shared with the reward model and DPO), with
   position ids restarting at 0 for every example. Without an attention mask, transformers turns
   those position ids into a block-diagonal causal mask (sdpa, eager) or variable-length kernels
   (flash attention), so no token attends across an example boundary.
@@ -27,7 +28,6 @@ unpacked batches give the same loss.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 from collections.abc import Sequence
@@ -50,6 +50,7 @@ from tether.config import (
 from tether.data.records import Demonstration
 from tether.data.templates import Truncation, pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
+from tether.models.packing import Segment, pack_by_length, segment_positions
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
@@ -209,34 +210,6 @@ def tokenize_demonstrations(
 # ---------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------
-def pack_by_length(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Best-fit-decreasing bin packing: indices of examples grouped into rows of ≤ ``capacity`` tokens.
-
-    Examples are placed longest first, each into the fullest row it still fits in; rows keep their
-    examples in original order. Deterministic for the same lengths.
-    """
-    if capacity < 1:
-        raise ValueError("capacity must be >= 1")
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
-        raise ValueError(
-            f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row capacity {capacity}"
-        )
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        n = lengths[index]
-        pos = bisect.bisect_left(free, (n, -1))
-        if pos == len(free):
-            rows.append([index])
-            bisect.insort(free, (capacity - n, len(rows) - 1))
-        else:
-            room, row = free.pop(pos)
-            rows[row].append(index)
-            bisect.insort(free, (room - n, row))
-    return [sorted(r) for r in rows]
-
-
 def packed_rows(examples: Sequence[dict[str, list[int]]], capacity: int) -> list[dict[str, list[int]]]:
     """Concatenate the examples of each packed row; ``position_ids`` restart at 0 for every example."""
     rows = []
@@ -248,7 +221,7 @@ def packed_rows(examples: Sequence[dict[str, list[int]]], capacity: int) -> list
             ex = examples[i]
             ids += ex["input_ids"]
             labels += [IGNORE_INDEX] + list(ex["labels"][1:])
-            positions += list(range(len(ex["input_ids"])))
+            positions += segment_positions(Segment(len(ex["input_ids"])))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return rows
 

@@ -1,0 +1,268 @@
+"""Padding-free rows: several sequences in one row, kept apart by a block-diagonal attention mask.
+
+A **segment** is one sequence, or one prompt with several continuations (a preference pair's chosen
+and rejected responses) that each see the prompt but not each other. Segments are placed one after
+another in a row (``pack_by_length``), and
+
+* the attention mask (``block_attention``) lets a token see only earlier tokens of its own segment,
+  and of those only the trunk (the prompt) and its own branch;
+* position ids (``segment_positions``) restart at 0 in every segment, and every branch continues from
+  the end of the trunk, as if it followed the prompt alone.
+
+Each token then sees exactly what it would see in its own unpadded sequence, so scores and
+log-probabilities equal those of plain rows up to rounding; the rows hold fewer padding tokens.
+The stages check that equality on their first batch and fall back to plain rows for models where
+it does not hold (``first_exact_layout``): FlashAttention ignores 4-D masks, and some models rebuild
+the mask themselves.
+
+Used by ``tether rm`` and ``tether dpo`` (``--share_prompt``, ``--padding_free``) and by
+``tether sft --packing`` (which packs with ``pack_by_length``; transformers builds the same
+block-diagonal mask from the restarting position ids).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tether.models.wrappers import strip_peft
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# which rows hold which segments
+# ---------------------------------------------------------------------------------------------
+def pack_by_length(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: indices of segments grouped into rows of ≤ ``capacity`` tokens.
+
+    Segments are placed longest first, each into the fullest row it still fits in; rows keep their
+    segments in original order. Deterministic for the same lengths.
+    """
+    if capacity < 1:
+        raise ValueError("capacity must be >= 1")
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(
+            f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than the row capacity {capacity}"
+        )
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[index]
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos == len(free):
+            rows.append([index])
+            bisect.insort(free, (capacity - n, len(rows) - 1))
+        else:
+            room, row = free.pop(pos)
+            rows[row].append(index)
+            bisect.insort(free, (room - n, row))
+    return [sorted(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# one segment
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    """``trunk`` tokens every branch sees (a prompt; the whole sequence when there are no branches),
+    then ``branches``: continuations laid out one after another, each seeing the trunk but not the others."""
+
+    trunk: int
+    branches: tuple[int, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return self.trunk + sum(self.branches)
+
+    def branch_start(self, k: int) -> int:
+        """Offset of branch ``k`` (0-based) from the segment's first token."""
+        return self.trunk + sum(self.branches[:k])
+
+
+def segment_positions(segment: Segment) -> list[int]:
+    """Position ids of a segment: ``0..P−1`` for the trunk, ``P, P+1, ...`` again for every branch
+    (the positions it has in ``trunk + branch`` alone)."""
+    out = list(range(segment.trunk))
+    for n in segment.branches:
+        out += range(segment.trunk, segment.trunk + n)
+    return out
+
+
+def segment_branch_ids(segment: Segment) -> list[int]:
+    """0 for trunk tokens, ``k + 1`` for tokens of branch ``k``."""
+    out = [0] * segment.trunk
+    for k, n in enumerate(segment.branches):
+        out += [k + 1] * n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PackedRows:
+    """Right-padded rows ``[R, W]`` of segments; ``row[i]`` and ``offset[i]`` say where segment i starts."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment_ids: torch.Tensor  # −1 on padding
+    branch_ids: torch.Tensor
+    row: list[int]
+    offset: list[int]
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.segment_ids >= 0).sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the ``R × W`` token slots that hold padding."""
+        return 1.0 - self.real_tokens / max(1, self.input_ids.numel())
+
+    def attention(self) -> torch.Tensor:
+        return block_attention(self.segment_ids, self.branch_ids)
+
+
+def lay_out_rows(
+    tokens: Sequence[Sequence[int]], segments: Sequence[Segment], pad_token_id: int, pack: bool
+) -> PackedRows:
+    """Segment i (its ``tokens[i]``: trunk then branches) in rows: one per row, or with ``pack`` as few
+    rows as ``pack_by_length`` fits into the longest segment's length (so the row width stays that of
+    plain rows and only the number of rows shrinks)."""
+    lengths = [s.length for s in segments]
+    for i, (t, n) in enumerate(zip(tokens, lengths)):
+        if len(t) != n:
+            raise ValueError(f"segment {i}: {len(t)} tokens, but its layout has {n}")
+    groups = pack_by_length(lengths, max(lengths)) if pack else [[i] for i in range(len(segments))]
+    width = max(sum(lengths[i] for i in g) for g in groups)
+    shape = (len(groups), width)
+    input_ids = torch.full(shape, int(pad_token_id), dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    branch_ids = torch.zeros(shape, dtype=torch.long)
+    row, offset = [0] * len(segments), [0] * len(segments)
+    for r, group in enumerate(groups):
+        start = 0
+        for i in group:
+            seg, end = segments[i], start + lengths[i]
+            input_ids[r, start:end] = torch.as_tensor(list(tokens[i]), dtype=torch.long)
+            position_ids[r, start:end] = torch.tensor(segment_positions(seg), dtype=torch.long)
+            segment_ids[r, start:end] = i
+            branch_ids[r, start:end] = torch.tensor(segment_branch_ids(seg), dtype=torch.long)
+            row[i], offset[i] = r, start
+            start = end
+    return PackedRows(input_ids, position_ids, segment_ids, branch_ids, row, offset)
+
+
+def block_attention(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[R, 1, W, W]`` (True = may attend) for rows of segments:
+
+        allowed[r, i, j] = (j ≤ i ∧ s_i = s_j ≥ 0 ∧ (b_j = 0 ∨ b_j = b_i))  ∨  i = j
+
+    with s the segment and b the branch of each position (0 = trunk). Padding (s = −1) attends to
+    itself only, so no row of the softmax is fully masked.
+    """
+    width = segment_ids.shape[-1]
+    pos = torch.arange(width, device=segment_ids.device)
+    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [query, key]
+    s_q, s_k = segment_ids.unsqueeze(2), segment_ids.unsqueeze(1)
+    b_q, b_k = branch_ids.unsqueeze(2), branch_ids.unsqueeze(1)
+    allowed = causal & (s_q == s_k) & (s_q >= 0) & ((b_k == 0) | (b_k == b_q))
+    allowed = allowed | torch.eye(width, dtype=torch.bool, device=segment_ids.device)
+    return allowed.unsqueeze(1)
+
+
+def model_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean 4-D mask in the form the model's attention takes: as is for SDPA, additive (0 or the
+    dtype's minimum) for eager attention, which adds the mask to the scores. 2-D masks pass unchanged."""
+    if allowed.dim() != 4:
+        return allowed
+    impl = getattr(getattr(strip_peft(model), "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    raise NotImplementedError(f"4-D attention masks need sdpa or eager attention, not {impl}")
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing a layout
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """How a batch of preference pairs goes through the model.
+
+    ``share_prompt``: one segment per pair, the prompt once with chosen and rejected as branches
+    (otherwise two segments, prompt + chosen and prompt + rejected). ``padding_free``: segments
+    packed into as few rows as fit the longest (otherwise one per row).
+    """
+
+    share_prompt: bool
+    padding_free: bool
+
+    def describe(self) -> str:
+        parts = [
+            "shared-prompt" if self.share_prompt else "separate",
+            "padding-free" if self.padding_free else "padded",
+        ]
+        return " ".join(parts) + " rows"
+
+
+PLAIN = Layout(share_prompt=False, padding_free=False)
+
+
+def candidate_layouts(share_prompt: bool, padding_free: bool) -> list[Layout]:
+    """The layouts the options allow, fastest first, ending with plain rows (always allowed)."""
+    out = [Layout(s, p) for s in (True, False) for p in (True, False) if (share_prompt or not s)]
+    out = [x for x in out if padding_free or not x.padding_free]
+    return out
+
+
+def first_exact_layout(
+    candidates: Sequence[Layout],
+    outputs: Callable[[Layout], torch.Tensor],
+    rtol: float,
+    atol: float,
+    what: str,
+) -> Layout:
+    """The first of ``candidates`` whose ``outputs`` equal those of plain rows within tolerance.
+
+    ``outputs(layout)`` runs the model on the probe batch in that layout. A layout that raises or
+    differs is logged with the reason and the next one is tried; plain rows are the last resort.
+    """
+    reference = outputs(PLAIN)
+    for layout in candidates:
+        if layout == PLAIN:
+            break
+        try:
+            got = outputs(layout)
+        except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
+            logger.warning(
+                "%s: %s not supported by this model (%s); trying the next layout", what, layout.describe(), exc
+            )
+            continue
+        if torch.allclose(got.float(), reference.float(), rtol=rtol, atol=atol):
+            if layout != candidates[0]:
+                logger.warning("%s: using %s", what, layout.describe())
+            return layout
+        worst = (got.float() - reference.float()).abs().max().item()
+        logger.warning(
+            "%s: %s differ from plain rows by %.3g on the first batch; trying the next layout",
+            what,
+            layout.describe(),
+            worst,
+        )
+    if candidates and candidates[0] != PLAIN:
+        logger.warning("%s: using %s", what, PLAIN.describe())
+    return PLAIN

@@ -1,0 +1,228 @@
+"""Padding-free rows (``tether.models.packing``) for the reward model and DPO: the layout by hand,
+exactness against plain rows on a tiny model, one training step, and the fallback to plain rows."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+
+import pytest
+import torch
+
+from tether.models.packing import PLAIN, Layout, Segment, block_attention, lay_out_rows, pack_by_length
+from tether.stages.dpo import TokenizedPair as DPOPair
+from tether.stages.dpo import check_fast_paths, collate_pairs, response_logps
+from tether.stages.reward import (
+    PreferenceCollator,
+    TokenizedPair,
+    bradley_terry_loss,
+    choose_reward_layout,
+    pair_rewards,
+)
+
+# (prompt, chosen, rejected) token lengths: A = 2+1+1, B = 1+1+1, C = 3+2+2, D = 1+1+2
+SHAPES = {"A": (2, 1, 1), "B": (1, 1, 1), "C": (3, 2, 2), "D": (1, 1, 2)}
+STOP = 2
+
+
+def _hand_pairs(seed: int = 0) -> list[TokenizedPair]:
+    rng = random.Random(seed)
+    out = []
+    for p, c, r in SHAPES.values():
+        draw = lambda n: tuple(rng.randrange(10, 400) for _ in range(n - 1)) + (STOP,)  # noqa: E731
+        out.append(TokenizedPair(tuple(rng.randrange(10, 400) for _ in range(p)), draw(c), draw(r)))
+    return out
+
+
+def _random_pairs(n: int, seed: int) -> list[TokenizedPair]:
+    """Pairs of very different lengths (prompts 1–40 tokens, responses 1–25)."""
+    rng = random.Random(seed)
+    ids = lambda k: tuple(rng.randrange(10, 400) for _ in range(k))  # noqa: E731
+    return [
+        TokenizedPair(ids(rng.randint(1, 40)), ids(rng.randint(0, 24)) + (STOP,), ids(rng.randint(0, 24)) + (STOP,))
+        for _ in range(n)
+    ]
+
+
+def test_rows_tokens_and_padding_fraction_by_hand():
+    # segment lengths A 4, B 3, C 7, D 4; capacity = the longest (7). Best fit, longest first:
+    # C -> row 0 (full); A -> row 1 (3 free); D does not fit in 3 -> row 2 (3 free); B (3) -> row 1.
+    segments = [Segment(p, (c, r)) for p, c, r in SHAPES.values()]
+    assert pack_by_length([s.length for s in segments], 7) == [[2], [0, 1], [3]]
+    batch = PreferenceCollator(0, share_prompt=True, padding_free=True)(_hand_pairs())
+    assert tuple(batch["input_ids"].shape) == (3, 7)  # 18 real tokens in 21 slots: padding 3/21
+    plain_shared = PreferenceCollator(0, share_prompt=True, padding_free=False)(_hand_pairs())
+    assert tuple(plain_shared["input_ids"].shape) == (4, 7)  # 18 in 28: padding 10/28
+    plain = PreferenceCollator(0, share_prompt=False)(_hand_pairs())
+    assert tuple(plain["input_ids"].shape) == (8, 5)  # 2·18 − (2+1+3+1) = 29 tokens in 40
+    rows = lay_out_rows([list(range(s.length)) for s in segments], segments, 0, pack=True)
+    assert rows.real_tokens == 18 and rows.padding_fraction == pytest.approx(3 / 21)
+    # where each response's stop token is read: row · 7 + offset + end
+    assert batch["chosen_index"].tolist() == [7 + 2, 7 + 4 + 1, 4, 14 + 1]
+    assert batch["rejected_index"].tolist() == [7 + 3, 7 + 4 + 2, 6, 14 + 3]
+
+
+def test_block_diagonal_mask_and_positions_by_hand():
+    rows = lay_out_rows(
+        [
+            list(range(s.length))
+            for s in [Segment(2, (1, 1)), Segment(1, (1, 1)), Segment(3, (2, 2)), Segment(1, (1, 2))]
+        ],
+        [Segment(2, (1, 1)), Segment(1, (1, 1)), Segment(3, (2, 2)), Segment(1, (1, 2))],
+        0,
+        pack=True,
+    )
+    # row 1 = A (prompt 2, chosen 1, rejected 1) then B (prompt 1, chosen 1, rejected 1)
+    assert rows.attention()[1, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],  # A prompt
+        [1, 1, 0, 0, 0, 0, 0],  # A prompt
+        [1, 1, 1, 0, 0, 0, 0],  # A chosen: A's prompt and itself
+        [1, 1, 0, 1, 0, 0, 0],  # A rejected: A's prompt, not A's chosen
+        [0, 0, 0, 0, 1, 0, 0],  # B prompt: nothing of A
+        [0, 0, 0, 0, 1, 1, 0],  # B chosen
+        [0, 0, 0, 0, 1, 0, 1],  # B rejected
+    ]
+    assert rows.position_ids[1].tolist() == [0, 1, 2, 2, 0, 1, 1]
+    # row 2 = D (prompt 1, chosen 1, rejected 2) and 3 padding slots, each attending to itself only
+    assert rows.attention()[2, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+    ]
+    assert rows.position_ids[2].tolist()[:4] == [0, 1, 1, 2]
+    assert rows.segment_ids.tolist() == [[2] * 7, [0] * 4 + [1] * 3, [3] * 4 + [-1] * 3]
+    # two plain sequences side by side: the same formula gives a block-diagonal causal mask
+    two = block_attention(torch.tensor([[0, 0, 1, 1]]), torch.zeros(1, 4, dtype=torch.long))
+    assert two[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def tiny_rm(request, tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir, attn_implementation=request.param).eval()
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def tiny_lm(request, tiny_model_dir):
+    from tether.models.loading import load_causal_lm
+
+    return load_causal_lm(str(tiny_model_dir), attn_implementation=request.param).eval()
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_rewards_equal_plain_rows(tiny_rm, share_prompt):
+    pairs = _hand_pairs() + _random_pairs(12, seed=1)
+    with torch.no_grad():
+        plain = torch.stack(pair_rewards(tiny_rm, PreferenceCollator(0, share_prompt=False)(pairs)))
+        batch = PreferenceCollator(0, share_prompt=share_prompt, padding_free=True)(pairs)
+        packed = torch.stack(pair_rewards(tiny_rm, batch))
+    assert batch["input_ids"].shape[0] < (len(pairs) if share_prompt else 2 * len(pairs))  # rows were shared
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        bradley_terry_loss(*packed), bradley_terry_loss(*plain), atol=1e-6, rtol=1e-6
+    )  # the same mean over the same pairs
+    assert choose_reward_layout(tiny_rm, pairs, 0) == Layout(share_prompt=True, padding_free=True)
+
+
+def test_a_packed_pair_is_blind_to_its_row_neighbours(tiny_rm):
+    pairs = _hand_pairs(seed=0)
+    other = _hand_pairs(seed=5)  # the same lengths, other tokens
+    changed = [other[0]] + pairs[1:]  # A changes; B shares A's row
+    collate = PreferenceCollator(0, share_prompt=True, padding_free=True)
+    with torch.no_grad():
+        before = torch.stack(pair_rewards(tiny_rm, collate(pairs)))
+        after = torch.stack(pair_rewards(tiny_rm, collate(changed)))
+    assert (before[:, 0] - after[:, 0]).abs().max() > 1e-3  # A's own scores move
+    torch.testing.assert_close(after[:, 1:], before[:, 1:], atol=1e-6, rtol=0)  # B (same row), C, D do not
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_dpo_logps_equal_plain_rows(tiny_lm, share_prompt):
+    pairs = [DPOPair(list(p.prompt), list(p.chosen), list(p.rejected)) for p in _hand_pairs() + _random_pairs(12, 2)]
+    with torch.no_grad():
+        plain = torch.stack(response_logps(tiny_lm, collate_pairs(pairs, STOP, share_prompt=False), compact_head=False))
+        batch = collate_pairs(pairs, STOP, share_prompt=share_prompt, padding_free=True)
+        packed = torch.stack(response_logps(tiny_lm, batch))
+    assert batch["input_ids"].shape[0] < (len(pairs) if share_prompt else 2 * len(pairs))
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert check_fast_paths(tiny_lm, pairs, STOP) == (Layout(share_prompt=True, padding_free=True), True)
+
+
+def _one_sgd_step(model, loss_fn) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fn(model).backward()
+    optimizer.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_one_training_step_packed_gives_the_weights_of_plain_rows(tiny_rm_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tiny_rm = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir)
+    tiny_lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    pairs = _random_pairs(8, seed=3)
+
+    def rm_loss(layout: Layout):
+        batch = PreferenceCollator(0, layout.share_prompt, layout.padding_free)(pairs)
+        return lambda model: bradley_terry_loss(*pair_rewards(model, batch))
+
+    plain = _one_sgd_step(tiny_rm, rm_loss(PLAIN))
+    packed = _one_sgd_step(tiny_rm, rm_loss(Layout(True, True)))
+    moved = max((plain[k] - v).abs().max().item() for k, v in tiny_rm.state_dict().items())
+    assert moved > 1e-3  # the step did something
+    for key in plain:
+        torch.testing.assert_close(packed[key], plain[key], atol=1e-5, rtol=1e-5)
+
+    dpo_pairs = [DPOPair(list(p.prompt), list(p.chosen), list(p.rejected)) for p in pairs]
+
+    def dpo_loss(layout: Layout):  # −mean log σ(β·(log π(y_w) − log π(y_l)) − c): the reference enters as a constant
+        batch = collate_pairs(dpo_pairs, STOP, layout.share_prompt, layout.padding_free)
+        return lambda model: (
+            -torch.nn.functional.logsigmoid(
+                0.1 * (response_logps(model, batch)[0] - response_logps(model, batch)[1])
+            ).mean()
+        )
+
+    plain = _one_sgd_step(tiny_lm, dpo_loss(PLAIN))
+    packed = _one_sgd_step(tiny_lm, dpo_loss(Layout(True, True)))
+    for key in plain:
+        torch.testing.assert_close(packed[key], plain[key], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_breaks_the_4d_mask_falls_back_to_plain_rows(tokenizer, caplog):
+    """Mistral with a 2-token sliding window: plain rows get the window from transformers' own mask, a
+    custom 4-D mask replaces it, so every fast layout differs and the check keeps plain rows."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=2,
+        num_labels=1,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = MistralForSequenceClassification(config).eval()
+    pairs = _hand_pairs()
+    with caplog.at_level(logging.WARNING, logger="tether.models.packing"):
+        assert choose_reward_layout(model, pairs, 0) == PLAIN
+    refused = [r.getMessage() for r in caplog.records]
+    assert len(refused) == 4 and all("differ from plain rows" in m and "trying the next" in m for m in refused[:3])
+    assert refused[3] == "tether rm: using separate padded rows"
+    assert "shared-prompt padding-free rows" in refused[0] and "separate padding-free rows" in refused[2]
+    # and with the options off nothing is tried
+    caplog.clear()
+    assert choose_reward_layout(model, pairs, 0, share_prompt=False, padding_free=False) == PLAIN
+    assert not caplog.records
