@@ -514,3 +514,26 @@ def test_cli_trains_from_a_file_and_refuses_to_overwrite(tmp_path, tiny_model_di
         assert main(args) == 2
     assert "exists and is not empty" in err.getvalue()
     assert main(args + ["--overwrite_output_dir", "true"]) == 0
+
+
+def test_packing_is_checked_and_refused_where_packed_examples_would_see_each_other(tmp_path, tiny_model_dir, tokenizer):
+    """Llama keeps packed examples apart (transformers builds the block-diagonal mask from the restarting
+    position ids); Bloom (ALiBi, no position ids) cannot, so its packed loss differs and --packing is refused."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from tether.stages.sft import packing_difference
+
+    examples = tokenize_demonstrations(tokenizer, _demos(6, seed=5), LIMITS).examples
+    capacity = 2 * max(len(e["input_ids"]) for e in examples)
+    assert packing_difference(_tiny(tiny_model_dir), examples, capacity, tokenizer.pad_token_id) < 1e-5
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4))
+    with torch.no_grad():  # large weights: attention to another example moves the loss visibly
+        for weight in bloom.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.5)
+    assert packing_difference(bloom, examples, capacity, tokenizer.pad_token_id) > 1e-3
+    config = _config(tmp_path, tiny_model_dir, packing=True, num_train_epochs=1)
+    with pytest.raises(ConfigError, match="--packing true: .* use --packing false"):
+        train_sft(config, _demos(6, seed=5), [], model=bloom, tokenizer=tokenizer)
+    assert not (tmp_path / "sft" / "model.safetensors").exists()

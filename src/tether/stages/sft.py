@@ -16,7 +16,9 @@ multi-process); tether supplies the tokenisation, the labels and the collation:
   (``tether.models.packing.pack_by_length``, shared with the reward model and DPO), with
   position ids restarting at 0 for every example. Without an attention mask, transformers turns
   those position ids into a block-diagonal causal mask (sdpa, eager) or variable-length kernels
-  (flash attention), so no token attends across an example boundary.
+  (flash attention), so no token attends across an example boundary. The first packed row's loss
+  is checked against its examples' own before training (``packing_difference``); a model that
+  cannot keep packed examples apart (no position ids: ALiBi) is refused with a clear error.
 
 The loss is the model's own causal-LM cross-entropy with ``num_items_in_batch``:
 
@@ -59,6 +61,7 @@ from tether.stages.common import (
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
+    on_main_process,
     report_truncation,
     resolve_resume,
     stage_data,
@@ -224,6 +227,29 @@ def packed_rows(examples: Sequence[dict[str, list[int]]], capacity: int) -> list
             positions += segment_positions(Segment(len(ex["input_ids"])))
         rows.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return rows
+
+
+@torch.no_grad()
+def packing_difference(model, examples: Sequence[dict[str, list[int]]], capacity: int, pad: int) -> float:
+    """|loss of the first packed row that holds several examples − loss of those examples unpadded in
+    their own rows| (both the mean over the same target tokens): 0 up to rounding when the model keeps
+    packed examples apart, far from it when they attend to each other."""
+    group = next((g for g in pack_by_length([len(e["input_ids"]) for e in examples], capacity) if len(g) > 1), None)
+    if group is None:
+        return 0.0
+    members = [examples[i] for i in group]
+    collate = SFTCollator(pad)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        losses = [
+            model(**{k: v.to(device) for k, v in collate(batch).items()}, use_cache=False).loss.float().item()
+            for batch in (packed_rows(members, capacity), members)
+        ]
+    finally:
+        model.train(was_training)
+    return abs(losses[0] - losses[1])
 
 
 @dataclass
@@ -409,6 +435,16 @@ def train_sft(
         processing_class=tokenizer,
         callbacks=[JsonlMetricsCallback(output_dir)],
     )
+    if config.packing:  # one answer for every process (under FSDP only the main one has the weights now)
+        difference = on_main_process(
+            lambda: packing_difference(trainer.model, tokens.examples, capacity, pad), trainer.model
+        )
+        tolerance = 1e-4 if next(trainer.model.parameters()).dtype == torch.float32 else 1e-2
+        if difference > tolerance:
+            raise ConfigError(
+                f"--packing true: on this model a packed row's loss differs from its examples' own by "
+                f"{difference:.3g} (its attention does not keep packed examples apart); use --packing false"
+            )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - started
