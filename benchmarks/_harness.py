@@ -34,6 +34,33 @@ def run_side(side: str, cmd: list[str], env: dict[str, str], cwd: Path | str) ->
     return result
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (``VmHWM`` of /proc/self/status), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def qa_feedback_rows(split: str, n: int, seed: int) -> list[dict]:
+    """``n`` pairs drawn (seeded, in file order) from ``data/qa_feedback/{split}.jsonl.gz``, the prompt as
+    the text of its one user turn (which tether and TRL both render with the chat template)."""
+    import gzip
+    import random
+
+    path = Path(__file__).resolve().parent.parent / "data" / "qa_feedback" / f"{split}.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    if n > len(rows):
+        raise SystemExit(f"{path}: {len(rows)} pairs, {n} asked for")
+    picked = sorted(random.Random(seed).sample(range(len(rows)), n))
+    out = []
+    for i in picked:
+        (turn,) = rows[i]["prompt"]
+        out.append({"prompt": turn["content"], "chosen": rows[i]["chosen"], "rejected": rows[i]["rejected"]})
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -1,6 +1,15 @@
 """DPO: tether against TRL 1.16 ``DPOTrainer``, same model, data and settings, in one script run.
 
     .venv/bin/python benchmarks/bench_dpo.py            # writes benchmarks/results/dpo.json
+    .venv/bin/python benchmarks/bench_dpo.py --data qa_feedback --max_length 1536 --rounds 1 \
+        --sides tether,trl,trl_precompute --output benchmarks/results/dpo_qa_feedback.json
+
+``--data qa_feedback``: real pairs from ``data/qa_feedback`` (train split for training, test split held
+out), prompts whole. ``--sides``: ``tether``, ``tether_padded`` (``--padding_free false``), ``trl``
+(its defaults: live reference) and ``trl_precompute`` (``precompute_ref_log_probs=True``, TRL's
+fastest CPU-valid option: its ``padding_free`` is FlashAttention-only and disabled in 1.16; the
+reference pass is inside its ``train()`` and so in its time). Each side reports its peak resident
+memory (``VmHWM``).
 
 The script is the driver; each side trains in its own fresh process, alternating (tether, TRL,
 tether, TRL, ... for ``--rounds``): tether in this venv, TRL in ``benchmarks/.venv-trl116`` (built
@@ -30,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import OFFLINE_ENV, run_side  # noqa: E402  (benchmarks/ is the script's folder)
+from _harness import OFFLINE_ENV, peak_rss_mib, qa_feedback_rows, run_side  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,7 +141,10 @@ def load_average() -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_tether(args, train_rows, eval_rows) -> dict:
+SIDES = ("tether", "tether_padded", "trl", "trl_precompute")
+
+
+def run_tether(args, train_rows, eval_rows, padding_free: bool = True) -> dict:
     import torch
 
     from tether.data.records import PreferencePair
@@ -160,6 +172,7 @@ def run_tether(args, train_rows, eval_rows) -> dict:
         loss_type="sigmoid",
         max_length=args.max_length,
         max_prompt_length=args.max_length,
+        padding_free=padding_free,
         lr_scheduler_type="linear",
         warmup_steps=0,
         optim="adamw_torch",
@@ -181,10 +194,11 @@ def run_tether(args, train_rows, eval_rows) -> dict:
         "eval_loss": metrics["eval"]["eval_loss"],
         "eval_margin": metrics["eval"]["eval_rewards/margins"],
         "train_tokens_as_two_sequences": tokens,
+        "padding_free_rows": metrics["train"]["padding_free_rows"],
     }
 
 
-def run_trl(args, train_rows, eval_rows) -> dict:
+def run_trl(args, train_rows, eval_rows, precompute_ref_log_probs: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,7 +240,7 @@ def run_trl(args, train_rows, eval_rows) -> dict:
         logging_steps=1000,
         seed=args.seed,
         disable_tqdm=True,
-        precompute_ref_log_probs=False,
+        precompute_ref_log_probs=precompute_ref_log_probs,
     )
     trainer = DPOTrainer(
         model=model,
@@ -253,12 +267,20 @@ def run_trl(args, train_rows, eval_rows) -> dict:
 def worker(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rows = make_pairs(args.train_pairs + args.eval_pairs, args.seed)
-    train_rows, eval_rows = rows[: args.train_pairs], rows[args.train_pairs :]
+    if args.data == "qa_feedback":  # real pairs; held-out ones from the test questions
+        train_rows = qa_feedback_rows("train", args.train_pairs, args.seed)
+        eval_rows = qa_feedback_rows("test", args.eval_pairs, args.seed)
+    else:
+        rows = make_pairs(args.train_pairs + args.eval_pairs, args.seed)
+        train_rows, eval_rows = rows[: args.train_pairs], rows[args.train_pairs :]
     started = time.perf_counter()
-    result = (run_tether if args.worker == "tether" else run_trl)(args, train_rows, eval_rows)
+    if args.worker.startswith("tether"):
+        result = run_tether(args, train_rows, eval_rows, padding_free=args.worker == "tether")
+    else:
+        result = run_trl(args, train_rows, eval_rows, precompute_ref_log_probs=args.worker == "trl_precompute")
     result["wall_s"] = time.perf_counter() - started
     result["pairs_per_s"] = args.train_pairs * args.epochs / result["train_runtime_s"]
+    result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -294,6 +316,7 @@ def launch(side: str, python: Path, args, out_dir: Path) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", side, "--out", str(out_dir / side)]
     for key in (
         "model",
+        "data",
         "train_pairs",
         "eval_pairs",
         "batch_size",
@@ -308,16 +331,29 @@ def launch(side: str, python: Path, args, out_dir: Path) -> dict:
     if args.cpu:
         cmd += ["--cpu"]
     env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=str(ROOT / "src"))
-    if side == "trl":
+    if side.startswith("trl"):
         env.pop("PYTHONPATH")  # TRL's venv must not see tether
     return run_side(side, cmd, env, ROOT)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["tether", "trl"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=SIDES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--data",
+        choices=["synthetic", "qa_feedback"],
+        default="synthetic",
+        help="synthetic pairs (made here) or real ones from data/qa_feedback (training pairs drawn from its train "
+        "split, held-out pairs from its test split)",
+    )
+    parser.add_argument(
+        "--sides",
+        default="tether,trl",
+        help=f"comma-separated, from {', '.join(SIDES)} (tether_padded: --padding_free false; trl_precompute: "
+        "TRL with precompute_ref_log_probs=True, its reference pass counted in its training time)",
+    )
     parser.add_argument("--train_pairs", type=int, default=64)
     parser.add_argument("--eval_pairs", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -349,13 +385,17 @@ def main() -> None:
     import tempfile
 
     load_before = load_average()
-    runs: dict[str, list[dict]] = {"tether": [], "trl": []}
+    sides = args.sides.split(",")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory(prefix="tmp-dpo-", dir=RESULTS if RESULTS.exists() else None) as tmp:
         for round_ in range(args.rounds):
-            for side in ("tether", "trl"):
+            for side in sides:
                 runs[side].append(
                     launch(
-                        side, Path(sys.executable) if side == "tether" else python, args, Path(tmp) / f"round{round_}"
+                        side,
+                        Path(sys.executable) if side.startswith("tether") else python,
+                        args,
+                        Path(tmp) / f"round{round_}",
                     )
                 )
                 print(f"{side} round {round_ + 1}: {runs[side][-1]}", flush=True)
@@ -363,7 +403,12 @@ def main() -> None:
     def best(side: str) -> dict:  # the fastest run of each side (least disturbed by other jobs)
         return max(runs[side], key=lambda r: r["pairs_per_s"])
 
-    tether, trl = best("tether"), best("trl")
+    bests = {side: best(side) for side in sides}
+    for row in bests.values():  # binomial standard error of the held-out accuracy: sqrt(a (1 − a) / n)
+        row["eval_accuracy_standard_error"] = (
+            row["eval_accuracy"] * (1 - row["eval_accuracy"]) / args.eval_pairs
+        ) ** 0.5
+    tether, trl = bests.get("tether"), bests.get("trl")
     result = {
         "benchmark": "dpo",
         "date": dt.date.today().isoformat(),
@@ -371,6 +416,7 @@ def main() -> None:
         "command": "benchmarks/bench_dpo.py " + " ".join(sys.argv[1:]),
         "settings": {
             "model": "SmolLM2-135M-Instruct" if "SmolLM2" in args.model else args.model,
+            "data": args.data,
             "train_pairs": args.train_pairs,
             "eval_pairs": args.eval_pairs,
             "batch_size": args.batch_size,
@@ -381,16 +427,16 @@ def main() -> None:
             "max_length": args.max_length,
             "precision": "float32",
             "gradient_checkpointing": False,
-            "reference": "live (no precomputation)",
+            "reference": "live (no precomputation), except trl_precompute (precompute_ref_log_probs=True)",
             "seed": args.seed,
             "torch_threads": args.threads,
             "rounds": args.rounds,
         },
-        "tether": tether,
-        "trl": trl,
+        **bests,
         "trl_version": "1.16.0",
-        "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"],
-        "same_token_sequences": tether["train_tokens_as_two_sequences"] == trl["train_tokens_as_two_sequences"],
+        "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"] if tether and trl else None,
+        "ratios_to_tether": {s: tether["pairs_per_s"] / r["pairs_per_s"] for s, r in bests.items()} if tether else None,
+        "same_token_sequences": len({r["train_tokens_as_two_sequences"] for r in bests.values()}) == 1,
         "all_runs": runs,
         "load_average_before_after": [load_before, load_average()],
         "note": "Shared 2-core machine with other jobs running: timings are noisy; each side's fastest of "
@@ -399,10 +445,10 @@ def main() -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("ratio_pairs_per_s", "same_token_sequences")}, indent=2))
-    print(
-        f"tether {tether['pairs_per_s']:.3f} pairs/s, acc {tether['eval_accuracy']:.3f};  "
-        f"TRL {trl['pairs_per_s']:.3f} pairs/s, acc {trl['eval_accuracy']:.3f}  -> {args.output}"
-    )
+    for side, row in bests.items():
+        print(
+            f"{side}: {row['pairs_per_s']:.3f} pairs/s, acc {row['eval_accuracy']:.3f}, {row['peak_rss_mib']:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
 """Reward-model training: tether vs TRL 1.16 `RewardTrainer`, same work, one script run.
 
     .venv/bin/python benchmarks/bench_reward.py            # writes benchmarks/results/reward.json
+    .venv/bin/python benchmarks/bench_reward.py --data qa_feedback --max_length 1536 --train_pairs 16 \
+        --eval_pairs 16 --sides tether,trl,tether_padded --out benchmarks/results/reward_qa_feedback.json
+
+``--data qa_feedback``: real human preferences (``data/qa_feedback``: long passages), training pairs
+drawn (seeded) from its train split and held-out pairs from its test split, prompts whole (with
+``--max_length 1536`` no pair is cut). ``--sides``: ``tether`` (its defaults: shared prompt,
+padding-free rows), ``tether_padded`` (``--padding_free false``), ``trl``. Each side reports its peak
+resident memory (``VmHWM``).
 
 Both sides get the same model (the embedded SmolLM2-135M-Instruct unless --model), the same
 preference pairs tokenised once by tether's template rule (TRL receives them pre-tokenised as
@@ -30,13 +38,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _harness import OFFLINE_ENV, cpu_name, run_side, versions  # noqa: E402  (benchmarks/ is the script's folder)
+from _harness import OFFLINE_ENV, cpu_name, peak_rss_mib, qa_feedback_rows, run_side, versions  # noqa: E402  (benchmarks/ is the script's folder)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRL_PYTHON = HERE / ".venv-trl116" / "bin" / "python"
-TETHER_PYTHON = ROOT / ".venv" / "bin" / "python"
+TETHER_PYTHON = ROOT / ".venv" / "bin" / "python" if (ROOT / ".venv").exists() else Path(sys.executable)
 PAD_TOKEN = "<|endoftext|>"
+SIDES = ("tether", "tether_padded", "trl")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +75,7 @@ def _common(settings: dict) -> dict:
     )
 
 
-def run_tether(work: Path, settings: dict) -> dict:
+def run_tether(work: Path, settings: dict, padding_free: bool = True) -> dict:
     from tether.data.records import PreferencePair
     from tether.stages.reward import RewardConfig, train_reward
 
@@ -79,7 +88,8 @@ def run_tether(work: Path, settings: dict) -> dict:
         model_name_or_path=settings["model"],
         max_length=settings["max_length"],
         max_prompt_length=settings["max_length"],
-        reward_stats_max_pairs=64,
+        padding_free=padding_free,
+        reward_stats_max_pairs=8,  # scored after training, outside the timing: kept small
         **_common(settings),
     )
     folder = train_reward(config, read("train.jsonl"), read("eval.jsonl"))
@@ -91,6 +101,7 @@ def run_tether(work: Path, settings: dict) -> dict:
         "eval_loss": summary["eval"]["eval_loss"],
         "train_loss": summary["train_loss"],
         "shared_prompt_rows": summary["shared_prompt_rows"],
+        "padding_free_rows": summary["padding_free_rows"],
     }
 
 
@@ -138,14 +149,23 @@ def child(side: str, work: Path) -> None:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     settings = json.loads((work / "settings.json").read_text())
-    result = (run_tether if side == "tether" else run_trl)(work, settings)
+    if side == "trl":
+        result = run_trl(work, settings)
+    else:
+        result = run_tether(work, settings, padding_free=side == "tether")
     result["pairs_per_s"] = settings["train_pairs"] * settings["epochs"] / result["train_seconds"]
+    result["peak_rss_mib"] = peak_rss_mib()
     (work / f"result-{side}-{os.getpid()}.json").write_text(json.dumps(result))
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # the parent: data, alternation, JSON
+
+
+def _standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on n pairs: sqrt(a (1 − a) / n)."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5
 
 
 def prepare(work: Path, settings: dict) -> dict:
@@ -157,8 +177,15 @@ def prepare(work: Path, settings: dict) -> dict:
 
     settings["model"] = resolve_model_path(settings["model"])
     tokenizer = load_tokenizer(settings["model"])
-    pairs = make_pairs(settings["train_pairs"] + settings["eval_pairs"], seed=settings["seed"])
-    splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"] :]}
+    if settings["data"] == "qa_feedback":  # real pairs; held-out ones from the test questions
+        splits = {
+            "train": qa_feedback_rows("train", settings["train_pairs"], settings["seed"]),
+            "eval": qa_feedback_rows("test", settings["eval_pairs"], settings["seed"]),
+        }
+        pairs = splits["train"] + splits["eval"]
+    else:
+        pairs = make_pairs(settings["train_pairs"] + settings["eval_pairs"], seed=settings["seed"])
+        splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"] :]}
     lengths = []
     for name, rows in splits.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -177,12 +204,12 @@ def prepare(work: Path, settings: dict) -> dict:
     return {
         "mean_tokens_per_sequence": statistics.mean(lengths),
         "max_tokens_per_sequence": max(lengths),
-        "kinds": sorted({r["kind"] for r in pairs}),
+        "kinds": sorted({r.get("kind", settings["data"]) for r in pairs}),
     }
 
 
 def launch(side: str, work: Path) -> dict:
-    python = TETHER_PYTHON if side == "tether" else TRL_PYTHON
+    python = TRL_PYTHON if side == "trl" else TETHER_PYTHON
     env = {**os.environ, **OFFLINE_ENV}
     if side == "trl":  # make sure the TRL interpreter cannot see tether's sources
         env.pop("PYTHONPATH", None)
@@ -191,9 +218,21 @@ def launch(side: str, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", choices=["tether", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help="model folder or hub id (default: the embedded SmolLM2-135M)")
+    parser.add_argument(
+        "--data",
+        choices=["synthetic", "qa_feedback"],
+        default="synthetic",
+        help="synthetic pairs (benchmarks/preference_data.py) or real ones from data/qa_feedback (training pairs "
+        "drawn from its train split, held-out pairs from its test split)",
+    )
+    parser.add_argument(
+        "--sides",
+        default="tether,trl",
+        help=f"comma-separated, from {', '.join(SIDES)} (tether_padded: tether with --padding_free false)",
+    )
     parser.add_argument("--train_pairs", type=int, default=160)
     parser.add_argument("--eval_pairs", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -221,7 +260,17 @@ def main() -> None:
         )
     settings = {
         k: getattr(args, k)
-        for k in ("model", "train_pairs", "eval_pairs", "batch_size", "max_length", "epochs", "learning_rate", "seed")
+        for k in (
+            "model",
+            "data",
+            "train_pairs",
+            "eval_pairs",
+            "batch_size",
+            "max_length",
+            "epochs",
+            "learning_rate",
+            "seed",
+        )
     }
     (HERE / "results").mkdir(exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else None
@@ -238,7 +287,9 @@ def main() -> None:
                 k: v for k, v in settings.items() if k != "model"
             }:
                 raise SystemExit(f"--append: settings differ from those in {args.out}")
-        sides = ["tether", "trl"] if args.start_with == "tether" else ["trl", "tether"]
+        sides = args.sides.split(",")
+        if args.start_with == "trl":
+            sides = sides[::-1]
         for round_index in range(first_round, first_round + args.rounds):
             order = sides if (round_index - first_round) % 2 == 0 else sides[::-1]
             for side in order:
@@ -253,7 +304,8 @@ def main() -> None:
                 runs.append(result)
                 print(
                     f"round {round_index} {side}: {result['pairs_per_s']:.3f} pairs/s, "
-                    f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s)",
+                    f"held-out accuracy {result['eval_accuracy']:.3f} ({result['train_seconds']:.1f} s, "
+                    f"peak RSS {result['peak_rss_mib']:.0f} MiB)",
                     flush=True,
                 )
     load_after = os.getloadavg()
@@ -263,11 +315,17 @@ def main() -> None:
         return {
             "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
             "eval_accuracy": statistics.median(r["eval_accuracy"] for r in rs),
+            "eval_accuracy_standard_error": _standard_error(
+                statistics.median(r["eval_accuracy"] for r in rs), settings["eval_pairs"]
+            ),
+            "peak_rss_mib": statistics.median(r.get("peak_rss_mib", float("nan")) for r in rs),
             "train_seconds": statistics.median(r["train_seconds"] for r in rs),
             "runs": len(rs),
         }
 
-    tether, trl = side_summary("tether"), side_summary("trl")
+    ran = [side for side in SIDES if any(r["side"] == side for r in runs)]
+    summaries = {side: side_summary(side) for side in ran}
+    tether, trl = summaries.get("tether"), summaries.get("trl")
     report = {
         "benchmark": "reward model training (Bradley-Terry), tether vs TRL 1.16 RewardTrainer",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -291,17 +349,21 @@ def main() -> None:
             "scheduler": "linear, no warmup",
             "adam_epsilon": 1e-5,
         },
-        "data": {**data, "source": "benchmarks/preference_data.py (synthetic, five kinds of preference rule)"},
+        "data": {
+            **data,
+            "source": "data/qa_feedback (real human preferences; train pairs from its train split, held-out from test)"
+            if settings["data"] == "qa_feedback"
+            else "benchmarks/preference_data.py (synthetic, five kinds of preference rule)",
+        },
         "versions": {"tether_venv": versions(TETHER_PYTHON), "trl_venv": versions(TRL_PYTHON)},
-        "tether": tether,
-        "trl": trl,
-        "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"],
-        "accuracy_difference": tether["eval_accuracy"] - trl["eval_accuracy"],
+        **summaries,
+        "ratio_pairs_per_s": tether["pairs_per_s"] / trl["pairs_per_s"] if tether and trl else None,
+        "accuracy_difference": tether["eval_accuracy"] - trl["eval_accuracy"] if tether and trl else None,
         "wall_seconds": time.time() - started + (previous["wall_seconds"] if previous else 0.0),
         "runs": runs,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("tether", "trl", "ratio_pairs_per_s")}, indent=2))
+    print(json.dumps({k: report[k] for k in (*ran, "ratio_pairs_per_s")}, indent=2))
 
 
 if __name__ == "__main__":
