@@ -564,8 +564,43 @@ def test_bad_configurations_fail_with_clear_errors(tmp_path, word_dirs, word_tok
         trainer(make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["policy"])))
     with pytest.raises(DataError, match=r"prompts\[1\]: the prompt renders to no tokens"):
         trainer(make_config(tmp_path, word_dirs), prompts=["a b", "   "])
-    with pytest.raises(ConfigError, match="stop_token"):
-        trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word"))
+    with pytest.raises(ConfigError, match="stop_token 'not-a-word' is not a single token"):
+        trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word", allow_biased_rollout=True))
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--stop_token", "no"], "--stop_token no: the reward model would score"),
+        (["--top_k", "50"], "--top_k 50 / --top_p 1.0: PPO's ratio and KL assume pure sampling"),
+        (["--top_p", "0.9"], "--top_k 0 / --top_p 0.9: PPO's ratio and KL assume pure sampling"),
+    ],
+)
+def test_options_that_bias_the_reward_or_the_ratio_are_errors_unless_allowed(tmp_path, word_dirs, flags, named):
+    import contextlib
+    import io
+
+    from tether.cli import main
+
+    options = dict(zip((f.lstrip("-") for f in flags[::2]), flags[1::2]))
+    options = {k: int(v) if k == "top_k" else float(v) if k == "top_p" else v for k, v in options.items()}
+    with pytest.raises(ConfigError, match="--allow_biased_rollout true") as info:
+        make_config(tmp_path, word_dirs, **options)
+    assert named in str(info.value)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "a b"}) + "\n")
+    command = ["ppo", "--model_name_or_path", "nowhere/no-model", "--reward_model_path", "nowhere/no-rm"]
+    command += ["--dataset", str(data), "--output_dir", str(tmp_path / "cli"), *flags]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(command) == 2  # refused before any model loads: the model paths do not even exist
+    assert named in stderr.getvalue() and not (tmp_path / "cli").exists()
+    allowed = make_config(tmp_path, word_dirs, allow_biased_rollout=True, **options)
+    assert (allowed.stop_token, allowed.top_k, allowed.top_p) == (
+        options.get("stop_token"),
+        options.get("top_k", 0),
+        options.get("top_p", 1.0),
+    )
 
 
 def test_without_a_dataset_or_prompts_the_error_names_the_dataset_option(tmp_path, word_dirs):
@@ -616,6 +651,8 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
             "true",
             "--stop_token",
             "no",
+            "--allow_biased_rollout",
+            "true",
             "--keep_checkpoints",
             "true",
         ]

@@ -196,13 +196,36 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=0.7,
         metadata=_help("Sampling temperature; part of the policy (every log-prob, the reference's too, uses it)."),
     )
-    top_k: int = field(default=0, metadata=_help("Keep 0: PPO assumes pure sampling from softmax(logits/T)."))
-    top_p: float = field(default=1.0, metadata=_help("Keep 1.0: PPO assumes pure sampling from softmax(logits/T)."))
+    top_k: int = field(
+        default=0,
+        metadata=_help(
+            "Keep 0: PPO assumes pure sampling from softmax(logits/T). Anything else is refused unless "
+            "--allow_biased_rollout is given."
+        ),
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata=_help(
+            "Keep 1.0: PPO assumes pure sampling from softmax(logits/T). Anything else is refused unless "
+            "--allow_biased_rollout is given."
+        ),
+    )
     max_new_tokens: int = field(default=64, metadata=_help("Maximum response tokens."))
     stop_token: str | None = field(
         default=None,
         metadata=_help(
-            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = none)."
+            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = "
+            "none). Refused unless --allow_biased_rollout is given: the reward model is then read at a token it "
+            "never saw at the end of its training texts."
+        ),
+    )
+    allow_biased_rollout: bool = field(
+        default=False,
+        metadata=_help(
+            "Accept --stop_token and non-default --top_k/--top_p. Risks: with --stop_token the reward model "
+            "scores responses at a token that never ended its training texts (its score there has no trained "
+            "meaning); --top_k/--top_p sample from a truncated distribution while the PPO ratio and the KL to "
+            "the reference assume softmax(logits/T), so both are biased."
         ),
     )
     response_length: int | None = field(
@@ -293,6 +316,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             problems.append("--ppo_epochs must be >= 1")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0 (it is part of the policy)")
+        problems += self._biased_rollout_problems()
         if self.target_kl is not None and self.target_kl <= 0:
             problems.append("--target_kl must be > 0 (or None for a fixed β)")
         if self.rollout_logprobs not in ("recompute", "generation"):
@@ -308,6 +332,23 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         problems += self._estimator_problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _biased_rollout_problems(self) -> list[str]:
+        """Options that bias the reward or the PPO ratio: refused unless --allow_biased_rollout."""
+        if self.allow_biased_rollout:
+            return []
+        problems = []
+        if self.stop_token not in (None, "", "eos"):
+            problems.append(
+                f"--stop_token {self.stop_token}: the reward model would score responses at a token that never "
+                "ended its training texts; add --allow_biased_rollout true to accept that"
+            )
+        if self.top_k or self.top_p < 1.0:
+            problems.append(
+                f"--top_k {self.top_k} / --top_p {self.top_p}: PPO's ratio and KL assume pure sampling from "
+                "softmax(logits/T) (--top_k 0, --top_p 1.0); add --allow_biased_rollout true to accept the bias"
+            )
+        return problems
 
     @property
     def reward_model_paths(self) -> list[str]:
