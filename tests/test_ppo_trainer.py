@@ -258,15 +258,24 @@ def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
 
 
 # ---- item 12 -------------------------------------------------------------------------------------
-def test_approx_kl_early_stop_ends_the_epochs_and_is_counted(tmp_path, word_dirs):
+def test_approx_kl_early_stop_decides_before_the_step_that_would_go_past_the_bound(tmp_path, word_dirs):
     config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=4, approx_kl_stop=1e-9)
     t = trainer(config)
+    steps_taken = []
+    t.models.optimizer.optimizer.register_step_post_hook(lambda opt, args, kwargs: steps_taken.append(1))
     t.train()
-    # minibatch 1 has approx KL 0 (ratio 1); minibatch 2 sees the moved policy, passes the bound, and stops
-    assert len(t.update_log) == 2
+    # minibatch 1 has approx KL 0 (ratio 1) and steps; minibatch 2's forward sees the moved policy past
+    # the bound, so its step is not taken and the epochs end
+    log = t.update_log
+    assert len(log) == 2 and "early_stop" not in log[0] and log[1]["early_stop"] == 1.0
+    assert log[0]["policy/approx_kl"] <= 1e-12 < 1e-9 < log[1]["policy/approx_kl"]
+    assert len(steps_taken) == 1
+    adam_steps = {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()}
+    assert adam_steps == {1.0}  # every weight moved exactly once
     row = rows(config)[0]
     assert row["policy/early_stopped"] == 1.0 and row["train/early_stops"] == 1
-    assert row["policy/minibatch_steps"] == 2.0 and row["train/optimizer_steps"] == 2
+    assert row["policy/minibatch_steps"] == 1.0 and row["train/optimizer_steps"] == 1
+    assert row["policy/approx_kl"] == log[0]["policy/approx_kl"]  # means over the steps taken only
     off = trainer(make_config(tmp_path, word_dirs, name="off", num_iterations=1, ppo_epochs=4))
     off.train()
     assert len(off.update_log) == 8
@@ -519,6 +528,27 @@ def test_value_warmup_trains_only_the_critic_first(tmp_path, word_dirs):
     assert r[0]["loss/value"] > 0
 
 
+def test_value_warmup_advances_neither_the_kl_controller_nor_the_learning_rate_schedule(tmp_path, word_dirs):
+    config = make_config(
+        tmp_path, word_dirs, value_warmup_steps=2, num_iterations=4, target_kl=1.0, init_kl_coef=0.2, horizon=10000
+    )
+    t = trainer(config)
+    t.train()
+    r = rows(config)
+    assert [x["train/policy_updated"] for x in r] == [0.0, 0.0, 1.0, 1.0]
+    # the linear schedule spans the 2 policy iterations; the critic warms up at --learning_rate
+    assert [x["train/learning_rate"] for x in r] == [1e-2, 1e-2, 1e-2, 0.5e-2]
+    assert t.models.optimizer.param_groups[0]["lr"] == 0.0  # and still ends at zero
+
+    def by_hand(beta, kl):  # β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n = 8 episodes
+        return beta * (1 + min(max(kl / 1.0 - 1, -0.2), 0.2) * 8 / 10000)
+
+    assert [x["kl/coef"] for x in r[:3]] == [0.2, 0.2, 0.2]
+    assert [x["kl/coef_next"] for x in r[:2]] == [0.2, 0.2]
+    assert r[2]["kl/ref"] == 0.0 and r[2]["kl/coef_next"] == by_hand(0.2, 0.0) == 0.2 * (1 - 0.2 * 8 / 10000)
+    assert r[3]["kl/coef"] == r[2]["kl/coef_next"] and r[3]["kl/coef_next"] == by_hand(r[3]["kl/coef"], r[3]["kl/ref"])
+
+
 def test_reward_normalisation_uses_the_stats_saved_with_the_reward_model(tmp_path, word_dirs):
     from tether.models.scoring import RewardStats, save_reward_stats
 
@@ -662,7 +692,14 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for name in DESIGN_METRICS:
         assert all(name in r for r in metrics), name
-    assert metrics[1]["kl/coef"] != 0.2  # the adaptive controller moved β
+    # the adaptive controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) from the logged
+    # per-response KL of the rollout and the global batch n = 4, target 6, horizon 10000
+    beta = 0.2
+    for row in metrics:
+        assert row["kl/coef"] == beta
+        beta = beta * (1 + min(max(row["kl/ref"] / 6 - 1, -0.2), 0.2) * 4 / 10000)
+        assert row["kl/coef_next"] == pytest.approx(beta, rel=1e-15)
+    assert metrics[1]["kl/coef"] == 0.2 * (1 - 0.2 * 4 / 10000)  # iteration 1: KL 0, error −0.2
     AutoModelForCausalLM.from_pretrained(out / "policy")
     AutoModelForSequenceClassification.from_pretrained(out / "value_model")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]

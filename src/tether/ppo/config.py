@@ -161,12 +161,17 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=False, metadata=_help("Whiten token rewards over real tokens (off by default).")
     )
     value_warmup_steps: int = field(
-        default=0, metadata=_help("First iterations that train only the value model (the policy does not move).")
+        default=0,
+        metadata=_help(
+            "First iterations that train only the value model, at --learning_rate (the policy does not move; "
+            "β and the learning-rate schedule wait for the policy's iterations)."
+        ),
     )
     approx_kl_stop: float | None = field(
         default=None,
         metadata=_help(
-            "Stop this batch's PPO epochs when ½·mean(Δlogp²) to the rollout policy exceeds this (off by default)."
+            "Stop this batch's PPO epochs before a step whose minibatch has ½·mean(Δlogp²) to the rollout policy "
+            "above this (measured by that step's forward; the step is not taken; off by default)."
         ),
     )
     # KL

@@ -342,13 +342,15 @@ def _add_optimizer(models: PPOModels, cfg: PPOConfig, acc, num_iterations: int) 
         weight_decay=cfg.weight_decay,
         fused=fused or None,
     )
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * num_iterations)
-    # stepped once per iteration: the learning rate is constant within a rollout batch (OpenAI, N+)
+    # stepped once per iteration that trains the policy (not during --value_warmup_steps): the
+    # learning rate is constant within a rollout batch (OpenAI, N+)
+    policy_iterations = max(1, num_iterations - cfg.value_warmup_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * policy_iterations)
     models.scheduler = get_scheduler(
         cfg.lr_scheduler_type,
         optimizer,
         num_warmup_steps=int(warmup),
-        num_training_steps=num_iterations,
+        num_training_steps=policy_iterations,
         scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )
     models.trained, models.optimizer = acc.prepare(models.policy_and_value, optimizer)

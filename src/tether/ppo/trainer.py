@@ -212,8 +212,12 @@ class PPOTrainer:
         """One PPO update from one rollout batch (this process's share); returns the iteration's metrics."""
         cfg, st = self.config, self.state
         beta = self.kl_ctl.value
-        learning_rate = self.models.scheduler.get_last_lr()[0]  # constant within the iteration
         train_policy = st.iteration >= cfg.value_warmup_steps  # only the critic trains during warm-up
+        # constant within the iteration; the schedule belongs to the policy's iterations: during the
+        # critic's warm-up it waits, and the critic trains at --learning_rate
+        learning_rate = self.models.scheduler.get_last_lr()[0] if train_policy else cfg.learning_rate
+        for group in self.models.optimizer.param_groups:
+            group["lr"] = learning_rate
 
         # 3-4. token rewards, advantages and returns (set on the batch)
         self.estimate_advantages(batch, beta)
@@ -230,11 +234,12 @@ class PPOTrainer:
         time_update = time.perf_counter() - update_started
 
         # 6. KL control from the rollout KL (per-response sum, before the update); the learning rate
-        #    schedule advances once per iteration
+        #    schedule advances once per iteration. Warm-up iterations move neither: the policy did not train.
         kl_ref = self.processes.mean(batch.kl.sum(1))
-        if finite:
+        if finite and train_policy:
             self.kl_ctl.update(kl_ref, cfg.batch_size)
-        self.models.scheduler.step()
+        if train_policy:
+            self.models.scheduler.step()
 
         args = (beta, kl_ref, self.kl_ctl.value, stats, st, not finite, self.processes)
         metrics = iteration_metrics(batch, *args, kl_in_reward=not cfg.kl_in_loss)
@@ -282,12 +287,12 @@ class PPOTrainer:
                 minibatch = order[first : first + mini]
                 stats = self.update(batch, minibatch, train_policy)
                 self.update_log.append({"epoch": epoch, "rows": minibatch.tolist(), **stats})
+                if stats.get("early_stop"):  # this minibatch's step was not taken: it counts in no mean
+                    early_stopped = True
+                    break
                 for key, value in stats.items():
                     sums[key] += value
                 steps += 1
-                if cfg.approx_kl_stop is not None and stats["policy/approx_kl"] > cfg.approx_kl_stop:
-                    early_stopped = True
-                    break
             if early_stopped:
                 break
         if early_stopped:
@@ -362,6 +367,12 @@ class PPOTrainer:
         reduced = self.processes.sum(torch.stack([totals[k] for k in keys])) / self.world
         stats = {k: v.item() for k, v in zip(keys, reduced)}
         stats["policy/ratio_max_dev"] = self.processes.max(ratio_dev).item()
+        if cfg.approx_kl_stop is not None and train_policy and approx_kl_stop(stats, cfg.approx_kl_stop):
+            # the policy is already past the bound: stop before this step (Spinning Up's PPO checks
+            # before each step too; the forward that measured it is the step's own)
+            models.optimizer.zero_grad(set_to_none=True)
+            stats["early_stop"] = 1.0
+            return stats
 
         grads = [p.grad for p in models.trained_parameters if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
@@ -424,6 +435,12 @@ class PPOTrainer:
             logger.error(message)
             raise NonFiniteError(message)
         return result
+
+
+def approx_kl_stop(stats: dict[str, float], bound: float) -> bool:
+    """Early stop: the minibatch's approx KL ½·mean((log π_θ − log π_old)²), from the forward of the
+    step about to be taken (the policy as it is now, before that step), exceeds --approx_kl_stop."""
+    return stats["policy/approx_kl"] > bound
 
 
 def run_ppo(
