@@ -4,6 +4,7 @@ non-finite handling, divergence stop, outputs, CLI)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -255,6 +256,55 @@ def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
     raw = [e["loss/grad_norm"] for e in t.update_log]
     assert len(norms) == 4 and all(r > 1e-2 for r in raw)  # the gradients were well above the bound
     assert all(n == pytest.approx(1e-3, rel=1e-4) for n in norms)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; reset it around a
+    test that needs another (as accelerate's own tests do)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_fp16_overflow_is_skipped_by_the_grad_scaler_which_lowers_its_scale_and_the_norm_is_unscaled(
+    tmp_path, word_dirs, fresh_accelerate_state
+):
+    from accelerate import Accelerator
+
+    config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=1)  # 2 minibatches: 2 steps
+    acc = Accelerator(mixed_precision="fp16", cpu=True)  # after the config: TrainingArguments resets the state
+    # accelerate gives fp16 a GradScaler on GPUs only (on CPU it runs fp32); torch's CPU GradScaler makes
+    # the GPU code path run here: fp16 autocast, scaled loss, unscale, skip on overflow, scale update.
+    # A scale of 2^60 overflows fp16 on the first step for sure; one backoff (×2^-50) leaves 1024.
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, backoff_factor=2.0**-50)
+    acc.native_amp = True
+    t = trainer(config, accelerator=acc)
+    start = {n: p.detach().clone() for n, p in t.models.policy_and_value.named_parameters()}
+    at_step = []
+
+    def before_the_optimizer_step(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        unmoved = all(torch.equal(p, start[n]) for n, p in t.models.policy_and_value.named_parameters())
+        at_step.append((torch.nn.utils.get_total_norm(grads).item(), acc.scaler.get_scale(), unmoved))
+
+    t.models.optimizer.optimizer.register_step_pre_hook(before_the_optimizer_step)
+    t.train()
+    row = rows(config)[0]
+    assert row["train/optimizer_steps"] == 1 and row["train/bad_steps"] == 0 and "train/skipped" not in row
+    assert acc.scaler.get_scale() == 2.0**10  # the overflow lowered the scale
+    first, second = t.update_log
+    assert second["loss/grad_norm"] == pytest.approx(at_step[-1][0], rel=1e-6)  # the unscaled norm
+    assert first["loss/fp16_overflow"] == 1.0 and not math.isfinite(first["loss/grad_norm"])
+    assert first["loss/grad_scale"] == second["loss/grad_scale"] == 2.0**10 == acc.scaler.get_scale()
+    # the overflowing step moved no weight (the fused AdamW is called and skips inside, a plain one is not
+    # called), the second step is a real one: its logged norm is that of the unscaled gradients it used
+    assert at_step[-1][1:] == (2.0**10, True) and len(at_step) in (1, 2)
+    assert second["loss/fp16_overflow"] == 0.0
+    assert not all(torch.equal(p, start[n]) for n, p in t.models.policy_and_value.named_parameters())
+    assert {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()} == {1.0}
 
 
 # ---- item 12 -------------------------------------------------------------------------------------

@@ -374,19 +374,36 @@ class PPOTrainer:
             stats["early_stop"] = 1.0
             return stats
 
-        grads = [p.grad for p in models.trained_parameters if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        # fp16: accelerate's GradScaler scaled the loss. Gradients are unscaled before their norm is read
+        # (and clipped); an overflow (non-finite gradients from a finite loss) is the scaler's to handle:
+        # optimizer.step() skips the update and lowers the scale, which then stops overflowing.
+        scaler = acc.scaler
+        norm = None  # the norm before clipping, from accelerate (which unscales first)
+        if cfg.max_grad_norm is not None:
+            norm = acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
+        if norm is None:
+            if cfg.max_grad_norm is None:
+                acc.unscale_gradients()  # nothing to do unless fp16
+            grads = [p.grad for p in models.trained_parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+        grad_norm = float(norm)
         stats["loss/grad_norm"] = grad_norm
-        if not (math.isfinite(stats["loss/total"]) and math.isfinite(grad_norm)):
+        overflow = scaler is not None and not math.isfinite(grad_norm)
+        if not (math.isfinite(stats["loss/total"]) and (math.isfinite(grad_norm) or overflow)):
             models.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # the unscale above recorded this step's inf check: it must be consumed
             reason = f"non-finite loss {stats['loss/total']} or gradient norm {grad_norm}"
             self._record_bad_step(batch.select(minibatch.cpu()), reason)
             stats["skipped"] = 1.0
             return stats
-        if cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
-        models.optimizer.step()
+        models.optimizer.step()  # under fp16 the scaler skips it on overflow and updates its scale
         models.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            stats["loss/grad_scale"] = scaler.get_scale()  # the scale of the next step
+            stats["loss/fp16_overflow"] = float(overflow)
+        if overflow:
+            return stats
         self.state.optimizer_steps += 1
         self.state.bad_steps_in_a_row = 0
         return stats
