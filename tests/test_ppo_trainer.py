@@ -307,6 +307,46 @@ def test_fp16_overflow_is_skipped_by_the_grad_scaler_which_lowers_its_scale_and_
     assert {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()} == {1.0}
 
 
+# ---- metrics through accelerate's trackers ---------------------------------------------------------
+def test_report_to_tensorboard_logs_every_scalar_at_its_iteration_through_accelerate(tmp_path, word_dirs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, word_dirs, num_iterations=2, report_to="tensorboard", project="demo")
+    t = trainer(config)
+    assert [type(x).__name__ for x in t.accelerator.log_with] == ["LoggerType"]
+    t.train()
+    logged = rows(config)  # metrics.jsonl is written as before
+    # the run's folder (the hyperparameters go to a subfolder of their own)
+    events = EventAccumulator(str(tmp_path / "run" / "runs" / "demo"))
+    events.Reload()
+    for name in ("reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "train/learning_rate"):
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == [1, 2], name
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6, abs=1e-7), name
+    assert "kl/band" not in events.Tags()["scalars"]  # a word, not a number: metrics.jsonl only
+
+
+def test_training_arguments_that_ppo_does_not_use_are_refused_and_hidden_from_help(tmp_path, word_dirs, capsys):
+    from tether.cli import main
+
+    with pytest.raises(ConfigError, match=r"--push_to_hub True: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, push_to_hub=True)
+    with pytest.raises(ConfigError, match=r"--use_liger_kernel True, --eval_strategy steps: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, use_liger_kernel=True, eval_strategy="steps")
+    with pytest.raises(ConfigError, match="--report_to neptune: accelerate has no tracker of that name"):
+        make_config(tmp_path, word_dirs, report_to="neptune")
+    assert make_config(tmp_path, word_dirs, push_to_hub=False, eval_steps=None).push_to_hub is False  # defaults
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    shown = capsys.readouterr().out
+    for hidden in ("--push_to_hub", "--use_liger_kernel", "--eval_strategy", "--torch_compile", "--hub_token"):
+        assert hidden not in shown
+    for kept in ("--learning_rate", "--report_to", "--run_name", "--max_grad_norm", "--bf16", "--save_steps"):
+        assert kept in shown
+    assert main(["ppo", "--reward_model_path", "nowhere", "--eval_steps", "5"]) == 2
+    assert "--eval_steps 5.0: not used by `tether ppo`" in capsys.readouterr().err
+
+
 # ---- item 12 -------------------------------------------------------------------------------------
 def test_approx_kl_early_stop_decides_before_the_step_that_would_go_past_the_bound(tmp_path, word_dirs):
     config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=4, approx_kl_stop=1e-9)

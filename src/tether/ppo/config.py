@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from tether.config import ConfigError, DataArguments, ModelArguments
+from tether.config import ConfigError, DataArguments, ModelArguments, refuse_unused_options
 from tether.ppo.advantages import SCALE_REWARDS
 from tether.ppo.losses import KL_ESTIMATORS
 from tether.stages.common import KEEP_CHECKPOINTS_HELP
+from tether.tracking import tracker_names
 
 #: ``--advantage_estimator``: GAE with a critic, or one of the critic-free estimators
 ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
@@ -28,12 +29,44 @@ def _help(text: str) -> dict:
 @dataclass
 class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     """Options of ``tether ppo``. TrainingArguments supplies the HF-style names; the PPO loop honours
-    output_dir, learning_rate, adam_beta1/2, adam_epsilon, weight_decay, lr_scheduler_type(+_kwargs),
-    warmup_steps (iterations), max_grad_norm, optim (adamw_torch / adamw_torch_fused), bf16/fp16,
-    gradient_checkpointing, seed, full_determinism, report_to, run_name, disable_tqdm, logging_steps,
-    save_steps, save_total_limit, resume_from_checkpoint and per_device_train_batch_size (micro-batch).
-    Evaluation options of TrainingArguments are not used by PPO.
+    those in ``honoured_training_arguments`` (the others are hidden from ``--help`` and refused when set).
     """
+
+    #: the TrainingArguments options the PPO loop uses (tether.config.unused_options)
+    honoured_training_arguments = frozenset(
+        {
+            "output_dir",
+            "per_device_train_batch_size",  # the micro-batch
+            "gradient_accumulation_steps",  # checked against the batch geometry
+            "num_train_epochs",
+            "learning_rate",
+            "lr_scheduler_type",
+            "lr_scheduler_kwargs",
+            "warmup_steps",  # in iterations
+            "optim",  # adamw_torch / adamw_torch_fused
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "max_grad_norm",
+            "bf16",
+            "fp16",
+            "activation_checkpointing",
+            "gradient_checkpointing",
+            "logging_steps",
+            "disable_tqdm",
+            "report_to",  # accelerate's trackers
+            "run_name",
+            "project",
+            "save_steps",
+            "save_total_limit",
+            "resume_from_checkpoint",
+            "seed",
+            "full_determinism",
+            "use_cpu",
+            "local_rank",  # set by launchers
+        }
+    )
 
     output_dir: str = field(
         default="outputs/ppo",
@@ -306,6 +339,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     keep_checkpoints: bool = field(default=False, metadata=_help(KEEP_CHECKPOINTS_HELP))
 
     def __post_init__(self):
+        refuse_unused_options(self, "`tether ppo`")
         super().__post_init__()
         problems = []
         if self.kl_penalty not in KL_ESTIMATORS:
@@ -335,6 +369,10 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         if isinstance(self.reward_model_path, (list, tuple)) and len(self.reward_model_path) == 1:
             self.reward_model_path = self.reward_model_path[0]  # one reward model: the plain path
         problems += self._estimator_problems()
+        try:
+            tracker_names(self.report_to)  # before anything loads
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
 

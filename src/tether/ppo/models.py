@@ -153,14 +153,21 @@ def adapters_disabled(model: nn.Module):
 
 
 def make_accelerator(cfg: PPOConfig):
-    """The ``accelerate.Accelerator`` of a PPO run: mixed precision from --bf16/--fp16, CPU with --use_cpu."""
+    """The ``accelerate.Accelerator`` of a PPO run: mixed precision from --bf16/--fp16, CPU with --use_cpu,
+    the --report_to trackers (tensorboard writes under --output_dir/runs)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    from tether.tracking import tracker_names
 
     mixed = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     # Warm-up leaves the policy without gradients; DDP must then tolerate unused parameters.
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.value_warmup_steps > 0)]
-    return Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs)
+    trackers: dict[str, Any] = {}
+    if tracker_names(cfg.report_to):
+        logs = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "runs"))
+        trackers = {"log_with": tracker_names(cfg.report_to), "project_config": logs}
+    return Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs, **trackers)
 
 
 # ---------------------------------------------------------------------------------------------

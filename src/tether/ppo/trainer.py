@@ -136,7 +136,7 @@ class PPOTrainer:
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> PPOResult:
         cfg, acc, st = self.config, self.accelerator, self.state
-        writer = MetricsWriter(cfg.output_dir, cfg.report_to, run_config=cfg.to_dict()) if acc.is_main_process else None
+        writer = metrics_writer(cfg, acc)
         log_every = every(cfg.logging_steps, self.num_iterations)
         progress = Progress(acc, self.num_iterations, st.iteration, cfg.disable_tqdm, log_every)
         stopped_reason, metrics = "completed", {}
@@ -171,8 +171,7 @@ class PPOTrainer:
                 # 8. KL health
                 report = self.monitor.update(metrics["kl/ref"], iteration=st.iteration)
                 metrics["kl/band"] = report.band.name
-                if writer is not None:
-                    writer.log(st.iteration, metrics)
+                writer.log(st.iteration, metrics)
                 progress.show(st.iteration, metrics)
 
                 if st.bad_steps_in_a_row >= cfg.max_bad_steps:
@@ -189,8 +188,7 @@ class PPOTrainer:
             raise checkpoint.reward_function_failed(exc, st.iteration + 1, self.output_dir) from exc
         finally:
             progress.close()
-            if writer is not None:
-                writer.close()
+            writer.close()
         return self._finish(stopped_reason, metrics)
 
     def collect_rollout(self) -> Rollout:
@@ -452,6 +450,14 @@ class PPOTrainer:
             logger.error(message)
             raise NonFiniteError(message)
         return result
+
+
+def metrics_writer(cfg: PPOConfig, accelerator) -> MetricsWriter:
+    """metrics.jsonl, and the --report_to trackers of ``accelerator`` (``make_accelerator``) under the
+    project --project and the run name --run_name."""
+    names = {"wandb": "name", "trackio": "name", "mlflow": "run_name"}  # each tracker's keyword for it
+    init_kwargs = {tracker: {key: cfg.run_name} for tracker, key in names.items()} if cfg.run_name else {}
+    return MetricsWriter(cfg.output_dir, accelerator, cfg.project, cfg.to_dict(), init_kwargs)
 
 
 def approx_kl_stop(stats: dict[str, float], bound: float) -> bool:
