@@ -75,9 +75,13 @@ logger = logging.getLogger(__name__)
 
 
 class PPOTrainer:
-    """PPO for RLHF. ``PPOTrainer(config, prompts).train()``; models load from the config's paths.
+    """PPO for RLHF. ``PPOTrainer(config, prompts).train()``; models load from the config's paths, or
+    come as objects: ``model`` (the policy, trained in place; the reference is a copy), ``reward_model``
+    (a one-label sequence-classification model; the critic starts as a copy), ``tokenizer`` (default:
+    the one in the folder ``model`` was loaded from).
 
-    ``prompts``: strings, chat-message tuples or ``PromptRecord``s (default: ``--dataset``).
+    ``prompts``: strings, chat-message tuples, ``PromptRecord``s or a ``datasets.Dataset`` with a
+    prompt column, checked as a file is (default: ``--dataset``).
     ``extra_metrics(rollout) -> dict`` adds metrics every iteration (e.g. ``reward/gold``). Pieces
     usable on their own: ``collect_rollout()``, ``learn(batch)`` (one PPO update, returns the
     metrics), ``save_checkpoint()``; ``update_log`` holds the per-minibatch statistics of the last update.
@@ -91,6 +95,8 @@ class PPOTrainer:
         extra_metrics: Callable[[Rollout], dict] | None = None,
         accelerator=None,
         tokenizer=None,
+        model=None,
+        reward_model=None,
     ):
         from transformers import enable_full_determinism, set_seed
 
@@ -109,7 +115,8 @@ class PPOTrainer:
         set_seed(cfg.seed + 100003 * self.rank)  # each rank samples different responses (OpenAI's seed + rank·100003)
         self.geometry = batch_geometry(cfg, self.world)
 
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        source = cfg.model_name_or_path if model is None else model.name_or_path  # a passed model's folder
+        self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         self.prompts = PromptSampler(cfg, self.tokenizer, prompts)
         self.rewards = ProgrammableRewards(cfg)
         self.rollout_settings = RolloutSettings.from_config(cfg, self.tokenizer, self.geometry.local_batch, self._say)
@@ -120,7 +127,16 @@ class PPOTrainer:
         self.folder = checkpoint.RunFolder(cfg, acc, self.tokenizer)
         self.folder.prepare(self.resume_dir)
 
-        self.models = build_ppo_models(cfg, acc, self.tokenizer, self.num_iterations, self.resume_dir, self._say)
+        self.models = build_ppo_models(
+            cfg,
+            acc,
+            self.tokenizer,
+            self.num_iterations,
+            self.resume_dir,
+            self._say,
+            model=model,
+            reward_model=reward_model,
+        )
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
         self.monitor = KLMonitor(cfg.stop_on_divergence, say=self._say, temperature=cfg.temperature)
         self.state = PPOState()
@@ -467,10 +483,21 @@ def approx_kl_stop(stats: dict[str, float], bound: float) -> bool:
 
 
 def run_ppo(
-    config: PPOConfig, prompts: Sequence | None = None, extra_metrics: Callable[[Rollout], dict] | None = None
+    config: PPOConfig,
+    prompts: Sequence | None = None,
+    extra_metrics: Callable[[Rollout], dict] | None = None,
+    *,
+    model=None,
+    reward_model=None,
+    tokenizer=None,
 ) -> PPOResult:
     """The ``tether ppo`` command: train, write policy/, value_model/, metrics.jsonl and ppo_summary.json.
 
-    ``prompts`` default to ``--dataset``; ``extra_metrics(rollout) -> dict`` adds metrics every iteration.
+    ``prompts`` default to ``--dataset`` (a ``datasets.Dataset`` is accepted); ``extra_metrics(rollout)
+    -> dict`` adds metrics every iteration; ``model``, ``reward_model``, ``tokenizer``: already-loaded
+    objects instead of the config's paths (see ``PPOTrainer``).
     """
-    return PPOTrainer(config, prompts, extra_metrics=extra_metrics).train()
+    trainer = PPOTrainer(
+        config, prompts, extra_metrics=extra_metrics, model=model, reward_model=reward_model, tokenizer=tokenizer
+    )
+    return trainer.train()
