@@ -131,6 +131,95 @@ def test_old_logprobs_from_the_sampler_match_the_training_forward_closely(tmp_pa
     assert first["policy/clipfrac"] == 0.0
 
 
+def _token_rewards_by_hand(kl, scores, mask, beta):
+    """r_t = −β·KL_t on every real token, plus the score on the last one."""
+    rewards = torch.zeros_like(kl)
+    for i in range(kl.shape[0]):
+        n = int(mask[i].sum())
+        for t in range(n):
+            rewards[i, t] = -beta * kl[i, t] + (scores[i] if t == n - 1 else 0.0)
+    return rewards
+
+
+def _gae_by_hand(rewards, values, mask, gamma=1.0, lam=0.95):
+    """A_t = δ_t + γλ·A_{t+1}, δ_t = r_t + γ·V_{t+1} − V_t, with V = 0 after the last real token."""
+    advantages = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        n, following = int(mask[i].sum()), 0.0
+        for t in reversed(range(n)):
+            next_value = values[i, t + 1] if t + 1 < n else 0.0
+            following = rewards[i, t] + gamma * next_value - values[i, t] + gamma * lam * following
+            advantages[i, t] = following
+    return advantages
+
+
+def _whiten_by_hand(x, mask, keep_mean=False):
+    real = x[mask].double()
+    mean, var = real.mean(), real.var(unbiased=False)
+    out = ((x.double() - mean) / (var + 1e-8).sqrt() + (mean if keep_mean else 0.0)).float()
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_learn_takes_returns_before_whitening_and_keeps_the_rollouts_values_fixed(tmp_path, word_dirs, whiten_rewards):
+    config = make_config(
+        tmp_path, word_dirs, num_iterations=1, ppo_epochs=3, init_kl_coef=0.3, whiten_rewards=whiten_rewards
+    )
+    t = trainer(config)
+    with torch.no_grad():  # a reference that differs, so the KL term of the rewards is not zero
+        t.models.reference.model.norm.weight.mul_(1.3)
+    batch = t.collect_rollout()
+    mask = batch.response_mask.bool()
+    assert batch.kl_penalty[mask].abs().min() > 0
+    old_values, old_logprobs = batch.values.clone(), batch.logprobs.clone()
+    t.learn(batch)  # 3 epochs × 2 minibatches
+    assert len(t.update_log) == 6
+    assert torch.equal(batch.values, old_values) and torch.equal(batch.logprobs, old_logprobs)  # fixed
+    rewards = _token_rewards_by_hand(batch.kl_penalty, batch.scores, mask, beta=0.3)
+    if whiten_rewards:  # --whiten_rewards: scaled to unit variance over the real tokens, the mean kept
+        rewards = _whiten_by_hand(rewards, mask, keep_mean=True)
+    assert torch.allclose(batch.rewards, rewards, atol=1e-5)
+    advantages = _gae_by_hand(rewards, old_values, mask)
+    # returns from the advantages BEFORE whitening; the advantages then whitened over real tokens
+    assert torch.allclose(batch.returns[mask], (advantages + old_values)[mask], atol=1e-5)
+    assert torch.allclose(batch.advantages, _whiten_by_hand(advantages, mask), atol=1e-5)
+    assert not torch.allclose(batch.returns[mask], (batch.advantages + old_values)[mask], atol=1e-3)
+
+
+def test_the_entropy_bonus_is_subtracted_from_the_loss_and_raises_the_entropy(tmp_path, word_dirs):
+    common = dict(num_iterations=4, init_kl_coef=0.0, learning_rate=3e-2, temperature=1.0, max_new_tokens=8)
+    plain = trainer(make_config(tmp_path, word_dirs, name="plain", **common))
+    plain.train()
+    bonus = trainer(make_config(tmp_path, word_dirs, name="bonus", entropy_coef=2.0, **common))
+    bonus.train()
+    for step in bonus.update_log:  # loss = pg + vf_coef·vf − c·entropy
+        expected = step["loss/policy"] + 0.1 * step["loss/value"] - 2.0 * step["policy/entropy"]
+        assert step["loss/total"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    a, b = rows(plain.config), rows(bonus.config)
+    # the random policy starts near the maximum, ln 32 = 3.47 nats: without the bonus the entropy falls
+    # as the policy learns, with it the entropy still rises
+    assert a[-1]["policy/entropy"] < a[0]["policy/entropy"] - 0.3
+    assert b[-1]["policy/entropy"] > b[0]["policy/entropy"] and b[-1]["policy/entropy"] > a[-1]["policy/entropy"] + 0.3
+
+
+def test_the_missing_stop_penalty_replaces_the_normalised_score(tmp_path, word_dirs):
+    from tether.models.scoring import RewardStats, save_reward_stats
+
+    rm = tmp_path / "rm-with-stats"
+    shutil.copytree(word_dirs["rm"], rm)
+    save_reward_stats(RewardStats(mean=0.3, std=0.5, count=256, source="test"), rm)
+    seen = []
+    config = make_config(
+        tmp_path, word_dirs, reward_model_path=str(rm), missing_eos_penalty=-1.0, max_new_tokens=16, num_iterations=1
+    )
+    trainer(config, extra_metrics=lambda ro: seen.append((ro.raw_scores, ro.scores, ro.stopped)) or {}).train()
+    raw, scores, stopped = seen[0]
+    assert stopped.any() and not stopped.all()  # both kinds in the batch
+    assert torch.allclose(scores[stopped], (raw[stopped] - 0.3) / 0.5, atol=1e-6)  # normalised
+    assert scores[~stopped].eq(-1.0).all()  # replaced by the penalty itself, in normalised units
+    assert rows(config)[0]["reward/score"] == pytest.approx(scores.mean().item(), abs=1e-6)
+
+
 # ---- item 9 -------------------------------------------------------------------------------------
 def test_value_model_is_a_separate_copy_of_the_whole_reward_model(tmp_path, word_dirs):
     t = trainer(make_config(tmp_path, word_dirs, num_iterations=1))
