@@ -396,6 +396,11 @@ def test_fp16_overflow_is_skipped_by_the_grad_scaler_which_lowers_its_scale_and_
     assert {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()} == {1.0}
 
 
+def test_fp16_on_the_cpu_is_refused_rather_than_run_in_fp32(tmp_path, word_dirs, fresh_accelerate_state):
+    with pytest.raises(ConfigError, match="--fp16: on the CPU accelerate applies neither fp16 autocast nor loss"):
+        trainer(make_config(tmp_path, word_dirs, fp16=True, use_cpu=True))
+
+
 # ---- metrics through accelerate's trackers ---------------------------------------------------------
 def test_report_to_tensorboard_logs_every_scalar_at_its_iteration_through_accelerate(tmp_path, word_dirs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -424,11 +429,14 @@ def test_training_arguments_that_ppo_does_not_use_are_refused_and_hidden_from_he
         make_config(tmp_path, word_dirs, use_liger_kernel=True, eval_strategy="steps")
     with pytest.raises(ConfigError, match="--report_to neptune: accelerate has no tracker of that name"):
         make_config(tmp_path, word_dirs, report_to="neptune")
+    with pytest.raises(ConfigError, match=r"--eval_dataset held.jsonl: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, eval_dataset="held.jsonl")  # PPO trains on prompts only
     assert make_config(tmp_path, word_dirs, push_to_hub=False, eval_steps=None).push_to_hub is False  # defaults
     with pytest.raises(SystemExit):
         main(["ppo", "--help"])
     shown = capsys.readouterr().out
-    for hidden in ("--push_to_hub", "--use_liger_kernel", "--eval_strategy", "--torch_compile", "--hub_token"):
+    hidden_flags = ("--push_to_hub", "--use_liger_kernel", "--eval_strategy", "--torch_compile", "--eval_dataset")
+    for hidden in hidden_flags:
         assert hidden not in shown
     for kept in ("--learning_rate", "--report_to", "--run_name", "--max_grad_norm", "--bf16", "--save_steps"):
         assert kept in shown

@@ -169,15 +169,16 @@ def unused_options(config_class: type) -> frozenset[str]:
     """Options a stage's config inherits from TrainingArguments but does not use: ``--help`` hides them
     and ``refuse_unused_options`` refuses them. A config that uses only some of TrainingArguments lists
     those in ``honoured_training_arguments`` (PPO); the Trainer-based stages use all of them but
-    ``UNUSED_BY_THE_TRAINER``."""
+    ``UNUSED_BY_THE_TRAINER``. Other shared options a stage has no use for are in ``unused_fields``."""
     from transformers import TrainingArguments
 
     if not (isinstance(config_class, type) and issubclass(config_class, TrainingArguments)):
         return frozenset()
     honoured = getattr(config_class, "honoured_training_arguments", None)
+    other = getattr(config_class, "unused_fields", frozenset())  # shared options the stage has no use for
     if honoured is None:
-        return UNUSED_BY_THE_TRAINER
-    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init) - honoured
+        return UNUSED_BY_THE_TRAINER | other
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init) - honoured | other
 
 
 def _plain(value: Any) -> Any:
@@ -205,8 +206,8 @@ def refuse_unused_options(config: Any, stage: str) -> None:
             given.append(f"--{f.name} {value}")
     if given:
         raise ConfigError(
-            f"{', '.join(given)}: not used by {stage} (an option of transformers' TrainingArguments that has no "
-            f"effect there); remove {'it' if len(given) == 1 else 'them'}"
+            f"{', '.join(given)}: not used by {stage} (the option has no effect there); "
+            f"remove {'it' if len(given) == 1 else 'them'}"
         )
 
 

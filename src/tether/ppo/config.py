@@ -32,6 +32,8 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     those in ``honoured_training_arguments`` (the others are hidden from ``--help`` and refused when set).
     """
 
+    #: shared data options PPO has no use for: it reads training prompts only, cut to --max_prompt_length
+    unused_fields = frozenset({"eval_dataset", "eval_split_ratio", "dataset_test_split", "max_length"})
     #: the TrainingArguments options the PPO loop uses (tether.config.unused_options)
     honoured_training_arguments = frozenset(
         {

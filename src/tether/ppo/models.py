@@ -167,7 +167,13 @@ def make_accelerator(cfg: PPOConfig):
     if tracker_names(cfg.report_to):
         logs = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "runs"))
         trackers = {"log_with": tracker_names(cfg.report_to), "project_config": logs}
-    return Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs, **trackers)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs, **trackers)
+    if cfg.fp16 and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--fp16: on the CPU accelerate applies neither fp16 autocast nor loss scaling (the run would be fp32); "
+            "use --bf16 there, or drop --fp16"
+        )
+    return accelerator
 
 
 # ---------------------------------------------------------------------------------------------
