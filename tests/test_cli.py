@@ -284,3 +284,16 @@ def test_help_says_where_a_trl_name_means_something_else():
     assert "Not TRL's --response_length, which is a maximum" in text
     assert "Not TRL's --missing_eos_penalty, which is subtracted from the score" in text
     assert "--init-kl-coef INIT_KL_COEF, --kl_coef INIT_KL_COEF" in text
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_trainer_stages_refuse_and_hide_the_training_arguments_the_trainer_never_reads(stage, capsys):
+    """do_train/do_eval/do_predict do nothing in transformers' Trainer; every other option works there."""
+    with pytest.raises(SystemExit):
+        main([stage, "--help"])
+    shown = capsys.readouterr().out
+    assert "--do_train" not in shown and "--do_predict" not in shown
+    assert "--push_to_hub" in shown and "--eval_strategy" in shown  # the Trainer implements these
+    assert main([stage, "--dataset", "embedded:demo", "--do_eval", "true", "--do_predict", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "--do_eval True, --do_predict True: not used by" in err and "remove them" in err

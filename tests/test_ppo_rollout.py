@@ -139,16 +139,33 @@ def test_kl_is_exactly_zero_for_equal_weights_in_train_mode_with_dropout_configu
 
 # ---- item 14 ------------------------------------------------------------------------------------
 def test_reward_of_ppo_tokens_equals_the_reward_of_the_text_as_the_rm_was_trained(tiny_rm_dir, tokenizer):
-    """SmolLM2's tokenizer (chat template; pad == stop token), a random tiny RM of its vocabulary."""
-    from tether.data.templates import prompt_ids, response_ids
+    """SmolLM2's tokenizer (chat template; pad == stop token), a random tiny RM of its vocabulary.
+
+    The expectations are built without tether's tokenisation helpers: the "sampled" ids are what the
+    model emits after the generation prompt when it writes the assistant turn of the tokenizer's own
+    chat template (cut after its stop token), and the reference score is the RM's head read by hand at
+    the stop token of that conversation, unpadded."""
+    from tether.data.templates import prompt_ids
     from tether.models.scoring import score_texts
 
     rm = load_scalar_model(str(tiny_rm_dir)).eval()
     prompts = ["What is the capital of France?", "Hi", "Name three colours, please, and say why you like them."]
     responses = ["Paris.", "Hello! How can I help you today?", "Red, green and blue."]
-    # PPO holds the prompt's ids (left-padded) and the sampled ids, which end with the stop token
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    sampled, conversations = [], []
+    for p, r in zip(prompts, responses):
+        user = [{"role": "user", "content": p}]
+        asked = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+        whole = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": r}], tokenize=True, return_dict=False
+        )
+        assert whole[: len(asked)] == asked and prompt_ids(tokenizer, p) == asked  # PPO's query is the template's
+        emitted = whole[len(asked) :]
+        emitted = emitted[: emitted.index(stop) + 1]  # the sampler stops at (and keeps) <|im_end|>
+        sampled.append(emitted)
+        conversations.append(asked + emitted)
+    # PPO holds the prompt's ids (left-padded) and the sampled ids, right-padded after the stop token
     q, qm = left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    sampled = [response_ids(tokenizer, r) for r in responses]
     width = max(map(len, sampled)) + 2
     raw = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sampled])
     batch = cut_at_first_stop(raw, [tokenizer.eos_token_id], tokenizer.pad_token_id)
@@ -156,8 +173,11 @@ def test_reward_of_ppo_tokens_equals_the_reward_of_the_text_as_the_rm_was_traine
     args = build_sequences(q, qm, batch.responses, batch.mask)
     with torch.no_grad():
         ppo_scores = last_token_scores(rm, *args, q.shape[1], batch.lengths)
-    trained_way = score_texts(rm, tokenizer, prompts, responses)  # prompt_response_ids, unpadded rule
-    assert torch.allclose(ppo_scores, trained_way, atol=1e-5)
+        by_hand = torch.stack(
+            [rm.score(rm.model(input_ids=torch.tensor([ids])).last_hidden_state)[0, -1, 0] for ids in conversations]
+        )
+    assert torch.allclose(ppo_scores, by_hand, atol=1e-5)
+    assert torch.allclose(score_texts(rm, tokenizer, prompts, responses), by_hand, atol=1e-5)  # as trained
 
 
 # ---- sampling ---------------------------------------------------------------------------------
@@ -200,9 +220,27 @@ def test_make_rollout_reads_every_model_once_and_keeps_layout(word_dirs, word_to
     rm = load_scalar_model(str(word_dirs["counting_rm"])).eval()
     ref = copy.deepcopy(policy).eval()
     q, qm = _queries(word_tok)
+    rows_read = {"policy": [], "reference": [], "reward model": [], "value head": []}
+
+    def count(name):  # rows of every real forward of that network over full [prompt | response] rows
+        def hook(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if name == "value head" or ids.shape[1] > q.shape[1]:  # not generate()'s prefill or decoding steps
+                rows_read[name].append(ids.shape[0])
+
+        return hook
+
+    networks = {"policy": policy, "reference": ref, "reward model": rm, "value head": models.value_head}
+    for name, network in networks.items():
+        network.register_forward_pre_hook(count(name), with_kwargs=True)
+    generate_calls = []
+    policy.register_forward_pre_hook(lambda _m, args, kwargs: generate_calls.append(1), with_kwargs=True)
     torch.manual_seed(1)
     settings = RolloutSettings(SamplingSettings(max_new_tokens=5, temperature=0.7), forward_batch_size=3)
     ro = make_rollout(RolloutModels(models, ref, rm), word_tok, q, qm, settings, prompts=PROMPTS)
+    # each model reads each of the 4 episodes exactly once, in no-grad chunks of 3 + 1
+    assert rows_read == {"policy": [3, 1], "reference": [3, 1], "reward model": [3, 1], "value head": [3, 1]}
+    assert len(generate_calls) > 2  # the sampler's own forwards are the others
     n, width = ro.responses.shape
     assert n == 4 and width == int(ro.lengths.max()) and ro.input_ids.shape == (4, q.shape[1] + width)
     assert torch.equal(ro.logprobs, ro.ref_logprobs) and ro.kl.eq(0).all()  # same weights

@@ -4,6 +4,8 @@ non-finite handling, divergence stop, outputs, CLI)."""
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 
 import pytest
@@ -128,6 +130,95 @@ def test_old_logprobs_from_the_sampler_match_the_training_forward_closely(tmp_pa
     first = t.update_log[0]
     assert first["policy/ratio_max_dev"] <= 1e-5 and first["policy/approx_kl"] <= 1e-10
     assert first["policy/clipfrac"] == 0.0
+
+
+def _token_rewards_by_hand(kl, scores, mask, beta):
+    """r_t = −β·KL_t on every real token, plus the score on the last one."""
+    rewards = torch.zeros_like(kl)
+    for i in range(kl.shape[0]):
+        n = int(mask[i].sum())
+        for t in range(n):
+            rewards[i, t] = -beta * kl[i, t] + (scores[i] if t == n - 1 else 0.0)
+    return rewards
+
+
+def _gae_by_hand(rewards, values, mask, gamma=1.0, lam=0.95):
+    """A_t = δ_t + γλ·A_{t+1}, δ_t = r_t + γ·V_{t+1} − V_t, with V = 0 after the last real token."""
+    advantages = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        n, following = int(mask[i].sum()), 0.0
+        for t in reversed(range(n)):
+            next_value = values[i, t + 1] if t + 1 < n else 0.0
+            following = rewards[i, t] + gamma * next_value - values[i, t] + gamma * lam * following
+            advantages[i, t] = following
+    return advantages
+
+
+def _whiten_by_hand(x, mask, keep_mean=False):
+    real = x[mask].double()
+    mean, var = real.mean(), real.var(unbiased=False)
+    out = ((x.double() - mean) / (var + 1e-8).sqrt() + (mean if keep_mean else 0.0)).float()
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_learn_takes_returns_before_whitening_and_keeps_the_rollouts_values_fixed(tmp_path, word_dirs, whiten_rewards):
+    config = make_config(
+        tmp_path, word_dirs, num_iterations=1, ppo_epochs=3, init_kl_coef=0.3, whiten_rewards=whiten_rewards
+    )
+    t = trainer(config)
+    with torch.no_grad():  # a reference that differs, so the KL term of the rewards is not zero
+        t.models.reference.model.norm.weight.mul_(1.3)
+    batch = t.collect_rollout()
+    mask = batch.response_mask.bool()
+    assert batch.kl_penalty[mask].abs().min() > 0
+    old_values, old_logprobs = batch.values.clone(), batch.logprobs.clone()
+    t.learn(batch)  # 3 epochs × 2 minibatches
+    assert len(t.update_log) == 6
+    assert torch.equal(batch.values, old_values) and torch.equal(batch.logprobs, old_logprobs)  # fixed
+    rewards = _token_rewards_by_hand(batch.kl_penalty, batch.scores, mask, beta=0.3)
+    if whiten_rewards:  # --whiten_rewards: scaled to unit variance over the real tokens, the mean kept
+        rewards = _whiten_by_hand(rewards, mask, keep_mean=True)
+    assert torch.allclose(batch.rewards, rewards, atol=1e-5)
+    advantages = _gae_by_hand(rewards, old_values, mask)
+    # returns from the advantages BEFORE whitening; the advantages then whitened over real tokens
+    assert torch.allclose(batch.returns[mask], (advantages + old_values)[mask], atol=1e-5)
+    assert torch.allclose(batch.advantages, _whiten_by_hand(advantages, mask), atol=1e-5)
+    assert not torch.allclose(batch.returns[mask], (batch.advantages + old_values)[mask], atol=1e-3)
+
+
+def test_the_entropy_bonus_is_subtracted_from_the_loss_and_raises_the_entropy(tmp_path, word_dirs):
+    common = dict(num_iterations=4, init_kl_coef=0.0, learning_rate=3e-2, temperature=1.0, max_new_tokens=8)
+    plain = trainer(make_config(tmp_path, word_dirs, name="plain", **common))
+    plain.train()
+    bonus = trainer(make_config(tmp_path, word_dirs, name="bonus", entropy_coef=2.0, **common))
+    bonus.train()
+    for step in bonus.update_log:  # loss = pg + vf_coef·vf − c·entropy
+        expected = step["loss/policy"] + 0.1 * step["loss/value"] - 2.0 * step["policy/entropy"]
+        assert step["loss/total"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    a, b = rows(plain.config), rows(bonus.config)
+    # the random policy starts near the maximum, ln 32 = 3.47 nats: without the bonus the entropy falls
+    # as the policy learns, with it the entropy still rises
+    assert a[-1]["policy/entropy"] < a[0]["policy/entropy"] - 0.3
+    assert b[-1]["policy/entropy"] > b[0]["policy/entropy"] and b[-1]["policy/entropy"] > a[-1]["policy/entropy"] + 0.3
+
+
+def test_the_missing_stop_penalty_replaces_the_normalised_score(tmp_path, word_dirs):
+    from tether.models.scoring import RewardStats, save_reward_stats
+
+    rm = tmp_path / "rm-with-stats"
+    shutil.copytree(word_dirs["rm"], rm)
+    save_reward_stats(RewardStats(mean=0.3, std=0.5, count=256, source="test"), rm)
+    seen = []
+    config = make_config(
+        tmp_path, word_dirs, reward_model_path=str(rm), missing_eos_penalty=-1.0, max_new_tokens=16, num_iterations=1
+    )
+    trainer(config, extra_metrics=lambda ro: seen.append((ro.raw_scores, ro.scores, ro.stopped)) or {}).train()
+    raw, scores, stopped = seen[0]
+    assert stopped.any() and not stopped.all()  # both kinds in the batch
+    assert torch.allclose(scores[stopped], (raw[stopped] - 0.3) / 0.5, atol=1e-6)  # normalised
+    assert scores[~stopped].eq(-1.0).all()  # replaced by the penalty itself, in normalised units
+    assert rows(config)[0]["reward/score"] == pytest.approx(scores.mean().item(), abs=1e-6)
 
 
 # ---- item 9 -------------------------------------------------------------------------------------
@@ -257,16 +348,124 @@ def test_gradient_clipping_is_applied_when_asked(tmp_path, word_dirs):
     assert all(n == pytest.approx(1e-3, rel=1e-4) for n in norms)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose mixed precision cannot change; reset it around a
+    test that needs another (as accelerate's own tests do)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_fp16_overflow_is_skipped_by_the_grad_scaler_which_lowers_its_scale_and_the_norm_is_unscaled(
+    tmp_path, word_dirs, fresh_accelerate_state
+):
+    from accelerate import Accelerator
+
+    config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=1)  # 2 minibatches: 2 steps
+    acc = Accelerator(mixed_precision="fp16", cpu=True)  # after the config: TrainingArguments resets the state
+    # accelerate gives fp16 a GradScaler on GPUs only (on CPU it runs fp32); torch's CPU GradScaler makes
+    # the GPU code path run here: fp16 autocast, scaled loss, unscale, skip on overflow, scale update.
+    # A scale of 2^60 overflows fp16 on the first step for sure; one backoff (×2^-50) leaves 1024.
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60, backoff_factor=2.0**-50)
+    acc.native_amp = True
+    t = trainer(config, accelerator=acc)
+    start = {n: p.detach().clone() for n, p in t.models.policy_and_value.named_parameters()}
+    at_step = []
+
+    def before_the_optimizer_step(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        unmoved = all(torch.equal(p, start[n]) for n, p in t.models.policy_and_value.named_parameters())
+        at_step.append((torch.nn.utils.get_total_norm(grads).item(), acc.scaler.get_scale(), unmoved))
+
+    t.models.optimizer.optimizer.register_step_pre_hook(before_the_optimizer_step)
+    t.train()
+    row = rows(config)[0]
+    assert row["train/optimizer_steps"] == 1 and row["train/bad_steps"] == 0 and "train/skipped" not in row
+    assert acc.scaler.get_scale() == 2.0**10  # the overflow lowered the scale
+    first, second = t.update_log
+    assert second["loss/grad_norm"] == pytest.approx(at_step[-1][0], rel=1e-6)  # the unscaled norm
+    assert first["loss/fp16_overflow"] == 1.0 and not math.isfinite(first["loss/grad_norm"])
+    assert first["loss/grad_scale"] == second["loss/grad_scale"] == 2.0**10 == acc.scaler.get_scale()
+    # the overflowing step moved no weight (the fused AdamW is called and skips inside, a plain one is not
+    # called), the second step is a real one: its logged norm is that of the unscaled gradients it used
+    assert at_step[-1][1:] == (2.0**10, True) and len(at_step) in (1, 2)
+    assert second["loss/fp16_overflow"] == 0.0
+    assert not all(torch.equal(p, start[n]) for n, p in t.models.policy_and_value.named_parameters())
+    assert {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()} == {1.0}
+
+
+def test_fp16_on_the_cpu_is_refused_rather_than_run_in_fp32(tmp_path, word_dirs, fresh_accelerate_state):
+    with pytest.raises(ConfigError, match="--fp16: on the CPU accelerate applies neither fp16 autocast nor loss"):
+        trainer(make_config(tmp_path, word_dirs, fp16=True, use_cpu=True))
+
+
+# ---- metrics through accelerate's trackers ---------------------------------------------------------
+def test_report_to_tensorboard_logs_every_scalar_at_its_iteration_through_accelerate(tmp_path, word_dirs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, word_dirs, num_iterations=2, report_to="tensorboard", project="demo")
+    t = trainer(config)
+    assert [type(x).__name__ for x in t.accelerator.log_with] == ["LoggerType"]
+    t.train()
+    logged = rows(config)  # metrics.jsonl is written as before
+    # the run's folder (the hyperparameters go to a subfolder of their own)
+    events = EventAccumulator(str(tmp_path / "run" / "runs" / "demo"))
+    events.Reload()
+    for name in ("reward/score", "kl/ref", "kl/coef", "loss/policy", "loss/value", "train/learning_rate"):
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == [1, 2], name
+        assert [e.value for e in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6, abs=1e-7), name
+    assert "kl/band" not in events.Tags()["scalars"]  # a word, not a number: metrics.jsonl only
+
+
+def test_training_arguments_that_ppo_does_not_use_are_refused_and_hidden_from_help(tmp_path, word_dirs, capsys):
+    from tether.cli import main
+
+    with pytest.raises(ConfigError, match=r"--push_to_hub True: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, push_to_hub=True)
+    with pytest.raises(ConfigError, match=r"--use_liger_kernel True, --eval_strategy steps: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, use_liger_kernel=True, eval_strategy="steps")
+    with pytest.raises(ConfigError, match="--report_to neptune: accelerate has no tracker of that name"):
+        make_config(tmp_path, word_dirs, report_to="neptune")
+    with pytest.raises(ConfigError, match=r"--eval_dataset held.jsonl: not used by `tether ppo`"):
+        make_config(tmp_path, word_dirs, eval_dataset="held.jsonl")  # PPO trains on prompts only
+    assert make_config(tmp_path, word_dirs, push_to_hub=False, eval_steps=None).push_to_hub is False  # defaults
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    shown = capsys.readouterr().out
+    hidden_flags = ("--push_to_hub", "--use_liger_kernel", "--eval_strategy", "--torch_compile", "--eval_dataset")
+
+    def listed(flag):  # in the usage line or as an option with its metavar (other help texts may name it)
+        return re.search(rf"(\[|^\s+){re.escape(flag)} \[?[A-Z_]+", shown, re.MULTILINE) is not None
+
+    assert not any(listed(hidden) for hidden in hidden_flags)
+    assert all(listed(kept) for kept in ("--learning_rate", "--report_to", "--run_name", "--bf16", "--save_steps"))
+    assert main(["ppo", "--reward_model_path", "nowhere", "--eval_steps", "5"]) == 2
+    assert "--eval_steps 5.0: not used by `tether ppo`" in capsys.readouterr().err
+
+
 # ---- item 12 -------------------------------------------------------------------------------------
-def test_approx_kl_early_stop_ends_the_epochs_and_is_counted(tmp_path, word_dirs):
+def test_approx_kl_early_stop_decides_before_the_step_that_would_go_past_the_bound(tmp_path, word_dirs):
     config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=4, approx_kl_stop=1e-9)
     t = trainer(config)
+    steps_taken = []
+    t.models.optimizer.optimizer.register_step_post_hook(lambda opt, args, kwargs: steps_taken.append(1))
     t.train()
-    # minibatch 1 has approx KL 0 (ratio 1); minibatch 2 sees the moved policy, passes the bound, and stops
-    assert len(t.update_log) == 2
+    # minibatch 1 has approx KL 0 (ratio 1) and steps; minibatch 2's forward sees the moved policy past
+    # the bound, so its step is not taken and the epochs end
+    log = t.update_log
+    assert len(log) == 2 and "early_stop" not in log[0] and log[1]["early_stop"] == 1.0
+    assert log[0]["policy/approx_kl"] <= 1e-12 < 1e-9 < log[1]["policy/approx_kl"]
+    assert len(steps_taken) == 1
+    adam_steps = {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()}
+    assert adam_steps == {1.0}  # every weight moved exactly once
     row = rows(config)[0]
     assert row["policy/early_stopped"] == 1.0 and row["train/early_stops"] == 1
-    assert row["policy/minibatch_steps"] == 2.0 and row["train/optimizer_steps"] == 2
+    assert row["policy/minibatch_steps"] == 1.0 and row["train/optimizer_steps"] == 1
+    assert row["policy/approx_kl"] == log[0]["policy/approx_kl"]  # means over the steps taken only
     off = trainer(make_config(tmp_path, word_dirs, name="off", num_iterations=1, ppo_epochs=4))
     off.train()
     assert len(off.update_log) == 8
@@ -519,6 +718,27 @@ def test_value_warmup_trains_only_the_critic_first(tmp_path, word_dirs):
     assert r[0]["loss/value"] > 0
 
 
+def test_value_warmup_advances_neither_the_kl_controller_nor_the_learning_rate_schedule(tmp_path, word_dirs):
+    config = make_config(
+        tmp_path, word_dirs, value_warmup_steps=2, num_iterations=4, target_kl=1.0, init_kl_coef=0.2, horizon=10000
+    )
+    t = trainer(config)
+    t.train()
+    r = rows(config)
+    assert [x["train/policy_updated"] for x in r] == [0.0, 0.0, 1.0, 1.0]
+    # the linear schedule spans the 2 policy iterations; the critic warms up at --learning_rate
+    assert [x["train/learning_rate"] for x in r] == [1e-2, 1e-2, 1e-2, 0.5e-2]
+    assert t.models.optimizer.param_groups[0]["lr"] == 0.0  # and still ends at zero
+
+    def by_hand(beta, kl):  # β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n = 8 episodes
+        return beta * (1 + min(max(kl / 1.0 - 1, -0.2), 0.2) * 8 / 10000)
+
+    assert [x["kl/coef"] for x in r[:3]] == [0.2, 0.2, 0.2]
+    assert [x["kl/coef_next"] for x in r[:2]] == [0.2, 0.2]
+    assert r[2]["kl/ref"] == 0.0 and r[2]["kl/coef_next"] == by_hand(0.2, 0.0) == 0.2 * (1 - 0.2 * 8 / 10000)
+    assert r[3]["kl/coef"] == r[2]["kl/coef_next"] and r[3]["kl/coef_next"] == by_hand(r[3]["kl/coef"], r[3]["kl/ref"])
+
+
 def test_reward_normalisation_uses_the_stats_saved_with_the_reward_model(tmp_path, word_dirs):
     from tether.models.scoring import RewardStats, save_reward_stats
 
@@ -564,8 +784,43 @@ def test_bad_configurations_fail_with_clear_errors(tmp_path, word_dirs, word_tok
         trainer(make_config(tmp_path, word_dirs, reward_model_path=str(word_dirs["policy"])))
     with pytest.raises(DataError, match=r"prompts\[1\]: the prompt renders to no tokens"):
         trainer(make_config(tmp_path, word_dirs), prompts=["a b", "   "])
-    with pytest.raises(ConfigError, match="stop_token"):
-        trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word"))
+    with pytest.raises(ConfigError, match="stop_token 'not-a-word' is not a single token"):
+        trainer(make_config(tmp_path, word_dirs, stop_token="not-a-word", allow_biased_rollout=True))
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--stop_token", "no"], "--stop_token no: the reward model would score"),
+        (["--top_k", "50"], "--top_k 50 / --top_p 1.0: PPO's ratio and KL assume pure sampling"),
+        (["--top_p", "0.9"], "--top_k 0 / --top_p 0.9: PPO's ratio and KL assume pure sampling"),
+    ],
+)
+def test_options_that_bias_the_reward_or_the_ratio_are_errors_unless_allowed(tmp_path, word_dirs, flags, named):
+    import contextlib
+    import io
+
+    from tether.cli import main
+
+    options = dict(zip((f.lstrip("-") for f in flags[::2]), flags[1::2]))
+    options = {k: int(v) if k == "top_k" else float(v) if k == "top_p" else v for k, v in options.items()}
+    with pytest.raises(ConfigError, match="--allow_biased_rollout true") as info:
+        make_config(tmp_path, word_dirs, **options)
+    assert named in str(info.value)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "a b"}) + "\n")
+    command = ["ppo", "--model_name_or_path", "nowhere/no-model", "--reward_model_path", "nowhere/no-rm"]
+    command += ["--dataset", str(data), "--output_dir", str(tmp_path / "cli"), *flags]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(command) == 2  # refused before any model loads: the model paths do not even exist
+    assert named in stderr.getvalue() and not (tmp_path / "cli").exists()
+    allowed = make_config(tmp_path, word_dirs, allow_biased_rollout=True, **options)
+    assert (allowed.stop_token, allowed.top_k, allowed.top_p) == (
+        options.get("stop_token"),
+        options.get("top_k", 0),
+        options.get("top_p", 1.0),
+    )
 
 
 def test_without_a_dataset_or_prompts_the_error_names_the_dataset_option(tmp_path, word_dirs):
@@ -616,6 +871,8 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
             "true",
             "--stop_token",
             "no",
+            "--allow_biased_rollout",
+            "true",
             "--keep_checkpoints",
             "true",
         ]
@@ -625,7 +882,14 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     assert [r["step"] for r in metrics] == [1, 2, 3]
     for name in DESIGN_METRICS:
         assert all(name in r for r in metrics), name
-    assert metrics[1]["kl/coef"] != 0.2  # the adaptive controller moved β
+    # the adaptive controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) from the logged
+    # per-response KL of the rollout and the global batch n = 4, target 6, horizon 10000
+    beta = 0.2
+    for row in metrics:
+        assert row["kl/coef"] == beta
+        beta = beta * (1 + min(max(row["kl/ref"] / 6 - 1, -0.2), 0.2) * 4 / 10000)
+        assert row["kl/coef_next"] == pytest.approx(beta, rel=1e-15)
+    assert metrics[1]["kl/coef"] == 0.2 * (1 - 0.2 * 4 / 10000)  # iteration 1: KL 0, error −0.2
     AutoModelForCausalLM.from_pretrained(out / "policy")
     AutoModelForSequenceClassification.from_pretrained(out / "value_model")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]

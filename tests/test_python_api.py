@@ -11,6 +11,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
+from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures: the PPO tests' tiny word-level models)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
@@ -168,3 +170,60 @@ def test_ppo_prompts_from_a_dataset_are_checked_like_a_file(tmp_path, tiny_model
     with pytest.raises(DataError) as info:
         PromptSampler(config, tokenizer, datasets.Dataset.from_list([{"prompt": "ok"}, {"prompt": ""}]))
     assert info.value.problems[0].startswith("dataset[train]:2: ")
+
+
+def test_ppo_from_model_objects_and_a_dataset_trains_exactly_as_from_paths(tmp_path, word_dirs):
+    """PPOTrainer / run_ppo take the policy, the reward model and the tokenizer as objects and the prompts
+    as a datasets.Dataset: the same run, to the last bit, as from the folders and a prompt list."""
+    prompts = ["a b c", "d e", "yes no", "x y z w", "good a", "m n o p q", "k", "s t u"]
+
+    def config(name, **paths):
+        return tether.PPOConfig(
+            output_dir=str(tmp_path / name),
+            batch_size=4,
+            mini_batch_size=2,
+            ppo_epochs=1,
+            max_new_tokens=5,
+            learning_rate=1e-2,
+            num_iterations=2,
+            save_steps=0,
+            disable_tqdm=True,
+            report_to="none",
+            **paths,
+        )
+
+    from_paths = config("paths", model_name_or_path=str(word_dirs["policy"]), reward_model_path=str(word_dirs["rm"]))
+    tether.run_ppo(from_paths, prompts)
+    policy = AutoModelForCausalLM.from_pretrained(word_dirs["policy"])
+    reward_model = AutoModelForSequenceClassification.from_pretrained(word_dirs["rm"])
+    result = tether.run_ppo(
+        config("objects"),
+        datasets.Dataset.from_list([{"prompt": p} for p in prompts]),
+        model=policy,
+        reward_model=reward_model,
+        tokenizer=AutoTokenizer.from_pretrained(word_dirs["tokenizer"]),
+    )
+    assert result.stopped_reason == "completed" and result.iterations == 2
+
+    def metrics(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith(("time", "throughput"))} for r in rows]
+
+    assert metrics("objects") == metrics("paths")
+    for part in ("policy", "value_model"):
+        a, b = _weights(tmp_path / "paths" / part), _weights(tmp_path / "objects" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(str(word_dirs["policy"] / "model.safetensors"))
+    assert not all(torch.equal(policy.state_dict()[k], start[k]) for k in start)  # trained in place
+
+
+def test_ppo_refuses_a_wrong_or_doubly_given_reward_model_object_before_writing(tmp_path, word_dirs):
+    base = dict(output_dir=str(tmp_path / "ppo"), batch_size=2, report_to="none")
+    policy = AutoModelForCausalLM.from_pretrained(word_dirs["policy"])
+    with pytest.raises(ConfigError, match="sequence-classification model with one label, got LlamaForCausalLM"):
+        tether.PPOTrainer(tether.PPOConfig(**base), ["a b"], model=policy, reward_model=policy)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(word_dirs["rm"])
+    with pytest.raises(ConfigError, match="as an object or by --reward_model_path"):
+        config = tether.PPOConfig(reward_model_path=str(word_dirs["rm"]), **base)
+        tether.PPOTrainer(config, ["a b"], model=policy, reward_model=reward_model)
+    assert not (tmp_path / "ppo").exists() or not any((tmp_path / "ppo").iterdir())

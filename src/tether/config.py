@@ -9,6 +9,7 @@ set of names, types, defaults and help texts. Flags override the YAML file.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -156,7 +157,58 @@ class TruncationArguments:
             raise ConfigError(f"--truncation {self.truncation!r}: use one of {', '.join(TRUNCATION_MODES)}")
         if self.min_prompt_length < 1:
             raise ConfigError(f"--min_prompt_length {self.min_prompt_length}: must be at least 1")
+        refuse_unused_options(self, f"`{type(self).__name__}`")
         super().__post_init__()  # TrainingArguments' checks
+
+
+#: TrainingArguments options the Trainer itself never reads (HF: "intended for your training/evaluation scripts")
+UNUSED_BY_THE_TRAINER = frozenset({"do_train", "do_eval", "do_predict"})
+
+
+def unused_options(config_class: type) -> frozenset[str]:
+    """Options a stage's config inherits from TrainingArguments but does not use: ``--help`` hides them
+    and ``refuse_unused_options`` refuses them. A config that uses only some of TrainingArguments lists
+    those in ``honoured_training_arguments`` (PPO); the Trainer-based stages use all of them but
+    ``UNUSED_BY_THE_TRAINER``. Other shared options a stage has no use for are in ``unused_fields``."""
+    from transformers import TrainingArguments
+
+    if not (isinstance(config_class, type) and issubclass(config_class, TrainingArguments)):
+        return frozenset()
+    honoured = getattr(config_class, "honoured_training_arguments", None)
+    other = getattr(config_class, "unused_fields", frozenset())  # shared options the stage has no use for
+    if honoured is None:
+        return UNUSED_BY_THE_TRAINER | other
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init) - honoured | other
+
+
+def _plain(value: Any) -> Any:
+    """An option's value as the command line and Python may both spell it: enums by their value, and
+    every "nothing" (None, "", False, "no", empty) as None."""
+    value = getattr(value, "value", value)
+    return None if value in (None, "", False, "no") or value == [] or value == {} else value
+
+
+def refuse_unused_options(config: Any, stage: str) -> None:
+    """A ConfigError naming every ``unused_options`` option set to another value than its default.
+    Called before TrainingArguments' ``__post_init__`` rewrites values (report_to, enums...)."""
+    given, unused = [], unused_options(type(config))
+    for f in dataclasses.fields(config):
+        if f.name not in unused:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        value = getattr(config, f.name)
+        if _plain(value) != _plain(default):
+            given.append(f"--{f.name} {value}")
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: not used by {stage} (the option has no effect there); "
+            f"remove {'it' if len(given) == 1 else 'them'}"
+        )
 
 
 def check_quantised_training(args: ModelArguments) -> None:
@@ -241,6 +293,10 @@ def parse_config(
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(config_class, prog=prog, description=description)
+    hidden = unused_options(config_class)
+    for action in parser._actions:  # HfArgumentParser gives every dataclass field a flag: hide the unused
+        if action.dest in hidden:
+            action.help = argparse.SUPPRESS
     parser.add_argument(
         "--config",
         type=str,

@@ -1,7 +1,8 @@
 """Metrics out: JSON lines in the output folder, plus the reporter chosen with ``--report_to``.
 
 Trainer-based stages (SFT, RM, DPO) add ``JsonlMetricsCallback`` to the Trainer, which already
-handles tensorboard and wandb; the PPO loop writes through ``MetricsWriter``, which does both.
+reports to the ``--report_to`` integrations; the PPO loop writes through ``MetricsWriter``: the JSON
+lines, and accelerate's trackers (tensorboard, wandb, mlflow, comet_ml, trackio, ...).
 """
 
 from __future__ import annotations
@@ -37,55 +38,71 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def normalise_report_to(report_to: Any) -> list[str]:
-    if report_to is None:
-        return []
-    items = [report_to] if isinstance(report_to, str) else list(report_to)
-    out = [r for r in items if r and r != "none"]
-    unknown = [r for r in out if r not in ("tensorboard", "wandb")]
-    if unknown:
-        raise ValueError(f"--report_to {unknown[0]!r}: use tensorboard, wandb or none")
-    return out
+def tracker_names(report_to: Any) -> list[str]:
+    """``--report_to`` (TrainingArguments' integration names; "all" is already expanded to the installed
+    ones) as names of accelerate's trackers. A ConfigError names one that accelerate has no tracker
+    for, or whose package is not installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    from tether.config import ConfigError
+
+    items = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [str(getattr(r, "value", r)) for r in items if r and r != "none"]
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    built_in = {t.value for t in LoggerType}  # the others were registered with register_tracker_class
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(
+                f"--report_to {name}: accelerate has no tracker of that name (use one of "
+                f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or none)"
+            )
+        if name in built_in and name not in installed:
+            raise ConfigError(f"--report_to {name}: the {name} package is not installed")
+    return names
+
+
+def _hyperparameter(value: Any) -> Any:
+    """A config value as the trackers store hyperparameters: bool, int, float or str."""
+    value = getattr(value, "value", value)  # enums
+    return value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
 
 
 class MetricsWriter:
-    """Writes one row per step to ``metrics.jsonl`` and to tensorboard/wandb when asked."""
+    """One row per step to ``metrics.jsonl`` (main process) and to accelerate's trackers: the
+    ``accelerator`` was made with ``log_with`` (from ``--report_to``, see ``tracker_names``) and
+    ``project_dir``; tensorboard writes under ``<project_dir>/runs/<project>``."""
 
     def __init__(
         self,
         output_dir: str | Path,
-        report_to: Any = "none",
+        accelerator,
+        project: str = "tether",
         run_config: dict | None = None,
+        init_kwargs: dict | None = None,
         filename: str = METRICS_FILE,
     ):
         self.path = Path(output_dir) / filename
-        self.reporters = normalise_report_to(report_to)
-        self._tb = None
-        self._wandb = None
-        if "tensorboard" in self.reporters:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
-        if "wandb" in self.reporters:
-            import wandb  # optional; only imported when asked for
-
-            self._wandb = wandb.init(config=run_config or {}, dir=str(output_dir))
+        self.accelerator = accelerator
+        if accelerator.log_with:
+            config = {k: _hyperparameter(v) for k, v in (run_config or {}).items() if v is not None}
+            accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs or {})
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": step, "time": time.time(), **metrics}
-        append_jsonl(self.path, row)
-        numeric = {k: float(_jsonable(v)) for k, v in metrics.items() if isinstance(_jsonable(v), (int, float))}
-        if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+        if self.accelerator.is_main_process:
+            append_jsonl(self.path, {"step": step, "time": time.time(), **metrics})
+        if self.accelerator.trackers:
+            numeric = {k: _jsonable(v) for k, v in metrics.items()}
+            numeric = {k: float(v) for k, v in numeric.items() if isinstance(v, (int, float))}
+            self.accelerator.log(numeric, step=step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        # the trackers' own finish, not Accelerator.end_training: that also ends the process group,
+        # which the run still needs to save its outputs (and a later stage in the same process too)
+        if self.accelerator.is_main_process:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        self.accelerator.trackers = []
 
 
 class JsonlMetricsCallback(TrainerCallback):

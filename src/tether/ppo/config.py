@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from tether.config import ConfigError, DataArguments, ModelArguments
+from tether.config import ConfigError, DataArguments, ModelArguments, refuse_unused_options
 from tether.ppo.advantages import SCALE_REWARDS
 from tether.ppo.losses import KL_ESTIMATORS
 from tether.stages.common import KEEP_CHECKPOINTS_HELP
+from tether.tracking import tracker_names
 
 #: ``--advantage_estimator``: GAE with a critic, or one of the critic-free estimators
 ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
@@ -28,12 +29,46 @@ def _help(text: str) -> dict:
 @dataclass
 class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     """Options of ``tether ppo``. TrainingArguments supplies the HF-style names; the PPO loop honours
-    output_dir, learning_rate, adam_beta1/2, adam_epsilon, weight_decay, lr_scheduler_type(+_kwargs),
-    warmup_steps (iterations), max_grad_norm, optim (adamw_torch / adamw_torch_fused), bf16/fp16,
-    gradient_checkpointing, seed, full_determinism, report_to, run_name, disable_tqdm, logging_steps,
-    save_steps, save_total_limit, resume_from_checkpoint and per_device_train_batch_size (micro-batch).
-    Evaluation options of TrainingArguments are not used by PPO.
+    those in ``honoured_training_arguments`` (the others are hidden from ``--help`` and refused when set).
     """
+
+    #: shared data options PPO has no use for: it reads training prompts only, cut to --max_prompt_length
+    unused_fields = frozenset({"eval_dataset", "eval_split_ratio", "dataset_test_split", "max_length"})
+    #: the TrainingArguments options the PPO loop uses (tether.config.unused_options)
+    honoured_training_arguments = frozenset(
+        {
+            "output_dir",
+            "per_device_train_batch_size",  # the micro-batch
+            "gradient_accumulation_steps",  # checked against the batch geometry
+            "num_train_epochs",
+            "learning_rate",
+            "lr_scheduler_type",
+            "lr_scheduler_kwargs",
+            "warmup_steps",  # in iterations
+            "optim",  # adamw_torch / adamw_torch_fused
+            "weight_decay",
+            "adam_beta1",
+            "adam_beta2",
+            "adam_epsilon",
+            "max_grad_norm",
+            "bf16",
+            "fp16",
+            "activation_checkpointing",
+            "gradient_checkpointing",
+            "logging_steps",
+            "disable_tqdm",
+            "report_to",  # accelerate's trackers
+            "run_name",
+            "project",
+            "save_steps",
+            "save_total_limit",
+            "resume_from_checkpoint",
+            "seed",
+            "full_determinism",
+            "use_cpu",
+            "local_rank",  # set by launchers
+        }
+    )
 
     output_dir: str = field(
         default="outputs/ppo",
@@ -161,12 +196,17 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=False, metadata=_help("Whiten token rewards over real tokens (off by default).")
     )
     value_warmup_steps: int = field(
-        default=0, metadata=_help("First iterations that train only the value model (the policy does not move).")
+        default=0,
+        metadata=_help(
+            "First iterations that train only the value model, at --learning_rate (the policy does not move; "
+            "β and the learning-rate schedule wait for the policy's iterations)."
+        ),
     )
     approx_kl_stop: float | None = field(
         default=None,
         metadata=_help(
-            "Stop this batch's PPO epochs when ½·mean(Δlogp²) to the rollout policy exceeds this (off by default)."
+            "Stop this batch's PPO epochs before a step whose minibatch has ½·mean(Δlogp²) to the rollout policy "
+            "above this (measured by that step's forward; the step is not taken; off by default)."
         ),
     )
     # KL
@@ -196,13 +236,36 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         default=0.7,
         metadata=_help("Sampling temperature; part of the policy (every log-prob, the reference's too, uses it)."),
     )
-    top_k: int = field(default=0, metadata=_help("Keep 0: PPO assumes pure sampling from softmax(logits/T)."))
-    top_p: float = field(default=1.0, metadata=_help("Keep 1.0: PPO assumes pure sampling from softmax(logits/T)."))
+    top_k: int = field(
+        default=0,
+        metadata=_help(
+            "Keep 0: PPO assumes pure sampling from softmax(logits/T). Anything else is refused unless "
+            "--allow_biased_rollout is given."
+        ),
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata=_help(
+            "Keep 1.0: PPO assumes pure sampling from softmax(logits/T). Anything else is refused unless "
+            "--allow_biased_rollout is given."
+        ),
+    )
     max_new_tokens: int = field(default=64, metadata=_help("Maximum response tokens."))
     stop_token: str | None = field(
         default=None,
         metadata=_help(
-            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = none)."
+            "An extra token that ends a response besides the tokenizer's eos token (token string or id; 'eos' = "
+            "none). Refused unless --allow_biased_rollout is given: the reward model is then read at a token it "
+            "never saw at the end of its training texts."
+        ),
+    )
+    allow_biased_rollout: bool = field(
+        default=False,
+        metadata=_help(
+            "Accept --stop_token and non-default --top_k/--top_p. Risks: with --stop_token the reward model "
+            "scores responses at a token that never ended its training texts (its score there has no trained "
+            "meaning); --top_k/--top_p sample from a truncated distribution while the PPO ratio and the KL to "
+            "the reference assume softmax(logits/T), so both are biased."
         ),
     )
     response_length: int | None = field(
@@ -278,6 +341,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     keep_checkpoints: bool = field(default=False, metadata=_help(KEEP_CHECKPOINTS_HELP))
 
     def __post_init__(self):
+        refuse_unused_options(self, "`tether ppo`")
         super().__post_init__()
         problems = []
         if self.kl_penalty not in KL_ESTIMATORS:
@@ -293,6 +357,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             problems.append("--ppo_epochs must be >= 1")
         if self.temperature <= 0:
             problems.append("--temperature must be > 0 (it is part of the policy)")
+        problems += self._biased_rollout_problems()
         if self.target_kl is not None and self.target_kl <= 0:
             problems.append("--target_kl must be > 0 (or None for a fixed β)")
         if self.rollout_logprobs not in ("recompute", "generation"):
@@ -306,8 +371,29 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         if isinstance(self.reward_model_path, (list, tuple)) and len(self.reward_model_path) == 1:
             self.reward_model_path = self.reward_model_path[0]  # one reward model: the plain path
         problems += self._estimator_problems()
+        try:
+            tracker_names(self.report_to)  # before anything loads
+        except ConfigError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _biased_rollout_problems(self) -> list[str]:
+        """Options that bias the reward or the PPO ratio: refused unless --allow_biased_rollout."""
+        if self.allow_biased_rollout:
+            return []
+        problems = []
+        if self.stop_token not in (None, "", "eos"):
+            problems.append(
+                f"--stop_token {self.stop_token}: the reward model would score responses at a token that never "
+                "ended its training texts; add --allow_biased_rollout true to accept that"
+            )
+        if self.top_k or self.top_p < 1.0:
+            problems.append(
+                f"--top_k {self.top_k} / --top_p {self.top_p}: PPO's ratio and KL assume pure sampling from "
+                "softmax(logits/T) (--top_k 0, --top_p 1.0); add --allow_biased_rollout true to accept the bias"
+            )
+        return problems
 
     @property
     def reward_model_paths(self) -> list[str]:

@@ -153,14 +153,27 @@ def adapters_disabled(model: nn.Module):
 
 
 def make_accelerator(cfg: PPOConfig):
-    """The ``accelerate.Accelerator`` of a PPO run: mixed precision from --bf16/--fp16, CPU with --use_cpu."""
+    """The ``accelerate.Accelerator`` of a PPO run: mixed precision from --bf16/--fp16, CPU with --use_cpu,
+    the --report_to trackers (tensorboard writes under --output_dir/runs)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    from tether.tracking import tracker_names
 
     mixed = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     # Warm-up leaves the policy without gradients; DDP must then tolerate unused parameters.
     kwargs = [DistributedDataParallelKwargs(find_unused_parameters=cfg.value_warmup_steps > 0)]
-    return Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs)
+    trackers: dict[str, Any] = {}
+    if tracker_names(cfg.report_to):
+        logs = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "runs"))
+        trackers = {"log_with": tracker_names(cfg.report_to), "project_config": logs}
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cfg.use_cpu, kwargs_handlers=kwargs, **trackers)
+    if cfg.fp16 and accelerator.device.type == "cpu":
+        raise ConfigError(
+            "--fp16: on the CPU accelerate applies neither fp16 autocast nor loss scaling (the run would be fp32); "
+            "use --bf16 there, or drop --fp16"
+        )
+    return accelerator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,20 +248,32 @@ def build_ppo_models(
     num_iterations: int,
     resume_dir: Path | None = None,
     say: Callable[[str], None] = print,
+    *,
+    model: nn.Module | None = None,
+    reward_model: nn.Module | None = None,
 ) -> PPOModels:
     """Load the four roles from ``cfg`` (the trained ones from ``resume_dir`` when resuming), then the
-    optimizer and schedule; the trained networks are prepared by ``accelerator``."""
+    optimizer and schedule; the trained networks are prepared by ``accelerator``.
+
+    ``model`` / ``reward_model``: already-loaded objects used instead of --model_name_or_path /
+    --reward_model_path (the policy trains in place; the reference and the default critic are copies).
+    """
     from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm, load_scalar_model
 
     acc = accelerator
     paths = cfg.reward_model_paths
-    if not paths and not cfg.reward_funcs:
+    if reward_model is not None:
+        check_reward_model_object(reward_model, cfg)
+    elif not paths and not cfg.reward_funcs:
         raise ConfigError("--reward_model_path is required (a folder written by `tether rm`), or give --reward_funcs")
     for path in paths:
         check_reward_model(path, tokenizer)
     first_rm = paths[0] if paths else None
     ckpt = resume_dir
-    policy = load_causal_lm(cfg.model_name_or_path, cfg.dtype, **from_pretrained_kwargs(cfg))
+    if model is None:
+        policy = load_causal_lm(cfg.model_name_or_path, cfg.dtype, **from_pretrained_kwargs(cfg))
+    else:
+        policy = model
     if hasattr(policy, "merge_and_unload"):  # an adapter folder (e.g. LoRA SFT) becomes a plain model
         policy = policy.merge_and_unload()
     reference = None
@@ -264,7 +289,11 @@ def build_ppo_models(
         reference = copy.deepcopy(policy)
         if ckpt is not None:
             policy = load_causal_lm(str(ckpt / "policy"), cfg.dtype)
-    reward_model = load_scalar_model(first_rm, cfg.dtype, **from_pretrained_kwargs(cfg)) if first_rm else None
+    if reward_model is not None:  # statistics from the folder it was loaded from, if any
+        first_rm = reward_model.name_or_path if Path(reward_model.name_or_path or "-").is_dir() else None
+    elif first_rm:
+        reward_model = load_scalar_model(first_rm, cfg.dtype, **from_pretrained_kwargs(cfg))
+    given_reward_model = reward_model
     if cfg.critic_free:  # no value model: no parameters, no optimizer state, no forward pass
         value_model = value_head = None
     elif cfg.value_head_on_policy:
@@ -286,22 +315,25 @@ def build_ppo_models(
             reward_model
             if cfg.value_model_path is None
             else load_scalar_model(cfg.value_model_path, cfg.dtype, **from_pretrained_kwargs(cfg))
-        )
+        )  # (without a reward model the config requires --value_model_path or --value_head_on_policy)
         if ckpt is not None:
             value_model = PeftModel.from_pretrained(base, ckpt / "value_model", is_trainable=True)
         else:
             value_model = get_peft_model(base, peft_config_from(cfg, task_type="SEQ_CLS"))
         if cfg.value_model_path is None and reward_model is not None:
             reward_model = None  # scored by the value model with its adapters disabled
+    elif ckpt is None and cfg.value_model_path is None and not paths and given_reward_model is not None:
+        value_head = None  # a reward-model object: the critic starts as a copy of it
+        value_model = copy.deepcopy(given_reward_model).requires_grad_(True)
     else:
         value_head = None
         value_source = (
             str(ckpt / "value_model") if ckpt is not None else (cfg.value_model_path or first_rm)
         )  # (without a reward model the config requires --value_model_path or --value_head_on_policy)
         value_model = load_scalar_model(value_source, cfg.dtype, **from_pretrained_kwargs(cfg))
-    for model in (policy, reference, value_model, reward_model):
-        if model is not None:
-            disable_dropout(model)  # ratio 1 and KL 0 at equal weights, in train mode too
+    for network in (policy, reference, value_model, reward_model):
+        if network is not None:
+            disable_dropout(network)  # ratio 1 and KL 0 at equal weights, in train mode too
     for frozen in (reference, reward_model):
         if frozen is not None:
             frozen.requires_grad_(False)
@@ -309,17 +341,17 @@ def build_ppo_models(
             frozen.to(acc.device)
     # --gradient_checkpointing is TrainingArguments' older name of --activation_checkpointing
     if getattr(cfg, "activation_checkpointing", None) or cfg.gradient_checkpointing:
-        for model in (policy, value_model):
-            if model is None:
+        for network in (policy, value_model):
+            if network is None:
                 continue
-            if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(network, "activation_checkpointing_enable"):
+                network.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy_and_value = PolicyAndValue(policy, value_model, value_head).to(acc.device)
     policy_and_value.train()
     models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, first_rm, say))
-    models.without_reward_model = first_rm is None
+    models.without_reward_model = given_reward_model is None
     for path in paths[1:]:
         member = load_scalar_model(path, cfg.dtype, **from_pretrained_kwargs(cfg))
         disable_dropout(member)
@@ -342,17 +374,37 @@ def _add_optimizer(models: PPOModels, cfg: PPOConfig, acc, num_iterations: int) 
         weight_decay=cfg.weight_decay,
         fused=fused or None,
     )
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * num_iterations)
-    # stepped once per iteration: the learning rate is constant within a rollout batch (OpenAI, N+)
+    # stepped once per iteration that trains the policy (not during --value_warmup_steps): the
+    # learning rate is constant within a rollout batch (OpenAI, N+)
+    policy_iterations = max(1, num_iterations - cfg.value_warmup_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else math.ceil(cfg.warmup_steps * policy_iterations)
     models.scheduler = get_scheduler(
         cfg.lr_scheduler_type,
         optimizer,
         num_warmup_steps=int(warmup),
-        num_training_steps=num_iterations,
+        num_training_steps=policy_iterations,
         scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )
     models.trained, models.optimizer = acc.prepare(models.policy_and_value, optimizer)
     models.trained_parameters = params
+
+
+def check_reward_model_object(model: nn.Module, cfg: PPOConfig) -> None:
+    """A ConfigError unless ``model`` is a one-label sequence-classification model given alone (not
+    with --reward_model_path, whose first folder it would replace, nor --reward_funcs, which weight
+    the reward models by path)."""
+    if getattr(model.config, "num_labels", None) != 1 or not type(strip_peft(model)).__name__.endswith(
+        "ForSequenceClassification"
+    ):
+        raise ConfigError(
+            f"reward_model: a reward model is a sequence-classification model with one label, got "
+            f"{type(model).__name__} (num_labels={getattr(model.config, 'num_labels', None)})"
+        )
+    if cfg.reward_model_paths or cfg.reward_funcs:
+        raise ConfigError(
+            "reward_model: give the reward model as an object or by --reward_model_path, and without "
+            "--reward_funcs (pass the folder by --reward_model_path to combine it with reward functions)"
+        )
 
 
 def check_reward_model(path: str, tokenizer) -> None:

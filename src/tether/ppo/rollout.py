@@ -186,15 +186,10 @@ class RolloutSettings:
         extra = []
         if cfg.stop_token not in (None, "", "eos"):
             extra.append(stop_token_id(tokenizer, cfg.stop_token))
-        if cfg.torch_compile:
-            say(
-                "--torch_compile is not used by tether ppo (with --generation_cache static transformers "
-                "compiles the decoding step on CUDA)"
-            )
-        if cfg.top_k or cfg.top_p < 1.0:
+        if cfg.top_k or cfg.top_p < 1.0:  # PPOConfig refuses these without --allow_biased_rollout
             say(
                 "top_k/top_p change the sampling distribution away from softmax(logits/T): the PPO ratio "
-                "and the KL are then biased"
+                "and the KL are biased (--allow_biased_rollout)"
             )
         fixed = cfg.response_length is not None
         sampling = SamplingSettings(

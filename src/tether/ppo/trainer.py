@@ -75,9 +75,13 @@ logger = logging.getLogger(__name__)
 
 
 class PPOTrainer:
-    """PPO for RLHF. ``PPOTrainer(config, prompts).train()``; models load from the config's paths.
+    """PPO for RLHF. ``PPOTrainer(config, prompts).train()``; models load from the config's paths, or
+    come as objects: ``model`` (the policy, trained in place; the reference is a copy), ``reward_model``
+    (a one-label sequence-classification model; the critic starts as a copy), ``tokenizer`` (default:
+    the one in the folder ``model`` was loaded from).
 
-    ``prompts``: strings, chat-message tuples or ``PromptRecord``s (default: ``--dataset``).
+    ``prompts``: strings, chat-message tuples, ``PromptRecord``s or a ``datasets.Dataset`` with a
+    prompt column, checked as a file is (default: ``--dataset``).
     ``extra_metrics(rollout) -> dict`` adds metrics every iteration (e.g. ``reward/gold``). Pieces
     usable on their own: ``collect_rollout()``, ``learn(batch)`` (one PPO update, returns the
     metrics), ``save_checkpoint()``; ``update_log`` holds the per-minibatch statistics of the last update.
@@ -91,6 +95,8 @@ class PPOTrainer:
         extra_metrics: Callable[[Rollout], dict] | None = None,
         accelerator=None,
         tokenizer=None,
+        model=None,
+        reward_model=None,
     ):
         from transformers import enable_full_determinism, set_seed
 
@@ -109,7 +115,8 @@ class PPOTrainer:
         set_seed(cfg.seed + 100003 * self.rank)  # each rank samples different responses (OpenAI's seed + rank·100003)
         self.geometry = batch_geometry(cfg, self.world)
 
-        self.tokenizer = tokenizer or load_tokenizer(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        source = cfg.model_name_or_path if model is None else model.name_or_path  # a passed model's folder
+        self.tokenizer = tokenizer or load_tokenizer(source, trust_remote_code=cfg.trust_remote_code)
         self.prompts = PromptSampler(cfg, self.tokenizer, prompts)
         self.rewards = ProgrammableRewards(cfg)
         self.rollout_settings = RolloutSettings.from_config(cfg, self.tokenizer, self.geometry.local_batch, self._say)
@@ -120,7 +127,16 @@ class PPOTrainer:
         self.folder = checkpoint.RunFolder(cfg, acc, self.tokenizer)
         self.folder.prepare(self.resume_dir)
 
-        self.models = build_ppo_models(cfg, acc, self.tokenizer, self.num_iterations, self.resume_dir, self._say)
+        self.models = build_ppo_models(
+            cfg,
+            acc,
+            self.tokenizer,
+            self.num_iterations,
+            self.resume_dir,
+            self._say,
+            model=model,
+            reward_model=reward_model,
+        )
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
         self.monitor = KLMonitor(cfg.stop_on_divergence, say=self._say, temperature=cfg.temperature)
         self.state = PPOState()
@@ -136,7 +152,7 @@ class PPOTrainer:
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> PPOResult:
         cfg, acc, st = self.config, self.accelerator, self.state
-        writer = MetricsWriter(cfg.output_dir, cfg.report_to, run_config=cfg.to_dict()) if acc.is_main_process else None
+        writer = metrics_writer(cfg, acc)
         log_every = every(cfg.logging_steps, self.num_iterations)
         progress = Progress(acc, self.num_iterations, st.iteration, cfg.disable_tqdm, log_every)
         stopped_reason, metrics = "completed", {}
@@ -171,8 +187,7 @@ class PPOTrainer:
                 # 8. KL health
                 report = self.monitor.update(metrics["kl/ref"], iteration=st.iteration)
                 metrics["kl/band"] = report.band.name
-                if writer is not None:
-                    writer.log(st.iteration, metrics)
+                writer.log(st.iteration, metrics)
                 progress.show(st.iteration, metrics)
 
                 if st.bad_steps_in_a_row >= cfg.max_bad_steps:
@@ -189,8 +204,7 @@ class PPOTrainer:
             raise checkpoint.reward_function_failed(exc, st.iteration + 1, self.output_dir) from exc
         finally:
             progress.close()
-            if writer is not None:
-                writer.close()
+            writer.close()
         return self._finish(stopped_reason, metrics)
 
     def collect_rollout(self) -> Rollout:
@@ -212,8 +226,12 @@ class PPOTrainer:
         """One PPO update from one rollout batch (this process's share); returns the iteration's metrics."""
         cfg, st = self.config, self.state
         beta = self.kl_ctl.value
-        learning_rate = self.models.scheduler.get_last_lr()[0]  # constant within the iteration
         train_policy = st.iteration >= cfg.value_warmup_steps  # only the critic trains during warm-up
+        # constant within the iteration; the schedule belongs to the policy's iterations: during the
+        # critic's warm-up it waits, and the critic trains at --learning_rate
+        learning_rate = self.models.scheduler.get_last_lr()[0] if train_policy else cfg.learning_rate
+        for group in self.models.optimizer.param_groups:
+            group["lr"] = learning_rate
 
         # 3-4. token rewards, advantages and returns (set on the batch)
         self.estimate_advantages(batch, beta)
@@ -230,11 +248,12 @@ class PPOTrainer:
         time_update = time.perf_counter() - update_started
 
         # 6. KL control from the rollout KL (per-response sum, before the update); the learning rate
-        #    schedule advances once per iteration
+        #    schedule advances once per iteration. Warm-up iterations move neither: the policy did not train.
         kl_ref = self.processes.mean(batch.kl.sum(1))
-        if finite:
+        if finite and train_policy:
             self.kl_ctl.update(kl_ref, cfg.batch_size)
-        self.models.scheduler.step()
+        if train_policy:
+            self.models.scheduler.step()
 
         args = (beta, kl_ref, self.kl_ctl.value, stats, st, not finite, self.processes)
         metrics = iteration_metrics(batch, *args, kl_in_reward=not cfg.kl_in_loss)
@@ -282,12 +301,12 @@ class PPOTrainer:
                 minibatch = order[first : first + mini]
                 stats = self.update(batch, minibatch, train_policy)
                 self.update_log.append({"epoch": epoch, "rows": minibatch.tolist(), **stats})
+                if stats.get("early_stop"):  # this minibatch's step was not taken: it counts in no mean
+                    early_stopped = True
+                    break
                 for key, value in stats.items():
                     sums[key] += value
                 steps += 1
-                if cfg.approx_kl_stop is not None and stats["policy/approx_kl"] > cfg.approx_kl_stop:
-                    early_stopped = True
-                    break
             if early_stopped:
                 break
         if early_stopped:
@@ -362,20 +381,43 @@ class PPOTrainer:
         reduced = self.processes.sum(torch.stack([totals[k] for k in keys])) / self.world
         stats = {k: v.item() for k, v in zip(keys, reduced)}
         stats["policy/ratio_max_dev"] = self.processes.max(ratio_dev).item()
-
-        grads = [p.grad for p in models.trained_parameters if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
-        stats["loss/grad_norm"] = grad_norm
-        if not (math.isfinite(stats["loss/total"]) and math.isfinite(grad_norm)):
+        if cfg.approx_kl_stop is not None and train_policy and approx_kl_stop(stats, cfg.approx_kl_stop):
+            # the policy is already past the bound: stop before this step (Spinning Up's PPO checks
+            # before each step too; the forward that measured it is the step's own)
             models.optimizer.zero_grad(set_to_none=True)
+            stats["early_stop"] = 1.0
+            return stats
+
+        # fp16: accelerate's GradScaler scaled the loss. Gradients are unscaled before their norm is read
+        # (and clipped); an overflow (non-finite gradients from a finite loss) is the scaler's to handle:
+        # optimizer.step() skips the update and lowers the scale, which then stops overflowing.
+        scaler = acc.scaler
+        norm = None  # the norm before clipping, from accelerate (which unscales first)
+        if cfg.max_grad_norm is not None:
+            norm = acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
+        if norm is None:
+            if cfg.max_grad_norm is None:
+                acc.unscale_gradients()  # nothing to do unless fp16
+            grads = [p.grad for p in models.trained_parameters if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+        grad_norm = float(norm)
+        stats["loss/grad_norm"] = grad_norm
+        overflow = scaler is not None and not math.isfinite(grad_norm)
+        if not (math.isfinite(stats["loss/total"]) and (math.isfinite(grad_norm) or overflow)):
+            models.optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # the unscale above recorded this step's inf check: it must be consumed
             reason = f"non-finite loss {stats['loss/total']} or gradient norm {grad_norm}"
             self._record_bad_step(batch.select(minibatch.cpu()), reason)
             stats["skipped"] = 1.0
             return stats
-        if cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
-        models.optimizer.step()
+        models.optimizer.step()  # under fp16 the scaler skips it on overflow and updates its scale
         models.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            stats["loss/grad_scale"] = scaler.get_scale()  # the scale of the next step
+            stats["loss/fp16_overflow"] = float(overflow)
+        if overflow:
+            return stats
         self.state.optimizer_steps += 1
         self.state.bad_steps_in_a_row = 0
         return stats
@@ -426,11 +468,36 @@ class PPOTrainer:
         return result
 
 
+def metrics_writer(cfg: PPOConfig, accelerator) -> MetricsWriter:
+    """metrics.jsonl, and the --report_to trackers of ``accelerator`` (``make_accelerator``) under the
+    project --project and the run name --run_name."""
+    names = {"wandb": "name", "trackio": "name", "mlflow": "run_name"}  # each tracker's keyword for it
+    init_kwargs = {tracker: {key: cfg.run_name} for tracker, key in names.items()} if cfg.run_name else {}
+    return MetricsWriter(cfg.output_dir, accelerator, cfg.project, cfg.to_dict(), init_kwargs)
+
+
+def approx_kl_stop(stats: dict[str, float], bound: float) -> bool:
+    """Early stop: the minibatch's approx KL ½·mean((log π_θ − log π_old)²), from the forward of the
+    step about to be taken (the policy as it is now, before that step), exceeds --approx_kl_stop."""
+    return stats["policy/approx_kl"] > bound
+
+
 def run_ppo(
-    config: PPOConfig, prompts: Sequence | None = None, extra_metrics: Callable[[Rollout], dict] | None = None
+    config: PPOConfig,
+    prompts: Sequence | None = None,
+    extra_metrics: Callable[[Rollout], dict] | None = None,
+    *,
+    model=None,
+    reward_model=None,
+    tokenizer=None,
 ) -> PPOResult:
     """The ``tether ppo`` command: train, write policy/, value_model/, metrics.jsonl and ppo_summary.json.
 
-    ``prompts`` default to ``--dataset``; ``extra_metrics(rollout) -> dict`` adds metrics every iteration.
+    ``prompts`` default to ``--dataset`` (a ``datasets.Dataset`` is accepted); ``extra_metrics(rollout)
+    -> dict`` adds metrics every iteration; ``model``, ``reward_model``, ``tokenizer``: already-loaded
+    objects instead of the config's paths (see ``PPOTrainer``).
     """
-    return PPOTrainer(config, prompts, extra_metrics=extra_metrics).train()
+    trainer = PPOTrainer(
+        config, prompts, extra_metrics=extra_metrics, model=model, reward_model=reward_model, tokenizer=tokenizer
+    )
+    return trainer.train()
