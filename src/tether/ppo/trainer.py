@@ -58,7 +58,13 @@ from tether.ppo.losses import (
     value_loss,
 )
 from tether.ppo.metrics import Processes, Progress, iteration_metrics, reduce_extra
-from tether.ppo.models import build_ppo_models, make_accelerator
+from tether.ppo.models import (
+    build_ppo_models,
+    check_distributed_setup,
+    clip_grad_norm,
+    make_accelerator,
+    total_grad_norm,
+)
 from tether.ppo.monitor import KLMonitor
 from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
 from tether.ppo.rollout import (
@@ -101,6 +107,7 @@ class PPOTrainer:
         self.extra_metrics = extra_metrics
         self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(cfg)
         require_joint_processes(acc.num_processes)  # CPU-only machine launched without --use_cpu true
+        check_distributed_setup(cfg, acc)  # on every process, before any collective
         self.world, self.rank = acc.num_processes, acc.process_index
         self.processes = Processes(acc)
         self.output_dir = Path(cfg.output_dir)
@@ -363,8 +370,7 @@ class PPOTrainer:
         stats = {k: v.item() for k, v in zip(keys, reduced)}
         stats["policy/ratio_max_dev"] = self.processes.max(ratio_dev).item()
 
-        grads = [p.grad for p in models.trained_parameters if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+        grad_norm = total_grad_norm(models.trained_parameters)
         stats["loss/grad_norm"] = grad_norm
         if not (math.isfinite(stats["loss/total"]) and math.isfinite(grad_norm)):
             models.optimizer.zero_grad(set_to_none=True)
@@ -373,7 +379,7 @@ class PPOTrainer:
             stats["skipped"] = 1.0
             return stats
         if cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
+            clip_grad_norm(acc, models.trained_parameters, cfg.max_grad_norm)
         models.optimizer.step()
         models.optimizer.zero_grad(set_to_none=True)
         self.state.optimizer_steps += 1
