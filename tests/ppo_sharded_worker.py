@@ -17,6 +17,9 @@ For each, into OUT/<mode>/:
   a checkpoint after each; ``resumed/``: a fresh folder holding only ``checkpoint-1`` of ``straight/``
   (what a run killed after that checkpoint leaves), resumed with ``--resume_from_checkpoint latest``.
 
+First, a trainer asked for a batch the processes do not divide: each process writes the message it
+stopped with to ``OUT/refused.rank<R>.txt``.
+
 usage: accelerate launch --config_file CONFIG.yaml ppo_sharded_worker.py OUT POLICY RM [fsdp]
 """
 
@@ -103,8 +106,24 @@ def straight_and_resumed(out: Path, policy: str, rm: str, mode: str) -> None:
     PPOTrainer(resumed, PROMPTS).train()
 
 
+def refused(out: Path, policy: str, rm: str) -> None:
+    """A batch the processes do not divide: every process stops with the message before any collective
+    (the runs after it would hang if one had gone on)."""
+    from accelerate import PartialState
+
+    from tether.config import ConfigError
+    from tether.ppo import PPOTrainer
+
+    try:
+        PPOTrainer(config(out / "refused", policy, rm, "full", batch_size=7, mini_batch_size=7), PROMPTS)
+    except ConfigError as exc:
+        (out / f"refused.rank{PartialState().process_index}.txt").write_text(str(exc))
+
+
 def main(out: str, policy: str, rm: str) -> None:
     torch.set_num_threads(1)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    refused(Path(out), policy, rm)
     for mode in MODES:
         fixed_update(Path(out) / mode / "fixed", policy, rm, mode)
         straight_and_resumed(Path(out) / mode, policy, rm, mode)
