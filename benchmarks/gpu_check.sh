@@ -80,12 +80,18 @@ else
 fi
 
 # ---- 2. bf16 smoke runs of rm, dpo, ppo ----------------------------------------------------------
+MODEL=embedded:SmolLM2-135M-Instruct
 if [[ "$MODE" == gpu ]]; then
     PRECISION=(--bf16 true --dtype auto)
-else
-    PRECISION=(--use_cpu true --dtype auto)  # auto = float32 on CPU
+else  # auto = float32 on CPU; a random 2-layer, 128-wide model of the SmolLM2 family (its tokenizer)
+    PRECISION=(--use_cpu true --dtype auto)
+    MODEL="$WORK/tiny-model"
+    step tiny_model 120 "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from bench_ppo import random_model
+from tether.models.loading import resolve_model_path
+random_model(Path(sys.argv[1]), resolve_model_path(None), '2x128', 0)" "$MODEL"
 fi
-SMALL=(--model_name_or_path embedded:SmolLM2-135M-Instruct --report_to none --max_length 128)
+SMALL=(--model_name_or_path "$MODEL" --report_to none --max_length 128)
 smoke() {  # smoke PREFIX LAUNCHER...: rm, then dpo and ppo (ppo scores with that reward model)
     local prefix="$1"
     shift
@@ -94,7 +100,7 @@ smoke() {  # smoke PREFIX LAUNCHER...: rm, then dpo and ppo (ppo scores with tha
     step "${prefix}dpo" 120 "$@" dpo "${SMALL[@]}" "${PRECISION[@]}" --dataset embedded:demo --max_steps 4 \
         --per_device_train_batch_size 4 --output_dir "$WORK/${prefix}dpo"
     if [[ -f "$WORK/${prefix}rm/config.json" ]]; then
-        step "${prefix}ppo" 120 "$@" ppo --model_name_or_path embedded:SmolLM2-135M-Instruct --report_to none \
+        step "${prefix}ppo" 120 "$@" ppo --model_name_or_path "$MODEL" --report_to none \
             "${PRECISION[@]}" --reward_model_path "$WORK/${prefix}rm" --dataset embedded:demo --num_iterations 2 \
             --batch_size 8 --mini_batch_size 4 --max_new_tokens 16 --output_dir "$WORK/${prefix}ppo"
     else
@@ -145,8 +151,8 @@ print(f"\n{'step':{width}}  {'seconds':>8}  status")
 for r in rows:
     print(f"{r['step']:{width}}  {r['seconds']:8.1f}  {r['status']}")
 if bench:
-    for side, result in (bench.get("results") or {}).items():
-        summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        print(f"ppo benchmark, {side}: " + ", ".join(f"{k} {v:.4g}" for k, v in list(summary.items())[:6]))
+    for side, result in (bench.get("summary") or {}).items():
+        numbers = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        print(f"ppo benchmark, {side}: " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
 print(f"wrote {out}")
 EOF
