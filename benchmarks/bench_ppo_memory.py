@@ -109,10 +109,14 @@ def run_config(name: str, work: Path) -> dict:
             **CONFIGS[name],
             **s.get("tether_options", {}),
         )
-        trainer = PPOTrainer(config, prompts)
+        after_update: list[float] = []  # the peak through each iteration's update (before the final save)
+        trainer = PPOTrainer(config, prompts, extra_metrics=lambda _: after_update.append(peak_rss_mb()) or {})
+        after_setup = peak_rss_mb()  # the models loaded (and under FSDP sharded), the optimizer built
         trainer.train()
         models = trainer.models
         detail = {
+            "peak_rss_after_setup_mb": after_setup,
+            "peak_rss_after_update_mb": after_update[-1],
             "trained_parameters": sum(p.numel() for p in models.trained_parameters),
             "process": trainer.rank,
             "processes": trainer.world,

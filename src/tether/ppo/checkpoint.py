@@ -159,7 +159,7 @@ class RunFolder:
             save_fsdp_model(plugin, acc, models.policy_and_value, tmp)
             save_fsdp_optimizer(plugin, acc, models.optimizer, models.policy_and_value, tmp)
         elif acc.is_main_process:
-            models.save(models.complete_networks(acc), tmp, self.tokenizer, merged=False)
+            models.save(dict(models.complete_networks(acc)), tmp, self.tokenizer, merged=False)
             torch.save(models.optimizer.state_dict(), tmp / "optimizer.pt")
         if acc.is_main_process:
             torch.save(models.scheduler.state_dict(), tmp / "scheduler.pt")
@@ -215,15 +215,19 @@ class RunFolder:
         if models.policy_and_value.value_model is None and models.policy_and_value.value_head is None:
             value_name = None  # critic-free: no value model to write
         value_dir = output_dir / value_name if value_name else None
-        networks = models.complete_networks(acc)  # every process: under FSDP the weights are gathered
+        tmp = output_dir / ".tmp-final"
         if acc.is_main_process:
-            tmp = output_dir / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            models.save(networks, tmp, self.tokenizer, merged=True)
-            policy = networks["policy"]
-            if hasattr(policy, "merge_and_unload"):
-                policy.save_pretrained(tmp / "adapter", safe_serialization=True)
+        # every process: under FSDP each network is gathered in turn (one whole copy at a time)
+        for name, network in models.complete_networks(acc):
+            if network is not None:
+                models.save({name: network}, tmp, self.tokenizer, merged=True)
+                if name == "policy" and hasattr(network, "merge_and_unload"):  # the adapter alone too
+                    network.save_pretrained(tmp / "adapter", safe_serialization=True)
+            del network
+        if acc.is_main_process:
+            if (tmp / "adapter").is_dir():
                 replace_folder(tmp / "adapter", output_dir / "adapter")
             replace_folder(tmp / "policy", policy_dir)
             if value_name:

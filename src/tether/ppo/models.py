@@ -21,7 +21,7 @@ import copy
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,44 +283,45 @@ class PPOModels(RolloutModels):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def complete_networks(self, accelerator) -> dict[str, nn.Module] | None:
-        """The trained networks (``policy``, ``value_model``, ``value_head``; the ones present) with all
-        their weights, on the main process; None on the others.
+    def complete_networks(self, accelerator) -> Iterator[tuple[str, nn.Module | None]]:
+        """The trained networks (``policy``, ``value_model``, ``value_head``; the ones present), one at a
+        time, each with all its weights on the main process (None on the others).
 
-        EVERY process must call it: under FSDP each network's full state dict is gathered with
+        EVERY process must run through it: under FSDP each network's full state dict is gathered with
         accelerate's ``Accelerator.get_state_dict`` (FSDP2: ``get_model_state_dict(full_state_dict=True,
-        cpu_offload=True)``), a collective, and the main process loads it into an unsharded copy."""
+        cpu_offload=True)``), a collective, and the main process loads it into an unsharded copy; one
+        network at a time, so that only one whole copy exists at once (drop it before the next)."""
         models = self.policy_and_value
-        networks = {
-            name: model
-            for name, model in (
-                ("policy", models.policy),
-                ("value_model", models.value_model),
-                ("value_head", models.value_head),
-            )
-            if model is not None
-        }
-        if not sharded_with_fsdp(accelerator):
-            return networks if accelerator.is_main_process else None
-        from tether.stages.common import unsharded_copy
+        sharded = sharded_with_fsdp(accelerator)
+        for name, model in (
+            ("policy", models.policy),
+            ("value_model", models.value_model),
+            ("value_head", models.value_head),
+        ):
+            if model is None:
+                continue
+            if not sharded:
+                yield name, model if accelerator.is_main_process else None
+                continue
+            from tether.stages.common import unsharded_copy
 
-        gathered = {name: accelerator.get_state_dict(model) for name, model in networks.items()}
-        if not accelerator.is_main_process:
-            return None
-        complete = {}
-        for name, model in networks.items():
+            state_dict = accelerator.get_state_dict(model)
+            if not accelerator.is_main_process:
+                yield name, None
+                continue
             if name == "value_head":
-                head = nn.Linear(model.in_features, 1, dtype=gathered[name]["weight"].dtype)
-                head.load_state_dict(gathered[name])
-                complete[name] = head
+                complete = nn.Linear(model.in_features, 1, dtype=state_dict["weight"].dtype)
+                complete.load_state_dict(state_dict)
             else:
-                complete[name] = unsharded_copy(model, gathered[name])
-        return complete
+                complete = unsharded_copy(model, state_dict)
+            del state_dict
+            yield name, complete
+            del complete
 
     @staticmethod
     def save(networks: dict[str, nn.Module], folder: Path, tokenizer, merged: bool) -> None:
-        """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/, from
-        :meth:`complete_networks` (main process only)."""
+        """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/, of
+        the networks given (from :meth:`complete_networks`; main process only)."""
         for name in ("policy", "value_model"):
             model = networks.get(name)
             if model is None:
