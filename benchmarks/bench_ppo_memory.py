@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.config:
-        print("RESULT " + json.dumps(run_config(args.config, args.work)), flush=True)
+        result = run_config(args.config, args.work)
+        if "BENCH_RUN" in os.environ:  # (--sharded) one file per process: their stdout lines would interleave
+            (args.work / f"result-{os.environ['BENCH_RUN']}-{result['process']}.json").write_text(json.dumps(result))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     if args.sharded:
         run_sharded(args, argv)
@@ -263,7 +266,7 @@ def run_sharded(args, argv) -> None:
                 ],
             }
             for layout, command in launch.items():
-                run_env = env | {"BENCH_RUN": f"{layout}", "BENCH_FSDP_ON_CPU": "1" if "fsdp" in layout else "0"}
+                run_env = env | {"BENCH_RUN": f"{name}-{layout}", "BENCH_FSDP_ON_CPU": "1" if "fsdp" in layout else "0"}
                 started = time.perf_counter()
                 proc = subprocess.run(command, capture_output=True, text=True, env=run_env, cwd=str(work))
                 entry: dict = {"wall_seconds": time.perf_counter() - started}
@@ -271,10 +274,10 @@ def run_sharded(args, argv) -> None:
                     entry["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
                     print(f"{name} {layout}: FAILED (exit {proc.returncode})\n{entry['error'][-2000:]}", flush=True)
                 else:
-                    rows = [
-                        json.loads(x[len("RESULT ") :]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")
-                    ]
-                    entry["per_process"] = sorted(rows, key=lambda r: r["process"])
+                    files = sorted(work.glob(f"result-{name}-{layout}-*.json"))
+                    entry["per_process"] = sorted(
+                        (json.loads(f.read_text()) for f in files), key=lambda r: r["process"]
+                    )
                     peaks = [r["peak_rss_mb"] for r in entry["per_process"]]
                     entry["max_peak_rss_mb"] = max(peaks)
                     print(f"{name} {layout}: peak RSS per process {[round(p) for p in peaks]} MiB", flush=True)
