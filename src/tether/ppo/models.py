@@ -451,6 +451,9 @@ def build_ppo_models(
             for m in (policy, value_model, value_head, reference, reward_model)
         )
         ensemble = [(shard(acc, m, names), stats) for m, stats in ensemble]
+        for frozen in (reference, reward_model, *(m for m, _ in ensemble)):
+            if frozen is not None:  # no backward ever reshards them: every unit reshards after its forward
+                frozen.set_reshard_after_forward(True)
     policy_and_value = PolicyAndValue(policy, value_model, value_head)
     if not sharded:
         policy_and_value.to(acc.device)
