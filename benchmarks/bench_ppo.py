@@ -458,7 +458,7 @@ def main() -> None:
 
         memory_main([])
         return
-    if not (TRL_PATH / "trl").is_dir():
+    if "trl" in args.sides.split(",") and not (TRL_PATH / "trl").is_dir():
         raise SystemExit(f"TRL 1.12.0 missing: {PYTHON.parent}/pip install --no-deps --target {TRL_PATH} trl==1.12.0")
     settings = {
         k: getattr(args, k)

@@ -21,6 +21,14 @@ interpreter + torch + transformers baseline, the same for every configuration):
 
 The target of issue 7 reads "LoRA PPO peak memory ≤ 1.5× training the policy alone"; both the
 ratio of whole-process peaks and the ratio of peaks above the common baseline are written.
+
+``--sharded ppo_full [ppo_lora ...]`` measures instead the peak per process of those configurations
+on 1 process (plain) and on 2 CPU processes under FSDP2 (``accelerate launch`` with a copy of
+``configs/accelerate/fsdp.yaml`` with ``use_cpu: true``, ``num_processes: 2``, ``mixed_precision:
+'no'``; accelerate shards only on GPUs, so the ranks import ``tests/fsdp_on_cpu.py``, which lifts
+that one gate), the same global batch, and writes ``results/ppo_memory_sharded.json``::
+
+    .venv/bin/python benchmarks/bench_ppo_memory.py --sharded ppo_full ppo_lora --threads 1
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ def run_config(name: str, work: Path) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     import transformers  # noqa: F401  (part of the baseline)
 
+    if os.environ.get("BENCH_FSDP_ON_CPU") == "1":  # (--sharded) before any Accelerator exists
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        import fsdp_on_cpu  # noqa: F401
+
     s = json.loads((work / "settings.json").read_text())
     baseline = rss_mb()
     started = time.perf_counter()
@@ -78,7 +90,7 @@ def run_config(name: str, work: Path) -> dict:
 
         prompts = json.loads((work / "prompts.json").read_text())["texts"]
         config = PPOConfig(
-            output_dir=str(work / f"{name}-{os.getpid()}"),
+            output_dir=str(work / f"{name}-{os.environ.get('BENCH_RUN', os.getpid())}"),
             model_name_or_path=s["model"],
             reward_model_path=str(work / "rm"),
             batch_size=s["batch_size"],
@@ -97,9 +109,19 @@ def run_config(name: str, work: Path) -> dict:
             **CONFIGS[name],
             **s.get("tether_options", {}),
         )
-        trainer = PPOTrainer(config, prompts)
+        after_update: list[float] = []  # the peak through each iteration's update (before the final save)
+        trainer = PPOTrainer(config, prompts, extra_metrics=lambda _: after_update.append(peak_rss_mb()) or {})
+        after_setup = peak_rss_mb()  # the models loaded (and under FSDP sharded), the optimizer built
         trainer.train()
-        detail = {"trained_parameters": sum(p.numel() for p in trainer.trained_parameters)}
+        models = trainer.models
+        detail = {
+            "peak_rss_after_setup_mb": after_setup,
+            "peak_rss_after_update_mb": after_update[-1],
+            "trained_parameters": sum(p.numel() for p in models.trained_parameters),
+            "process": trainer.rank,
+            "processes": trainer.world,
+            "distributed_type": str(trainer.accelerator.distributed_type.value),
+        }
     return {
         "peak_rss_mb": peak_rss_mb(),
         "baseline_rss_mb": baseline,
@@ -114,22 +136,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tether_options", default="{}", help="JSON of extra PPOConfig fields for tether")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "ppo_memory.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--sharded",
+        nargs="+",
+        choices=[c for c in CONFIGS if CONFIGS[c] is not None],
+        help="peak per process on 1 process vs 2 under FSDP2 for these configurations",
+    )
     args = parser.parse_args(argv)
     if args.config:
-        print("RESULT " + json.dumps(run_config(args.config, args.work)), flush=True)
+        result = run_config(args.config, args.work)
+        if "BENCH_RUN" in os.environ:  # (--sharded) one file per process: their stdout lines would interleave
+            (args.work / f"result-{os.environ['BENCH_RUN']}-{result['process']}.json").write_text(json.dumps(result))
+        print("RESULT " + json.dumps(result), flush=True)
         return
-    settings = {
-        "model": None,
-        "batch_size": 16,
-        "mini_batch_size": 8,
-        "ppo_epochs": 2,
-        "response_length": 32,
-        "warmup": 0,
-        "iterations": 1,
-        "seed": 0,
-        "tether_options": json.loads(args.tether_options),
-    }
+    if args.sharded:
+        run_sharded(args, argv)
+        return
+    args.out = args.out or HERE / "results" / "ppo_memory.json"
+    settings = _settings(args)
     results = {}
     with tempfile.TemporaryDirectory(prefix="tmp-ppo-memory-", dir=HERE / "results") as tmp:
         work = Path(tmp)
@@ -186,6 +211,97 @@ def main(argv: list[str] | None = None) -> None:
             f"(above baseline x{r['ratio_above_baseline']:.2f})"
         )
     print(f"wrote {args.out}")
+
+
+def _settings(args) -> dict:
+    return {
+        "model": None,
+        "batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 2,
+        "response_length": 32,
+        "warmup": 0,
+        "iterations": 1,
+        "seed": 0,
+        "tether_options": json.loads(args.tether_options),
+    }
+
+
+def run_sharded(args, argv) -> None:
+    """Each configuration of ``args.sharded`` on 1 process, then on 2 under FSDP2: peak RSS per process."""
+    import yaml
+
+    out = args.out or HERE / "results" / "ppo_memory_sharded.json"
+    settings = _settings(args)
+    python = PYTHON if PYTHON.exists() else Path(sys.executable)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tmp-ppo-memory-", dir=HERE / "results") as tmp:
+        work = Path(tmp)
+        prepare(work, settings)
+        fsdp = yaml.safe_load((HERE.parent / "configs" / "accelerate" / "fsdp.yaml").read_text())
+        fsdp.update(use_cpu=True, num_processes=2, mixed_precision="no")
+        (work / "fsdp_cpu.yaml").write_text(yaml.safe_dump(fsdp))
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "BENCH_THREADS": str(args.threads),
+            "OMP_NUM_THREADS": str(args.threads),
+            "PYTHONPATH": str(HERE.parent / "src"),  # this checkout's tether
+        }
+        worker = [str(Path(__file__).resolve()), "--work", str(work), "--config"]
+        for name in args.sharded:
+            launch = {
+                "1_process": [str(python), *worker, name],
+                "2_processes_fsdp2": [
+                    str(python),
+                    "-m",
+                    "accelerate.commands.launch",
+                    "--config_file",
+                    str(work / "fsdp_cpu.yaml"),
+                    "--num_cpu_threads_per_process",
+                    str(args.threads),
+                    *worker,
+                    name,
+                ],
+            }
+            for layout, command in launch.items():
+                run_env = env | {"BENCH_RUN": f"{name}-{layout}", "BENCH_FSDP_ON_CPU": "1" if "fsdp" in layout else "0"}
+                started = time.perf_counter()
+                proc = subprocess.run(command, capture_output=True, text=True, env=run_env, cwd=str(work))
+                entry: dict = {"wall_seconds": time.perf_counter() - started}
+                if proc.returncode != 0:
+                    entry["error"] = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
+                    print(f"{name} {layout}: FAILED (exit {proc.returncode})\n{entry['error'][-2000:]}", flush=True)
+                else:
+                    files = sorted(work.glob(f"result-{name}-{layout}-*.json"))
+                    entry["per_process"] = sorted(
+                        (json.loads(f.read_text()) for f in files), key=lambda r: r["process"]
+                    )
+                    peaks = [r["peak_rss_mb"] for r in entry["per_process"]]
+                    entry["max_peak_rss_mb"] = max(peaks)
+                    print(f"{name} {layout}: peak RSS per process {[round(p) for p in peaks]} MiB", flush=True)
+                results.setdefault(name, {})[layout] = entry
+            pair = results[name]
+            if all("max_peak_rss_mb" in pair[k] for k in launch):
+                pair["ratio_2_to_1"] = (
+                    pair["2_processes_fsdp2"]["max_peak_rss_mb"] / pair["1_process"]["max_peak_rss_mb"]
+                )
+    report = {
+        "benchmark": "ppo_memory_sharded",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
+        "load_average": os.getloadavg(),
+        "command": "python benchmarks/bench_ppo_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": settings,
+        "target": "peak RSS per process lower on 2 processes (FSDP2) than on 1",
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".tmp-{out.name}")
+    tmp_out.write_text(json.dumps(report, indent=2))
+    os.replace(tmp_out, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ppo_tiny import word_dirs  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 from test_scale_out import SKIP, _check_global_batches, _free_port, _initial_weights_differ, _pairs, _rows, _write
 
@@ -243,3 +244,146 @@ def test_fsdp_config_on_cpu_processes_is_refused_before_training(tmp_path, tiny_
     assert "use_cpu" in output and "multi_cpu.yaml" in output
     assert "meta tensor" not in output and "]: Traceback" not in output  # (the launcher reports the exit codes)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO under FSDP2 (tests/ppo_sharded_worker.py): every network sharded, the frozen ones too
+# ---------------------------------------------------------------------------------------------
+PPO_MODES = ("full", "lora", "value_head")
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory, word_dirs):
+    """``two/<mode>/``: the fixed update and the 2-iteration loop (straight, resumed) on 2 processes
+    under FSDP2; ``one/<mode>/fixed``: the fixed update on 1 process."""
+    from ppo_sharded_worker import fixed_update
+
+    root = tmp_path_factory.mktemp("ppo-sharded")
+    policy, rm = str(word_dirs["policy"]), str(word_dirs["rm"])
+    worker = HERE / "ppo_sharded_worker.py"
+    two = subprocess.Popen(
+        [*_launcher(fsdp_on_two_cpu_processes(root)), str(worker), str(root / "two"), policy, rm, "fsdp"],
+        cwd=HERE,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for mode in PPO_MODES:
+            fixed_update(root / "one" / mode / "fixed", policy, rm, mode)
+    finally:
+        torch.set_num_threads(before)
+    _finished(two)
+    return root
+
+
+def _network_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"{f.parent.name}/{k}": v for f in sorted(folder.glob("*/*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("mode", PPO_MODES)
+def test_ppo_with_sharded_networks_equals_one_process(ppo_runs, word_dirs, mode):
+    """One update from the same fixed batch (8 rows; 4 + 4 on 2 processes): the same metrics and,
+    gathered by accelerate and saved once, the same final networks (measured: metrics within 2.0e-5
+    relative, weights within 3.1e-6)."""
+    one, two = ppo_runs / "one" / mode / "fixed", ppo_runs / "two" / mode / "fixed"
+    a, b = (json.loads((f / "learn.json").read_text()) for f in (one, two))
+    assert (a["world"], b["world"]) == (1, 2)
+    ma, mb = a["metrics"], b["metrics"]
+    assert ma["response/stopped"] == mb["response/stopped"] == 5 / 8  # the fixed batch, reduced over ranks
+    for key, value in ma.items():
+        if not isinstance(value, float) or key.startswith(("time/", "throughput/")):
+            continue
+        tol = dict(abs=0.05) if key.endswith("clipfrac") else TOL  # a share of tokens: a float tie may flip one
+        assert mb[key] == pytest.approx(value, **tol), key
+    wa, wb = _network_weights(one), _network_weights(two)
+    critic = "value_head" if mode == "value_head" else "value_model"
+    assert {k.split("/")[0] for k in wb} == {"policy", critic} | ({"adapter"} if mode == "lora" else set())
+    assert wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape for k in wa)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_TOL
+    initial = load_file(word_dirs["policy"] / "model.safetensors")
+    assert any(not torch.equal(wb[f"policy/{k}"], v) for k, v in initial.items())  # the policy moved
+    if mode == "lora":  # merged on saving; the adapter alone in adapter/
+        assert (
+            not any("lora" in k for k in wb if k.startswith("policy/"))
+            and (two / "adapter" / "adapter_config.json").is_file()
+        )
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    loaded = {"policy": AutoModelForCausalLM.from_pretrained(two / "policy")}
+    if critic == "value_model":
+        loaded[critic] = AutoModelForSequenceClassification.from_pretrained(two / critic)
+    for name, model in loaded.items():
+        for key, tensor in model.state_dict().items():
+            if f"{name}/{key}" in wb:
+                assert torch.equal(tensor, wb[f"{name}/{key}"]), key
+
+
+@pytest.mark.parametrize("mode", PPO_MODES)
+def test_ppo_sharded_checkpoint_resumes_exactly(ppo_runs, mode):
+    """The whole loop under FSDP2 (sampling on the sharded policy, gathered for generation): a run
+    stopped after its sharded checkpoint-1 and resumed ends bit-identical to the straight run."""
+    straight, resumed = ppo_runs / "two" / mode / "straight", ppo_runs / "two" / mode / "resumed"
+    checkpoint = straight / "checkpoint-1"
+    shards = ["__0_0.distcp", "__1_0.distcp"]  # one shard per process of the networks and of the optimizer
+    assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == shards
+    assert sorted(p.name for p in (checkpoint / "optimizer_0").glob("*.distcp")) == shards
+    assert not (checkpoint / "policy").exists() and not (checkpoint / "optimizer.pt").exists()
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["response/length"] > 0 for r in rows)
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert len(again) == 1
+    for key, value in rows[-1].items():
+        if not key.startswith(("time", "throughput/")):  # (time: the wall clock of the row)
+            assert again[-1][key] == value, key
+    ws, wr = _network_weights(straight), _network_weights(resumed)
+    assert ws.keys() == wr.keys() and all(torch.equal(ws[k], wr[k]) for k in ws)
+
+
+def test_ppo_config_that_cannot_work_stops_every_process_before_training(ppo_runs, tmp_path, word_dirs):
+    """A launch tether cannot run as asked stops on both processes with a message naming the option,
+    before any collective (nobody waits for the other) and before anything is written: the whole
+    ``tether ppo`` command with an FSDP option it does not apply, and (inside the worker's launch,
+    whose later runs show that no process was left behind) a batch the 2 processes do not divide."""
+    for rank in (0, 1):
+        message = (ppo_runs / "two" / f"refused.rank{rank}.txt").read_text()
+        assert "--batch_size 7 and --mini_batch_size 7 must be multiples of the 2 processes" in message
+    assert not (ppo_runs / "two" / "refused").exists()
+
+    config = fsdp_on_two_cpu_processes(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["fsdp_config"]["fsdp_activation_checkpointing"] = True
+    config.write_text(yaml.safe_dump(settings))
+    prompts = tmp_path / "prompts.jsonl"
+    _write(prompts, [{"prompt": p} for p in ("a b", "c d", "e f", "g h")])
+    out = tmp_path / "ppo"
+    command = [
+        *_launcher(config),
+        str(HERE / "fsdp_cli.py"),
+        "ppo",
+        "--use_cpu",
+        "true",
+        "--model_name_or_path",
+        str(word_dirs["policy"]),
+        "--reward_model_path",
+        str(word_dirs["rm"]),
+        "--dataset",
+        str(prompts),
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+    ]
+    result = subprocess.run(command, cwd=HERE, env=_env(), capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    message = "tether ppo: error: fsdp_activation_checkpointing: true in the accelerate config is not applied"
+    assert output.count(message) == 2, output[-4000:]  # both processes (their lines may interleave)
+    assert output.count("pass --gradient_checkpointing true") == 2
+    assert "]: Traceback" not in output and not out.exists()

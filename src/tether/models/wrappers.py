@@ -4,7 +4,8 @@
   a PEFT model as it is: its adapters are part of the model (a LoRA policy, ``disable_adapter``).
 * :func:`strip_peft` goes further, to the transformers model itself: the one whose ``config``,
   ``generation_config``, ``get_output_embeddings`` and ``forward`` signature callers read.
-* :func:`gathered_weights` makes DeepSpeed ZeRO-3's partitioned parameters whole for a block.
+* :func:`gathered_weights` makes DeepSpeed ZeRO-3's partitioned parameters whole for a block;
+  :func:`unsharded` does the same for FSDP2's sharded ones, kept whole through every forward of the block.
 """
 
 from __future__ import annotations
@@ -45,3 +46,47 @@ def gathered_weights(*models, modifier_rank: int | None = None):
     params = [p for m in models for p in m.parameters()]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
+
+
+def fsdp_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` made sharded units (none outside FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Under FSDP2 every process holds the whole parameters of ``model`` inside this block: each
+    sharded unit is all-gathered once on entering (``FSDPModule.unshard``), kept whole through every
+    forward of the block (``set_reshard_after_forward(False)``, as torch's documentation suggests for
+    evaluation) and resharded on leaving, each unit back to its own setting.
+
+    For generation: each process decodes its own prompts for as many steps as its responses need, a
+    different number of forwards on each process, which FSDP's gathers at every forward would
+    deadlock (and one gather per rollout instead of one per token). Costs the whole model's memory
+    for the block, as DeepSpeed ZeRO-3's gathered generation does. A collective: every process
+    must enter it. Anywhere else it does nothing."""
+    units = fsdp_units(model)
+    if not units:
+        yield
+        return
+    # whether each unit reshards after its forward (accelerate: the transformer blocks yes, the root
+    # and the embedding/head tail no); FSDP2 keeps it as the presence of a post-forward mesh
+    resharding = [
+        any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups) for u in units
+    ]
+    # FSDP2 takes the first unit to run forward for the root; generate calls the embedding (a unit of
+    # its own) before the model's forward, so the root is settled here (a no-op after the first time)
+    units[0]._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit, reshard in zip(units, resharding):
+            unit.reshard()
+            unit.set_reshard_after_forward(reshard, recurse=False)

@@ -1,7 +1,9 @@
 """What ``tether ppo`` writes into its output folder, on the shared durable layer (``tether.durable``).
 
-* ``checkpoint-N/`` (N = completed iterations): policy/ and value_model/ (or value_head/), the
-  optimizer and scheduler, each process's random-number state, ppo_config.json and, written last,
+* ``checkpoint-N/`` (N = completed iterations): policy/ and value_model/ (or value_head/) and the
+  optimizer (under FSDP instead ``pytorch_model_fsdp_0/`` and ``optimizer_0/``, accelerate's sharded
+  checkpoint of the trained networks and their optimizer, one shard per process), the scheduler,
+  each process's random-number state, ppo_config.json and, written last,
   ``trainer_state.json`` (the PPO counters, KL controller and monitor). The folder is built as
   ``.tmp-checkpoint-N/`` and renamed into place, so a ``checkpoint-N`` is always complete; the same
   folder and state-file names as the Trainer-based stages, so one listing rule serves all.
@@ -37,7 +39,7 @@ from tether.durable import (
     truncate_metrics,
     write_json_atomic,
 )
-from tether.ppo.models import PPOModels
+from tether.ppo.models import PPOModels, sharded_with_fsdp
 from tether.stages.common import BAD_BATCHES_FILE
 from tether.tracking import METRICS_FILE, append_jsonl
 
@@ -150,9 +152,16 @@ class RunFolder:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         torch.save(rng_state() | {"shuffle": shuffle_rng.get_state()}, tmp / f"rng_state_{self.rank}.pth")
-        if acc.is_main_process:
-            models.save(tmp, self.tokenizer, merged=False)
+        if sharded_with_fsdp(acc):  # every process writes its shards (the config's fsdp_state_dict_type)
+            from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
+
+            plugin = acc.state.fsdp_plugin
+            save_fsdp_model(plugin, acc, models.policy_and_value, tmp)
+            save_fsdp_optimizer(plugin, acc, models.optimizer, models.policy_and_value, tmp)
+        elif acc.is_main_process:
+            models.save(dict(models.complete_networks(acc)), tmp, self.tokenizer, merged=False)
             torch.save(models.optimizer.state_dict(), tmp / "optimizer.pt")
+        if acc.is_main_process:
             torch.save(models.scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "ppo_config.json").write_text(self.config.to_json_string(), encoding="utf-8")
             state = training_state | {"world_size": acc.num_processes}
@@ -176,8 +185,16 @@ class RunFolder:
                 f"resuming a {data['world_size']}-process checkpoint on {world} processes: sampling "
                 "seeds differ from an uninterrupted run"
             )
-        # loaded on the CPU; load_state_dict moves each state tensor to its parameter's device
-        models.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+        if sharded_with_fsdp(self.accelerator):  # the trained networks' and optimizer's shards, every process
+            from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+
+            acc, plugin = self.accelerator, self.accelerator.state.fsdp_plugin
+            load_fsdp_model(plugin, acc, models.policy_and_value, folder)
+            load_fsdp_optimizer(plugin, acc, models.optimizer, models.policy_and_value, folder)
+        else:  # loaded on the CPU; load_state_dict moves each state tensor to its parameter's device
+            models.optimizer.load_state_dict(
+                torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+            )
         models.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=False))
         rng_file = folder / f"rng_state_{self.rank}.pth"
         if rng_file.is_file():
@@ -198,14 +215,19 @@ class RunFolder:
         if models.policy_and_value.value_model is None and models.policy_and_value.value_head is None:
             value_name = None  # critic-free: no value model to write
         value_dir = output_dir / value_name if value_name else None
+        tmp = output_dir / ".tmp-final"
         if acc.is_main_process:
-            tmp = output_dir / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            models.save(tmp, self.tokenizer, merged=True)
-            policy = models.policy_and_value.policy
-            if hasattr(policy, "merge_and_unload"):
-                policy.save_pretrained(tmp / "adapter", safe_serialization=True)
+        # every process: under FSDP each network is gathered in turn (one whole copy at a time)
+        for name, network in models.complete_networks(acc):
+            if network is not None:
+                models.save({name: network}, tmp, self.tokenizer, merged=True)
+                if name == "policy" and hasattr(network, "merge_and_unload"):  # the adapter alone too
+                    network.save_pretrained(tmp / "adapter", safe_serialization=True)
+            del network
+        if acc.is_main_process:
+            if (tmp / "adapter").is_dir():
                 replace_folder(tmp / "adapter", output_dir / "adapter")
             replace_folder(tmp / "policy", policy_dir)
             if value_name:

@@ -21,7 +21,7 @@ import copy
 import functools
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,13 @@ class PolicyAndValue(nn.Module):
         self.value_model = value_model
         self.value_head = value_head
 
+    def set_requires_gradient_sync(self, requires_gradient_sync: bool) -> None:
+        """Under FSDP2 (each network sharded on its own): whether the next backward reduce-scatters the
+        gradients; ``accelerate``'s ``no_sync`` turns it off for all micro-batches but the last."""
+        for network in (self.policy, self.value_model, self.value_head):
+            if hasattr(network, "set_requires_gradient_sync"):
+                network.set_requires_gradient_sync(requires_gradient_sync)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -133,15 +140,16 @@ class PolicyAndValue(nn.Module):
         return logits, values
 
 
-def make_value_head(policy: nn.Module) -> nn.Linear:
-    """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences)."""
+def make_value_head(policy: nn.Module, device: torch.device | None = None) -> nn.Linear:
+    """A linear value head on the policy trunk, initialised to zero (OpenAI lm-human-preferences),
+    on ``device`` (default: the policy's)."""
     config = strip_peft(policy).config
     hidden = config.get_text_config().hidden_size
     head = nn.Linear(hidden, 1)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     param = next(policy.parameters())
-    return head.to(device=param.device, dtype=param.dtype)
+    return head.to(device=device or param.device, dtype=param.dtype)
 
 
 @contextlib.contextmanager
@@ -174,6 +182,73 @@ def make_accelerator(cfg: PPOConfig):
             "use --bf16 there, or drop --fp16"
         )
     return accelerator
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded training (FSDP2)
+# ---------------------------------------------------------------------------------------------
+def sharded_with_fsdp(accelerator) -> bool:
+    """The run shards its networks with FSDP (``accelerate launch`` with an FSDP config, on GPUs)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check_distributed_setup(cfg: PPOConfig, accelerator) -> None:
+    """A ConfigError naming the option, for a launch ``tether ppo`` cannot run as asked.
+
+    Every process calls it before any collective and reaches the same verdict from the same
+    configuration, so all of them stop together and none is left waiting."""
+    from accelerate.utils import DistributedType
+
+    from tether.stages.common import fsdp_requested
+
+    kind = accelerator.distributed_type
+    if fsdp_requested() and kind != DistributedType.FSDP:
+        # e.g. configs/accelerate/fsdp.yaml with use_cpu: true: transformers would leave the weights of
+        # processes > 0 on the meta device (fsdp_cpu_ram_efficient_loading) for a plain data-parallel run
+        raise ConfigError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP) but accelerate runs it as {kind.value}: "
+            "accelerate shards models with FSDP on GPUs only (use_cpu: true / --use_cpu true turn it into plain "
+            "data parallel). On CPU processes use configs/accelerate/multi_cpu.yaml; for FSDP run on GPUs with "
+            "use_cpu: false"
+        )
+    if kind == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "tether ppo does not run under DeepSpeed (distributed_type: DEEPSPEED in the accelerate config): its "
+            "four networks are sharded with FSDP2; use configs/accelerate/fsdp.yaml (or multi_gpu.yaml for data "
+            "parallel)"
+        )
+    if kind != DistributedType.FSDP:
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"tether ppo under FSDP needs fsdp_version: 2 in the accelerate config (got {plugin.fsdp_version}): "
+            "each of its networks is sharded with FSDP2's fully_shard"
+        )
+    if plugin.activation_checkpointing:
+        raise ConfigError(
+            "fsdp_activation_checkpointing: true in the accelerate config is not applied by tether ppo (it shards "
+            "its networks itself); set it to false and pass --gradient_checkpointing true"
+        )
+
+
+def shard(accelerator, module: nn.Module, user_layer_names: list[str] | None) -> nn.Module:
+    """``module`` sharded with FSDP2 by accelerate (``fsdp2_prepare_model``: the transformer blocks,
+    the embedding and head, the rest at the root; with ``fsdp_cpu_ram_efficient_loading`` the main
+    process's weights are sent to the others). Every process must call it, in the same order.
+
+    ``user_layer_names``: ``fsdp_transformer_layer_cls_to_wrap`` as the config gave it; unset, each
+    network is split at its own ``_no_split_modules`` (accelerate keeps the first network's otherwise)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    if not hasattr(module, "config"):  # the value head: built whole and alike on every process, one unit
+        return fully_shard(module, mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+    plugin.transformer_cls_names_to_wrap = user_layer_names
+    return fsdp2_prepare_model(accelerator, module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,22 +296,59 @@ class PPOModels(RolloutModels):
             for p, flag in flags:
                 p.requires_grad_(flag)
 
-    def save(self, folder: Path, tokenizer, merged: bool) -> None:
-        """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/."""
+    def complete_networks(self, accelerator) -> Iterator[tuple[str, nn.Module | None]]:
+        """The trained networks (``policy``, ``value_model``, ``value_head``; the ones present), one at a
+        time, each with all its weights on the main process (None on the others).
+
+        EVERY process must run through it: under FSDP each network's full state dict is gathered with
+        accelerate's ``Accelerator.get_state_dict`` (FSDP2: ``get_model_state_dict(full_state_dict=True,
+        cpu_offload=True)``), a collective, and the main process loads it into an unsharded copy; one
+        network at a time, so that only one whole copy exists at once (drop it before the next)."""
         models = self.policy_and_value
-        for name, model in (("policy", models.policy), ("value_model", models.value_model)):
+        sharded = sharded_with_fsdp(accelerator)
+        for name, model in (
+            ("policy", models.policy),
+            ("value_model", models.value_model),
+            ("value_head", models.value_head),
+        ):
+            if model is None:
+                continue
+            if not sharded:
+                yield name, model if accelerator.is_main_process else None
+                continue
+            from tether.stages.common import unsharded_copy
+
+            state_dict = accelerator.get_state_dict(model)
+            if not accelerator.is_main_process:
+                yield name, None
+                continue
+            if name == "value_head":
+                complete = nn.Linear(model.in_features, 1, dtype=state_dict["weight"].dtype)
+                complete.load_state_dict(state_dict)
+            else:
+                complete = unsharded_copy(model, state_dict)
+            del state_dict
+            yield name, complete
+            del complete
+
+    @staticmethod
+    def save(networks: dict[str, nn.Module], folder: Path, tokenizer, merged: bool) -> None:
+        """policy/ and value_model/ (LoRA adapters, or full models when ``merged``) or value_head/, of
+        the networks given (from :meth:`complete_networks`; main process only)."""
+        for name in ("policy", "value_model"):
+            model = networks.get(name)
             if model is None:
                 continue
             if merged and hasattr(model, "merge_and_unload"):
                 model = copy.deepcopy(model).merge_and_unload()
             model.save_pretrained(folder / name, safe_serialization=True)
             tokenizer.save_pretrained(folder / name)
-        if models.value_head is not None:
+        if networks.get("value_head") is not None:
             from safetensors.torch import save_file
 
             (folder / "value_head").mkdir(parents=True, exist_ok=True)
             save_file(
-                {k: v.contiguous() for k, v in models.value_head.state_dict().items()},
+                {k: v.contiguous() for k, v in networks["value_head"].state_dict().items()},
                 str(folder / "value_head" / "value_head.safetensors"),
             )
 
@@ -257,10 +369,17 @@ def build_ppo_models(
 
     ``model`` / ``reward_model``: already-loaded objects used instead of --model_name_or_path /
     --reward_model_path (the policy trains in place; the reference and the default critic are copies).
-    """
+
+    Under FSDP every network is sharded (:func:`shard`), the frozen ones too; nothing is moved or run
+    before that (with ``fsdp_cpu_ram_efficient_loading`` processes > 0 hold meta tensors until then).
+    Its checkpoints are sharded: the networks are built as for a fresh run, and the trainer loads
+    their sharded state afterwards (``RunFolder.load_checkpoint``)."""
     from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm, load_scalar_model
 
     acc = accelerator
+    sharded = sharded_with_fsdp(acc)
+    if sharded:
+        resume_dir = None  # the sharded checkpoint is loaded into the sharded networks later
     paths = cfg.reward_model_paths
     if reward_model is not None:
         check_reward_model_object(reward_model, cfg)
@@ -298,7 +417,8 @@ def build_ppo_models(
         value_model = value_head = None
     elif cfg.value_head_on_policy:
         value_model = None
-        value_head = make_value_head(policy)
+        # under FSDP built whole on every process (zeros, identical): nothing to send from the main one
+        value_head = make_value_head(policy, acc.device if sharded else None)
         if ckpt is not None:
             from safetensors.torch import load_file
 
@@ -338,7 +458,8 @@ def build_ppo_models(
         if frozen is not None:
             frozen.requires_grad_(False)
             frozen.eval()
-            frozen.to(acc.device)
+            if not sharded:
+                frozen.to(acc.device)
     # --gradient_checkpointing is TrainingArguments' older name of --activation_checkpointing
     if getattr(cfg, "activation_checkpointing", None) or cfg.gradient_checkpointing:
         for network in (policy, value_model):
@@ -348,14 +469,29 @@ def build_ppo_models(
                 network.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy_and_value = PolicyAndValue(policy, value_model, value_head).to(acc.device)
-    policy_and_value.train()
-    models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, first_rm, say))
-    models.without_reward_model = given_reward_model is None
+    ensemble = []
     for path in paths[1:]:
         member = load_scalar_model(path, cfg.dtype, **from_pretrained_kwargs(cfg))
         disable_dropout(member)
-        models.ensemble.append((member.requires_grad_(False).eval().to(acc.device), reward_stats(cfg, path, say)))
+        member.requires_grad_(False).eval()
+        ensemble.append((member if sharded else member.to(acc.device), reward_stats(cfg, path, say)))
+    if sharded:  # each network its own FSDP2 root, in the same order on every process
+        names = acc.state.fsdp_plugin.transformer_cls_names_to_wrap
+        policy, value_model, value_head, reference, reward_model = (
+            None if m is None else shard(acc, m, names)
+            for m in (policy, value_model, value_head, reference, reward_model)
+        )
+        ensemble = [(shard(acc, m, names), stats) for m, stats in ensemble]
+        for frozen in (reference, reward_model, *(m for m, _ in ensemble)):
+            if frozen is not None:  # no backward ever reshards them: every unit reshards after its forward
+                frozen.set_reshard_after_forward(True)
+    policy_and_value = PolicyAndValue(policy, value_model, value_head)
+    if not sharded:
+        policy_and_value.to(acc.device)
+    policy_and_value.train()
+    models = PPOModels(policy_and_value, reference, reward_model, reward_stats(cfg, first_rm, say))
+    models.without_reward_model = given_reward_model is None
+    models.ensemble = ensemble
     _add_optimizer(models, cfg, acc, num_iterations)
     return models
 
@@ -385,8 +521,33 @@ def _add_optimizer(models: PPOModels, cfg: PPOConfig, acc, num_iterations: int) 
         num_training_steps=policy_iterations,
         scheduler_specific_kwargs=cfg.lr_scheduler_kwargs or None,
     )
-    models.trained, models.optimizer = acc.prepare(models.policy_and_value, optimizer)
     models.trained_parameters = params
+    if sharded_with_fsdp(acc):
+        # the networks are sharded already and the optimizer was built on their shards (FSDP2's way);
+        # the update's forward runs through each network's own FSDP root
+        models.trained, models.optimizer = models.policy_and_value, optimizer
+        return
+    models.trained, models.optimizer = acc.prepare(models.policy_and_value, optimizer)
+
+
+def clip_grad_norm(accelerator, parameters: list[nn.Parameter], max_norm: float) -> float | None:
+    """Scale the gradients of ``parameters`` to a global norm of at most ``max_norm``; the norm before
+    clipping (``None`` where accelerate does not report it). Under FSDP2 torch's DTensor-aware clipping
+    (accelerate clips only the models it prepared); otherwise accelerate's, which unscales fp16 first."""
+    if sharded_with_fsdp(accelerator):
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    return None if norm is None else float(norm)
+
+
+def total_grad_norm(parameters: list[nn.Parameter]) -> float:
+    """‖g‖₂ over the gradients of ``parameters`` (under FSDP2 each holds a shard: the norm is reduced)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
 
 
 def check_reward_model_object(model: nn.Module, cfg: PPOConfig) -> None:

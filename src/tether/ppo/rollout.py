@@ -38,6 +38,7 @@ from tether.data.templates import prompt_ids as render_prompt_ids
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
 from tether.models.scoring import normalise, position_ids_from_mask, token_scores
+from tether.models.wrappers import unsharded
 from tether.ppo.config import PPOConfig, PPOState
 from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
 from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
@@ -441,7 +442,8 @@ def make_rollout(
     separate policy pass (saves one forward; exact only to ~1e-6, see :func:`score_responses`).
     """
     start = time.perf_counter()
-    with autocast():  # sample in the precision the update computes the policy in
+    # under FSDP the policy is gathered whole for the block: each process decodes as long as its responses need
+    with autocast(), unsharded(models.policy_and_value.policy):  # in the precision the update computes the policy in
         generated = generate_batch(
             models.policy_and_value.policy,
             tokenizer,

@@ -58,7 +58,13 @@ from tether.ppo.losses import (
     value_loss,
 )
 from tether.ppo.metrics import Processes, Progress, iteration_metrics, reduce_extra
-from tether.ppo.models import build_ppo_models, make_accelerator
+from tether.ppo.models import (
+    build_ppo_models,
+    check_distributed_setup,
+    clip_grad_norm,
+    make_accelerator,
+    total_grad_norm,
+)
 from tether.ppo.monitor import KLMonitor
 from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
 from tether.ppo.rollout import (
@@ -107,6 +113,7 @@ class PPOTrainer:
         self.extra_metrics = extra_metrics
         self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(cfg)
         require_joint_processes(acc.num_processes)  # CPU-only machine launched without --use_cpu true
+        check_distributed_setup(cfg, acc)  # on every process, before any collective
         self.world, self.rank = acc.num_processes, acc.process_index
         self.processes = Processes(acc)
         self.output_dir = Path(cfg.output_dir)
@@ -394,12 +401,11 @@ class PPOTrainer:
         scaler = acc.scaler
         norm = None  # the norm before clipping, from accelerate (which unscales first)
         if cfg.max_grad_norm is not None:
-            norm = acc.clip_grad_norm_(models.trained_parameters, cfg.max_grad_norm)
+            norm = clip_grad_norm(acc, models.trained_parameters, cfg.max_grad_norm)
         if norm is None:
             if cfg.max_grad_norm is None:
                 acc.unscale_gradients()  # nothing to do unless fp16
-            grads = [p.grad for p in models.trained_parameters if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else 0.0
+            norm = total_grad_norm(models.trained_parameters)
         grad_norm = float(norm)
         stats["loss/grad_norm"] = grad_norm
         overflow = scaler is not None and not math.isfinite(grad_norm)
