@@ -130,7 +130,13 @@ class EvalConfig(ModelLoadingArguments):
     batch_size: int = field(default=8, metadata={"help": "Batch size for sampling and scoring."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are cut from the left."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every policy)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Sampling seed, the same for every policy; each --batch_size batch of prompts samples with a seed "
+            "derived from it and the batch's index, so the responses are the same on any number of processes."
+        },
+    )
     output_dir: str = field(
         default="outputs/eval", metadata={"help": "Where eval.json, samples.jsonl and the report go."}
     )
@@ -337,7 +343,7 @@ def evaluate_policies(
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
-    from tether.generation import SamplingSettings, sample_responses
+    from tether.generation import SamplingSettings, sample_seeded
 
     models = _Models(dtype, model_kwargs)
     raw_prompts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
@@ -404,15 +410,15 @@ def evaluate_policies(
     for name, model_or_path in policies.items():
         logger.info("eval: sampling %d x %d responses from %s", len(raw_prompts), samples_per_prompt, name)
         model = models.causal_lm(model_or_path)
-        torch.manual_seed(seed)
         t0 = time.perf_counter()
-        groups = sample_responses(
+        groups = sample_seeded(
             model,
             tokenizer,
             raw_prompts,
             settings,
             num_return_sequences=samples_per_prompt,
             batch_size=batch_size,
+            seed=seed,
             max_prompt_length=max_prompt_length,
         )
         t_generate = time.perf_counter() - t0
@@ -449,9 +455,8 @@ def evaluate_policies(
         from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
-        torch.manual_seed(seed)
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
-        for _ in range(samples_per_prompt):
+        for repeat in range(samples_per_prompt):
             results = sample_best_of_n(
                 model,
                 rm,
@@ -463,6 +468,7 @@ def evaluate_policies(
                 rm_tokenizer=rm_tok,
                 reward_batch_size=batch_size,
                 max_prompt_length=max_prompt_length,
+                seed=seed + repeat,
             )
             for i, result in enumerate(results):
                 best = result.best or result.ranked[0]  # every sample empty: keep the top one anyway
@@ -549,7 +555,7 @@ def bon_curve(
     expectation over random N-subsets (``tether.evaluation.metrics.best_of_n_expected``), averaged
     over prompts. Rows: ``{"n", "kl_bound", "proxy", "gold"}`` (gold None without an annotator).
     """
-    from tether.generation import SamplingSettings, sample_responses
+    from tether.generation import SamplingSettings, sample_seeded
 
     m = max(ns)
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
@@ -565,14 +571,14 @@ def bon_curve(
         annotator = default_annotator()
     elif gold not in (False, None):
         annotator = gold
-    torch.manual_seed(seed)
-    groups = sample_responses(
+    groups = sample_seeded(
         model,
         tokenizer,
         raw,
         SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature),
         num_return_sequences=m,
         batch_size=max(1, batch_size // m),
+        seed=seed,
         max_prompt_length=max_prompt_length,
     )
     flat_prompts = [p for p, g in zip(raw, groups) for _ in g]
@@ -765,6 +771,12 @@ def run_eval(config: EvalConfig) -> EvalResults:
             seed=config.seed,
             model_kwargs=model_kwargs,
         )
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # every process holds the same results; the main one writes them, once
+        state.wait_for_everyone()
+        return results
     write_eval_outputs(config.output_dir, results, {"config": asdict(config), "bon_curve": curve})
     if config.report:
         from tether.evaluation.report import write_report
@@ -778,4 +790,5 @@ def run_eval(config: EvalConfig) -> EvalResults:
             side_by_side=results.side_by_side(config.side_by_side),
         )
     logger.info("eval: wrote %s", Path(config.output_dir) / EVAL_FILE)
+    state.wait_for_everyone()
     return results
