@@ -188,6 +188,9 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_length": 256,
         "eval_split_ratio": 0.0,
         "logging_steps": 1,
+        # one epoch of a few steps: the Trainer's end-of-training checkpoint (weights + AdamW state, ~1.5 GB)
+        # would be written only to be deleted once the final model is saved; a crashed stage simply reruns
+        "save_strategy": "no",
     },
     "rm": {
         "num_train_epochs": 1,
@@ -196,6 +199,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "logging_steps": 2,
+        "save_strategy": "no",
     },
     # value head on the policy trunk: one network to run forward and backward instead of two. One
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
@@ -220,6 +224,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_split_ratio": 0.15,
         "precompute_ref_log_probs": True,
         "logging_steps": 2,
+        "save_strategy": "no",
     },
     "eval": {"max_new_tokens": 40, "probe_max_new_tokens": 16, "batch_size": 64},
 }
@@ -302,6 +307,8 @@ _EVAL_SET_BY_PIPELINE = {
     "temperature",
     "gold",
     "best_of_n",
+    "bon_curve",
+    "bon_curve_prompts",
     "seed",
 }
 
@@ -678,6 +685,9 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         temperature=config.temperature,
         gold=config.is_demo,
         best_of_n=bon,
+        # the curve comes from the best-of-N entry's samples (its prompts get max(N) samples, nothing twice)
+        bon_curve=config.bon_ns() if bon else (),
+        bon_curve_prompts=config.bon_curve_prompts or None,
         seed=config.seed,
         **opts,
     )
@@ -693,7 +703,9 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         },
         default=str,
     )
-    if "bon" not in skipped and run.rm_path is not None:
+    if results.bon_curve is not None:
+        write_json_atomic(eval_dir / "bon_curve.json", results.bon_curve, default=str)
+    elif "bon" not in skipped and run.rm_path is not None:  # no best-of-N entry: the curve samples on its own
         prompts = run.eval_prompts
         curve = bon_curve(
             run.sft_path,

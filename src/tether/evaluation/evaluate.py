@@ -158,6 +158,8 @@ class EvalResults:
     metrics: dict[str, dict[str, Any]]
     samples: list[dict[str, Any]]
     probe_responses: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    #: the best-of-N curve (``evaluate_policies(bon_curve=...)``), rows as :func:`bon_curve`'s
+    bon_curve: list[dict[str, Any]] | None = None
     temperature: float = 0.7
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -325,6 +327,8 @@ def evaluate_policies(
     probe_max_new_tokens: int = 64,
     probe_temperature: float = 0.0,
     best_of_n: Mapping[str, tuple[str, int]] | None = None,
+    bon_curve: Sequence[int] = (),
+    bon_curve_prompts: int | None = None,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     seed: int = 0,
@@ -338,8 +342,11 @@ def evaluate_policies(
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
     the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
-    analytic bound. ``model_kwargs`` go to every ``from_pretrained`` of a path
-    (``tether.models.loading.from_pretrained_kwargs``).
+    analytic bound. ``bon_curve`` (N values) adds the best-of-N curve of the first best-of-N entry's
+    base policy on the first ``bon_curve_prompts`` prompts (None: all) to ``EvalResults.bon_curve``
+    (rows as :func:`bon_curve`): those prompts get ``max(N)`` samples, whose first N also serve the
+    entry, so nothing is sampled or scored twice. ``model_kwargs`` go to every ``from_pretrained``
+    of a path (``tether.models.loading.from_pretrained_kwargs``).
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
@@ -371,6 +378,9 @@ def evaluate_policies(
             raise ValueError(f"best-of-N entry {name!r}: base policy {base!r} is not among {list(policies)}")
         if n < 1:
             raise ValueError(f"best-of-N entry {name!r}: N must be >= 1")
+    if bon_curve and (not best_of_n or min(bon_curve) < 1):
+        raise ValueError("bon_curve needs a best-of-N entry (its base policy is sampled) and N values >= 1")
+    curve = None
 
     metrics: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -450,26 +460,44 @@ def evaluate_policies(
             metrics[name]["probe/benign_refusal_rate"] = result["benign_refusal_rate"]
             probe_responses[name] = result["responses"]
 
-    for name, (base, n) in best_of_n.items():
+    for entry, (name, (base, n)) in enumerate(best_of_n.items()):
         logger.info("eval: best-of-%d from %s", n, base)
         from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
         for repeat in range(samples_per_prompt):
-            results = sample_best_of_n(
-                model,
-                rm,
-                tokenizer,
-                raw_prompts,
-                n,
-                settings,
-                batch_size=max(1, batch_size // n),
-                rm_tokenizer=rm_tok,
-                reward_batch_size=batch_size,
-                max_prompt_length=max_prompt_length,
-                seed=seed + repeat,
-            )
+            if entry == 0 and repeat == 0 and bon_curve:
+                results, curve = _best_of_n_and_curve(
+                    model,
+                    rm,
+                    rm_tok,
+                    tokenizer,
+                    raw_prompts,
+                    n,
+                    bon_curve,
+                    bon_curve_prompts,
+                    settings,
+                    batch_size,
+                    max_prompt_length,
+                    seed,
+                    annotator,
+                    reward_stats,
+                )
+            else:
+                results = sample_best_of_n(
+                    model,
+                    rm,
+                    tokenizer,
+                    raw_prompts,
+                    n,
+                    settings,
+                    batch_size=max(1, batch_size // n),
+                    rm_tokenizer=rm_tok,
+                    reward_batch_size=batch_size,
+                    max_prompt_length=max_prompt_length,
+                    seed=seed + repeat,
+                )
             for i, result in enumerate(results):
                 best = result.best or result.ranked[0]  # every sample empty: keep the top one anyway
                 chosen.append(_Response(best.text, bool(best.stopped), int(best.num_tokens)))
@@ -487,6 +515,7 @@ def evaluate_policies(
         metrics=metrics,
         samples=rows,
         probe_responses=probe_responses,
+        bon_curve=curve,
         temperature=temperature,
         settings={
             "temperature": temperature,
@@ -587,10 +616,17 @@ def bon_curve(
     golds = (
         annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g]) if annotator is not None else None
     )
+    return curve_rows(proxy, golds, m, ns)
+
+
+def curve_rows(proxy: Sequence[float], golds: Sequence[float] | None, m: int, ns: Sequence[int]) -> list[dict]:
+    """Rows ``{"n", "kl_bound", "proxy", "gold"}`` from ``m`` consecutive samples per prompt: for each N the
+    expectation over random N-subsets (:func:`best_of_n_expected`), averaged over prompts."""
+    prompts = len(proxy) // m
     rows = []
     for n in sorted(set(ns)):
         proxy_n, gold_n = [], []
-        for i in range(len(raw)):
+        for i in range(prompts):
             p_i = proxy[i * m : (i + 1) * m]
             proxy_n.append(best_of_n_expected(p_i, p_i, n))
             if golds is not None:
@@ -604,6 +640,67 @@ def bon_curve(
             }
         )
     return rows
+
+
+def _best_of_n_and_curve(
+    model,
+    rm,
+    rm_tok,
+    tokenizer,
+    prompts: list,
+    n: int,
+    ns: Sequence[int],
+    curve_prompts: int | None,
+    settings,
+    batch_size: int,
+    max_prompt_length: int | None,
+    seed: int,
+    annotator,
+    stats,
+):
+    """Best-of-``n`` results for every prompt and the curve over ``ns`` on the first ``curve_prompts``, from
+    one set of samples: those prompts get ``m = max(ns + [n])`` samples (sampled as :func:`bon_curve` samples
+    them), the others ``n``; a prompt's best-of-n is the reward model's favourite among its first n."""
+    from tether.generation import sample_seeded
+    from tether.models.scoring import normalise
+    from tether.sampling import BestOfNResult, rank, score_samples
+
+    m = max([*ns, n])
+    k = len(prompts) if not curve_prompts else min(curve_prompts, len(prompts))
+    groups = sample_seeded(
+        model,
+        tokenizer,
+        prompts[:k],
+        settings,
+        m,
+        max(1, batch_size // m),
+        seed=seed,
+        max_prompt_length=max_prompt_length,
+    )
+    if k < len(prompts):
+        groups += sample_seeded(
+            model,
+            tokenizer,
+            prompts[k:],
+            settings,
+            n,
+            max(1, batch_size // n),
+            seed=seed + 1,
+            max_prompt_length=max_prompt_length,
+        )
+    ranked = score_samples(rm, rm_tok, prompts, groups, batch_size, max_prompt_length=max_prompt_length)
+    results = [BestOfNResult(p, rank([s for s in r if s.index < n])) for p, r in zip(prompts, ranked)]
+    in_order = [sorted(r, key=lambda s: s.index) for r in ranked[:k]]
+    proxy = [s.score for r in in_order for s in r]
+    if stats is not None:
+        proxy = [float(x) for x in normalise(torch.tensor(proxy, dtype=torch.float64), stats)]
+    golds = None
+    if annotator is not None:
+        flat_prompts = [p for p, r in zip(prompts, in_order) for _ in r]
+        golds = annotator.scores(
+            flat_prompts, [s.text for r in in_order for s in r], [s.stopped for r in in_order for s in r]
+        )
+    return results, curve_rows(proxy, golds, m, ns)
 
 
 def overopt_points(
