@@ -56,6 +56,7 @@ def main(out: str, policy: str, rm: str, mode: str = "full") -> None:
         logging_steps=1000,
         report_to="none",
         keep_checkpoints=True,
+        reward_norm_samples=16,  # chunks of --batch_size: the same statistics on 1 and 2 processes
         target_kl=1.0,
         init_kl_coef=0.2,
         **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),

@@ -54,6 +54,7 @@ def config(out: Path, policy: str, rm: str, mode: str, **overrides):
         disable_tqdm=True,
         logging_steps=1,
         report_to="none",
+        reward_norm_samples=8,  # the starting-policy samples run on the sharded policy too
         target_kl=1.0,
         init_kl_coef=0.2,
         **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),

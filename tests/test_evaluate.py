@@ -176,6 +176,42 @@ def test_bon_curve_on_tiny_models(tiny_model_dir, tiny_rm_dir, tokenizer, annota
     assert all(r["gold"] is not None for r in rows)
 
 
+def test_best_of_n_entry_and_curve_share_one_set_of_samples(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
+    """The pipeline's evaluation: the curve on the first prompts is the one bon_curve() samples on its own,
+    and on those prompts the best-of-2 entry is the reward model's favourite among the curve's first 2 samples."""
+    from tether.data.loading import load_prompts
+    from tether.generation import SamplingSettings, sample_seeded
+    from tether.sampling import score_samples
+
+    prompts = [p.prompt for p in load_prompts("embedded:demo", "test")[:3]]
+    common = dict(gold=annotator, temperature=1.0, max_new_tokens=4, batch_size=8, seed=3)
+    results = E.evaluate_policies(
+        {"sft": str(tiny_model_dir)},
+        None,
+        str(tiny_rm_dir),
+        tokenizer,
+        prompts,
+        probes=False,
+        best_of_n={"bon2": ("sft", 2)},
+        bon_curve=(1, 2, 4),
+        bon_curve_prompts=2,
+        **common,
+    )
+    alone = E.bon_curve(str(tiny_model_dir), tokenizer, str(tiny_rm_dir), prompts[:2], ns=(1, 2, 4), **common)
+    assert [r["n"] for r in results.bon_curve] == [1, 2, 4]
+    for merged, own in zip(results.bon_curve, alone):
+        assert merged == pytest.approx(own, abs=1e-6)
+    from tether.models.loading import load_causal_lm, load_scalar_model
+
+    model, rm = load_causal_lm(str(tiny_model_dir)), load_scalar_model(str(tiny_rm_dir))
+    groups = sample_seeded(model, tokenizer, prompts[:2], SamplingSettings(4, 1.0), 4, 2, seed=3)
+    for i, ranked in enumerate(score_samples(rm, tokenizer, prompts[:2], [g[:2] for g in groups])):
+        row = next(r for r in results.samples if r["policy"] == "bon2" and r["prompt_index"] == i)
+        best = next((s for s in ranked if s.usable), ranked[0])
+        assert row["response"] == best.text and row["reward"] == pytest.approx(best.score, abs=1e-5)
+    assert sorted(r["prompt_index"] for r in results.samples if r["policy"] == "bon2") == [0, 1, 2]
+
+
 def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path):
     from tether.cli import main
 

@@ -58,6 +58,9 @@ def make_config(tmp_path, dirs, name="run", **overrides):
         disable_tqdm=True,
         logging_steps=1000,
         report_to="none",
+        # raw scores (the tiny reward models have no reward_stats.json): these tests compute rewards from
+        # the raw score; tests/test_ppo_reward_normalisation.py covers the normalisation
+        reward_norm_samples=0,
     )
     values.update(overrides)
     return PPOConfig(**values)

@@ -206,6 +206,57 @@ def sample_responses(
     return sample_from_ids(model, tokenizer, ids, settings, num_return_sequences, batch_size)
 
 
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The torch seed of batch ``batch_index`` of a seeded sampling job: the first word of numpy's
+    ``SeedSequence([seed, batch_index])`` (well mixed: neighbouring seeds or batches share no stream)."""
+    import numpy as np
+
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: seeds of sampling jobs must be >= 0")
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sample_seeded(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    settings: SamplingSettings,
+    num_return_sequences: int = 1,
+    batch_size: int = 16,
+    *,
+    seed: int,
+    max_prompt_length: int | None = None,
+) -> list[list[Sample]]:
+    """:func:`sample_responses`, reproducible and shared out over the processes of a launch.
+
+    The prompts are cut, in their order, into fixed batches of ``batch_size``; batch ``b`` is sampled
+    in one ``generate`` call right after ``torch.manual_seed(batch_seed(seed, b))``. Each process
+    samples a contiguous share of the batches (accelerate's ``split_between_processes``) and
+    ``gather_object`` hands every process all groups back in prompt order. The samples therefore
+    depend on the prompts, ``seed`` and ``batch_size`` only, never on the number of processes (a
+    batch that runs out of memory is sampled in halves, which changes its samples: the price of
+    finishing). One seed per batch rather than per prompt keeps batched decoding, which on CPU
+    samples several times more responses per second than one prompt per call (benchmarks/README.md).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    ids = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
+    batches = [range(start, min(start + batch_size, len(ids))) for start in range(0, len(ids), batch_size)]
+    state = PartialState()
+    mine: list[tuple[int, list[list[Sample]]]] = []
+    with state.split_between_processes(list(range(len(batches)))) as share:
+        bar = tqdm(
+            share, desc="sampling", unit="batch", disable=len(share) < 4 or not state.is_main_process, leave=False
+        )
+        for b in bar:
+            torch.manual_seed(batch_seed(seed, b))
+            chunk = [ids[i] for i in batches[b]]
+            mine.append((b, sample_from_ids(model, tokenizer, chunk, settings, num_return_sequences, len(chunk))))
+    gathered = gather_object(mine) if state.num_processes > 1 else mine
+    return [group for _, groups in sorted(gathered, key=lambda item: item[0]) for group in groups]
+
+
 @dataclass
 class GeneratedBatch:
     """Responses of one rollout as tensors (on the model's device).

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("sft", "preferences", "rm", "ppo", "dpo", "eval", "report")
 STATE_FILE = "pipeline_state.json"
+SFT_SAMPLES_FILE = "sft_samples_round1.jsonl"
 
 
 @dataclass
@@ -187,6 +188,9 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_length": 256,
         "eval_split_ratio": 0.0,
         "logging_steps": 1,
+        # one epoch of a few steps: the Trainer's end-of-training checkpoint (weights + AdamW state, ~1.5 GB)
+        # would be written only to be deleted once the final model is saved; a crashed stage simply reruns
+        "save_strategy": "no",
     },
     "rm": {
         "num_train_epochs": 1,
@@ -195,6 +199,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "logging_steps": 2,
+        "save_strategy": "no",
     },
     # value head on the policy trunk: one network to run forward and backward instead of two. One
     # epoch of two minibatches makes the same two optimizer steps per iteration as two epochs of
@@ -219,6 +224,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eval_split_ratio": 0.15,
         "precompute_ref_log_probs": True,
         "logging_steps": 2,
+        "save_strategy": "no",
     },
     "eval": {"max_new_tokens": 40, "probe_max_new_tokens": 16, "batch_size": 64},
 }
@@ -301,6 +307,8 @@ _EVAL_SET_BY_PIPELINE = {
     "temperature",
     "gold",
     "best_of_n",
+    "bon_curve",
+    "bon_curve_prompts",
     "seed",
 }
 
@@ -490,24 +498,42 @@ def preference_stage(run: PipelineRun) -> None:
 def first_pairs(run: PipelineRun) -> StageResult:
     """The user's pairs, or (demo) pairs sampled from the SFT policy and labelled by the simulated annotator."""
     config = run.config
+    details: dict[str, Any] = {}
     if run.user_pairs is not None:
         pairs = run.user_pairs
     else:
-        from tether.demo.annotator import build_preference_dataset
+        from tether.demo.annotator import sample_and_label_pairs
         from tether.generation import SamplingSettings
         from tether.models.loading import load_causal_lm, load_tokenizer
 
-        pairs = build_preference_dataset(
+        prompts = _prompts_for_round(config, run.train_prompts, 1)
+        pairs, groups = sample_and_label_pairs(
             load_causal_lm(run.sft_path),
             load_tokenizer(run.sft_path),
-            _prompts_for_round(config, run.train_prompts, 1),
+            prompts,
             SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=config.temperature),
             tau=config.annotator_tau,
             seed=config.seed,
             batch_size=SAMPLING_BATCH_PROMPTS,
         )
+        # The SFT policy's own responses at T, with their stop flags: PPO measures its reward
+        # normalisation on them instead of sampling again (`train_ppo_policy`).
+        samples = run.out / "data" / SFT_SAMPLES_FILE
+        write_jsonl_atomic(
+            samples,
+            (
+                {"prompt": prompt_json(p.prompt), "response": s.text, "stopped": s.stopped}
+                for p, g in zip(prompts, groups)
+                for s in g
+            ),
+        )
+        details = {
+            "sft_samples": str(samples),
+            "max_new_tokens": config.preference_max_new_tokens,
+            "temperature": config.temperature,
+        }
     path = write_preferences(pairs, run.out / "data" / "preferences_round1.jsonl")
-    return StageResult(path, {"pairs": len(pairs)})
+    return StageResult(path, {"pairs": len(pairs), **details})
 
 
 # ---- stages 2 and 3, for each round: reward model, then PPO -----------------------------------
@@ -571,6 +597,19 @@ def train_ppo_policy(run: PipelineRun, suffix: str) -> StageResult:
         output_dir=str(run.out / f"ppo{suffix}"),
         temperature=config.temperature,
     )
+    # The labelled pairs' responses are samples of the policy PPO starts from, at its temperature and
+    # token budget: its reward normalisation is measured on them (no second sampling pass).
+    sampled = run.state.done("preferences") or {}
+    if (
+        not suffix
+        and cfg.reward_norm_responses is None
+        and run.policy_path == run.sft_path
+        and sampled.get("sft_samples")
+        and Path(sampled["sft_samples"]).is_file()
+        and sampled.get("max_new_tokens") == cfg.max_new_tokens
+        and sampled.get("temperature") == cfg.temperature
+    ):
+        cfg.reward_norm_responses = sampled["sft_samples"]
     hook = gold_metrics_hook(run.tokenizer) if config.is_demo else None
     result = run_ppo(cfg, run.train_prompts, extra_metrics=hook)
     if result.policy_dir is None:
@@ -585,6 +624,9 @@ def train_ppo_policy(run: PipelineRun, suffix: str) -> StageResult:
             "stopped_reason": result.stopped_reason,
             "iterations": result.iterations,
             "final_metrics": result.final_metrics,
+            "reward_normalisation": (_read_json(Path(result.output_dir) / "ppo_summary.json") or {}).get(
+                "reward_normalisation"
+            ),
         },
     )
 
@@ -632,15 +674,20 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         if "bon" in skipped or run.rm_path is None or not config.best_of_n
         else {f"bon{config.best_of_n}": ("sft", config.best_of_n)}
     )
+    stats = _ppo_reward_stats(run)
     results = evaluate_policies(
         policies,
         run.sft_path,
         run.rm_path,
         run.tokenizer,
         run.eval_prompts,
+        reward_stats=stats,
         temperature=config.temperature,
         gold=config.is_demo,
         best_of_n=bon,
+        # the curve comes from the best-of-N entry's samples (its prompts get max(N) samples, nothing twice)
+        bon_curve=config.bon_ns() if bon else (),
+        bon_curve_prompts=config.bon_curve_prompts or None,
         seed=config.seed,
         **opts,
     )
@@ -656,7 +703,9 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         },
         default=str,
     )
-    if "bon" not in skipped and run.rm_path is not None:
+    if results.bon_curve is not None:
+        write_json_atomic(eval_dir / "bon_curve.json", results.bon_curve, default=str)
+    elif "bon" not in skipped and run.rm_path is not None:  # no best-of-N entry: the curve samples on its own
         prompts = run.eval_prompts
         curve = bon_curve(
             run.sft_path,
@@ -664,6 +713,7 @@ def evaluate_run(run: PipelineRun) -> StageResult:
             run.rm_path,
             prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else prompts,
             ns=config.bon_ns(),
+            reward_stats=stats,
             gold=config.is_demo,
             temperature=config.temperature,
             max_new_tokens=opts["max_new_tokens"],
@@ -672,6 +722,18 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         )
         write_json_atomic(eval_dir / "bon_curve.json", curve, default=str)
     return StageResult(eval_dir / "eval.json")
+
+
+def _ppo_reward_stats(run: PipelineRun):
+    """The normalisation the last PPO round trained with (measured on its starting policy's samples), so
+    the evaluation's proxy scores are in PPO's units; None (the reward model's own file) without PPO."""
+    from tether.models.scoring import RewardStats
+
+    suffix = "" if len(run.ppo_dirs) <= 1 else f"_round{len(run.ppo_dirs)}"
+    record = (run.state.done(f"ppo{suffix}") or {}).get("reward_normalisation") or {}
+    if record.get("mean") is None:
+        return None
+    return RewardStats(record["mean"], record["std"], record["count"], record["source"])
 
 
 # ---- report and summary ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tether.data.records import Prompt
-from tether.generation import Sample, SamplingSettings, sample_responses
+from tether.generation import Sample, SamplingSettings, sample_responses, sample_seeded
 
 
 def bon_kl_bound(n: int) -> float:
@@ -109,21 +109,36 @@ def best_of_n(
     max_prompt_length: int | None = None,
     max_length: int | None = None,
     missing_stop_score: float | None = None,
+    seed: int | None = None,
 ) -> list[BestOfNResult]:
     """Sample ``n`` responses per prompt from ``policy``, score them with ``reward_model``, rank them.
 
     ``rm_tokenizer`` defaults to ``tokenizer``; a reward model with its own tokenizer re-tokenises
-    the response texts with the shared template rule. Returns one ``BestOfNResult`` per prompt.
+    the response texts with the shared template rule. With ``seed`` the sampling is
+    :func:`tether.generation.sample_seeded` (the same samples on any number of processes, shared out
+    over them); without, it continues the global torch RNG. Returns one ``BestOfNResult`` per prompt.
     """
-    groups = sample_responses(
-        policy,
-        tokenizer,
-        list(prompts),
-        settings,
-        num_return_sequences=n,
-        batch_size=batch_size,
-        max_prompt_length=max_prompt_length,
-    )
+    if seed is None:
+        groups = sample_responses(
+            policy,
+            tokenizer,
+            list(prompts),
+            settings,
+            num_return_sequences=n,
+            batch_size=batch_size,
+            max_prompt_length=max_prompt_length,
+        )
+    else:
+        groups = sample_seeded(
+            policy,
+            tokenizer,
+            list(prompts),
+            settings,
+            num_return_sequences=n,
+            batch_size=batch_size,
+            seed=seed,
+            max_prompt_length=max_prompt_length,
+        )
     ranked = score_samples(
         reward_model,
         rm_tokenizer if rm_tokenizer is not None else tokenizer,

@@ -376,23 +376,42 @@ def build_preference_dataset(
     """Sample two responses per prompt from ``model`` (the SFT policy) and label them with g.
 
     ``settings`` is a ``tether.generation.SamplingSettings`` (default: 64 new tokens at T = 0.7).
-    Whether each response ended with the stop token is passed to g (``unfinished``).
+    Whether each response ended with the stop token is passed to g (``unfinished``). The sampling is
+    :func:`tether.generation.sample_seeded`: the same pairs on any number of processes.
     """
-    from tether.generation import SamplingSettings, sample_responses
+    return sample_and_label_pairs(
+        model, tokenizer, prompts, settings, tau, seed, batch_size, max_prompt_length, annotator
+    )[0]
+
+
+def sample_and_label_pairs(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt | PromptRecord],
+    settings=None,
+    tau: float = DEFAULT_TAU,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    annotator: SimulatedAnnotator | None = None,
+) -> tuple[list[PreferencePair], list]:
+    """:func:`build_preference_dataset`, also returning the samples (two ``tether.generation.Sample``
+    per prompt, with their stop flags): they are the policy's own responses at ``settings``."""
+    from tether.generation import SamplingSettings, sample_seeded
 
     settings = settings or SamplingSettings()
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
-    torch.manual_seed(seed)
-    groups = sample_responses(
+    groups = sample_seeded(
         model,
         tokenizer,
         raw,
         settings,
         num_return_sequences=2,
         batch_size=batch_size,
+        seed=seed,
         max_prompt_length=max_prompt_length,
     )
-    return label_pairs(
+    pairs = label_pairs(
         raw,
         [g[0].text for g in groups],
         [g[1].text for g in groups],
@@ -402,6 +421,7 @@ def build_preference_dataset(
         stopped_b=[g[1].stopped for g in groups],
         annotator=annotator,
     )
+    return pairs, groups
 
 
 def gold_metrics_hook(tokenizer, annotator: SimulatedAnnotator | None = None, key: str = "reward/gold"):

@@ -130,7 +130,13 @@ class EvalConfig(ModelLoadingArguments):
     batch_size: int = field(default=8, metadata={"help": "Batch size for sampling and scoring."})
     max_prompt_length: int = field(default=256, metadata={"help": "Prompts longer than this are cut from the left."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed (the same for every policy)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Sampling seed, the same for every policy; each --batch_size batch of prompts samples with a seed "
+            "derived from it and the batch's index, so the responses are the same on any number of processes."
+        },
+    )
     output_dir: str = field(
         default="outputs/eval", metadata={"help": "Where eval.json, samples.jsonl and the report go."}
     )
@@ -152,6 +158,8 @@ class EvalResults:
     metrics: dict[str, dict[str, Any]]
     samples: list[dict[str, Any]]
     probe_responses: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    #: the best-of-N curve (``evaluate_policies(bon_curve=...)``), rows as :func:`bon_curve`'s
+    bon_curve: list[dict[str, Any]] | None = None
     temperature: float = 0.7
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -319,6 +327,8 @@ def evaluate_policies(
     probe_max_new_tokens: int = 64,
     probe_temperature: float = 0.0,
     best_of_n: Mapping[str, tuple[str, int]] | None = None,
+    bon_curve: Sequence[int] = (),
+    bon_curve_prompts: int | None = None,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     seed: int = 0,
@@ -332,12 +342,15 @@ def evaluate_policies(
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
     ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
     the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
-    analytic bound. ``model_kwargs`` go to every ``from_pretrained`` of a path
-    (``tether.models.loading.from_pretrained_kwargs``).
+    analytic bound. ``bon_curve`` (N values) adds the best-of-N curve of the first best-of-N entry's
+    base policy on the first ``bon_curve_prompts`` prompts (None: all) to ``EvalResults.bon_curve``
+    (rows as :func:`bon_curve`): those prompts get ``max(N)`` samples, whose first N also serve the
+    entry, so nothing is sampled or scored twice. ``model_kwargs`` go to every ``from_pretrained``
+    of a path (``tether.models.loading.from_pretrained_kwargs``).
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
-    from tether.generation import SamplingSettings, sample_responses
+    from tether.generation import SamplingSettings, sample_seeded
 
     models = _Models(dtype, model_kwargs)
     raw_prompts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
@@ -365,6 +378,9 @@ def evaluate_policies(
             raise ValueError(f"best-of-N entry {name!r}: base policy {base!r} is not among {list(policies)}")
         if n < 1:
             raise ValueError(f"best-of-N entry {name!r}: N must be >= 1")
+    if bon_curve and (not best_of_n or min(bon_curve) < 1):
+        raise ValueError("bon_curve needs a best-of-N entry (its base policy is sampled) and N values >= 1")
+    curve = None
 
     metrics: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -404,15 +420,15 @@ def evaluate_policies(
     for name, model_or_path in policies.items():
         logger.info("eval: sampling %d x %d responses from %s", len(raw_prompts), samples_per_prompt, name)
         model = models.causal_lm(model_or_path)
-        torch.manual_seed(seed)
         t0 = time.perf_counter()
-        groups = sample_responses(
+        groups = sample_seeded(
             model,
             tokenizer,
             raw_prompts,
             settings,
             num_return_sequences=samples_per_prompt,
             batch_size=batch_size,
+            seed=seed,
             max_prompt_length=max_prompt_length,
         )
         t_generate = time.perf_counter() - t0
@@ -444,26 +460,44 @@ def evaluate_policies(
             metrics[name]["probe/benign_refusal_rate"] = result["benign_refusal_rate"]
             probe_responses[name] = result["responses"]
 
-    for name, (base, n) in best_of_n.items():
+    for entry, (name, (base, n)) in enumerate(best_of_n.items()):
         logger.info("eval: best-of-%d from %s", n, base)
         from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
-        torch.manual_seed(seed)
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
-        for _ in range(samples_per_prompt):
-            results = sample_best_of_n(
-                model,
-                rm,
-                tokenizer,
-                raw_prompts,
-                n,
-                settings,
-                batch_size=max(1, batch_size // n),
-                rm_tokenizer=rm_tok,
-                reward_batch_size=batch_size,
-                max_prompt_length=max_prompt_length,
-            )
+        for repeat in range(samples_per_prompt):
+            if entry == 0 and repeat == 0 and bon_curve:
+                results, curve = _best_of_n_and_curve(
+                    model,
+                    rm,
+                    rm_tok,
+                    tokenizer,
+                    raw_prompts,
+                    n,
+                    bon_curve,
+                    bon_curve_prompts,
+                    settings,
+                    batch_size,
+                    max_prompt_length,
+                    seed,
+                    annotator,
+                    reward_stats,
+                )
+            else:
+                results = sample_best_of_n(
+                    model,
+                    rm,
+                    tokenizer,
+                    raw_prompts,
+                    n,
+                    settings,
+                    batch_size=max(1, batch_size // n),
+                    rm_tokenizer=rm_tok,
+                    reward_batch_size=batch_size,
+                    max_prompt_length=max_prompt_length,
+                    seed=seed + repeat,
+                )
             for i, result in enumerate(results):
                 best = result.best or result.ranked[0]  # every sample empty: keep the top one anyway
                 chosen.append(_Response(best.text, bool(best.stopped), int(best.num_tokens)))
@@ -481,6 +515,7 @@ def evaluate_policies(
         metrics=metrics,
         samples=rows,
         probe_responses=probe_responses,
+        bon_curve=curve,
         temperature=temperature,
         settings={
             "temperature": temperature,
@@ -549,7 +584,7 @@ def bon_curve(
     expectation over random N-subsets (``tether.evaluation.metrics.best_of_n_expected``), averaged
     over prompts. Rows: ``{"n", "kl_bound", "proxy", "gold"}`` (gold None without an annotator).
     """
-    from tether.generation import SamplingSettings, sample_responses
+    from tether.generation import SamplingSettings, sample_seeded
 
     m = max(ns)
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
@@ -565,14 +600,14 @@ def bon_curve(
         annotator = default_annotator()
     elif gold not in (False, None):
         annotator = gold
-    torch.manual_seed(seed)
-    groups = sample_responses(
+    groups = sample_seeded(
         model,
         tokenizer,
         raw,
         SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature),
         num_return_sequences=m,
         batch_size=max(1, batch_size // m),
+        seed=seed,
         max_prompt_length=max_prompt_length,
     )
     flat_prompts = [p for p, g in zip(raw, groups) for _ in g]
@@ -581,10 +616,17 @@ def bon_curve(
     golds = (
         annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g]) if annotator is not None else None
     )
+    return curve_rows(proxy, golds, m, ns)
+
+
+def curve_rows(proxy: Sequence[float], golds: Sequence[float] | None, m: int, ns: Sequence[int]) -> list[dict]:
+    """Rows ``{"n", "kl_bound", "proxy", "gold"}`` from ``m`` consecutive samples per prompt: for each N the
+    expectation over random N-subsets (:func:`best_of_n_expected`), averaged over prompts."""
+    prompts = len(proxy) // m
     rows = []
     for n in sorted(set(ns)):
         proxy_n, gold_n = [], []
-        for i in range(len(raw)):
+        for i in range(prompts):
             p_i = proxy[i * m : (i + 1) * m]
             proxy_n.append(best_of_n_expected(p_i, p_i, n))
             if golds is not None:
@@ -598,6 +640,67 @@ def bon_curve(
             }
         )
     return rows
+
+
+def _best_of_n_and_curve(
+    model,
+    rm,
+    rm_tok,
+    tokenizer,
+    prompts: list,
+    n: int,
+    ns: Sequence[int],
+    curve_prompts: int | None,
+    settings,
+    batch_size: int,
+    max_prompt_length: int | None,
+    seed: int,
+    annotator,
+    stats,
+):
+    """Best-of-``n`` results for every prompt and the curve over ``ns`` on the first ``curve_prompts``, from
+    one set of samples: those prompts get ``m = max(ns + [n])`` samples (sampled as :func:`bon_curve` samples
+    them), the others ``n``; a prompt's best-of-n is the reward model's favourite among its first n."""
+    from tether.generation import sample_seeded
+    from tether.models.scoring import normalise
+    from tether.sampling import BestOfNResult, rank, score_samples
+
+    m = max([*ns, n])
+    k = len(prompts) if not curve_prompts else min(curve_prompts, len(prompts))
+    groups = sample_seeded(
+        model,
+        tokenizer,
+        prompts[:k],
+        settings,
+        m,
+        max(1, batch_size // m),
+        seed=seed,
+        max_prompt_length=max_prompt_length,
+    )
+    if k < len(prompts):
+        groups += sample_seeded(
+            model,
+            tokenizer,
+            prompts[k:],
+            settings,
+            n,
+            max(1, batch_size // n),
+            seed=seed + 1,
+            max_prompt_length=max_prompt_length,
+        )
+    ranked = score_samples(rm, rm_tok, prompts, groups, batch_size, max_prompt_length=max_prompt_length)
+    results = [BestOfNResult(p, rank([s for s in r if s.index < n])) for p, r in zip(prompts, ranked)]
+    in_order = [sorted(r, key=lambda s: s.index) for r in ranked[:k]]
+    proxy = [s.score for r in in_order for s in r]
+    if stats is not None:
+        proxy = [float(x) for x in normalise(torch.tensor(proxy, dtype=torch.float64), stats)]
+    golds = None
+    if annotator is not None:
+        flat_prompts = [p for p, r in zip(prompts, in_order) for _ in r]
+        golds = annotator.scores(
+            flat_prompts, [s.text for r in in_order for s in r], [s.stopped for r in in_order for s in r]
+        )
+    return results, curve_rows(proxy, golds, m, ns)
 
 
 def overopt_points(
@@ -765,6 +868,12 @@ def run_eval(config: EvalConfig) -> EvalResults:
             seed=config.seed,
             model_kwargs=model_kwargs,
         )
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # every process holds the same results; the main one writes them, once
+        state.wait_for_everyone()
+        return results
     write_eval_outputs(config.output_dir, results, {"config": asdict(config), "bon_curve": curve})
     if config.report:
         from tether.evaluation.report import write_report
@@ -778,4 +887,5 @@ def run_eval(config: EvalConfig) -> EvalResults:
             side_by_side=results.side_by_side(config.side_by_side),
         )
     logger.info("eval: wrote %s", Path(config.output_dir) / EVAL_FILE)
+    state.wait_for_everyone()
     return results

@@ -285,8 +285,24 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
     normalize_reward: bool = field(
         default=True,
         metadata=_help(
-            "Normalise scores with reward_stats.json saved beside the reward model (warns and uses raw scores "
-            "when the file is missing)."
+            "Normalise the reward model's score to mean 0, std 1 over responses of the starting policy at "
+            "--temperature (Ziegler et al.), measured before the first iteration (see --reward_norm_samples)."
+        ),
+    )
+    reward_norm_samples: int = field(
+        default=256,
+        metadata=_help(
+            "Responses sampled from the starting policy on the training prompts to measure the normalisation "
+            "on; 0 falls back to reward_stats.json that `tether rm` saved (the RM's scores on its own training "
+            "pairs, another distribution; the summary says so)."
+        ),
+    )
+    reward_norm_responses: str | None = field(
+        default=None,
+        metadata=_help(
+            "Measure the normalisation on these responses instead of sampling: JSON lines {prompt, response, "
+            "stopped} that the starting policy sampled at --temperature and --max_new_tokens (the pipeline passes "
+            "the SFT samples it labelled)."
         ),
     )
     rollout_logprobs: str = field(

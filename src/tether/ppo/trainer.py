@@ -66,6 +66,7 @@ from tether.ppo.models import (
     total_grad_norm,
 )
 from tether.ppo.monitor import KLMonitor
+from tether.ppo.reward_scale import set_reward_normalisation
 from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
 from tether.ppo.rollout import (
     PromptSampler,
@@ -143,6 +144,9 @@ class PPOTrainer:
             self._say,
             model=model,
             reward_model=reward_model,
+        )
+        self.reward_normalisation = set_reward_normalisation(
+            cfg, acc, self.models, self.tokenizer, self.prompts, self.rollout_settings, self.resume_dir, self._say
         )
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl, cfg.horizon)
         self.monitor = KLMonitor(cfg.stop_on_divergence, say=self._say, temperature=cfg.temperature)
@@ -455,7 +459,11 @@ class PPOTrainer:
     def _finish(self, stopped_reason: str, metrics: dict) -> PPOResult:
         st, cfg = self.state, self.config
         final = self.folder.save_final(self.models) if stopped_reason == "completed" else None
-        extra = {"kl_controller": self.kl_ctl.state_dict(), "temperature": cfg.temperature}
+        extra = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "temperature": cfg.temperature,
+            "reward_normalisation": self.reward_normalisation,
+        }
         result = self.folder.result(stopped_reason, st, metrics, final, extra)
         if stopped_reason == "divergence":
             self._say(

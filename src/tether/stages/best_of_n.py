@@ -106,7 +106,13 @@ class BestOfNConfig(ModelLoadingArguments):
     dtype: str = field(
         default="float32", metadata={"help": "Weights dtype of both models: float32, bfloat16 or float16."}
     )
-    seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Random seed of the sampling: each --batch_size batch of prompts samples with a seed derived from "
+            "it and the batch's index, so the responses are the same on any number of processes."
+        },
+    )
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when a GPU is available."})
     output_dir: str | None = field(
         default=None, metadata={"help": f"Folder for {OUTPUT_FILE} and {SUMMARY_FILE} (default outputs/bon)."}
@@ -209,7 +215,10 @@ def summarise(results: Sequence[BestOfNResult], n: int, reward_stats=None) -> di
 
 
 def _device(config: BestOfNConfig) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
+    """This process's device: under ``accelerate launch`` each process samples on its own."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=config.use_cpu).device
 
 
 def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
@@ -242,7 +251,6 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
     reward_model = load_scalar_model(config.reward_model_path, dtype=config.dtype, **kwargs).to(device).eval()
     reward_stats = _maybe_reward_stats(config.reward_model_path)
 
-    torch.manual_seed(config.seed)
     settings = SamplingSettings(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p
     )
@@ -260,6 +268,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
         max_prompt_length=config.max_prompt_length,
         max_length=config.max_length,
         missing_stop_score=config.missing_stop_score,
+        seed=config.seed,  # the prompts are shared out over the processes; every process gets all results back
     )
     summary = summarise(results, config.n, reward_stats)
     summary.update(
@@ -280,6 +289,12 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
             OUTPUT_FILE,
         )
 
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not state.is_main_process:  # the main process writes the files, once
+        state.wait_for_everyone()
+        return summary
     with staged_output(output_dir) as staged:
         for result in results:
             row = result_row(result, config.n, config.return_all)
@@ -296,6 +311,7 @@ def run_best_of_n(config: BestOfNConfig) -> dict[str, Any]:
         summary["kl/bon_bound"],
         output_dir,
     )
+    state.wait_for_everyone()
     return summary
 
 
