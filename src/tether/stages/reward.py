@@ -51,7 +51,7 @@ from tether.data.records import PreferencePair
 from tether.data.templates import Truncation, pad_token_id
 from tether.durable import remove_checkpoints, staged_output, write_json_atomic
 from tether.models.scoring import RewardStats, reward_stats, save_reward_stats, token_scores
-from tether.models.wrappers import strip_peft
+from tether.models.shared_prompt import attention_mask_for, segment_attention, segment_positions
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
@@ -242,49 +242,31 @@ def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], truncation:
 # ---------------------------------------------------------------------------------------------
 # one forward pass for chosen and rejected
 # ---------------------------------------------------------------------------------------------
+def _pair_segments(
+    prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor | None, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(segment_ids, real)`` of rows ``prompt | chosen | rejected | pad`` (padding trails the rejected)."""
+    device = prompt_lengths.device
+    pos = torch.arange(width, device=device).unsqueeze(0)
+    p, c = prompt_lengths.to(device).unsqueeze(1), chosen_lengths.to(device).unsqueeze(1)
+    segment_ids = (pos >= p).long() + (pos >= p + c).long()
+    real = pos < (p + c + rejected_lengths.to(device).unsqueeze(1)) if rejected_lengths is not None else pos >= 0
+    return segment_ids, real
+
+
 def shared_prompt_attention(
     prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, width: int
 ) -> torch.Tensor:
-    """Boolean mask ``[B, 1, T, T]`` (True = may attend) for rows ``prompt | chosen | rejected | pad``.
-
-    Query i may attend key j iff j ≤ i, both are real tokens, and not (i in rejected and j in
-    chosen). Every position may attend itself, so padding rows never have an all-masked softmax.
-    """
-    device = prompt_lengths.device
-    pos = torch.arange(width, device=device)
-    p, c, r = (x.to(device).unsqueeze(1) for x in (prompt_lengths, chosen_lengths, rejected_lengths))
-    real = pos.unsqueeze(0) < (p + c + r)  # [B, T]
-    in_chosen = (pos >= p) & (pos < p + c)  # [B, T]
-    in_rejected = (pos >= p + c) & (pos < p + c + r)  # [B, T]
-    causal = pos.unsqueeze(1) >= pos.unsqueeze(0)  # [T(query), T(key)]
-    allowed = causal.unsqueeze(0) & real.unsqueeze(1) & real.unsqueeze(2)
-    allowed = allowed & ~(in_rejected.unsqueeze(2) & in_chosen.unsqueeze(1))
-    allowed = allowed | torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
-    return allowed.unsqueeze(1)
+    """Boolean mask ``[B, 1, T, T]`` (True = may attend) for rows ``prompt | chosen | rejected | pad``
+    (:func:`tether.models.shared_prompt.segment_attention` with two segments): query i may attend key j
+    iff j ≤ i, both are real tokens, and not (i in rejected and j in chosen)."""
+    return segment_attention(*_pair_segments(prompt_lengths, chosen_lengths, rejected_lengths, width))
 
 
 def shared_prompt_positions(prompt_lengths: torch.Tensor, chosen_lengths: torch.Tensor, width: int) -> torch.Tensor:
     """Position ids ``[B, T]``: ``0..P−1`` for the prompt, ``P..P+C−1`` for chosen, ``P, P+1, ...`` again
     for rejected (the positions it has in ``prompt + rejected``); padding gets whatever follows."""
-    device = prompt_lengths.device
-    pos = torch.arange(width, device=device).unsqueeze(0)
-    p, c = prompt_lengths.to(device).unsqueeze(1), chosen_lengths.to(device).unsqueeze(1)
-    return torch.where(pos >= p + c, pos - c, pos)
-
-
-def attention_mask_for(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A custom boolean mask in the form the model's attention implementation takes."""
-    impl = getattr(getattr(strip_peft(model), "config", None), "_attn_implementation", None) or "sdpa"
-    if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    if impl == "sdpa":
-        return allowed
-    raise NotImplementedError(f"shared-prompt rows need sdpa or eager attention, not {impl}")
+    return segment_positions(*_pair_segments(prompt_lengths, chosen_lengths, None, width))
 
 
 @dataclass
