@@ -582,6 +582,19 @@ def make_rollout(
     return rollout
 
 
+def first_error_message(message: str) -> str:
+    """The first non-empty ``message`` over the processes (in rank order), when some process failed;
+    a collective, so every process must call it (the single-process case returns ``message``)."""
+    from accelerate.state import PartialState
+
+    if PartialState().num_processes == 1:
+        return message
+    from accelerate.utils import gather_object
+
+    failed = [(rank, m) for rank, m in enumerate(gather_object([message])) if m]
+    return f"{failed[0][1]} (on process {failed[0][0]})" if failed else "a reward function failed on a process"
+
+
 def add_programmable_rewards(
     batch: Rollout,
     rewards: ProgrammableRewards,
@@ -600,6 +613,7 @@ def add_programmable_rewards(
     except RewardFunctionError as exc:
         error = exc
     if not all_ok(error is None):
-        raise error or RewardFunctionError("a reward function failed on another process (its error names it)")
+        # every process stops with the first failing process's message (the function and its example)
+        raise RewardFunctionError(first_error_message(str(error) if error else ""))
     batch.scores, batch.valid = scored.scores, scored.valid
     batch.extras["reward_components"] = (rewards.names, scored.component_sums)
