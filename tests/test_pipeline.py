@@ -157,6 +157,7 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
         "bon_curve_prompts",
         "preference_max_new_tokens",
         "temperature",
+        "rl",
     ):
         assert getattr(from_file, f) == getattr(defaults, f), f
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
