@@ -58,13 +58,22 @@ def _generated(batch) -> GeneratedBatch:
     return GeneratedBatch(batch.responses, batch.lengths, batch.stopped)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_grouped_rows_score_like_plain_rows_with_a_value_model(tmp_path, word_dirs, attn):
-    # GAE with k = 3 responses per prompt: policy, reference, value model and reward model all read grouped rows
+@pytest.mark.parametrize("attn,value_head", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_grouped_rows_score_like_plain_rows_with_a_value_model(tmp_path, word_dirs, attn, value_head):
+    # GAE with k = 3 responses per prompt: policy, reference, value model (or the value head on the
+    # policy's trunk) and reward model all read grouped rows
     config = make_config(
-        tmp_path, word_dirs, num_generations=3, batch_size=6, mini_batch_size=6, attn_implementation=attn
+        tmp_path,
+        word_dirs,
+        num_generations=3,
+        batch_size=6,
+        mini_batch_size=6,
+        attn_implementation=attn,
+        value_head_on_policy=value_head,
     )
     t = trainer(config, PROMPTS)
+    if value_head:  # it starts at zero, which any read-out position would reproduce
+        torch.nn.init.normal_(t.models.policy_and_value.value_head.weight)
     batch = t.collect_rollout()
     assert t.rollout_settings.shared_rows is True and batch.group_size == 3
     assert len(set(map(tuple, batch.query_ids.tolist()))) == 2
