@@ -21,12 +21,14 @@ repeated k times before sampling.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generation_config, stop_ids
 from tether.models.shared_prompt import segment_attention, segment_positions
+from tether.models.wrappers import strip_peft
 
 
 @dataclass
@@ -122,6 +124,7 @@ def generate_groups(
 
     from tether.data.templates import pad_token_id
     from tether.generation import neutral_model_generation_config
+    from tether.memory import run_fitting_memory
 
     was_training = model.training
     model.eval()
@@ -130,36 +133,41 @@ def generate_groups(
     config = generation_config(tokenizer, settings)
     if return_logprobs:
         config.output_logits, config.return_dict_in_generate = True, True
-    rows = max(k, (batch_size or query_ids.shape[0]) // k * k)
     positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    chunks, chunk_logprobs = [], []
+    # the prefill only fills the cache: no language-model head over the whole prompt
+    accepts = "logits_to_keep" in inspect.signature(strip_peft(model).forward).parameters
+    head_on_last_token = {"logits_to_keep": 1} if accepts else {}
+
+    def sample_in_chunks(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        rows = max(k, size // k * k)  # whole groups per generate() call
+        chunks, chunk_logprobs = [], []
+        for start in range(0, query_ids.shape[0], rows):
+            ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
+            cache = DynamicCache(config=model.config)
+            model(
+                input_ids=ids[::k, :-1],
+                attention_mask=mask[::k, :-1],
+                position_ids=positions[start : start + rows : k, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                **head_on_last_token,
+            )
+            cache.batch_repeat_interleave(k)
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
+            sequences = out.sequences if return_logprobs else out
+            sampled = sequences[:, ids.shape[1] :]
+            chunks.append(sampled)
+            if return_logprobs:
+                steps = torch.stack([step.float() for step in out.logits], dim=1) / settings.temperature
+                chunk_logprobs.append(torch.log_softmax(steps, dim=-1).gather(-1, sampled.unsqueeze(-1))[..., 0])
+            del out, cache
+        return chunks, chunk_logprobs
+
     try:
         with neutral_model_generation_config(model):
-            for start in range(0, query_ids.shape[0], rows):
-                ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
-                cache = DynamicCache(config=model.config)
-                model(
-                    input_ids=ids[::k, :-1],
-                    attention_mask=mask[::k, :-1],
-                    position_ids=positions[start : start + rows : k, :-1],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache.batch_repeat_interleave(k)
-                out = model.generate(
-                    input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config
-                )
-                sequences = out.sequences if return_logprobs else out
-                sampled = sequences[:, ids.shape[1] :]
-                chunks.append(sampled)
-                if return_logprobs:
-                    steps = torch.stack([step.float() for step in out.logits], dim=1)
-                    chunk_logprobs.append(
-                        torch.log_softmax(steps / settings.temperature, dim=-1).gather(-1, sampled.unsqueeze(-1))[
-                            ..., 0
-                        ]
-                    )
-                del out, cache
+            (chunks, chunk_logprobs), used = run_fitting_memory(
+                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)"
+            )
     finally:
         model.train(was_training)
     width = max(c.shape[1] for c in chunks)
@@ -179,5 +187,5 @@ def generate_groups(
         )
     else:
         generated = cut_at_first_stop(responses, stop, pad_id, logprobs)
-    generated.batch_size = rows
+    generated.batch_size = used
     return generated

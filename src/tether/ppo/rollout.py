@@ -379,18 +379,16 @@ def score_responses(
     reuse = generated.logprobs is not None and not full and policy_and_value.value_head is None
     sampled_logprobs = generated.logprobs[:, :width] if reuse else None
 
-    group = group_size
-
     def score_in_chunks(size: int) -> dict[str, list[torch.Tensor]]:
         out: dict[str, list[torch.Tensor]] = {
             k: [] for k in ("logprobs", "ref_logprobs", "values", "kl", "pen", "score", "ensemble")
         }
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
-        for rows in _chunks(n, max(group, size // group * group)):  # grouped rows: whole groups per chunk
-            if group > 1:
+        for rows in _chunks(n, max(group_size, size // group_size * group_size)):  # whole groups per chunk
+            if group_size > 1:
                 args = (query_ids[rows], query_mask[rows], responses[rows], response_mask[rows])
-                grouped = group_rows(*args, group)
+                grouped = group_rows(*args, group_size)
                 inputs = grouped.forward_inputs()
             else:
                 grouped = None
