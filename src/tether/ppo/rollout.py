@@ -214,6 +214,8 @@ class RolloutSettings:
     group_size: int = 1
     #: whether grouped rows reproduce plain rows on this model: None until checked on the first batch
     shared_rows: bool | None = None
+    #: seconds the check took (once per run)
+    shared_rows_check_seconds: float = 0.0
 
     @classmethod
     def from_config(cls, cfg, tokenizer, per_process_batch: int, say: Callable[[str], None] = print) -> RolloutSettings:
@@ -487,9 +489,9 @@ def shared_rows_match(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[bool, str]:
     """Whether grouped rows give the plain rows' log-probs, reference log-probs, values and scores on the
-    first two groups of a rollout (within 1e-3 in fp32, 5e-2 in 16-bit), and if not, why."""
+    first group of a rollout (within 1e-3 in fp32, 5e-2 in 16-bit), and if not, why."""
     k = settings.group_size
-    m = min(len(generated.lengths), 2 * k)
+    m = min(len(generated.lengths), k)
     sample = GeneratedBatch(
         generated.responses[:m],
         generated.lengths[:m],
@@ -561,6 +563,7 @@ def make_rollout(
     if k > 1 and settings.shared_rows is None:
         ok, reason = shared_rows_match(models, query_ids, query_mask, generated, settings, autocast)
         settings.shared_rows = agree(ok)
+        settings.shared_rows_check_seconds = time.perf_counter() - generated_at
         if not settings.shared_rows:
             say(f"scoring and training the {k} responses of a prompt as separate rows: {reason or 'another process'}")
     rollout = score_responses(
