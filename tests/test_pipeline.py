@@ -157,6 +157,7 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
         "bon_curve_prompts",
         "preference_max_new_tokens",
         "temperature",
+        "rl",
     ):
         assert getattr(from_file, f) == getattr(defaults, f), f
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
@@ -178,3 +179,44 @@ def test_tether_ppo_on_embedded_demo_logs_gold_every_iteration(tmp_path, tiny_mo
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [1, 2]
     assert all(isinstance(r["reward/gold"], float) and -12.0 < r["reward/gold"] < 3.0 for r in metrics)
+
+
+def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, tiny_model_dir):
+    stages = {**TINY_STAGES, "ppo": {**TINY_STAGES["ppo"], "mini_batch_size": 4}}
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump({**stages, "model_name_or_path": str(tiny_model_dir)}))
+    out = tmp_path / "out"
+    args = ["--config", str(config_file), "--output_dir", str(out), "--rl", "ppo,rloo,grpo", "--skip", "dpo,bon"]
+    config = parse_config(PipelineConfig, args)
+    assert config.rl_methods() == ["ppo", "rloo", "grpo"]
+    summary = run_pipeline(config)
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert set(state) == {"sft", "preferences", "rm", "ppo", "rloo", "grpo", "eval"}
+    assert summary["ppo"] == str(out / "ppo" / "policy")
+    for method in ("rloo", "grpo"):
+        assert state[method]["artifact"] == str(out / method / "policy")
+        assert state[method]["iterations"] == 2 and state[method]["stopped_reason"] == "completed"
+        rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and "loss/value" not in rows[0]  # critic-free: no value model
+        assert ("loss/kl" in rows[0]) == (method == "grpo")  # GRPO's β·k3 in the loss
+    assert not (out / "rloo" / "value_model").exists() and (out / "ppo" / "policy").is_dir()
+    metrics = json.loads((out / "eval" / "eval.json").read_text())["metrics"]
+    assert list(metrics) == ["sft", "ppo", "rloo", "grpo"]
+    for name in ("ppo", "rloo", "grpo"):  # the same held-out prompts; KL and gold gain for each
+        assert metrics[name]["samples"] == metrics["sft"]["samples"] == 3
+        assert metrics[name]["kl/ref"] is not None and metrics[name]["gain/gold"] is not None
+    report = (out / "report.md").read_text()
+    assert "| Metric | sft | ppo | rloo | grpo |" in report
+    kl_row = next(line for line in report.splitlines() if line.startswith("| KL to reference"))
+    gain_row = next(line for line in report.splitlines() if line.startswith("| Gold gain"))
+    assert kl_row.count("|") == 6 and "–" not in kl_row.split("|", 3)[3]
+    assert gain_row.count("±") >= 3
+
+
+def test_pipeline_rl_rejects_unknown_methods_and_rounds():
+    with pytest.raises(ConfigError, match="--rl ppo,dqn: expected distinct methods from ppo, rloo, grpo"):
+        PipelineConfig(rl="ppo,dqn")
+    with pytest.raises(ConfigError, match="--rl ppo,ppo"):
+        PipelineConfig(rl="ppo,ppo")
+    with pytest.raises(ConfigError, match="needs --rounds 1"):
+        PipelineConfig(rl="ppo,rloo", rounds=2)

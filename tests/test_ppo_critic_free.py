@@ -298,3 +298,47 @@ def test_an_ensemble_of_two_reward_models_scores_with_the_worst_case_and_logs_ea
     assert row["reward/reward_model/mean"] == pytest.approx(first.double().mean().item(), abs=1e-6)
     assert row["reward/reward_model_2/mean"] == pytest.approx(second.double().mean().item(), abs=1e-6)
     assert row["reward/score"] == pytest.approx(batch.scores.mean().item(), abs=1e-6)
+
+
+def test_a_reward_function_failing_on_one_of_two_processes_stops_both_with_its_message(tmp_path, word_dirs):
+    import os
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from tether.ppo import PPOConfig
+
+    # the prompt order of the first pass (the sampler's seeded permutation): iteration 2's second prompt
+    # goes to rank 1 only; that one is the prompt the function has no rule for
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(PPOConfig.seed))
+    prompts = [""] * 4
+    for position, text in zip(order.tolist(), ["a b c", "d e", "k", "yes no"]):
+        prompts[position] = text
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+        + ["--master_port", str(port), str(here / "ppo_reward_failure_worker.py"), str(tmp_path)]
+        + [str(word_dirs["policy"]), str(word_dirs["rm"]), json.dumps(prompts)],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # a rank waiting forever in a collective would hit this
+    )
+    elapsed = time.perf_counter() - started
+    assert done.returncode != 0
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in (0, 1)]
+    for message in errors:  # both ranks stopped by the error itself, not killed by the launcher
+        assert "stopped at iteration 2 before its update" in message
+        assert "reward function 'fails_on_yes' raised on example 0 (prompt" in message and "yes no" in message
+        assert "KeyError" in message and "(on process 1)" in message
+        assert message.split("last good checkpoint: ")[1].split()[0].endswith("checkpoint-1")
+    run = tmp_path / "run"
+    assert (run / "checkpoint-1").is_dir() and not (run / "checkpoint-2").exists() and not (run / "policy").exists()
+    assert elapsed < 200

@@ -47,6 +47,15 @@ logger = logging.getLogger(__name__)
 STAGES = ("sft", "preferences", "rm", "ppo", "dpo", "eval", "report")
 STATE_FILE = "pipeline_state.json"
 SFT_SAMPLES_FILE = "sft_samples_round1.jsonl"
+#: --rl: the PPOConfig options of each RL method the pipeline can train after the reward model (ppo:
+#: today's PPO with GAE and a value model; the others critic-free, 4 responses per prompt, the same
+#: number of responses per iteration). Each trains in OUTPUT_DIR/<name>/ and is evaluated as <name>.
+RL_METHODS: dict[str, dict[str, Any]] = {
+    "ppo": {},
+    "rloo": {"advantage_estimator": "rloo", "num_generations": 4},
+    "grpo": {"advantage_estimator": "grpo", "num_generations": 4, "kl_in_loss": True},
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp", "num_generations": 4},
+}
 
 
 @dataclass
@@ -106,6 +115,14 @@ class PipelineConfig:
     skip: str = field(
         default="", metadata={"help": "Comma-separated stages to leave out: sft, ppo, dpo, bon, eval, report."}
     )
+    rl: str = field(
+        default="ppo",
+        metadata={
+            "help": "RL methods trained after the reward model, comma-separated: ppo (GAE with a value model), "
+            "rloo, grpo, reinforce_pp (critic-free, 4 responses per prompt). Each gets its folder and a column "
+            "in the report; the `ppo:` section applies to all."
+        },
+    )
     sft_model: str | None = field(default=None, metadata={"help": "Use this SFT model instead of training one."})
     reward_model_path: str | None = field(
         default=None,
@@ -153,6 +170,14 @@ class PipelineConfig:
                 f"--skip {self.skip}: unknown stage(s) {', '.join(sorted(skipped - known))}; "
                 f"use {', '.join(sorted(known))}"
             )
+        methods = self.rl_methods()
+        unknown = [m for m in methods if m not in RL_METHODS]
+        if unknown or not methods or len(set(methods)) != len(methods):
+            raise ConfigError(
+                f"--rl {self.rl}: expected distinct methods from {', '.join(RL_METHODS)} (comma-separated)"
+            )
+        if methods != ["ppo"] and self.rounds > 1:
+            raise ConfigError(f"--rl {self.rl} trains several methods side by side: it needs --rounds 1")
         if self.best_of_n < 0:
             raise ConfigError(f"--best_of_n must be >= 0, got {self.best_of_n}")
         if self.rounds < 1:
@@ -163,6 +188,9 @@ class PipelineConfig:
             self.bon_ns()
         except ValueError:
             raise ConfigError(f"--bon_n {self.bon_n}: expected comma-separated positive integers") from None
+
+    def rl_methods(self) -> list[str]:
+        return [m.strip() for m in self.rl.split(",") if m.strip()]
 
     def skipped(self) -> set[str]:
         return {s.strip() for s in self.skip.split(",") if s.strip()}
@@ -399,6 +427,8 @@ class PipelineRun:
     policy_path: str | None = None
     dpo_path: str | None = None
     ppo_dirs: list[str] = field(default_factory=list)
+    #: policies of the --rl methods other than the first (name -> policy folder), evaluated beside it
+    rl_policies: dict[str, str] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     report_paths: Any = None
 
@@ -417,7 +447,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     """``tether pipeline``: each stage reads what it needs from ``run`` and records its artifact there
     (and, when it trains, in ``pipeline_state.json`` through ``run_stage``, so a re-run skips it)."""
     run = start_run(config)
-    for stage in (sft_stage, preference_stage, rlhf_rounds, dpo_stage, eval_stage, report_stage):
+    for stage in (sft_stage, preference_stage, rlhf_rounds, other_rl_methods, dpo_stage, eval_stage, report_stage):
         stage(run)
     return finish_run(run)
 
@@ -555,7 +585,9 @@ def rlhf_rounds(run: PipelineRun) -> None:
             if config.ppo_model:
                 run.policy_path = resolve_model_path(config.ppo_model)
             break
-        ppo_entry = run_stage(run.state, f"ppo{suffix}", lambda: train_ppo_policy(run, suffix))
+        first = config.rl_methods()[0]
+        name = f"ppo{suffix}" if first == "ppo" else first
+        ppo_entry = run_stage(run.state, name, lambda: train_ppo_policy(run, suffix, first))
         run.policy_path = ppo_entry["artifact"]
         run.ppo_dirs.append(str(Path(run.policy_path).parent))
         run.rounds.append(
@@ -571,6 +603,17 @@ def rlhf_rounds(run: PipelineRun) -> None:
         )
 
 
+def other_rl_methods(run: PipelineRun) -> None:
+    """--rl with several methods: each one after the first trains from the SFT policy on the same reward
+    model and prompts, in its own folder (``OUTPUT_DIR/<method>/``)."""
+    if "ppo" in run.skipped or run.rm_path is None:
+        return
+    start = run.sft_path
+    for method in run.config.rl_methods()[1:]:
+        entry = run_stage(run.state, method, lambda: train_ppo_policy(run, "", method, start))
+        run.rl_policies[method] = entry["artifact"]
+
+
 def train_reward_model(run: PipelineRun, suffix: str) -> StageResult:
     from tether.data.loading import split_train_eval
     from tether.stages.reward import RewardConfig, train_reward
@@ -584,26 +627,29 @@ def train_reward_model(run: PipelineRun, suffix: str) -> StageResult:
     return StageResult(path, {"pairs": len(pairs), "eval": _read_json(Path(path) / "eval_results.json")})
 
 
-def train_ppo_policy(run: PipelineRun, suffix: str) -> StageResult:
+def train_ppo_policy(run: PipelineRun, suffix: str, method: str = "ppo", start: str | None = None) -> StageResult:
+    """RL from ``start`` (default: the current policy) on the current reward model; ``method`` one of
+    ``RL_METHODS`` (its options come before the `ppo:` section's, which wins)."""
     from tether.demo.annotator import gold_metrics_hook
     from tether.ppo import run_ppo
 
     config = run.config
-    cfg = run.stage_config(
-        PPOConfig,
-        "ppo",
-        model_name_or_path=run.policy_path,
+    values = dict(
+        model_name_or_path=start or run.policy_path,
         reward_model_path=run.rm_path,
-        output_dir=str(run.out / f"ppo{suffix}"),
+        output_dir=str(run.out / (f"ppo{suffix}" if method == "ppo" else method)),
         temperature=config.temperature,
     )
+    if method != "ppo":  # critic-free: no value model of any kind (the demo's value head included)
+        values.update(RL_METHODS[method], value_head_on_policy=False)
+    cfg = run.stage_config(PPOConfig, "ppo", **values)
     # The labelled pairs' responses are samples of the policy PPO starts from, at its temperature and
     # token budget: its reward normalisation is measured on them (no second sampling pass).
     sampled = run.state.done("preferences") or {}
     if (
         not suffix
         and cfg.reward_norm_responses is None
-        and run.policy_path == run.sft_path
+        and str(start or run.policy_path) == str(run.sft_path)
         and sampled.get("sft_samples")
         and Path(sampled["sft_samples"]).is_file()
         and sampled.get("max_new_tokens") == cfg.max_new_tokens
@@ -665,7 +711,8 @@ def evaluate_run(run: PipelineRun) -> StageResult:
     config, skipped, eval_dir = run.config, run.skipped, run.out / "eval"
     policies = {"sft": run.sft_path}
     if run.policy_path != run.sft_path:
-        policies["ppo"] = run.policy_path
+        policies[config.rl_methods()[0]] = run.policy_path
+    policies.update(run.rl_policies)
     if run.dpo_path:
         policies["dpo"] = run.dpo_path
     opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}

@@ -178,6 +178,24 @@ def block_attention(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torc
     return allowed.unsqueeze(1)
 
 
+def branch_positions(segment_ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` of rows ``prompt | branch 1 | … | branch k`` that may hold padding anywhere
+    (``segment_ids``: 0 for the prompt, 1..k for the branches): the real prompt tokens count ``0..p−1``
+    and each branch restarts at p.
+
+    ``pos_i = #{j ≤ i : seg_j = 0, real_j} + #{j ≤ i : seg_j = seg_i > 0} − 1`` (clamped at 0), i.e. the
+    position token i has in ``prompt + its own segment``; a padding position continues its segment's count.
+    """
+    real = real.to(device=segment_ids.device, dtype=torch.bool)
+    prompt_tokens = ((segment_ids == 0) & real).long().cumsum(dim=1)
+    k = int(segment_ids.max().item()) if segment_ids.numel() else 0
+    own = torch.zeros_like(segment_ids)
+    for s in range(1, k + 1):  # k is small (2 for pairs, --num_generations for PPO groups)
+        in_s = segment_ids == s
+        own = torch.where(in_s, in_s.long().cumsum(dim=1), own)
+    return (prompt_tokens + own - 1).clamp(min=0)
+
+
 def model_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
     """A boolean 4-D mask in the form the model's attention takes: as is for SDPA, additive (0 or the
     dtype's minimum) for eager attention, which adds the mask to the scores. 2-D masks pass unchanged."""

@@ -174,6 +174,14 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
             "--mini_batch_size count responses, as TRL counts completions: prompts per iteration = batch_size / k."
         ),
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata=_help(
+            "With --num_generations k > 1, compute each prompt once for its k responses: one prefill reused by "
+            "the k samples, and one row [prompt | response 1 | ... | response k] with a 4-D attention mask for "
+            "scoring and training (checked against plain rows on the first batch; off: plain rows)."
+        ),
+    )
     scale_rewards: str = field(
         default="group",
         metadata=_help("grpo: divide by the group's std (group), the batch's (batch) or not at all (none: Dr. GRPO)."),

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from tether.config import ConfigError, peft_config_from
+from tether.models.packing import model_attention_mask
 from tether.models.scoring import RewardStats, token_scores
 from tether.models.wrappers import strip_peft, unwrap_distributed
 from tether.ppo.config import PPOConfig
+from tether.ppo.grouping import take_responses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,17 +51,23 @@ def response_logits(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     prompt_width: int,
+    response_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits that predict each response token, ``[B, R, V]`` (position ``P − 1 + t`` predicts token ``t``)."""
+    """Logits that predict each response token, ``[B, R, V]`` (position ``P − 1 + t`` predicts token ``t``).
+
+    ``response_index``: grouped rows ``[prompt | k responses]`` (``tether.ppo.grouping``) with a boolean
+    4-D ``attention_mask``; the result is then ``[G·k, R, V]`` in the plain rows' order."""
     n_response = input_ids.shape[1] - prompt_width
     kwargs: dict[str, Any] = {}
     if _accepts_logits_to_keep(type(strip_peft(model))):
         kwargs["logits_to_keep"] = n_response + 1  # skip the LM head on the prompt
+    if response_index is not None:
+        attention_mask = model_attention_mask(model, attention_mask)
     out = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     )
-    logits = out.logits
-    return logits[:, -(n_response + 1) : -1]
+    logits = out.logits[:, -(n_response + 1) :]
+    return logits[:, :-1] if response_index is None else take_responses(logits, response_index)
 
 
 def response_values(
@@ -68,10 +76,13 @@ def response_values(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     prompt_width: int,
+    response_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scalar head output at the positions that predict each response token, ``[B, R]`` (float32)."""
-    scores = token_scores(value_model, input_ids, attention_mask, position_ids)
-    return scores[:, prompt_width - 1 : -1].float()
+    if response_index is not None:
+        attention_mask = model_attention_mask(value_model, attention_mask)
+    scores = token_scores(value_model, input_ids, attention_mask, position_ids)[:, prompt_width - 1 :]
+    return (scores[:, :-1] if response_index is None else take_responses(scores, response_index)).float()
 
 
 class PolicyAndValue(nn.Module):
@@ -109,19 +120,13 @@ class PolicyAndValue(nn.Module):
         with_values: bool = True,
         detach_trunk_for_values: bool = False,
         with_logits: bool = True,
+        response_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        args = (input_ids, attention_mask, position_ids, prompt_width, response_index)
         if self.value_head is None:
             with_values = with_values and self.value_model is not None  # critic-free: no value forward at all
-            logits = (
-                response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
-                if with_logits
-                else None
-            )
-            values = (
-                response_values(self.value_model, input_ids, attention_mask, position_ids, prompt_width)
-                if with_values
-                else None
-            )
+            logits = response_logits(self.policy, *args) if with_logits else None
+            values = response_values(self.value_model, *args) if with_values else None
             return logits, values
         captured: list[torch.Tensor] = []
 
@@ -130,10 +135,11 @@ class PolicyAndValue(nn.Module):
 
         handle = strip_peft(self.policy).get_decoder().register_forward_hook(keep_hidden)
         try:
-            logits = response_logits(self.policy, input_ids, attention_mask, position_ids, prompt_width)
+            logits = response_logits(self.policy, *args)
         finally:
             handle.remove()
-        hidden = captured[-1][:, prompt_width - 1 : -1]
+        hidden = captured[-1][:, prompt_width - 1 :]
+        hidden = hidden[:, :-1] if response_index is None else take_responses(hidden, response_index)
         if detach_trunk_for_values:  # critic warm-up: the value loss must not move the policy's trunk
             hidden = hidden.detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float() if with_values else None

@@ -32,6 +32,7 @@ from tether.data.templates import pad_token_id, stop_token_id
 from tether.durable import write_json_atomic
 from tether.generation import GeneratedBatch, left_pad
 from tether.models.scoring import RewardStats, reward_stats
+from tether.ppo.models import sharded_with_fsdp
 from tether.ppo.rollout import PromptSampler, RolloutSettings, make_rollout, score_responses
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,16 @@ def _gathered(acc, numbered: list[tuple[int, list[float]]]) -> torch.Tensor:
     return torch.tensor([x for _, scores in ordered for x in scores], dtype=torch.float64)
 
 
+def _chunks_of_this_process(acc, count: int) -> list[int | None]:
+    """The chunks ``k ≡ rank (mod processes)`` of ``count``; under FSDP padded with ``None`` (a repeat of
+    chunk 0 whose result is dropped) to the same number on every process, because every sampling and
+    forward pass of sharded networks is a collective that all processes must join."""
+    mine: list[int | None] = list(range(acc.process_index, count, acc.num_processes))
+    if sharded_with_fsdp(acc):
+        mine += [None] * (-(-count // acc.num_processes) - len(mine))
+    return mine
+
+
 def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):
     """Raw scores of ``--reward_norm_samples`` fresh responses of the starting policy, one per prompt (prompts
     in a seeded order, cycled when there are fewer).
@@ -142,12 +153,13 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
     devices = [acc.device] if acc.device.type == "cuda" else []
     numbered: list[tuple[int, list[float]]] = []
     with torch.random.fork_rng(devices=devices):
-        for k in range(acc.process_index, len(chunks), acc.num_processes):
-            torch.manual_seed(batch_seed(cfg.seed, k))
-            ids = [prompts.prompt_token_ids[i] for i in chunks[k]]
+        for k in _chunks_of_this_process(acc, len(chunks)):
+            torch.manual_seed(batch_seed(cfg.seed, 0 if k is None else k))
+            ids = [prompts.prompt_token_ids[i] for i in chunks[0 if k is None else k]]
             query_ids, query_mask = (t.to(acc.device) for t in left_pad(ids, pad_token_id(tokenizer)))
             rollout = make_rollout(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
-            numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
+            if k is not None:
+                numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_POLICY} ({count} at T = {cfg.temperature})"
 
 
@@ -183,8 +195,8 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
     pad = pad_token_id(tokenizer)
     size = cfg.batch_size
     numbered: list[tuple[int, list[float]]] = []
-    for k in range(acc.process_index, (len(rows) + size - 1) // size, acc.num_processes):
-        chunk = rows[k * size : (k + 1) * size]
+    for k in _chunks_of_this_process(acc, (len(rows) + size - 1) // size):
+        chunk = rows[(k or 0) * size : ((k or 0) + 1) * size]
         query_ids, query_mask = (
             t.to(acc.device)
             for t in left_pad([prompt_ids(tokenizer, p, cfg.max_prompt_length) for p, _, _ in chunk], pad)
@@ -201,5 +213,6 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
         generated = GeneratedBatch(padded, lengths, stopped)
         with torch.no_grad():
             rollout = score_responses(models, query_ids, query_mask, generated, settings, autocast=acc.autocast)
-        numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
+        if k is not None:
+            numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_FILE}: {len(rows)} responses in {path.name}"

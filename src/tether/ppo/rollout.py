@@ -37,9 +37,11 @@ from tether.data.records import PromptRecord
 from tether.data.templates import prompt_ids as render_prompt_ids
 from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
+from tether.models.packing import model_attention_mask
 from tether.models.scoring import normalise, position_ids_from_mask, token_scores
 from tether.models.wrappers import unsharded
 from tether.ppo.config import PPOConfig, PPOState
+from tether.ppo.grouping import GroupedRows, generate_groups, group_rows
 from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
 from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
 from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
@@ -55,6 +57,17 @@ def build_sequences(
     input_ids = torch.cat([query_ids, responses], dim=1)
     attention_mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
     return input_ids, attention_mask, position_ids_from_mask(attention_mask)
+
+
+def stop_token_scores(model: nn.Module, inputs: dict, lengths: torch.Tensor, rows: GroupedRows | None) -> torch.Tensor:
+    """Score of each response at its stop token, ``[B]`` (float32), from plain or grouped ``inputs``
+    (the keyword arguments of ``PolicyAndValue.forward``)."""
+    if rows is None:
+        args = (inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], inputs["prompt_width"])
+        return last_token_scores(model, *args, lengths)
+    mask = model_attention_mask(model, rows.allowed)
+    scores = token_scores(model, rows.input_ids, mask, rows.position_ids)
+    return scores.gather(1, rows.stop_columns(lengths).to(scores.device)).flatten().float()
 
 
 def last_token_scores(
@@ -105,6 +118,9 @@ class Rollout:
     generation_batch_size: int | None = None
     forward_batch_size: int | None = None
     extras: dict = field(default_factory=dict)
+    #: k when the models read the k responses of a prompt in one row [prompt | response 1 | … | response k]
+    #: (--num_generations k with --share_prompt, checked against plain rows); 1: plain rows
+    group_size: int = 1
     # set by the learner before the update (``PPOTrainer.estimate_advantages``); ``logprobs`` and
     # ``values`` above are the old log-probs and old values the update's ratios and clips start from
     rewards: torch.Tensor | None = None  # per-token rewards r_t
@@ -137,6 +153,21 @@ class Rollout:
     def sequences(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask, position_ids)`` of ``[query | response]`` for ``rows``."""
         return self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows]
+
+    def forward_inputs(self, rows: torch.Tensor) -> dict:
+        """The keyword arguments of ``PolicyAndValue.forward`` for ``rows``: plain ``[query | response]``
+        rows, or grouped rows when ``group_size`` > 1 (``rows`` then holds whole groups, in order)."""
+        if self.group_size > 1:
+            k = self.group_size
+            args = (self.query_ids[rows], self.query_mask[rows], self.responses[rows], self.response_mask[rows])
+            return group_rows(*args, k).forward_inputs()
+        input_ids, attention_mask, position_ids = self.sequences(rows)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "prompt_width": self.prompt_width,
+        }
 
     def all_finite(self) -> bool:
         """Scores, rewards, log-probs and values are finite on every real token (this process only)."""
@@ -180,6 +211,12 @@ class RolloutSettings:
     logprobs_from_sampling: bool = False  # --rollout_logprobs generation
     generation_batch_size: int | None = None
     forward_batch_size: int | None = None
+    #: k (--num_generations) when the k responses of a prompt may share it (--share_prompt); 1: plain rows
+    group_size: int = 1
+    #: whether grouped rows reproduce plain rows on this model: None until checked on the first batch
+    shared_rows: bool | None = None
+    #: seconds the check took (once per run)
+    shared_rows_check_seconds: float = 0.0
 
     @classmethod
     def from_config(cls, cfg, tokenizer, per_process_batch: int, say: Callable[[str], None] = print) -> RolloutSettings:
@@ -209,6 +246,7 @@ class RolloutSettings:
             logprobs_from_sampling=cfg.rollout_logprobs == "generation",
             generation_batch_size=cfg.generation_batch_size or per_process_batch,
             forward_batch_size=cfg.forward_batch_size or per_process_batch,
+            group_size=cfg.num_generations if cfg.share_prompt else 1,
         )
 
 
@@ -310,8 +348,13 @@ def score_responses(
     *,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     prompts: list | None = None,
+    group_size: int = 1,
 ) -> Rollout:
     """Everything PPO needs about sampled responses, from one no-grad pass of each model.
+
+    ``group_size`` k > 1: each model reads the k responses of a prompt in one grouped row
+    (:mod:`tether.ppo.grouping`; the queries repeat k times contiguously) and the rollout records it,
+    so that the update reads them the same way.
 
     ``models.reference`` None means "the policy with its LoRA adapters disabled",
     ``models.reward_model`` None "the (LoRA) value model with its adapters disabled". When
@@ -340,26 +383,36 @@ def score_responses(
         }
         # The policy stays in its training mode: the old log-probs come from exactly the computation the
         # update will repeat (dropout is off in every model, so the mode changes nothing else).
-        for rows in _chunks(n, size):
-            args = (input_ids[rows], attention_mask[rows], position_ids[rows])
+        for rows in _chunks(n, max(group_size, size // group_size * group_size)):  # whole groups per chunk
+            if group_size > 1:
+                args = (query_ids[rows], query_mask[rows], responses[rows], response_mask[rows])
+                grouped = group_rows(*args, group_size)
+                inputs = grouped.forward_inputs()
+            else:
+                grouped = None
+                inputs = {
+                    "input_ids": input_ids[rows],
+                    "attention_mask": attention_mask[rows],
+                    "position_ids": position_ids[rows],
+                    "prompt_width": prompt_width,
+                }
             mask = response_mask[rows]
             tokens = responses[rows]
+            lengths = generated.lengths[rows]
             with autocast():
-                logits, values = policy_and_value(*args, prompt_width=prompt_width, with_logits=not reuse)
+                logits, values = policy_and_value(**inputs, with_logits=not reuse)
                 if reference is None:
                     with adapters_disabled(policy_and_value.policy):
-                        ref_logits = response_logits(policy_and_value.policy, *args, prompt_width)
+                        ref_logits = response_logits(policy_and_value.policy, **inputs)
                 else:
-                    ref_logits = response_logits(reference, *args, prompt_width)
+                    ref_logits = response_logits(reference, **inputs)
                 if models.without_reward_model:  # only --reward_funcs score (added by the trainer)
                     score = torch.zeros(len(tokens), device=tokens.device)
                 elif reward_model is None:
                     with adapters_disabled(policy_and_value.value_model):
-                        score = last_token_scores(
-                            policy_and_value.value_model, *args, prompt_width, generated.lengths[rows]
-                        )
+                        score = stop_token_scores(policy_and_value.value_model, inputs, lengths, grouped)
                 else:
-                    score = last_token_scores(reward_model, *args, prompt_width, generated.lengths[rows])
+                    score = stop_token_scores(reward_model, inputs, lengths, grouped)
             logp = sampled_logprobs[rows] if reuse else logprobs_from_logits(logits, tokens, temperature)
             ref_logp = logprobs_from_logits(ref_logits, tokens, temperature)
             pen = kl_penalty(logp, ref_logp, kl_estimator, logits, ref_logits, temperature)
@@ -373,11 +426,8 @@ def score_responses(
             out["pen"].append(torch.where(mask, pen, zeros))
             out["score"].append(score)
             if models.ensemble:  # the other reward models of an ensemble, read at the same stop token
-                lengths = generated.lengths[rows]
                 with autocast():
-                    out["ensemble"].append(
-                        [last_token_scores(m, *args, prompt_width, lengths) for m, _ in models.ensemble]
-                    )
+                    out["ensemble"].append([stop_token_scores(m, inputs, lengths, grouped) for m, _ in models.ensemble])
             del logits, ref_logits
         return out
 
@@ -416,6 +466,7 @@ def score_responses(
         prompts=prompts,
         forward_batch_size=size,
         extras=extras,
+        group_size=group_size,
     )
 
 
@@ -423,6 +474,47 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device (CUDA) to finish, so that wall-clock times measure the work."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def shared_rows_match(
+    models: RolloutModels,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    generated: GeneratedBatch,
+    settings: RolloutSettings,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[bool, str]:
+    """Whether grouped rows give the plain rows' log-probs, reference log-probs, values and scores on the
+    first group of a rollout (within 1e-3 in fp32, 5e-2 in 16-bit), and if not, why."""
+    k = settings.group_size
+    m = min(len(generated.lengths), k)
+    sample = GeneratedBatch(
+        generated.responses[:m],
+        generated.lengths[:m],
+        generated.stopped[:m],
+        None if generated.logprobs is None else generated.logprobs[:m],
+    )
+    args = (models, query_ids[:m], query_mask[:m], sample, settings)
+    try:
+        grouped = score_responses(*args, autocast=autocast, group_size=k)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
+        return False, f"the model does not run grouped rows ({exc})"
+    plain = score_responses(*args, autocast=autocast)
+    dtype = next(models.policy_and_value.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 and not _autocasting(autocast) else 5e-2
+    for name in ("logprobs", "ref_logprobs", "values", "raw_scores"):
+        a, b = getattr(grouped, name), getattr(plain, name)
+        if a is None:
+            continue
+        worst = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+        if not worst <= tol:  # also catches NaN
+            return False, f"grouped rows differ from plain rows in {name} by {worst:.3g} (tolerance {tol:g})"
+    return True, ""
+
+
+def _autocasting(autocast: Callable[[], contextlib.AbstractContextManager]) -> bool:
+    with autocast():
+        return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
 
 
 def make_rollout(
@@ -434,33 +526,71 @@ def make_rollout(
     *,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     prompts: list | None = None,
+    agree: Callable[[bool], bool] = bool,
+    say: Callable[[str], None] = print,
 ) -> Rollout:
     """Sample one response per query with the policy, then :func:`score_responses`; times both phases
     (on CUDA after a synchronisation, so the times are the device's).
 
     ``settings.logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
     separate policy pass (saves one forward; exact only to ~1e-6, see :func:`score_responses`).
+
+    ``settings.group_size`` k > 1 (the queries repeat k times contiguously): each prompt is prefilled
+    once for its k samples (:func:`~tether.ppo.grouping.generate_groups`), and the models read the k
+    responses in one grouped row once :func:`shared_rows_match` has confirmed, on the first rollout,
+    that this reproduces plain rows (``agree`` makes every process take the same decision; ``say``
+    gives the reason for falling back to plain rows).
     """
+    k = settings.group_size
+    policy = models.policy_and_value.policy
     start = time.perf_counter()
     # under FSDP the policy is gathered whole for the block: each process decodes as long as its responses need
-    with autocast(), unsharded(models.policy_and_value.policy):  # in the precision the update computes the policy in
-        generated = generate_batch(
-            models.policy_and_value.policy,
-            tokenizer,
-            query_ids,
-            query_mask,
-            settings.sampling,
-            settings.generation_batch_size,
-            return_logprobs=settings.logprobs_from_sampling,
-        )
+    with autocast(), unsharded(policy):  # sample in the precision the update computes the policy in
+        sampling = (tokenizer, query_ids, query_mask, settings.sampling)
+        if k > 1 and query_ids.shape[1] > 1 and settings.sampling.cache_implementation is None:
+            generated = generate_groups(
+                policy, *sampling, k, settings.generation_batch_size, return_logprobs=settings.logprobs_from_sampling
+            )
+        else:
+            generated = generate_batch(
+                policy, *sampling, settings.generation_batch_size, return_logprobs=settings.logprobs_from_sampling
+            )
     synchronize(query_ids.device)
     generated_at = time.perf_counter()
-    rollout = score_responses(models, query_ids, query_mask, generated, settings, autocast=autocast, prompts=prompts)
+    if k > 1 and settings.shared_rows is None:
+        ok, reason = shared_rows_match(models, query_ids, query_mask, generated, settings, autocast)
+        settings.shared_rows = agree(ok)
+        settings.shared_rows_check_seconds = time.perf_counter() - generated_at
+        if not settings.shared_rows:
+            say(f"scoring and training the {k} responses of a prompt as separate rows: {reason or 'another process'}")
+    rollout = score_responses(
+        models,
+        query_ids,
+        query_mask,
+        generated,
+        settings,
+        autocast=autocast,
+        prompts=prompts,
+        group_size=k if k > 1 and settings.shared_rows else 1,
+    )
     synchronize(query_ids.device)
     rollout.generation_batch_size = generated.batch_size
     rollout.time_generate = generated_at - start
     rollout.time_score = time.perf_counter() - generated_at
     return rollout
+
+
+def first_error_message(message: str) -> str:
+    """The first non-empty ``message`` over the processes (in rank order), when some process failed;
+    a collective, so every process must call it (the single-process case returns ``message``)."""
+    from accelerate.state import PartialState
+
+    if PartialState().num_processes == 1:
+        return message
+    from accelerate.utils import gather_object
+
+    failed = [(rank, m) for rank, m in enumerate(gather_object([message])) if m]
+    return f"{failed[0][1]} (on process {failed[0][0]})" if failed else "a reward function failed on a process"
 
 
 def add_programmable_rewards(
@@ -481,6 +611,7 @@ def add_programmable_rewards(
     except RewardFunctionError as exc:
         error = exc
     if not all_ok(error is None):
-        raise error or RewardFunctionError("a reward function failed on another process (its error names it)")
+        # every process stops with the first failing process's message (the function and its example)
+        raise RewardFunctionError(first_error_message(str(error) if error else ""))
     batch.scores, batch.valid = scored.scores, scored.valid
     batch.extras["reward_components"] = (rewards.names, scored.component_sums)

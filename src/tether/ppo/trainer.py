@@ -128,6 +128,12 @@ class PPOTrainer:
         self.prompts = PromptSampler(cfg, self.tokenizer, prompts)
         self.rewards = ProgrammableRewards(cfg)
         self.rollout_settings = RolloutSettings.from_config(cfg, self.tokenizer, self.geometry.local_batch, self._say)
+        if self.geometry.local_mini % self.rollout_settings.group_size:  # minibatches must hold whole groups
+            self._say(
+                f"the per-process minibatch of {self.geometry.local_mini} responses is not whole groups of "
+                f"--num_generations {cfg.num_generations}: scoring and training them as separate rows"
+            )
+            self.rollout_settings.group_size = 1
         self.resume_dir = checkpoint.resolve_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
         if cfg.resume_from_checkpoint == "latest" and self.resume_dir is None and acc.is_main_process:
             logger.info("tether ppo: no checkpoint in %s yet; starting from the beginning", cfg.output_dir)
@@ -224,7 +230,15 @@ class PPOTrainer:
         prompts, token_ids, columns = self.prompts.next_batch(self.state, self.rank, self.geometry.local_batch)
         query_ids, query_mask = (t.to(acc.device) for t in left_pad(token_ids, pad_token_id(self.tokenizer)))
         batch = make_rollout(
-            self.models, self.tokenizer, query_ids, query_mask, settings, autocast=acc.autocast, prompts=prompts
+            self.models,
+            self.tokenizer,
+            query_ids,
+            query_mask,
+            settings,
+            autocast=acc.autocast,
+            prompts=prompts,
+            agree=self.processes.all_true,
+            say=self._say,
         )
         # chunk sizes that fitted in memory (smaller than asked after an out-of-memory error) stay
         settings.generation_batch_size = batch.generation_batch_size
@@ -307,7 +321,10 @@ class PPOTrainer:
         early_stopped = False
         self.update_log = []
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(n, generator=self.shuffle_rng).to(batch.input_ids.device)
+            k = batch.group_size  # grouped rows: shuffle whole groups, each kept in order
+            order = torch.randperm(n // k, generator=self.shuffle_rng)
+            order = (order.unsqueeze(1) * k + torch.arange(k)).flatten() if k > 1 else order
+            order = order.to(batch.input_ids.device)
             for first in range(0, n, mini):
                 minibatch = order[first : first + mini]
                 stats = self.update(batch, minibatch, train_policy)
@@ -347,6 +364,7 @@ class PPOTrainer:
         totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         ratio_dev = torch.zeros((), device=acc.device)
         models.optimizer.zero_grad(set_to_none=True)  # a retry after an out-of-memory error starts clean
+        micro = max(batch.group_size, micro // batch.group_size * batch.group_size)  # whole groups
         micro_batches = [minibatch[i : i + micro] for i in range(0, len(minibatch), micro)]
         for k, idx in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
@@ -355,7 +373,7 @@ class PPOTrainer:
             with sync:
                 with acc.autocast(), contextlib.nullcontext() if train_policy else models.policy_frozen():
                     logits, values = models.trained(
-                        *batch.sequences(idx), prompt_width=batch.prompt_width, detach_trunk_for_values=not train_policy
+                        **batch.forward_inputs(idx), detach_trunk_for_values=not train_policy
                     )
                 logp = logprobs_from_logits(logits, batch.responses[idx], cfg.temperature)
                 pg = policy_loss(logp, batch.logprobs[idx], batch.advantages[idx], mask, cfg.cliprange, denominator)
