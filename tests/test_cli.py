@@ -233,15 +233,15 @@ def test_trl_names_set_the_same_ppo_and_data_options(tmp_path):
     from tether.ppo import PPOConfig
 
     flags = ["--kl_coef", "0.2", "--num_ppo_epochs", "2", "--kl_estimator", "k3", "--dataset_name", "org/prompts"]
-    flags += ["--dataset_config", "en", "--dataset_train_split", "tr", "--dataset_test_split", "te"]
+    flags += ["--dataset_config", "en", "--dataset_train_split", "tr"]
     config = parse_config(PPOConfig, [*flags, "--output_dir", str(tmp_path / "ppo"), "--report_to", "none"])
     assert (config.init_kl_coef, config.ppo_epochs, config.kl_penalty) == (0.2, 2, "k3")
-    assert (config.dataset, config.dataset_config, config.dataset_split, config.dataset_test_split) == (
-        "org/prompts",
-        "en",
-        "tr",
-        "te",
-    )
+    assert (config.dataset, config.dataset_config, config.dataset_split) == ("org/prompts", "en", "tr")
+    # PPO has no test split; the stages that evaluate on one take TRL's name for it
+    from tether.stages.reward import RewardConfig
+
+    rm = parse_config(RewardConfig, ["--dataset_name", "org/pairs", "--dataset_test_split", "te", "--report_to", "no"])
+    assert (rm.dataset, rm.dataset_test_split) == ("org/pairs", "te")
     # the same names as YAML keys
     yaml_file = tmp_path / "ppo.yaml"
     yaml_file.write_text("kl_coef: 0.3\nnum_ppo_epochs: 3\nkl_estimator: k1\nreward_model: rm\ndataset_name: d\n")

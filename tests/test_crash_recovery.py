@@ -359,7 +359,8 @@ def test_a_non_finite_rm_step_is_skipped_counted_and_logged_and_the_weights_do_n
     logged = read_jsonl(with_bad / "bad_batches.jsonl")
     assert len(logged) == 1 and logged[0]["step"] == 2 and logged[0]["reason"] == "non-finite loss"
     assert logged[0]["loss"] == "inf" and logged[0]["margin"] == [0.0, 0.0, "inf", 0.0]
-    assert len(logged[0]["texts"]) == 4 and pairs[6].chosen in logged[0]["texts"][2]
+    # the logged texts are the batch's model rows (with padding-free rows, several pairs share one)
+    assert any(pairs[6].chosen in text for text in logged[0]["texts"])
     rows = [r for r in read_jsonl(with_bad / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r.get("bad_steps", 0) for r in rows] == [0, 1, 1, 1]
