@@ -317,6 +317,31 @@ def generate_batch(
     fitted is returned as ``batch_size``. ``return_logprobs`` also keeps the log-probability of each
     sampled token under ``softmax(logits / T)`` from the logits computed while sampling.
     """
+
+    def generate_rows(start: int, rows: int, config):
+        ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+
+    return generate_in_chunks(
+        model, tokenizer, query_ids.shape, settings, batch_size, return_logprobs, lambda size: size, generate_rows
+    )
+
+
+def generate_in_chunks(
+    model,
+    tokenizer,
+    query_shape: torch.Size,
+    settings: SamplingSettings,
+    batch_size: int | None,
+    return_logprobs: bool,
+    rows_per_call: Callable[[int], int],
+    generate_rows: Callable[[int, int, Any], Any],
+) -> GeneratedBatch:
+    """The sampling loop :func:`generate_batch` and PPO's grouped sampling share: ``generate_rows(start,
+    rows, config)`` (a ``model.generate`` output) over chunks of ``rows_per_call(size)`` of the
+    ``[B, P]`` queries, with ``size`` starting at ``batch_size`` (all rows when None) and halved after
+    an out-of-memory error; then the responses padded to one width and cut after their first stop
+    token (unless ``settings.fixed_length``), with the sampled tokens' log-probs when asked."""
     was_training = model.training
     model.eval()
     stop = stop_ids(tokenizer, settings)
@@ -324,16 +349,15 @@ def generate_batch(
     config = generation_config(tokenizer, settings)
     if return_logprobs:
         config.output_logits, config.return_dict_in_generate = True, True
+    total, prompt_width = query_shape
 
     def sample_in_chunks(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        rows = rows_per_call(size)
         chunks, chunk_logprobs = [], []
-        for start in range(0, query_ids.shape[0], size):
-            ids = query_ids[start : start + size]
-            out = model.generate(
-                input_ids=ids, attention_mask=query_mask[start : start + size], generation_config=config
-            )
+        for start in range(0, total, rows):
+            out = generate_rows(start, rows, config)
             sequences = out.sequences if return_logprobs else out
-            sampled = sequences[:, ids.shape[1] :]
+            sampled = sequences[:, prompt_width:]
             chunks.append(sampled)
             if return_logprobs:
                 chunk_logprobs.append(
@@ -353,7 +377,7 @@ def generate_batch(
     try:
         with neutral_model_generation_config(model):
             (chunks, chunk_logprobs), used = run_fitting_memory(
-                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)"
+                sample_in_chunks, batch_size or total, "sampling (--generation_batch_size)"
             )
     finally:
         model.train(was_training)

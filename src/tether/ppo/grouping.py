@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tether.generation import GeneratedBatch, SamplingSettings, cut_at_first_stop, generation_config, stop_ids
+from tether.generation import GeneratedBatch, SamplingSettings
 from tether.models.packing import block_attention, branch_positions
 from tether.models.wrappers import strip_peft
 
@@ -123,70 +123,34 @@ def generate_groups(
     """
     from transformers import DynamicCache
 
-    from tether.data.templates import pad_token_id
-    from tether.generation import neutral_model_generation_config
-    from tether.memory import run_fitting_memory
+    from tether.generation import generate_in_chunks
 
-    was_training = model.training
-    model.eval()
-    stop = stop_ids(tokenizer, settings)
-    pad_id = pad_token_id(tokenizer)
-    config = generation_config(tokenizer, settings)
-    if return_logprobs:
-        config.output_logits, config.return_dict_in_generate = True, True
     positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     # the prefill only fills the cache: no language-model head over the whole prompt
     accepts = "logits_to_keep" in inspect.signature(strip_peft(model).forward).parameters
     head_on_last_token = {"logits_to_keep": 1} if accepts else {}
 
-    def sample_in_chunks(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        rows = max(k, size // k * k)  # whole groups per generate() call
-        chunks, chunk_logprobs = [], []
-        for start in range(0, query_ids.shape[0], rows):
-            ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
-            cache = DynamicCache(config=model.config)
-            model(
-                input_ids=ids[::k, :-1],
-                attention_mask=mask[::k, :-1],
-                position_ids=positions[start : start + rows : k, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                **head_on_last_token,
-            )
-            cache.batch_repeat_interleave(k)
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
-            sequences = out.sequences if return_logprobs else out
-            sampled = sequences[:, ids.shape[1] :]
-            chunks.append(sampled)
-            if return_logprobs:
-                steps = torch.stack([step.float() for step in out.logits], dim=1) / settings.temperature
-                chunk_logprobs.append(torch.log_softmax(steps, dim=-1).gather(-1, sampled.unsqueeze(-1))[..., 0])
-            del out, cache
-        return chunks, chunk_logprobs
-
-    try:
-        with neutral_model_generation_config(model):
-            (chunks, chunk_logprobs), used = run_fitting_memory(
-                sample_in_chunks, batch_size or query_ids.shape[0], "sampling (--generation_batch_size)"
-            )
-    finally:
-        model.train(was_training)
-    width = max(c.shape[1] for c in chunks)
-    responses = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=pad_id) for c in chunks])
-    logprobs = (
-        torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1])) for c in chunk_logprobs])
-        if return_logprobs
-        else None
-    )
-    n = responses.shape[0]
-    if settings.fixed_length:
-        generated = GeneratedBatch(
-            responses,
-            torch.full((n,), width, dtype=torch.long, device=responses.device),
-            torch.ones(n, dtype=torch.bool, device=responses.device),
-            logprobs,
+    def generate_groups_of_rows(start: int, rows: int, config):
+        ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
+        cache = DynamicCache(config=model.config)
+        model(
+            input_ids=ids[::k, :-1],
+            attention_mask=mask[::k, :-1],
+            position_ids=positions[start : start + rows : k, :-1],
+            past_key_values=cache,
+            use_cache=True,
+            **head_on_last_token,
         )
-    else:
-        generated = cut_at_first_stop(responses, stop, pad_id, logprobs)
-    generated.batch_size = used
-    return generated
+        cache.batch_repeat_interleave(k)
+        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
+
+    return generate_in_chunks(
+        model,
+        tokenizer,
+        query_ids.shape,
+        settings,
+        batch_size,
+        return_logprobs,
+        lambda size: max(k, size // k * k),  # whole groups per generate() call
+        generate_groups_of_rows,
+    )
