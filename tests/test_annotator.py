@@ -181,13 +181,18 @@ def test_build_preference_dataset_from_a_tiny_policy(annotator, tiny_model_dir, 
         tau=0.1,
         seed=0,
         annotator=annotator,
+        responses_per_prompt=3,
     )
-    assert 1 <= len(pairs) <= 4
+    assert 1 <= len(pairs) <= 4 * 3  # C(3, 2) pairs per prompt, identical responses skipped
     assert {p.prompt for p in pairs} <= {r.prompt for r in prompts}
     assert all(p.chosen != p.rejected for p in pairs)
+    # a 6-token budget cuts most responses: those are marked, and the marks survive the file
+    assert any(p.chosen_truncated or p.rejected_truncated for p in pairs)
     path = write_preferences(pairs, tmp_path / "pairs.jsonl")
-    assert len(load_preferences(str(path))) == len(pairs)
-    assert json.loads(path.read_text().splitlines()[0]).keys() == {"prompt", "chosen", "rejected"}
+    assert load_preferences(str(path)) == pairs
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(set(r) <= {"prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated"} for r in rows)
+    assert all(r.get("chosen_truncated", False) == p.chosen_truncated for r, p in zip(rows, pairs))
 
 
 def test_gold_metrics_hook_reads_a_rollout(annotator, tokenizer):

@@ -794,3 +794,29 @@ def test_in_memory_datasets_and_rows_are_checked_like_files():
         load_preferences([rows[0], {"prompt": "p", "chosen": "c"}])  # plain row dicts
     assert info.value.problems[0].startswith("records:2: ")
     assert load_preferences(PAIRS) == PAIRS  # records pass through
+
+
+def test_truncated_flags_are_read_and_checked():
+    from tether.data.formats import RecordProblems, parse_preference
+
+    (pair,) = parse_preference({"prompt": "q", "chosen": "a", "rejected": "b", "rejected_truncated": True})
+    assert (pair.chosen_truncated, pair.rejected_truncated) == (False, True)
+    with pytest.raises(RecordProblems) as err:
+        parse_preference({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_truncated": "yes"})
+    assert "expected true or false, got string (field chosen_truncated)" in str(err.value)
+
+
+def test_a_truncated_response_gets_no_stop_token(tokenizer):
+    from tether.data.records import PreferencePair
+    from tether.data.templates import Truncation, response_ids
+    from tether.stages.dpo import tokenize_pairs
+    from tether.stages.reward import tokenize_preferences
+
+    pair = PreferencePair("q", "a finished answer", "an answer cut at the", rejected_truncated=True)
+    stop = tokenizer.eos_token_id
+    rm = tokenize_preferences(tokenizer, [pair], Truncation()).pairs[0]
+    assert list(rm.chosen) == response_ids(tokenizer, "a finished answer") and rm.chosen[-1] == stop
+    assert list(rm.rejected) == tokenizer("an answer cut at the", add_special_tokens=False)["input_ids"]
+    assert rm.rejected[-1] != stop
+    (dpo,), _, _ = tokenize_pairs(tokenizer, [pair], Truncation())
+    assert (dpo.chosen, dpo.rejected) == (list(rm.chosen), list(rm.rejected))

@@ -30,7 +30,8 @@ def _hand_pairs(seed: int = 0) -> list[TokenizedPair]:
     rng = random.Random(seed)
     out = []
     for p, c, r in SHAPES.values():
-        draw = lambda n: tuple(rng.randrange(10, 400) for _ in range(n - 1)) + (STOP,)  # noqa: E731
+        # distinct responses (a 1-token one is not the stop token): identical ones would share a branch
+        draw = lambda n: tuple(rng.randrange(10, 400) for _ in range(max(1, n - 1))) + (STOP,) * (n > 1)  # noqa: E731
         out.append(TokenizedPair(tuple(rng.randrange(10, 400) for _ in range(p)), draw(c), draw(r)))
     return out
 
@@ -154,6 +155,61 @@ def test_packed_dpo_logps_equal_plain_rows(tiny_lm, share_prompt):
     assert check_fast_paths(tiny_lm, pairs, STOP) == (Layout(share_prompt=True, padding_free=True), True)
 
 
+def _ranked_groups(seed: int) -> list[TokenizedPair]:
+    """Two prompts with 4 and 3 responses and every pair among them (6 + 3), then one pair of its own."""
+    rng = random.Random(seed)
+    ids = lambda k: tuple(rng.randrange(10, 400) for _ in range(k))  # noqa: E731
+    out = []
+    for prompt_len, k in ((9, 4), (4, 3)):
+        prompt, responses = ids(prompt_len), [ids(rng.randint(1, 6)) + (STOP,) for _ in range(k)]
+        out += [TokenizedPair(prompt, responses[a], responses[b]) for a in range(k) for b in range(a + 1, k)]
+    return out + [TokenizedPair(ids(5), ids(2) + (STOP,), ids(3) + (STOP,))]
+
+
+def test_pairs_of_one_prompt_share_one_segment_by_hand():
+    from tether.models.packing import group_pairs_by_prompt
+
+    p, q = (1, 2, 3), (4, 5)
+    a, b, c = (10, STOP), (11, 12, STOP), (13, STOP)
+    groups = group_pairs_by_prompt([(p, a, b), (q, a, c), (p, c, a), (p, b, c)])
+    # p: responses a, b, c (a once although in two pairs); q: a, c
+    assert groups.segments == [Segment(3, (2, 3, 2)), Segment(2, (2, 2))]
+    assert groups.tokens == [list(p + a + b + c), list(q + a + c)]
+    assert groups.responses == [a, b, c, a, c]
+    assert (groups.segment_of, groups.branch_of) == ([0, 0, 0, 1, 1], [0, 1, 2, 0, 1])
+    assert (groups.chosen, groups.rejected) == ([0, 3, 2, 1], [1, 4, 0, 2])
+    batch = PreferenceCollator(0, share_prompt=True, padding_free=False)(
+        [TokenizedPair(*x) for x in [(p, a, b), (q, a, c), (p, c, a), (p, b, c)]]
+    )
+    # rows of width 10: p's stop tokens at 3+2−1, 3+2+3−1, 3+2+3+2−1; q's (row 1) at 2+2−1, 2+2+2−1
+    assert batch["chosen_index"].tolist() == [4, 10 + 3, 9, 7]
+    assert batch["rejected_index"].tolist() == [7, 10 + 5, 4, 9]
+    dpo = collate_pairs([DPOPair(list(x[0]), list(x[1]), list(x[2])) for x in [(p, a, b), (q, a, c)]], STOP)
+    # responses a, b of p (segment 0) and a, c of q (segment 1): 2 + 3 + 2 + 2 tokens, each once
+    assert dpo["token_sequence"].tolist() == [0, 0, 1, 1, 1, 2, 2, 3, 3]
+    # a response's first token is read from the prompt's last position
+    assert dpo["token_source"].tolist() == [2, 3, 2, 5, 6, 1, 2, 1, 4]
+    assert (dpo["chosen_sequence"].tolist(), dpo["rejected_sequence"].tolist()) == ([0, 2], [1, 3])
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_ranked_groups_in_one_segment_equal_plain_rows(tiny_rm, tiny_lm, padding_free):
+    pairs = _ranked_groups(seed=4)
+    with torch.no_grad():
+        plain = torch.stack(pair_rewards(tiny_rm, PreferenceCollator(0, share_prompt=False)(pairs)))
+        batch = PreferenceCollator(0, share_prompt=True, padding_free=padding_free)(pairs)
+        grouped = torch.stack(pair_rewards(tiny_rm, batch))
+        torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)
+        assert batch["input_ids"].shape[0] <= 3  # 10 pairs, 3 prompts: one segment each
+        dpo_pairs = [DPOPair(list(x.prompt), list(x.chosen), list(x.rejected)) for x in pairs]
+        plain_logps = torch.stack(response_logps(tiny_lm, collate_pairs(dpo_pairs, STOP, share_prompt=False)))
+        dpo_batch = collate_pairs(dpo_pairs, STOP, share_prompt=True, padding_free=padding_free)
+        torch.testing.assert_close(torch.stack(response_logps(tiny_lm, dpo_batch)), plain_logps, atol=1e-5, rtol=1e-5)
+        assert int(dpo_batch["num_sequences"]) == 4 + 3 + 2  # each distinct response once
+        distinct = {(x.prompt, r) for x in pairs for r in (x.chosen, x.rejected)}
+        assert len(dpo_batch["token_target"]) == sum(len(r) for _, r in distinct)
+
+
 def _one_sgd_step(model, loss_fn) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -226,3 +282,37 @@ def test_a_model_that_breaks_the_4d_mask_falls_back_to_plain_rows(tokenizer, cap
     caplog.clear()
     assert choose_reward_layout(model, pairs, 0, share_prompt=False, padding_free=False) == PLAIN
     assert not caplog.records
+
+
+def test_prompt_grouped_order_keeps_a_prompts_pairs_together():
+    from tether.stages.common import PromptGroupedSampler
+
+    keys = ["a", "b", "a", "c", "b", "a", "d"]
+    sampler = PromptGroupedSampler(keys, seed=3)
+    orders = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(7))  # every pair once
+        runs = [keys[i] for k, i in enumerate(order) if k == 0 or keys[order[k - 1]] != keys[i]]
+        assert sorted(runs) == ["a", "b", "c", "d"]  # each prompt's pairs in one run
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) > 1  # reshuffled across epochs
+    sampler.set_epoch(2)
+    assert list(sampler) == orders[2]  # the same on every process and on resume
+
+
+def test_reward_trainer_groups_only_repeated_prompts(tmp_path, tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from tether.stages.common import PromptGroupedSampler
+    from tether.stages.reward import RewardTrainer
+    from tether.stages.sft import ListDataset
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=5)
+    distinct = RewardTrainer(model=model, args=args, train_dataset=ListDataset(_random_pairs(6, seed=0)))
+    assert type(distinct._get_train_sampler()) is torch.utils.data.RandomSampler
+    grouped = RewardTrainer(model=model, args=args, train_dataset=ListDataset(_ranked_groups(seed=0)))
+    sampler = grouped._get_train_sampler()
+    assert isinstance(sampler, PromptGroupedSampler) and [len(g) for g in sampler.groups] == [6, 3, 1]

@@ -12,7 +12,7 @@ from tether.config import ConfigError, parse_config
 from tether.pipeline import PipelineConfig, PipelineState, run_pipeline
 
 TINY_STAGES = {
-    "pairs_per_round": 12,
+    "prompts_per_round": 12,
     "eval_max_prompts": 3,
     "preference_max_new_tokens": 6,
     "bon_n": "1,2",
@@ -52,7 +52,15 @@ def test_pipeline_runs_every_stage_and_writes_the_report(pipeline_run):
     assert (out / "ppo" / "policy" / "config.json").is_file()
     assert (out / "rm" / "reward_stats.json").is_file()
     pairs = [json.loads(line) for line in (out / "data" / "preferences_round1.jsonl").read_text().splitlines()]
-    assert 1 <= len(pairs) <= 12 and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    assert 1 <= len(pairs) <= 12 * 6 and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    # 4 responses per prompt, every pair of them labelled: up to 6 pairs per prompt, in prompt order
+    prompts = [json.dumps(p["prompt"]) for p in pairs]
+    assert max(prompts.count(x) for x in prompts) <= 6 and len(set(prompts)) <= 12
+    assert len(pairs) > len(set(prompts))  # some prompt gave several pairs
+    # 6-token budget: responses cut there are marked, so no stop token is appended to them
+    samples = [json.loads(x) for x in (out / "data" / "sft_samples_round1.jsonl").read_text().splitlines()]
+    cut = {s["response"] for s in samples if not s["stopped"]}
+    assert cut and all(p.get("chosen_truncated", False) == (p["chosen"] in cut) for p in pairs)
     eval_doc = json.loads((out / "eval" / "eval.json").read_text())
     assert set(eval_doc["metrics"]) == {"sft", "ppo", "dpo", "bon2"}
     for name in ("sft", "ppo", "dpo"):
@@ -149,7 +157,7 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
     defaults = PipelineConfig()
     for f in (
         "rounds",
-        "pairs_per_round",
+        "prompts_per_round",
         "annotator_tau",
         "eval_max_prompts",
         "bon_n",

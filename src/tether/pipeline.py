@@ -106,10 +106,15 @@ class PipelineConfig:
             "become a preference file in any accepted format. Demo: the simulated annotator."
         },
     )
-    pairs_per_round: int = field(
+    prompts_per_round: int = field(
         default=80,
+        metadata={"help": "Demo and --rounds: prompts sampled for new responses in each round (0: all PPO prompts)."},
+    )
+    responses_per_prompt: int = field(
+        default=4,
         metadata={
-            "help": "Demo and --rounds: prompts sampled for new response pairs in each round (0: all PPO prompts)."
+            "help": "Demo and --rounds: responses sampled per prompt; every pair of them is labelled, C(k, 2) "
+            "pairs per prompt, which the reward model and DPO score with the prompt and each response once."
         },
     )
     skip: str = field(
@@ -182,6 +187,8 @@ class PipelineConfig:
             raise ConfigError(f"--best_of_n must be >= 0, got {self.best_of_n}")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.responses_per_prompt < 2:
+            raise ConfigError(f"--responses_per_prompt must be >= 2 (a pair), got {self.responses_per_prompt}")
         if self.rounds > 1 and self.preferences and not self.label_command:
             raise ConfigError("--rounds > 1 with your own --preferences needs --label_command to label the new pairs")
         try:
@@ -223,7 +230,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "rm": {
         "num_train_epochs": 1,
         "learning_rate": 3e-5,
-        "per_device_train_batch_size": 8,
+        "per_device_train_batch_size": 24,
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "logging_steps": 2,
@@ -247,7 +254,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {
         "num_train_epochs": 1,
         "learning_rate": 1e-5,
-        "per_device_train_batch_size": 8,
+        "per_device_train_batch_size": 24,
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "precompute_ref_log_probs": True,
@@ -545,6 +552,7 @@ def first_pairs(run: PipelineRun) -> StageResult:
             tau=config.annotator_tau,
             seed=config.seed,
             batch_size=SAMPLING_BATCH_PROMPTS,
+            responses_per_prompt=config.responses_per_prompt,
         )
         # The SFT policy's own responses at T, with their stop flags: PPO measures its reward
         # normalisation on them instead of sampling again (`train_ppo_policy`).
@@ -839,39 +847,52 @@ def _read_json(path: Path) -> Any:
 
 
 def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: int) -> list[PromptRecord]:
-    """All prompts, or a seeded sample of ``--pairs_per_round`` of them (a different one each round)."""
+    """All prompts, or a seeded sample of ``--prompts_per_round`` of them (a different one each round)."""
     import random
 
     chosen = list(prompts)
-    if config.pairs_per_round and config.pairs_per_round < len(chosen):
-        chosen = random.Random(config.seed + k).sample(chosen, config.pairs_per_round)
+    if config.prompts_per_round and config.prompts_per_round < len(chosen):
+        chosen = random.Random(config.seed + k).sample(chosen, config.prompts_per_round)
     return chosen
 
 
 def new_round_pairs(run: PipelineRun, k: int) -> StageResult:
-    """Round ``k`` > 1: sample two responses per prompt from the current policy and have them labelled."""
+    """Round ``k`` > 1: sample ``--responses_per_prompt`` responses per prompt from the current policy and
+    have every pair of them labelled."""
+    from tether.demo.annotator import all_pairs
     from tether.generation import SamplingSettings, sample_responses
     from tether.models.loading import load_causal_lm, load_tokenizer
 
     config, out = run.config, run.out
-    raw = [p.prompt for p in _prompts_for_round(config, run.train_prompts, k)]
+    prompts = [p.prompt for p in _prompts_for_round(config, run.train_prompts, k)]
     policy, tok = load_causal_lm(run.policy_path), load_tokenizer(run.policy_path)
     settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=config.temperature)
-    groups = sample_responses(policy, tok, raw, settings, num_return_sequences=2, batch_size=SAMPLING_BATCH_PROMPTS)
-    a, b = [g[0].text for g in groups], [g[1].text for g in groups]
+    groups = sample_responses(
+        policy,
+        tok,
+        prompts,
+        settings,
+        num_return_sequences=config.responses_per_prompt,
+        batch_size=SAMPLING_BATCH_PROMPTS,
+    )
+    index = all_pairs(config.responses_per_prompt)
+    raw = [x for x in prompts for _ in index]
+    a, b = [g[i] for g in groups for i, _ in index], [g[j] for g in groups for _, j in index]
     if config.label_command:
-        pairs = label_with_command(config.label_command, raw, a, b, out / "data" / f"round{k}")
+        pairs = label_with_command(
+            config.label_command, raw, [x.text for x in a], [x.text for x in b], out / "data" / f"round{k}"
+        )
     else:
         from tether.demo.annotator import label_pairs
 
         pairs = label_pairs(
             raw,
-            a,
-            b,
+            [x.text for x in a],
+            [x.text for x in b],
             tau=config.annotator_tau,
             seed=config.seed + k,
-            stopped_a=[g[0].stopped for g in groups],
-            stopped_b=[g[1].stopped for g in groups],
+            stopped_a=[x.stopped for x in a],
+            stopped_b=[x.stopped for x in b],
         )
     path = write_preferences(pairs, out / "data" / f"preferences_round{k}.jsonl")
     return StageResult(path, {"pairs": len(pairs)})

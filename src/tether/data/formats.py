@@ -6,7 +6,9 @@ dataset row) becomes records of the kind the caller asked for. Nothing here know
 
 Preference pairs (``parse_preference``; one row may give several pairs):
 
-* explicit:        ``{"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.0}`` (margin optional)
+* explicit:        ``{"prompt": "...", "chosen": "...", "rejected": "...", "margin": 1.0}`` (margin optional;
+  so are ``"chosen_truncated"``/``"rejected_truncated": true`` for a response cut at a token budget
+  when it was sampled, which then does not end with the stop token)
 * implicit prompt: ``{"chosen": FULL_TEXT, "rejected": FULL_TEXT}``: the prompt is the shared prefix,
   cut back so neither response starts mid-word; whitespace where the texts part goes to the
   responses (``"Q? A: 4"`` / ``"Q? A: 5"`` -> prompt ``"Q? A:"``, responses ``" 4"`` / ``" 5"``), as
@@ -213,6 +215,17 @@ class _Row:
         )
         return None
 
+    def truncated(self, side: str) -> bool:
+        """``chosen_truncated`` / ``rejected_truncated``: a boolean, false when absent."""
+        key = f"{side}_truncated"
+        value = self.row.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            self.problems.append(f"expected true or false, got {json_kind(value)} (field {key})")
+            return False
+        return value
+
     def margin(self) -> float | None:
         value = self.row.get("margin")
         if value is None:
@@ -304,6 +317,7 @@ def parse_preference(row: Any) -> list[PreferencePair]:
         )
     chosen_raw, rejected_raw = r.require("chosen"), r.require("rejected")
     margin = r.margin()
+    cut = {"chosen_truncated": r.truncated("chosen"), "rejected_truncated": r.truncated("rejected")}
     if r.has("prompt"):
         prompt = r.prompt(r.row["prompt"])
         chosen = r.response(chosen_raw, "chosen")
@@ -321,7 +335,7 @@ def parse_preference(row: Any) -> list[PreferencePair]:
         full_prompt = _with_context(prompt, chosen_context)
         if not isinstance(full_prompt, str) and not r.prompt_ok(full_prompt, "chosen"):
             r.done()
-        return [PreferencePair(prompt=full_prompt, chosen=chosen[1], rejected=rejected[1], margin=margin)]
+        return [PreferencePair(prompt=full_prompt, chosen=chosen[1], rejected=rejected[1], margin=margin, **cut)]
     if "prompt" in r.row:
         r.require("prompt")  # an explicit null: say so rather than guess an implicit prompt
         r.done()
@@ -333,7 +347,7 @@ def parse_preference(row: Any) -> list[PreferencePair]:
             prompt, chosen_resp, rejected_resp = split_shared_prefix(chosen_text, rejected_text)
         except ValueError as exc:
             raise RecordProblems([f"{exc} (field prompt)"]) from None
-        return [PreferencePair(prompt=prompt, chosen=chosen_resp, rejected=rejected_resp, margin=margin)]
+        return [PreferencePair(prompt=prompt, chosen=chosen_resp, rejected=rejected_resp, margin=margin, **cut)]
     if isinstance(chosen_raw, (list, tuple)) and isinstance(rejected_raw, (list, tuple)):
         chosen = r.response(chosen_raw, "chosen")
         rejected = r.response(rejected_raw, "rejected")
@@ -351,7 +365,7 @@ def parse_preference(row: Any) -> list[PreferencePair]:
             )
         r.prompt_ok(chosen[0], "chosen")
         r.done()
-        return [PreferencePair(prompt=chosen[0], chosen=chosen[1], rejected=rejected[1], margin=margin)]
+        return [PreferencePair(prompt=chosen[0], chosen=chosen[1], rejected=rejected[1], margin=margin, **cut)]
     # Missing fields were reported by require(); otherwise the two have different shapes.
     for value, field in ((chosen_raw, "chosen"), (rejected_raw, "rejected")):
         if value is not None and not isinstance(value, (str, list, tuple)):

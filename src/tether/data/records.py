@@ -28,6 +28,11 @@ class PreferencePair:
     rejected: str
     margin: float | None = None
     origin: str = field(default="", compare=False)
+    #: the response was cut at a token budget when it was sampled, so it does not end with the stop
+    #: token: the reward model reads its score, and DPO ends its log-probability sum, at its last token
+    #: (where PPO's rollout reads the score of a response it cut), instead of at an appended stop token
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
 
 
 @dataclass(frozen=True)

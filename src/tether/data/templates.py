@@ -17,7 +17,10 @@ template renders (the next user turn, the generation prompt), so every assistant
 as the model would have generated it.
 
 Long pairs are fitted by one rule too (``Truncation``): the prompt is cut from the left or the pair
-is dropped, never the response, so every sequence trained or scored ends with the stop token.
+is dropped, never the response, so every sequence trained or scored ends with the stop token. The
+one exception is a response that was already cut when it was sampled (a preference pair's
+``chosen_truncated``/``rejected_truncated``, PPO's responses that hit ``max_new_tokens``): it ends
+where it was cut, and is scored there, as PPO's rollout scores it.
 
 Masks are always built from lengths, never from ``token == pad``: SmolLM2 pads with its stop token.
 """

@@ -28,12 +28,16 @@ def write_demonstrations(records: Iterable[Demonstration], path: str | Path) -> 
 
 
 def write_preferences(pairs: Iterable[PreferencePair], path: str | Path) -> Path:
-    """``{"prompt", "chosen", "rejected"}`` per line (plus ``margin`` when a pair has one)."""
+    """``{"prompt", "chosen", "rejected"}`` per line (plus ``margin`` when a pair has one, and
+    ``chosen_truncated`` / ``rejected_truncated`` when a response was cut at the token budget)."""
 
     def row(p: PreferencePair) -> dict:
         out = {"prompt": prompt_json(p.prompt), "chosen": p.chosen, "rejected": p.rejected}
         if p.margin is not None:
             out["margin"] = p.margin
+        for key in ("chosen_truncated", "rejected_truncated"):
+            if getattr(p, key):
+                out[key] = True
         return out
 
     return write_jsonl_atomic(path, (row(p) for p in pairs))

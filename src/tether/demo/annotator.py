@@ -338,7 +338,8 @@ def label_pairs(
 
     Pairs of identical responses are skipped (nothing to prefer). The draw for pair i uses one
     ``random.Random(seed)`` stream in order, so the labels are reproducible. ``margin`` stays
-    empty: the reward model learns from the choices only, never from g.
+    empty: the reward model learns from the choices only, never from g. A response whose stop flag
+    is False (cut at the token budget) is marked ``chosen_truncated``/``rejected_truncated``.
     """
     if not (len(prompts) == len(responses_a) == len(responses_b)):
         raise ValueError(f"{len(prompts)} prompts, {len(responses_a)} a-responses, {len(responses_b)} b-responses")
@@ -355,8 +356,21 @@ def label_pairs(
             skipped += 1
             continue
         a_wins = u < preference_probability(g_a[i], g_b[i], tau)
-        chosen, rejected = (a, b) if a_wins else (b, a)
-        pairs.append(PreferencePair(prompt=x, chosen=chosen, rejected=rejected, origin=f"simulated-annotator:{i}"))
+        cut_a = stopped_a is not None and stopped_a[i] is False
+        cut_b = stopped_b is not None and stopped_b[i] is False
+        (chosen, chosen_cut), (rejected, rejected_cut) = (
+            ((a, cut_a), (b, cut_b)) if a_wins else ((b, cut_b), (a, cut_a))
+        )
+        pairs.append(
+            PreferencePair(
+                prompt=x,
+                chosen=chosen,
+                rejected=rejected,
+                origin=f"simulated-annotator:{i}",
+                chosen_truncated=chosen_cut,
+                rejected_truncated=rejected_cut,
+            )
+        )
     if skipped:
         logger.info("simulated annotator: skipped %d of %d pairs with identical responses", skipped, len(raw_prompts))
     return pairs
@@ -372,16 +386,18 @@ def build_preference_dataset(
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     annotator: SimulatedAnnotator | None = None,
+    responses_per_prompt: int = 2,
 ) -> list[PreferencePair]:
-    """Sample two responses per prompt from ``model`` (the SFT policy) and label them with g.
-
-    ``settings`` is a ``tether.generation.SamplingSettings`` (default: 64 new tokens at T = 0.7).
-    Whether each response ended with the stop token is passed to g (``unfinished``). The sampling is
-    :func:`tether.generation.sample_seeded`: the same pairs on any number of processes.
-    """
+    """Sample ``responses_per_prompt`` responses per prompt from ``model`` (the SFT policy) and label
+    every pair of them with g (:func:`sample_and_label_pairs`)."""
     return sample_and_label_pairs(
-        model, tokenizer, prompts, settings, tau, seed, batch_size, max_prompt_length, annotator
+        model, tokenizer, prompts, settings, tau, seed, batch_size, max_prompt_length, annotator, responses_per_prompt
     )[0]
+
+
+def all_pairs(k: int) -> list[tuple[int, int]]:
+    """The C(k, 2) index pairs ``(i, j)``, ``i < j``, in order: (0,1), (0,2), …, (k−2, k−1)."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
 def sample_and_label_pairs(
@@ -394,11 +410,19 @@ def sample_and_label_pairs(
     batch_size: int = 8,
     max_prompt_length: int | None = None,
     annotator: SimulatedAnnotator | None = None,
+    responses_per_prompt: int = 2,
 ) -> tuple[list[PreferencePair], list]:
-    """:func:`build_preference_dataset`, also returning the samples (two ``tether.generation.Sample``
-    per prompt, with their stop flags): they are the policy's own responses at ``settings``."""
+    """Sample ``k = responses_per_prompt`` responses per prompt and label all C(k, 2) pairs of them
+    (:func:`label_pairs`, pairs in the order of :func:`all_pairs` prompt by prompt), as InstructGPT's
+    labellers ranked K responses; also returns the samples (k ``tether.generation.Sample`` per prompt,
+    with their stop flags): they are the policy's own responses at ``settings`` (default: 64 new
+    tokens at T = 0.7). Whether each response ended with the stop token is passed to g
+    (``unfinished``) and kept with the pair. The sampling is :func:`tether.generation.sample_seeded`:
+    the same pairs on any number of processes."""
     from tether.generation import SamplingSettings, sample_seeded
 
+    if responses_per_prompt < 2:
+        raise ValueError(f"responses_per_prompt must be at least 2, got {responses_per_prompt}")
     settings = settings or SamplingSettings()
     raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
     groups = sample_seeded(
@@ -406,19 +430,20 @@ def sample_and_label_pairs(
         tokenizer,
         raw,
         settings,
-        num_return_sequences=2,
+        num_return_sequences=responses_per_prompt,
         batch_size=batch_size,
         seed=seed,
         max_prompt_length=max_prompt_length,
     )
+    index = all_pairs(responses_per_prompt)
     pairs = label_pairs(
-        raw,
-        [g[0].text for g in groups],
-        [g[1].text for g in groups],
+        [x for x in raw for _ in index],
+        [g[i].text for g in groups for i, _ in index],
+        [g[j].text for g in groups for _, j in index],
         tau=tau,
         seed=seed,
-        stopped_a=[g[0].stopped for g in groups],
-        stopped_b=[g[1].stopped for g in groups],
+        stopped_a=[g[i].stopped for g in groups for i, _ in index],
+        stopped_b=[g[j].stopped for g in groups for _, j in index],
         annotator=annotator,
     )
     return pairs, groups

@@ -1,8 +1,8 @@
 """Padding-free rows: several sequences in one row, kept apart by a block-diagonal attention mask.
 
-A **segment** is one sequence, or one prompt with several continuations (a preference pair's chosen
-and rejected responses) that each see the prompt but not each other. Segments are placed one after
-another in a row (``pack_by_length``), and
+A **segment** is one sequence, or one prompt with several continuations (the responses of the
+preference pairs that share it, ``group_pairs_by_prompt``) that each see the prompt but not each
+other. Segments are placed one after another in a row (``pack_by_length``), and
 
 * the attention mask (``block_attention``) lets a token see only earlier tokens of its own segment,
   and of those only the trunk (the prompt) and its own branch;
@@ -100,6 +100,64 @@ def segment_branch_ids(segment: Segment) -> list[int]:
     for k, n in enumerate(segment.branches):
         out += [k + 1] * n
     return out
+
+
+@dataclass
+class PromptGroups:
+    """The pairs of a batch as one segment per distinct prompt: ``[prompt | r_1 | … | r_m]``, its distinct
+    responses as branches. Response ``j`` of the batch (numbered segment by segment, branch by branch) is
+    branch ``branch_of[j]`` of segment ``segment_of[j]``; pair i compares responses ``chosen[i]`` and
+    ``rejected[i]``."""
+
+    segments: list[Segment]
+    tokens: list[list[int]]
+    segment_of: list[int]
+    branch_of: list[int]
+    responses: list[tuple[int, ...]]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def group_pairs_by_prompt(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]) -> PromptGroups:
+    """``(prompt, chosen, rejected)`` token lists → :class:`PromptGroups`.
+
+    Pairs with the same prompt tokens share one segment, and a response that occurs in several of
+    them is laid out (and scored) once: a prompt with k ranked responses has C(k, 2) pairs but
+    ``P + Σ|r|`` tokens instead of ``C(k, 2)·(P + 2|r|)`` (InstructGPT's "all comparisons of a prompt
+    as one batch element"). A batch of pairs with distinct prompts gives one segment per pair with
+    branches (chosen, rejected). Segments keep the order of first appearance.
+    """
+    segment_index: dict[tuple[int, ...], int] = {}
+    branch_index: list[dict[tuple[int, ...], int]] = []
+    prompts: list[tuple[int, ...]] = []
+    branches: list[list[tuple[int, ...]]] = []
+    pair_refs: list[tuple[int, int, int]] = []
+    for prompt, chosen, rejected in pairs:
+        key = tuple(prompt)
+        s = segment_index.setdefault(key, len(prompts))
+        if s == len(prompts):
+            prompts.append(key)
+            branches.append([])
+            branch_index.append({})
+        refs = []
+        for response in (tuple(chosen), tuple(rejected)):
+            b = branch_index[s].setdefault(response, len(branches[s]))
+            if b == len(branches[s]):
+                branches[s].append(response)
+            refs.append(b)
+        pair_refs.append((s, refs[0], refs[1]))
+    first = [0]
+    for bs in branches:
+        first.append(first[-1] + len(bs))
+    return PromptGroups(
+        segments=[Segment(len(p), tuple(len(r) for r in bs)) for p, bs in zip(prompts, branches)],
+        tokens=[list(p) + [t for r in bs for t in r] for p, bs in zip(prompts, branches)],
+        segment_of=[s for s, bs in enumerate(branches) for _ in bs],
+        branch_of=[b for bs in branches for b in range(len(bs))],
+        responses=[r for bs in branches for r in bs],
+        chosen=[first[s] + c for s, c, _ in pair_refs],
+        rejected=[first[s] + r for s, _, r in pair_refs],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

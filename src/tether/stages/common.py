@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from tether.config import ConfigError
@@ -371,6 +372,52 @@ def unsharded_copy(model, state_dict: dict):
     if getattr(base, "generation_config", None) is not None:
         plain_base.generation_config = copy.deepcopy(base.generation_config)
     return plain.eval()
+
+
+class PromptGroupedSampler(torch.utils.data.Sampler):
+    """A random order of preference pairs in which the pairs of one prompt follow each other.
+
+    The prompts are shuffled, then each prompt's pairs (shuffled among themselves); a new order every
+    epoch (``set_epoch``, which accelerate calls), the same on every process. A batch then holds a
+    prompt's comparisons together, so the shared-prompt layout runs the prompt and each of its responses
+    once for all of them, and the comparisons of one prompt enter one update rather than being seen
+    over several (InstructGPT's reason for this batching).
+    """
+
+    def __init__(self, keys: Sequence[Any], seed: int):
+        by_key: dict[Any, list[int]] = {}
+        for i, k in enumerate(keys):
+            by_key.setdefault(k, []).append(i)
+        self.groups = list(by_key.values())
+        self.seed, self.epoch, self.size = seed, 0, len(keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        rng = torch.Generator().manual_seed(self.seed + self.epoch)
+        for g in torch.randperm(len(self.groups), generator=rng).tolist():
+            group = self.groups[g]
+            yield from (group[i] for i in torch.randperm(len(group), generator=rng).tolist())
+
+
+class PromptGroupedOrder:
+    """Put before ``transformers.Trainer`` in the reward-model and DPO trainers: when some prompt has
+    more than one pair, the default random order becomes ``PromptGroupedSampler``'s (seeded with
+    ``--data_seed``, else ``--seed``); data with one pair per prompt keep the Trainer's own order."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "random" or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        keys = [tuple(item.prompt) for item in dataset]
+        if len(set(keys)) == len(keys):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return PromptGroupedSampler(keys, seed)
 
 
 class TetherTrainerMixin:

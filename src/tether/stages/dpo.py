@@ -59,6 +59,7 @@ from tether.models.packing import (
     Segment,
     candidate_layouts,
     first_exact_layout,
+    group_pairs_by_prompt,
     lay_out_rows,
     model_attention_mask,
 )
@@ -69,6 +70,7 @@ from tether.stages.common import (
     KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
     PADDING_FREE_HELP,
+    PromptGroupedOrder,
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
@@ -228,7 +230,8 @@ def implicit_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: 
 
 @dataclass
 class TokenizedPair:
-    """One preference pair as token ids: the prompt, and each response ending with its stop token."""
+    """One preference pair as token ids: the prompt, and each response ending with its stop token
+    (unless the pair says the response was cut at a token budget when sampled)."""
 
     prompt: list[int]
     chosen: list[int]
@@ -253,7 +256,8 @@ def tokenize_pairs(
     for i, pair in enumerate(pairs):
         where = pair.origin or f"pair {i}"
         full_prompt = prompt_ids(tokenizer, pair.prompt)
-        chosen, rejected = response_ids(tokenizer, pair.chosen), response_ids(tokenizer, pair.rejected)
+        chosen = response_ids(tokenizer, pair.chosen, add_stop=not pair.chosen_truncated)
+        rejected = response_ids(tokenizer, pair.rejected, add_stop=not pair.rejected_truncated)
         prompt = truncation.fit_prompt(full_prompt, chosen, rejected)
         if prompt is None:
             dropped += 1
@@ -277,9 +281,11 @@ def collate_pairs(
 ) -> dict[str, torch.Tensor]:
     """Lay out a batch of pairs and say where each response token is read from.
 
-    Shared layout (``share_prompt``): each pair is one segment ``[prompt | chosen | rejected]`` whose
-    rejected tokens see the prompt but not the chosen ones and take the positions they would have
-    right after the prompt. Otherwise each pair is two segments, prompt+chosen and prompt+rejected.
+    Shared layout (``share_prompt``): one segment per distinct prompt, ``[prompt | r_1 | … | r_m]`` with
+    the distinct responses of the pairs that share it (``group_pairs_by_prompt``); each response sees
+    the prompt but not the others and takes the positions it would have right after the prompt, and
+    is computed once however many pairs it is in. Otherwise each pair is two segments,
+    prompt+chosen and prompt+rejected.
     ``padding_free`` packs the segments into as few rows as fit the longest one, kept apart by a
     block-diagonal mask (``tether.models.packing``); otherwise one segment per row. Either fast layout
     gives a boolean 4-D mask ``(R, 1, W, W)`` (True = may attend) and position ids; plain rows (neither)
@@ -287,38 +293,35 @@ def collate_pairs(
 
     Every layout lists every response token (stop token included) in ``token_row``, ``token_source``
     and ``token_target``: the row, the position whose hidden state predicts it, and its id;
-    ``token_sequence`` is ``i`` for pair i's chosen response and ``B + i`` for its rejected one.
+    ``token_sequence`` numbers the ``num_sequences`` responses laid out, and pair i's are
+    ``chosen_sequence[i]`` and ``rejected_sequence[i]``.
     """
     n = len(items)
     rows, sources, targets, sequences = [], [], [], []
     if share_prompt:
-        segments = [Segment(len(x.prompt), (len(x.chosen), len(x.rejected))) for x in items]
-        tokens = [x.prompt + x.chosen + x.rejected for x in items]
+        groups = group_pairs_by_prompt([(x.prompt, x.chosen, x.rejected) for x in items])
+        layout = lay_out_rows(groups.tokens, groups.segments, pad_id, padding_free)
+        for j, (s, b, response) in enumerate(zip(groups.segment_of, groups.branch_of, groups.responses)):
+            segment, start = groups.segments[s], layout.offset[s]
+            first = start + segment.branch_start(b)
+            # the first response token follows the prompt, the others follow each other
+            sources += [start + segment.trunk - 1] + [first + k - 1 for k in range(1, len(response))]
+            rows += [layout.row[s]] * len(response)
+            targets += response
+            sequences += [j] * len(response)
+        chosen_sequence, rejected_sequence, num_sequences = groups.chosen, groups.rejected, len(groups.responses)
     else:
         segments = [Segment(len(x.prompt) + len(x.chosen)) for x in items]
         segments += [Segment(len(x.prompt) + len(x.rejected)) for x in items]
         tokens = [x.prompt + x.chosen for x in items] + [x.prompt + x.rejected for x in items]
-    layout = lay_out_rows(tokens, segments, pad_id, padding_free)
-    for i, x in enumerate(items):
-        p, c = len(x.prompt), len(x.chosen)
-        if share_prompt:
-            row, start = layout.row[i], layout.offset[i]
-            chosen_src = [start + p + k - 1 for k in range(c)]
-            # the first rejected token follows the prompt, the others follow each other
-            rejected_src = [start + (p - 1 if k == 0 else p + c + k - 1) for k in range(len(x.rejected))]
-            chosen_row = rejected_row = row
-        else:
-            chosen_row, rejected_row = layout.row[i], layout.row[n + i]
-            chosen_src = [layout.offset[i] + p + k - 1 for k in range(c)]
-            rejected_src = [layout.offset[n + i] + p + k - 1 for k in range(len(x.rejected))]
-        for sequence, row, srcs, response in (
-            (i, chosen_row, chosen_src, x.chosen),
-            (n + i, rejected_row, rejected_src, x.rejected),
-        ):
-            rows += [row] * len(response)
-            sources += srcs
+        layout = lay_out_rows(tokens, segments, pad_id, padding_free)
+        laid_out = [(x.prompt, x.chosen) for x in items] + [(x.prompt, x.rejected) for x in items]
+        for j, (prompt, response) in enumerate(laid_out):
+            rows += [layout.row[j]] * len(response)
+            sources += [layout.offset[j] + len(prompt) + k - 1 for k in range(len(response))]
             targets += response
-            sequences += [sequence] * len(response)
+            sequences += [j] * len(response)
+        chosen_sequence, rejected_sequence, num_sequences = list(range(n)), list(range(n, 2 * n)), 2 * n
     if share_prompt or padding_free:
         batch = {
             "input_ids": layout.input_ids,
@@ -332,7 +335,9 @@ def collate_pairs(
         token_source=torch.tensor(sources, dtype=torch.long),
         token_target=torch.tensor(targets, dtype=torch.long),
         token_sequence=torch.tensor(sequences, dtype=torch.long),
-        num_pairs=torch.tensor(n, dtype=torch.long),
+        num_sequences=torch.tensor(num_sequences, dtype=torch.long),
+        chosen_sequence=torch.tensor(chosen_sequence, dtype=torch.long),
+        rejected_sequence=torch.tensor(rejected_sequence, dtype=torch.long),
     )
     if all(x.ref_chosen_logp is not None for x in items):
         batch["ref_chosen_logps"] = torch.tensor([x.ref_chosen_logp for x in items], dtype=torch.float32)
@@ -382,7 +387,6 @@ def response_logps(
     if autocast_dtype is not None:
         with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype):
             return response_logps(model, batch, compact_head)
-    n = int(batch["num_pairs"])
     kwargs: dict[str, Any] = {
         "input_ids": batch["input_ids"],
         "attention_mask": model_attention_mask(model, batch["attention_mask"]),
@@ -402,9 +406,9 @@ def response_logps(
     targets = batch["token_target"]
     # log softmax at the target only: gather − logsumexp, without a second (N, V) tensor
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = torch.zeros(2 * n, dtype=token_logps.dtype, device=token_logps.device)
+    sums = torch.zeros(int(batch["num_sequences"]), dtype=token_logps.dtype, device=token_logps.device)
     sums = sums.index_add(0, batch["token_sequence"], token_logps)
-    return sums[:n], sums[n:]
+    return sums[batch["chosen_sequence"]], sums[batch["rejected_sequence"]]
 
 
 @torch.no_grad()
@@ -507,7 +511,7 @@ def pair_statistics(
     }
 
 
-class _DPOTrainer(TetherTrainerMixin, Trainer):
+class _DPOTrainer(PromptGroupedOrder, TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the DPO loss; the loop, schedules, checkpoints and logging are Trainer's."""
 
     def __init__(

@@ -58,6 +58,7 @@ from tether.models.packing import (
     Segment,
     candidate_layouts,
     first_exact_layout,
+    group_pairs_by_prompt,
     lay_out_rows,
     model_attention_mask,
 )
@@ -68,6 +69,7 @@ from tether.stages.common import (
     KEEP_CHECKPOINTS_HELP,
     MAX_BAD_STEPS_HELP,
     PADDING_FREE_HELP,
+    PromptGroupedOrder,
     TetherTrainerMixin,
     check_output_dir,
     complete_model,
@@ -202,7 +204,8 @@ def preference_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenizedPair:
-    """The prompt's tokens once, and each response's tokens (ending with the stop token)."""
+    """The prompt's tokens once, and each response's tokens (ending with the stop token, unless the
+    pair says the response was cut at a token budget when sampled)."""
 
     prompt: tuple[int, ...]
     chosen: tuple[int, ...]
@@ -240,7 +243,8 @@ def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], truncation:
     out = TokenizedPreferences(pairs=[])
     for pair in pairs:
         prompt = prompt_ids(tokenizer, pair.prompt)
-        chosen, rejected = response_ids(tokenizer, pair.chosen), response_ids(tokenizer, pair.rejected)
+        chosen = response_ids(tokenizer, pair.chosen, add_stop=not pair.chosen_truncated)
+        rejected = response_ids(tokenizer, pair.rejected, add_stop=not pair.rejected_truncated)
         kept = truncation.fit_prompt(prompt, chosen, rejected)
         if kept is None:
             out.pairs_dropped += 1
@@ -258,8 +262,10 @@ def tokenize_preferences(tokenizer, pairs: Sequence[PreferencePair], truncation:
 class PreferenceCollator:
     """Batches of pairs for one forward pass; the batch is always the pairs given, only the rows differ.
 
-    ``share_prompt``: each pair is one segment ``prompt | chosen | rejected`` (the rejected tokens see
-    the prompt, not the chosen ones). Otherwise two segments ``prompt + chosen`` and ``prompt + rejected``.
+    ``share_prompt``: one segment per distinct prompt, ``prompt | r_1 | … | r_m`` with the distinct
+    responses of the pairs that share it (``group_pairs_by_prompt``: each response sees the prompt, not
+    the others, and is scored once however many pairs it is in). Otherwise two segments per pair,
+    ``prompt + chosen`` and ``prompt + rejected``.
     ``padding_free``: the segments are packed into as few rows as fit the longest one
     (``tether.models.packing``), with a block-diagonal 4-D mask; otherwise one segment per row.
     Either fast layout gives ``attention`` (boolean ``[R, 1, W, W]``), ``position_ids`` and the flat
@@ -277,8 +283,8 @@ class PreferenceCollator:
         if self.share_prompt or self.padding_free:
             n = len(features)
             if self.share_prompt:
-                segments = [Segment(len(f.prompt), (len(f.chosen), len(f.rejected))) for f in features]
-                tokens = [f.prompt + f.chosen + f.rejected for f in features]
+                groups = group_pairs_by_prompt([(f.prompt, f.chosen, f.rejected) for f in features])
+                segments, tokens = groups.segments, groups.tokens
             else:
                 segments = [Segment(len(f.prompt) + len(f.chosen)) for f in features]
                 segments += [Segment(len(f.prompt) + len(f.rejected)) for f in features]
@@ -286,9 +292,12 @@ class PreferenceCollator:
             rows = lay_out_rows(tokens, segments, self.pad_token_id, self.padding_free)
             width = rows.input_ids.shape[1]
             start = [rows.row[i] * width + rows.offset[i] for i in range(len(segments))]
-            if self.share_prompt:
-                chosen = [start[i] + len(f.prompt) + len(f.chosen) - 1 for i, f in enumerate(features)]
-                rejected = [start[i] + segments[i].length - 1 for i in range(n)]
+            if self.share_prompt:  # the last token of each distinct response, then each pair's two
+                last = [
+                    start[s] + segments[s].branch_start(b) + segments[s].branches[b] - 1
+                    for s, b in zip(groups.segment_of, groups.branch_of)
+                ]
+                chosen, rejected = [last[j] for j in groups.chosen], [last[j] for j in groups.rejected]
             else:
                 chosen = [start[i] + segments[i].length - 1 for i in range(n)]
                 rejected = [start[n + i] + segments[n + i].length - 1 for i in range(n)]
@@ -464,7 +473,7 @@ def load_reward_backbone(config: RewardConfig, scratch: Path, model=None, tokeni
 # ---------------------------------------------------------------------------------------------
 # the Trainer
 # ---------------------------------------------------------------------------------------------
-class RewardTrainer(TetherTrainerMixin, Trainer):
+class RewardTrainer(PromptGroupedOrder, TetherTrainerMixin, Trainer):
     """``transformers.Trainer`` with the Bradley–Terry loss; evaluation returns ``[r_chosen, r_rejected]``
     per pair, which ``compute_reward_metrics`` turns into accuracy, margin and reward statistics."""
 
