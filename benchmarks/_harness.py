@@ -43,8 +43,10 @@ def peak_rss_mib() -> float:
 
 
 def qa_feedback_rows(split: str, n: int, seed: int) -> list[dict]:
-    """``n`` pairs drawn (seeded, in file order) from ``data/qa_feedback/{split}.jsonl.gz``, the prompt as
-    the text of its one user turn (which tether and TRL both render with the chat template)."""
+    """``n`` pairs of ``data/qa_feedback/{split}.jsonl.gz`` as the set holds them: whole questions (each
+    with its answers compared pairwise), drawn in a seeded order until ``n`` pairs (the last question's
+    cut to make ``n``), each question's pairs in file order. The prompt is the text of its one user turn
+    (which tether and TRL both render with the chat template)."""
     import gzip
     import random
 
@@ -53,11 +55,19 @@ def qa_feedback_rows(split: str, n: int, seed: int) -> list[dict]:
         rows = [json.loads(line) for line in f]
     if n > len(rows):
         raise SystemExit(f"{path}: {len(rows)} pairs, {n} asked for")
-    picked = sorted(random.Random(seed).sample(range(len(rows)), n))
-    out = []
-    for i in picked:
-        (turn,) = rows[i]["prompt"]
-        out.append({"prompt": turn["content"], "chosen": rows[i]["chosen"], "rejected": rows[i]["rejected"]})
+    questions: dict[str, list[dict]] = {}
+    for row in rows:
+        (turn,) = row["prompt"]
+        questions.setdefault(turn["content"], []).append(
+            {"prompt": turn["content"], "chosen": row["chosen"], "rejected": row["rejected"]}
+        )
+    order = list(questions)
+    random.Random(seed).shuffle(order)
+    out: list[dict] = []
+    for question in order:
+        out += questions[question][: n - len(out)]
+        if len(out) == n:
+            break
     return out
 
 

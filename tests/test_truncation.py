@@ -192,6 +192,26 @@ def test_score_texts_cuts_the_prompt_and_reads_the_score_at_the_stop_token(tiny_
         score_texts(model, tokenizer, ["fine"] * 2, ["yes", LONG_RESPONSE.chosen], max_length=48)
 
 
+def test_a_response_cut_at_sampling_is_scored_at_its_last_token(tiny_rm_dir, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.models.scoring import score_at_last_token, score_texts
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    prompts, responses = ["Name a fruit.", "Name a fruit."], ["An apple is a", "A pear."]
+    got = score_texts(model, tokenizer, prompts, responses, stopped=[False, True])
+    cut = prompt_ids(tokenizer, prompts[0]) + response_ids(tokenizer, responses[0], add_stop=False)
+    whole = prompt_ids(tokenizer, prompts[1]) + response_ids(tokenizer, responses[1])
+    assert cut[-1] != STOP and whole[-1] == STOP
+    with torch.no_grad():
+        want = [
+            score_at_last_token(model, torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long)) for x in (cut, whole)
+        ]
+    torch.testing.assert_close(got, torch.cat(want).float(), atol=1e-5, rtol=1e-5)
+    # without flags both end with the stop token: the cut one's score moves
+    assert abs(float(score_texts(model, tokenizer, prompts, responses)[0]) - float(got[0])) > 1e-4
+
+
 def test_best_of_n_refuses_a_max_length_that_cannot_hold_its_responses():
     from tether.stages.best_of_n import BestOfNConfig
 

@@ -144,13 +144,14 @@ class PairDoesNotFit(ValueError):
 
 
 def prompt_response_ids(
-    tokenizer, prompt: Prompt, response: str, truncation: Truncation | None = None
+    tokenizer, prompt: Prompt, response: str, truncation: Truncation | None = None, stopped: bool = True
 ) -> tuple[list[int], int]:
     """``(ids, n_prompt_tokens)`` for prompt + response + stop token, the prompt cut by ``truncation``
-    (none: nothing is cut). The last id is always the stop token; a pair that cannot fit so raises
+    (none: nothing is cut). The last id is the stop token, unless ``stopped`` is False (a response cut at
+    the token budget when sampled, which ends where it was cut); a pair that cannot fit raises
     ``PairDoesNotFit``."""
     p = prompt_ids(tokenizer, prompt)
-    r = response_ids(tokenizer, response)
+    r = response_ids(tokenizer, response, add_stop=stopped)
     if truncation is not None:
         fitted = truncation.fit_prompt(p, r)
         if fitted is None:

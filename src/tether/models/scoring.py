@@ -159,14 +159,17 @@ def score_texts(
     batch_size: int = 16,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    stopped: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """Reward of each (prompt, response) pair, tokenised by the one rule of ``tether.data.templates``.
 
     ``tokens = prompt_ids(prompt) + response_ids(response)`` (the response ends with the stop
     token), exactly as the reward model was trained on; the score is read at the last token, which is
-    always that stop token: a long pair is fitted by cutting its prompt from the left
+    that stop token: a long pair is fitted by cutting its prompt from the left
     (``Truncation("prompt", max_length, max_prompt_length)``), and a response that does not fit
     ``max_length`` even so raises ``PairDoesNotFit`` rather than being scored at a token it does not end on.
+    A response whose ``stopped`` flag is False was cut at the sampling budget: it is scored at its own
+    last token, as PPO's rollout scores it and the reward model saw such responses in training.
     """
     from tether.data.templates import PairDoesNotFit, Truncation, prompt_response_ids
 
@@ -174,9 +177,11 @@ def score_texts(
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rule = Truncation("prompt", max_length, max_prompt_length)
     sequences = []
+    if stopped is not None and len(stopped) != len(responses):
+        raise ValueError(f"{len(stopped)} stopped flags for {len(responses)} responses")
     for i, (p, r) in enumerate(zip(prompts, responses)):
         try:
-            sequences.append(prompt_response_ids(tokenizer, p, r, rule)[0])
+            sequences.append(prompt_response_ids(tokenizer, p, r, rule, True if stopped is None else stopped[i])[0])
         except PairDoesNotFit as exc:
             raise PairDoesNotFit(f"response {i} cannot be scored: {exc}; raise --max_length") from None
     pad = pad_token_id(tokenizer)
