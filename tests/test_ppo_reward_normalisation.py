@@ -58,6 +58,23 @@ def test_statistics_are_the_moments_of_the_scores_of_the_starting_policys_respon
     assert abs(record["mean"] - mean) < 1e-5 and abs(record["gain"] - 1 / std) < 1e-4
     assert abs(record["bias"] + mean / std) < 1e-4
     assert result.stopped_reason == "completed"
+    # more responses in the file than --reward_norm_samples: a seeded sample of that many
+    two = trainer(
+        make_config(
+            tmp_path,
+            word_dirs,
+            "two",
+            reward_model_path=rm,
+            reward_norm_responses=str(responses),
+            reward_norm_samples=2,
+        )
+    )
+    stats = two.models.reward_stats
+    pairs = [scores[[i, j]] for i in range(4) for j in range(i + 1, 4)]
+    assert stats.count == 2 and "2 of the 4 responses" in stats.source
+    assert any(
+        abs(stats.mean - p.mean().item()) < 1e-5 and abs(stats.std - p.std(unbiased=False).item()) < 1e-5 for p in pairs
+    )
 
 
 def test_by_default_ppo_samples_the_starting_policy_without_touching_trainings_random_stream(tmp_path, word_dirs):  # noqa: F811

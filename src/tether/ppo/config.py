@@ -310,7 +310,7 @@ class PPOConfig(ModelArguments, DataArguments, TrainingArguments):
         metadata=_help(
             "Measure the normalisation on these responses instead of sampling: JSON lines {prompt, response, "
             "stopped} that the starting policy sampled at --temperature and --max_new_tokens (the pipeline passes "
-            "the SFT samples it labelled)."
+            "the SFT samples it labelled); a seeded sample of --reward_norm_samples of them when there are more."
         ),
     )
     rollout_logprobs: str = field(

@@ -4,10 +4,11 @@ The reward model's score is put in units where the starting policy's responses s
 (Ziegler et al. 2019, lm-human-preferences: gain and bias fitted on ~256 samples of the initial
 policy at the PPO temperature). That scale is what gives β, the missing-stop score, the value clip
 and the KL target their meaning. Before the first iteration PPO samples ``--reward_norm_samples``
-responses from the starting policy on the training prompts at ``--temperature`` (or reads
-``--reward_norm_responses``, responses the caller already sampled from that policy at that
-temperature), scores them exactly as a rollout does (``tether.ppo.rollout.score_responses``: the
-raw score, read at the response's last token) and fits
+responses from the starting policy on the training prompts at ``--temperature`` (or reads a
+seeded sample of as many of ``--reward_norm_responses``, responses the caller already sampled from
+that policy at that temperature), scores them as a rollout does (the raw score, read at the
+response's last token; for the file, ``tether.ppo.rollout.reward_model_scores``: the reward model's
+pass alone) and fits
 
     mean = (1/n) Σ s_i,   std = sqrt((1/n) Σ (s_i − mean)²),   s' = (s − mean) / std   (gain 1/std, bias −mean/std)
 
@@ -33,7 +34,7 @@ from tether.durable import write_json_atomic
 from tether.generation import GeneratedBatch, left_pad
 from tether.models.scoring import RewardStats, reward_stats
 from tether.ppo.models import sharded_with_fsdp
-from tether.ppo.rollout import PromptSampler, RolloutSettings, make_rollout, score_responses
+from tether.ppo.rollout import PromptSampler, RolloutSettings, make_rollout, reward_model_scores
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,10 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
         rows.append((prompt, response, stopped))
     if not rows:
         raise ConfigError(f"--reward_norm_responses {path}: no responses")
+    in_file = len(rows)
+    if 0 < cfg.reward_norm_samples < len(rows):  # a seeded sample of --reward_norm_samples of them
+        picked = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + 31337))
+        rows = [rows[i] for i in sorted(picked[: cfg.reward_norm_samples].tolist())]
     stop = stop_token_id(tokenizer)
     pad = pad_token_id(tokenizer)
     size = cfg.batch_size
@@ -211,8 +216,7 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
         lengths = torch.tensor([max(1, len(r)) for r in responses], device=acc.device)
         stopped = torch.tensor([s for _, _, s in chunk], device=acc.device)
         generated = GeneratedBatch(padded, lengths, stopped)
-        with torch.no_grad():
-            rollout = score_responses(models, query_ids, query_mask, generated, settings, autocast=acc.autocast)
+        scores = reward_model_scores(models, query_ids, query_mask, generated, autocast=acc.autocast)
         if k is not None:
-            numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
-    return _gathered(acc, numbered), f"{FROM_FILE}: {len(rows)} responses in {path.name}"
+            numbered.append((k, scores.double().cpu().tolist()))
+    return _gathered(acc, numbered), f"{FROM_FILE}: {len(rows)} of the {in_file} responses in {path.name}"

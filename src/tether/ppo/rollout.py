@@ -580,6 +580,35 @@ def make_rollout(
     return rollout
 
 
+@torch.no_grad()
+def reward_model_scores(
+    models: RolloutModels,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    generated: GeneratedBatch,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Raw reward-model scores ``[B]`` (float32) of responses, read at their last token as
+    :func:`score_responses` reads them, without its policy, reference and value passes (for the
+    statistics of the reward, which need nothing else)."""
+    width = int(generated.lengths.max())
+    input_ids, attention_mask, position_ids = build_sequences(
+        query_ids, query_mask, generated.responses[:, :width], generated.mask[:, :width]
+    )
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "prompt_width": query_ids.shape[1],
+    }
+    with autocast():
+        if models.reward_model is None:  # the LoRA value model with its adapters disabled
+            with adapters_disabled(models.policy_and_value.value_model):
+                return stop_token_scores(models.policy_and_value.value_model, inputs, generated.lengths, None)
+        return stop_token_scores(models.reward_model, inputs, generated.lengths, None)
+
+
 def first_error_message(message: str) -> str:
     """The first non-empty ``message`` over the processes (in rank order), when some process failed;
     a collective, so every process must call it (the single-process case returns ``message``)."""

@@ -684,6 +684,8 @@ def training_reward_stats(
     sample = list(pairs)
     if max_pairs and len(sample) > max_pairs:
         sample = random.Random(seed).sample(sample, max_pairs)
+    # in prompt order, so that pairs sharing a prompt are scored in one segment (the statistics ignore order)
+    sample.sort(key=lambda p: p.prompt)
     rewards = torch.as_tensor(trainer.predict(ListDataset(sample)).predictions)
     return reward_stats(
         rewards.flatten(), source=f"reward model on {len(sample)} training pairs (chosen and rejected responses)"
