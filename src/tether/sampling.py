@@ -79,7 +79,6 @@ def score_samples(
             batch_size=batch_size,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
-            stopped=[bool(s.stopped) for g in groups for s in g],
         ).tolist()
         if flat_texts
         else []
