@@ -79,6 +79,7 @@ def run_rm(out: Path, model: str, data: Path, per_device: int) -> None:
         learning_rate=3e-3,
         reward_stats_max_pairs=16,
         max_length=64,
+        share_prompt=False,  # one row per response: the test counts a batch's pairs by its rows
         keep_checkpoints=True,  # the test inspects the last checkpoint
         **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2, save_total_limit=1),
     )
