@@ -15,6 +15,7 @@ usage: accelerate launch --config_file configs/accelerate/multi_cpu.yaml stage_m
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import sys
@@ -27,27 +28,43 @@ GLOBAL_BATCH = 8
 LAUNCH_FLAGS: dict = {}
 
 
+def _example_tokens(feature) -> list[int]:
+    """One training example's token ids, whatever rows the collator lays it out in: a preference pair's
+    prompt, chosen and rejected tokens (−1 between them; pairs that share a prompt share rows), else
+    the example's ``input_ids``."""
+    if hasattr(feature, "chosen"):
+        return [*feature.prompt, -1, *feature.chosen, -1, *feature.rejected]
+    return list(feature["input_ids"])
+
+
 @contextlib.contextmanager
 def recorded_batches(trainer_class, log: list):
-    """Append each training micro-batch's rows (token ids, trailing padding removed) to ``log``."""
-    original = trainer_class.training_step
+    """Append each training micro-batch's examples (``_example_tokens``) to ``log``, in step order. The
+    collator's batches are queued because accelerate's loader fetches one batch ahead of the step."""
+    get_loader, step = trainer_class.get_train_dataloader, trainer_class.training_step
+
+    def get_train_dataloader(self):
+        collate, self._recorded = self.data_collator, collections.deque()
+
+        def recording(features):
+            self._recorded.append([_example_tokens(f) for f in features])
+            return collate(features)
+
+        self.data_collator = recording
+        try:
+            return get_loader(self)
+        finally:
+            self.data_collator = collate
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        collator = self.data_collator
-        pad = getattr(collator, "pad_token_id", getattr(collator, "pad_id", None))
-        rows = []
-        for row in inputs["input_ids"].tolist():
-            while row and row[-1] == pad:
-                row.pop()
-            rows.append(row)
-        log.append({"step": self.state.global_step + 1, "rows": rows})
-        return original(self, model, inputs, num_items_in_batch)
+        log.append({"step": self.state.global_step + 1, "rows": self._recorded.popleft()})
+        return step(self, model, inputs, num_items_in_batch)
 
-    trainer_class.training_step = training_step
+    trainer_class.get_train_dataloader, trainer_class.training_step = get_train_dataloader, training_step
     try:
         yield log
     finally:
-        trainer_class.training_step = original
+        trainer_class.get_train_dataloader, trainer_class.training_step = get_loader, step
 
 
 def common_flags(out: Path, model: str, per_device: int) -> dict:
@@ -79,7 +96,6 @@ def run_rm(out: Path, model: str, data: Path, per_device: int) -> None:
         learning_rate=3e-3,
         reward_stats_max_pairs=16,
         max_length=64,
-        share_prompt=False,  # one row per response: the test counts a batch's pairs by its rows
         keep_checkpoints=True,  # the test inspects the last checkpoint
         **common_flags(out, model, per_device) | dict(save_strategy="steps", save_steps=2, save_total_limit=1),
     )

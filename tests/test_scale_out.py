@@ -120,17 +120,16 @@ def _same_numbers(a: dict, b: dict, where: str) -> None:
         assert b[key] == pytest.approx(a[key], **TOL), f"{where}: {key}"
 
 
-def _check_global_batches(root: Path, stage: str, two: str = "two", rows_per_pair: int = 1) -> None:
-    """Step k of the 2-process run trains on exactly the 8 pairs of step k of the 1-process run, split 4 + 4
-    (``rows_per_pair`` rows each: 2 for separate chosen and rejected rows)."""
+def _check_global_batches(root: Path, stage: str, two: str = "two") -> None:
+    """Step k of the 2-process run trains on exactly the 8 pairs of step k of the 1-process run, split 4 + 4."""
     one = json.loads((root / "one" / stage / "batches.rank0.json").read_text())
     rank0, rank1 = (json.loads((root / two / stage / f"batches.rank{r}.json").read_text()) for r in (0, 1))
     assert [b["step"] for b in one] == [b["step"] for b in rank0] == [b["step"] for b in rank1] == [1, 2, 3, 4]
     for whole, half0, half1 in zip(one, rank0, rank1):
-        assert len(whole["rows"]) == 8 * rows_per_pair and len(half0["rows"]) == len(half1["rows"]) == 4 * rows_per_pair
+        assert len(whole["rows"]) == 8 and len(half0["rows"]) == len(half1["rows"]) == 4
         assert sorted(whole["rows"]) == sorted(half0["rows"] + half1["rows"]), f"step {whole['step']}"
     seen = [tuple(r) for b in one for r in b["rows"]]
-    assert len(seen) == 32 * rows_per_pair  # one epoch: every training pair once
+    assert len(seen) == 32  # one epoch: every training pair once
 
 
 def _max_weight_difference(a: Path, b: Path) -> float:
@@ -150,7 +149,7 @@ def _initial_weights_differ(trained: Path, start: Path) -> bool:
 
 def test_reward_model_on_two_processes_equals_one_process(runs, tiny_model_dir):
     one, two = runs / "one" / "rm", runs / "two" / "rm"
-    _check_global_batches(runs, "rm", rows_per_pair=2)
+    _check_global_batches(runs, "rm")
     a, b = _rows(one), _rows(two)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     train_rows = [r for r in a if "loss" in r]
