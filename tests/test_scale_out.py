@@ -8,6 +8,15 @@ this machine: weights differ by ~1.5e-7, log-probabilities (~60 nats) by ~4e-6 a
 averages two half-batch gradients where one process takes the mean over the whole batch, so the
 float sums are ordered differently and exact equality is not expected.
 
+Scores of the trained model (held-out ``eval_*`` numbers, the reward model's score statistics) get
+5e-5: after 4 Adam steps at learning rate 3e-3 they carry the float noise of the batch layout.
+Measured on one process
+with the same pairs in the same order, only the layout changed (``share_prompt`` × ``padding_free``,
+mathematically the same model): ``eval_chosen_mean`` spans 0.9447352–0.9447480, 1.3e-5; the
+two-process run (pairs that share a prompt grouped per process, not per global batch) lands inside
+that span. Adam moves a weight whose gradient is float noise by up to the learning rate, which is
+why a 1e-7 difference in the gradients becomes ~1e-6 in the weights and ~1e-5 in a score.
+
 Held-out sets: 8 pairs for the reward model (no process gets a padded batch, see below) and 7 for
 DPO, whose own evaluation gathers per-pair values with ``gather_for_metrics`` so the pair the
 sampler repeats to even out the processes is dropped: its statistics are over exactly 7 pairs.
@@ -32,6 +41,7 @@ from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TOL = dict(rel=1e-5, abs=1e-5)
+EVAL_TOL = dict(rel=5e-5, abs=5e-5)  # held-out numbers after training: see the module docstring
 SKIP = ("runtime", "per_second", "total_flos", "epoch")  # timings; FLOPs count padding, which differs with the split
 FILLER = "the a small old red quick calm open soft warm".split()
 
@@ -113,11 +123,13 @@ def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def _same_numbers(a: dict, b: dict, where: str) -> None:
+def _same_numbers(a: dict, b: dict, where: str, trained_scores: bool = False) -> None:
+    """``trained_scores``: every number is a score of the trained model (EVAL_TOL); else ``eval_*`` keys are."""
     numbers = {k for k, v in a.items() if isinstance(v, (int, float)) and not any(s in k for s in SKIP)}
     assert numbers == {k for k, v in b.items() if isinstance(v, (int, float)) and not any(s in k for s in SKIP)}, where
     for key in sorted(numbers):
-        assert b[key] == pytest.approx(a[key], **TOL), f"{where}: {key}"
+        tol = EVAL_TOL if trained_scores or key.startswith("eval_") else TOL
+        assert b[key] == pytest.approx(a[key], **tol), f"{where}: {key}"
 
 
 def _check_global_batches(root: Path, stage: str, two: str = "two") -> None:
@@ -161,7 +173,7 @@ def test_reward_model_on_two_processes_equals_one_process(runs, tiny_model_dir):
     final_b = json.loads((two / "eval_results.json").read_text())["final"]
     _same_numbers(final_a, final_b, "rm eval_results.json")
     stats_a, stats_b = (json.loads((f / "reward_stats.json").read_text()) for f in (one, two))
-    _same_numbers(stats_a, stats_b, "rm reward_stats.json")
+    _same_numbers(stats_a, stats_b, "rm reward_stats.json", trained_scores=True)
     assert json.loads((two / "training_summary.json").read_text())["eval_pairs"] == 8
     # checkpoints every 2 steps, the last one kept, published whole with both processes' RNG states
     assert [p.name for p in two.glob("checkpoint-*")] == ["checkpoint-4"] and not list(two.glob(".tmp-*"))
