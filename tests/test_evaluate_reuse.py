@@ -61,6 +61,13 @@ def reused(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
         for p in moved.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     counters = {"sft": _Counted(sft), "moved": _Counted(moved)}
+    for name, model in (("sft", sft), ("moved", moved)):  # forward passes outside generate (use_cache=False)
+        counters[name].forwards = 0
+
+        def count_forward(module, args, kwargs, out, counter=counters[name]):
+            counter.forwards += kwargs.get("use_cache") is False
+
+        model.register_forward_hook(count_forward, with_kwargs=True)
     rm = load_scalar_model(str(tiny_rm_dir)).eval()
     scored = {"rows": 0}
     rm.register_forward_hook(
@@ -151,6 +158,44 @@ def test_each_policy_is_sampled_and_scored_once(reused):
         assert counters[name].calls == batches and counters[name].rows == 4 * len(prompts)
     # the reward model scored each policy's samples once: no best-of-N or curve rescoring
     assert scored["rows"] == 2 * 4 * len(prompts)
+    # KL of "moved": its log-probs come from sampling, only the reference (sft) runs forward, 2 rows a pass
+    assert counters["moved"].forwards == 0 and counters["sft"].forwards == -(-4 * len(prompts) // 2)
+    assert results.metrics["moved"]["kl/ref"] > 0 and results.metrics["sft"]["kl/ref"] == 0.0
+
+
+def test_recorded_logprobs_match_a_forward_pass(tiny_model_dir, tokenizer):
+    """The sampler's log-probs equal the policy's forward pass to 1e-5 per token (fp32), the samples are the
+    same with and without recording them, and the KL from them equals the two-forward KL to 1e-4 per response."""
+    import dataclasses
+
+    from tether.data.loading import load_prompts
+    from tether.data.templates import pad_token_id
+    from tether.evaluation.metrics import per_sequence_kl, response_token_logprobs
+    from tether.generation import SamplingSettings, sample_seeded
+    from tether.models.loading import load_causal_lm
+
+    reference, policy = load_causal_lm(str(tiny_model_dir)).eval(), load_causal_lm(str(tiny_model_dir)).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    prompts = [p.prompt for p in load_prompts("embedded:demo", "test")[:3]]
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.8)
+    plain = sample_seeded(policy, tokenizer, prompts, settings, 2, 2, seed=1)
+    recorded = sample_seeded(policy, tokenizer, prompts, settings, 2, 2, seed=1, return_logprobs=True)
+    flat = [s for g in recorded for s in g]
+    assert [[dataclasses.replace(s, logprobs=None) for s in g] for g in recorded] == plain
+    forward = response_token_logprobs(policy, flat, 0.8, pad_token_id(tokenizer), 4)
+    for s, lp in zip(flat, forward, strict=True):
+        assert len(s.logprobs) == len(s.response_ids) == len(lp)
+        assert s.logprobs == pytest.approx(lp, abs=1e-5)
+    two_forward = per_sequence_kl(
+        policy, reference, tokenizer, [dataclasses.replace(s, logprobs=None) for s in flat], 0.8
+    )
+    assert per_sequence_kl(policy, reference, tokenizer, flat, 0.8) == pytest.approx(two_forward, abs=1e-4)
+    assert max(abs(v) for v in two_forward) > 1e-2  # the policy has moved: the comparison is not of zeros
+    with pytest.raises(ValueError, match="temperature > 0"):
+        sample_seeded(policy, tokenizer, prompts, SamplingSettings(4, 0.0), 1, 2, seed=1, return_logprobs=True)
 
 
 def test_curve_beyond_the_evaluation_samples_samples_the_first_prompts(

@@ -7,7 +7,8 @@ policy's temperature T and measures:
   ``reward_stats.json`` sits beside it, so the units are those PPO trained on);
 * ``reward/gold``: the simulated annotator's g (demo task only; ``tether.demo.annotator``);
 * ``kl/ref``: KL(π‖π_ref) in nats per response at T, the k1 estimate on the policy's own samples
-  (for best-of-N: ``kl/bon_bound = log N − (N−1)/N``, an upper bound, instead);
+  (an fp32 policy's log-probs are recorded while sampling, so only the reference runs a forward pass;
+  for best-of-N: ``kl/bon_bound = log N − (N−1)/N``, an upper bound, instead);
 * ``response/length`` (tokens, stop token included), ``response/words``, ``response/stopped``;
 * ``diversity/distinct_1``, ``diversity/distinct_2`` and ``response/repetition`` (mode collapse);
 * ``bias/reward_length_pearson`` / ``_spearman`` (verbosity bias) and ``bias/gold_length_pearson``;
@@ -472,6 +473,11 @@ def evaluate_policies(
             batch_size=batch_size,
             seed=seed,
             max_prompt_length=max_prompt_length,
+            # the policy's side of its KL, recorded while sampling: no policy forward pass. fp32 only: in
+            # bf16/fp16 cached decoding and a full forward pass differ by far more than the ~1e-6 of fp32
+            return_logprobs=ref_model is not None
+            and model is not ref_model
+            and next(model.parameters()).dtype == torch.float32,
         )
         t_generate = time.perf_counter() - t0
         flat = [s for g in groups for s in g]
