@@ -250,11 +250,15 @@ def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path)
     assert doc["metrics"]["tiny"]["reward/gold"] is None  # gold is auto: off for user prompts
     assert doc["settings"]["temperature"] == 0.7
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8
+    # 2 prompts x 2 samples, and best-of-2 picks once per prompt from those 2 samples
+    assert len(samples) == 6
     assert (out / "report.md").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
     assert "best-of-2" in (out / "report.md").read_text()
     assert (out / "plots" / "length_vs_reward.png").stat().st_size > 0
     assert [r["n"] for r in doc["bon_curve"]] == [1, 2] and (out / "plots" / "best_of_n.png").stat().st_size > 0
+    # max(N) = 2 <= 2 samples per prompt: the curve is the evaluation samples' own
+    assert doc["bon_curve"] == E.curve_from_samples(samples, "tiny", 2, (1, 2))
+    assert doc["bon_curve"][0]["prompts"] == 2 and doc["bon_curve"][0]["samples_per_prompt"] == 2
 
 
 def test_run_eval_rejects_bad_options(tmp_path, capsys):

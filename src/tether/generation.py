@@ -131,6 +131,43 @@ class Sample:
     response_ids: list[int]  # ends with the stop token when ``stopped``
     stopped: bool
     text: str  # decoded response without the stop token
+    #: ``log softmax(logits / T)`` of each response token, recorded while sampling (``return_logprobs``);
+    #: they match a full forward pass to ~1e-6 in fp32, not bitwise
+    logprobs: list[float] | None = None
+
+
+class SampledTokenLogprobs:
+    """A ``generate`` logits processor that records ``log softmax(logits / T)`` of each sampled token.
+
+    At each decoding step it gathers the previous step's distribution at the token just sampled (the last
+    column of ``input_ids``) and keeps the current step's, so it holds one step's log-probs rather than
+    every step's logits (``output_logits``). transformers applies the processors passed to ``generate``
+    to the model's float32 logits before its own temperature warper; the scores pass through unchanged.
+    """
+
+    def __init__(self, temperature: float):
+        if temperature <= 0:
+            raise ValueError("log-probs need a sampling temperature > 0 (greedy decoding has no density)")
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def sampled(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of the tokens ``generate`` returned (``sequences``: its output)."""
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, sequences[:, -1:]).squeeze(-1))
+            self.previous = None
+        return (
+            torch.stack(self.steps, dim=1)
+            if self.steps
+            else sequences.new_zeros((len(sequences), 0), dtype=torch.float)
+        )
 
 
 @torch.no_grad()
@@ -142,6 +179,7 @@ def sample_from_ids(
     num_return_sequences: int = 1,
     batch_size: int = 16,
     generate_hooks: Callable[[range], dict[str, Any]] | None = None,
+    return_logprobs: bool = False,
 ) -> list[list[Sample]]:
     """Sample ``num_return_sequences`` responses for each tokenised prompt.
 
@@ -149,8 +187,13 @@ def sample_from_ids(
     with half as many (:func:`tether.memory.run_fitting_memory`) and the smaller size is kept.
     ``generate_hooks(prompt_indices)``, when given, returns extra ``generate`` keyword arguments
     (a ``streamer``, ``stopping_criteria``) for the call about to sample those prompts; the server
-    streams and cancels rows with them.
+    streams and cancels rows with them. ``return_logprobs`` fills each sample's ``logprobs`` from the
+    logits computed while sampling (:class:`SampledTokenLogprobs`); the samples are the same either way.
     """
+    from transformers import LogitsProcessorList
+
+    if return_logprobs and settings.temperature <= 0:
+        raise ValueError("return_logprobs needs a sampling temperature > 0 (greedy decoding has no density)")
     was_training = model.training
     model.eval()
     stop = set(stop_ids(tokenizer, settings))
@@ -165,27 +208,38 @@ def sample_from_ids(
         for start in tqdm(starts, desc="sampling", unit="batch", disable=len(starts) < 4, leave=False):
             chunk = prompts[start : start + batch_size]
 
-            def generate_rows(rows: int) -> list[list[int]]:
-                responses = []
+            def generate_rows(rows: int) -> tuple[list[list[int]], list[list[float]]]:
+                responses, logprobs = [], []
                 for first in range(0, len(chunk), rows):
                     ids, mask = left_pad(chunk[first : first + rows], pad_id)
                     hooks = {}
                     if generate_hooks is not None:
                         hooks = generate_hooks(range(start + first, start + first + len(chunk[first : first + rows])))
+                    recorder = SampledTokenLogprobs(settings.temperature) if return_logprobs else None
+                    if recorder is not None:
+                        hooks["logits_processor"] = LogitsProcessorList([recorder])
                     with neutral_model_generation_config(model):
                         generated = model.generate(
                             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **hooks
                         )
                     responses += generated[:, ids.shape[1] :].tolist()
-                return responses
+                    if recorder is not None:
+                        logprobs += recorder.sampled(generated).tolist()
+                return responses, logprobs
 
-            responses, fitted = run_fitting_memory(generate_rows, min(fitted, len(chunk)), "sampling (--batch_size)")
+            (responses, logprobs), fitted = run_fitting_memory(
+                generate_rows, min(fitted, len(chunk)), "sampling (--batch_size)"
+            )
             for i, p in enumerate(chunk):
                 group = []
                 for j in range(num_return_sequences):
-                    r, stopped = truncate_after_stop(responses[i * num_return_sequences + j], stop)
+                    row = i * num_return_sequences + j
+                    r, stopped = truncate_after_stop(responses[row], stop)
                     text_ids = r[:-1] if stopped else r
-                    group.append(Sample(p, r, stopped, tokenizer.decode(text_ids, skip_special_tokens=True)))
+                    sample = Sample(p, r, stopped, tokenizer.decode(text_ids, skip_special_tokens=True))
+                    if return_logprobs:
+                        sample.logprobs = logprobs[row][: len(r)]
+                    group.append(sample)
                 out.append(group)
     finally:
         model.train(was_training)
@@ -226,6 +280,7 @@ def sample_seeded(
     *,
     seed: int,
     max_prompt_length: int | None = None,
+    return_logprobs: bool = False,
 ) -> list[list[Sample]]:
     """:func:`sample_responses`, reproducible and shared out over the processes of a launch.
 
@@ -237,6 +292,7 @@ def sample_seeded(
     batch that runs out of memory is sampled in halves, which changes its samples: the price of
     finishing). One seed per batch rather than per prompt keeps batched decoding, which on CPU
     samples several times more responses per second than one prompt per call (benchmarks/README.md).
+    ``return_logprobs``: as :func:`sample_from_ids`.
     """
     from accelerate import PartialState
     from accelerate.utils import gather_object
@@ -252,7 +308,10 @@ def sample_seeded(
         for b in bar:
             torch.manual_seed(batch_seed(seed, b))
             chunk = [ids[i] for i in batches[b]]
-            mine.append((b, sample_from_ids(model, tokenizer, chunk, settings, num_return_sequences, len(chunk))))
+            groups = sample_from_ids(
+                model, tokenizer, chunk, settings, num_return_sequences, len(chunk), return_logprobs=return_logprobs
+            )
+            mine.append((b, groups))
     gathered = gather_object(mine) if state.num_processes > 1 else mine
     return [group for _, groups in sorted(gathered, key=lambda item: item[0]) for group in groups]
 

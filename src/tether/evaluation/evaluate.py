@@ -7,7 +7,8 @@ policy's temperature T and measures:
   ``reward_stats.json`` sits beside it, so the units are those PPO trained on);
 * ``reward/gold``: the simulated annotator's g (demo task only; ``tether.demo.annotator``);
 * ``kl/ref``: KL(π‖π_ref) in nats per response at T, the k1 estimate on the policy's own samples
-  (for best-of-N: ``kl/bon_bound = log N − (N−1)/N``, an upper bound, instead);
+  (an fp32 policy's log-probs are recorded while sampling, so only the reference runs a forward pass;
+  for best-of-N: ``kl/bon_bound = log N − (N−1)/N``, an upper bound, instead);
 * ``response/length`` (tokens, stop token included), ``response/words``, ``response/stopped``;
 * ``diversity/distinct_1``, ``diversity/distinct_2`` and ``response/repetition`` (mode collapse);
 * ``bias/reward_length_pearson`` / ``_spearman`` (verbosity bias) and ``bias/gold_length_pearson``;
@@ -113,7 +114,12 @@ class EvalConfig(ModelLoadingArguments):
     probe_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of probe answers."})
     probe_temperature: float = field(default=0.0, metadata={"help": "Probe decoding temperature (0 = greedy)."})
     best_of_n: list[int] = field(
-        default_factory=list, metadata={"help": "Add best-of-N entries for these N (needs --reward_model_path)."}
+        default_factory=list,
+        metadata={
+            "help": "Add best-of-N entries for these N (needs --reward_model_path). N <= --samples_per_prompt "
+            "picks from --best_of_n_base's evaluation samples (s // N picks per prompt, one per block of N); "
+            "a larger N samples the base again."
+        },
     )
     best_of_n_base: str | None = field(
         default=None,
@@ -122,8 +128,8 @@ class EvalConfig(ModelLoadingArguments):
     bon_curve: list[int] = field(
         default_factory=list,
         metadata={
-            "help": "N values of the report's best-of-N curve (e.g. 1 2 4 8 16): "
-            "max(N) samples per prompt from --best_of_n_base, scored once."
+            "help": "N values of the report's best-of-N curve (e.g. 1 2 4 8 16) of --best_of_n_base: from its "
+            "evaluation samples when max(N) <= --samples_per_prompt, else from max(N) new samples per prompt."
         },
     )
     side_by_side: int = field(default=4, metadata={"help": "Prompts shown with every policy's response."})
@@ -279,10 +285,27 @@ def rm_scores(
     max_prompt_length: int | None = None,
 ) -> list[float]:
     """The reward model's score of each response, normalised with ``stats`` when given."""
+    return raw_and_normalised_rm_scores(
+        reward_model, reward_tokenizer, prompts, responses, stats, batch_size, max_prompt_length
+    )[1]
+
+
+def raw_and_normalised_rm_scores(
+    reward_model,
+    reward_tokenizer,
+    prompts: Sequence[Prompt],
+    responses: Sequence[str],
+    stats=None,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+) -> tuple[list[float], list[float]]:
+    """``(raw, normalised)`` reward-model scores of each response from one pass (normalised = raw without
+    ``stats``). Best-of-N ranks the raw scores (``tether.sampling.rank``): normalising is monotone, but it may
+    round two close raw scores to one value, and the tie rule would then pick differently."""
     from tether.models.scoring import normalise, score_texts
 
     if not responses:
-        return []
+        return [], []
     scores = score_texts(
         reward_model,
         reward_tokenizer,
@@ -291,9 +314,8 @@ def rm_scores(
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
     )
-    if stats is not None:
-        scores = normalise(scores, stats)
-    return [float(s) for s in scores]
+    normalised = normalise(scores, stats) if stats is not None else scores
+    return [float(s) for s in scores], [float(s) for s in normalised]
 
 
 @dataclass(frozen=True)
@@ -340,13 +362,23 @@ def evaluate_policies(
     ``policies`` maps names to causal LMs or their paths; ``reference`` is the KL reference (model,
     path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
     and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
-    ``best_of_n`` maps entry names to ``(base policy name, N)``: N samples per prompt from the base,
-    the reward model's favourite kept (``tether.sampling.best_of_n``), KL reported as the
-    analytic bound. ``bon_curve`` (N values) adds the best-of-N curve of the first best-of-N entry's
-    base policy on the first ``bon_curve_prompts`` prompts (None: all) to ``EvalResults.bon_curve``
-    (rows as :func:`bon_curve`): those prompts get ``max(N)`` samples, whose first N also serve the
-    entry, so nothing is sampled or scored twice. ``model_kwargs`` go to every ``from_pretrained``
-    of a path (``tether.models.loading.from_pretrained_kwargs``).
+    ``best_of_n`` maps entry names to ``(base policy name, N)``: the reward model's favourite among N
+    samples of the base policy (ranked as ``tether.sampling.best_of_n`` ranks them), KL reported as the
+    analytic bound. When ``N <= samples_per_prompt`` the entry reuses the base policy's own evaluation
+    samples and their scores (nothing is sampled or scored again): each prompt's ``s = samples_per_prompt``
+    samples are cut, in sampling order, into ``s // N`` disjoint blocks of N consecutive samples, and each
+    block gives one pick (:func:`best_of_n_picks`; a remainder of ``s mod N`` samples serves no pick). So
+    ``s = N`` gives one pick per prompt, ``s = k·N`` gives k. When ``N > samples_per_prompt`` the base
+    policy is sampled again: ``samples_per_prompt`` picks per prompt, each from N fresh samples.
+
+    ``bon_curve`` (N values) adds the best-of-N curve of the first best-of-N entry's base policy to
+    ``EvalResults.bon_curve`` (rows as :func:`curve_rows`, which name the prompts and samples per prompt
+    used; ``settings["bon_curve"]`` says where the samples came from). When ``max(N) <= samples_per_prompt``
+    it is computed from the base policy's evaluation samples on every prompt (:func:`curve_from_samples`);
+    otherwise the first ``bon_curve_prompts`` prompts (None: all) get ``max(N)`` extra samples (sampled as
+    :func:`bon_curve` samples them), whose first N also serve a best-of-N entry that cannot reuse the
+    evaluation samples. ``model_kwargs`` go to every ``from_pretrained`` of a path
+    (``tether.models.loading.from_pretrained_kwargs``).
     """
     if temperature <= 0:
         raise ValueError("evaluation samples at the policy's temperature; T must be > 0")
@@ -385,17 +417,28 @@ def evaluate_policies(
     metrics: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     probe_responses: dict[str, list[dict[str, str]]] = {}
+    raw_rewards: dict[str, list[float]] = {}  # each policy's raw reward-model scores, in its rows' order
 
     def measure(
-        name: str, flat_prompts, flat_index, responses: list[_Response], kl_values, kl_bound=None, rewards=None
+        name: str,
+        flat_prompts,
+        flat_index,
+        responses: list[_Response],
+        kl_values,
+        kl_bound=None,
+        rewards=None,
+        golds=None,
     ):
         texts = [r.text for r in responses]
         stopped = [r.stopped for r in responses]
         lengths = [r.length for r in responses]
         t0 = time.perf_counter()
         if rewards is None and rm is not None:
-            rewards = rm_scores(rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length)
-        golds = annotator.scores(flat_prompts, texts, stopped) if annotator is not None else None
+            raw_rewards[name], rewards = raw_and_normalised_rm_scores(
+                rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length
+            )
+        if golds is None and annotator is not None:
+            golds = annotator.scores(flat_prompts, texts, stopped)
         m = text_metrics(texts, lengths, stopped, rewards, golds)
         m["kl/ref"] = _finite_mean(kl_values) if kl_values is not None else None
         m["kl/bon_bound"] = kl_bound
@@ -430,6 +473,11 @@ def evaluate_policies(
             batch_size=batch_size,
             seed=seed,
             max_prompt_length=max_prompt_length,
+            # the policy's side of its KL, recorded while sampling: no policy forward pass. fp32 only: in
+            # bf16/fp16 cached decoding and a full forward pass differ by far more than the ~1e-6 of fp32
+            return_logprobs=ref_model is not None
+            and model is not ref_model
+            and next(model.parameters()).dtype == torch.float32,
         )
         t_generate = time.perf_counter() - t0
         flat = [s for g in groups for s in g]
@@ -460,14 +508,37 @@ def evaluate_policies(
             metrics[name]["probe/benign_refusal_rate"] = result["benign_refusal_rate"]
             probe_responses[name] = result["responses"]
 
+    curve_settings = None
+    if bon_curve and max(bon_curve) <= samples_per_prompt:  # the curve's base policy is already sampled enough
+        curve_base = next(iter(best_of_n.values()))[0]
+        curve = curve_from_samples(rows, curve_base, samples_per_prompt, bon_curve)
+        curve_settings = {"policy": curve_base, "samples": "evaluation"}
     for entry, (name, (base, n)) in enumerate(best_of_n.items()):
+        if n <= samples_per_prompt:
+            logger.info("eval: best-of-%d from %s's evaluation samples", n, base)
+            base_rows = [r for r in rows if r["policy"] == base]
+            picked = [
+                base_rows[i]
+                for i in best_of_n_picks(raw_rewards[base], [r["response"] for r in base_rows], samples_per_prompt, n)
+            ]
+            measure(
+                name,
+                [raw_prompts[r["prompt_index"]] for r in picked],
+                [r["prompt_index"] for r in picked],
+                [_Response(r["response"], r["stopped"], r["length"]) for r in picked],
+                None,
+                kl_bound=bon_kl_bound(n),
+                rewards=[r["reward"] for r in picked],
+                golds=None if annotator is None else [r["gold"] for r in picked],
+            )
+            continue
         logger.info("eval: best-of-%d from %s", n, base)
         from tether.sampling import best_of_n as sample_best_of_n
 
         model = models.causal_lm(policies[base])
         chosen, chosen_scores, flat_prompts, flat_index = [], [], [], []
         for repeat in range(samples_per_prompt):
-            if entry == 0 and repeat == 0 and bon_curve:
+            if entry == 0 and repeat == 0 and bon_curve and curve is None:
                 results, curve = _best_of_n_and_curve(
                     model,
                     rm,
@@ -509,6 +580,29 @@ def evaluate_policies(
 
             chosen_scores = [float(x) for x in normalise(torch.tensor(chosen_scores), reward_stats)]
         measure(name, flat_prompts, flat_index, chosen, None, kl_bound=bon_kl_bound(n), rewards=chosen_scores)
+    if bon_curve and curve is None:  # the first entry reused its base's samples; the curve needs max(N) per prompt
+        curve_base = next(iter(best_of_n.values()))[0]
+        curve_prompts = raw_prompts[:bon_curve_prompts] if bon_curve_prompts else raw_prompts
+        _, curve = _best_of_n_and_curve(
+            models.causal_lm(policies[curve_base]),
+            rm,
+            rm_tok,
+            tokenizer,
+            curve_prompts,
+            max(bon_curve),
+            bon_curve,
+            None,
+            settings,
+            batch_size,
+            max_prompt_length,
+            seed,
+            annotator,
+            reward_stats,
+        )
+    if bon_curve and curve_settings is None:
+        curve_settings = {"policy": next(iter(best_of_n.values()))[0], "samples": "extra"}
+    if curve_settings is not None:
+        curve_settings |= {"prompts": curve[0]["prompts"], "samples_per_prompt": curve[0]["samples_per_prompt"]}
 
     add_paired_gains(metrics, rows, baseline=next(iter(policies)))
     return EvalResults(
@@ -527,6 +621,9 @@ def evaluate_policies(
             "gold": annotator is not None,
             "probe_temperature": probe_temperature,
             "kl_estimator": "k1, nats per response at T",
+            # where the best-of-N curve's samples came from: "evaluation" (the policy's evaluation samples) or
+            # "extra" (max(N) samples on the first prompts), on how many prompts, how many samples each
+            **({"bon_curve": curve_settings} if curve_settings is not None else {}),
         },
     )
 
@@ -620,8 +717,9 @@ def bon_curve(
 
 
 def curve_rows(proxy: Sequence[float], golds: Sequence[float] | None, m: int, ns: Sequence[int]) -> list[dict]:
-    """Rows ``{"n", "kl_bound", "proxy", "gold"}`` from ``m`` consecutive samples per prompt: for each N the
-    expectation over random N-subsets (:func:`best_of_n_expected`), averaged over prompts."""
+    """Rows ``{"n", "kl_bound", "proxy", "gold", "prompts", "samples_per_prompt"}`` from ``m`` consecutive
+    samples per prompt: for each N the expectation over random N-subsets (:func:`best_of_n_expected`), averaged
+    over the prompts (``prompts`` of them, ``samples_per_prompt`` = m)."""
     prompts = len(proxy) // m
     rows = []
     for n in sorted(set(ns)):
@@ -637,9 +735,54 @@ def curve_rows(proxy: Sequence[float], golds: Sequence[float] | None, m: int, ns
                 "kl_bound": bon_kl_bound(n),
                 "proxy": float(np.mean(proxy_n)),
                 "gold": float(np.mean(gold_n)) if golds is not None else None,
+                "prompts": prompts,
+                "samples_per_prompt": m,
             }
         )
     return rows
+
+
+def curve_from_samples(
+    rows: Sequence[Mapping[str, Any]], policy: str, samples_per_prompt: int, ns: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The best-of-N curve of ``policy`` from its evaluation rows (``EvalResults.samples``): its
+    ``samples_per_prompt`` consecutive rows per prompt, as sampled, through :func:`curve_rows` with their
+    (normalised) rewards as the proxy and their gold scores (None when any is missing)."""
+    mine = [r for r in rows if r["policy"] == policy]
+    if max(ns) > samples_per_prompt:
+        raise ValueError(
+            f"a best-of-{max(ns)} curve needs {max(ns)} samples per prompt, the rows have {samples_per_prompt}"
+        )
+    golds = [r["gold"] for r in mine]
+    return curve_rows(
+        [r["reward"] for r in mine], golds if all(g is not None for g in golds) else None, samples_per_prompt, ns
+    )
+
+
+def best_of_n_picks(raw_scores: Sequence[float], texts: Sequence[str], samples_per_prompt: int, n: int) -> list[int]:
+    """Positions of the best-of-N picks among samples listed prompt by prompt, ``samples_per_prompt`` (s) each.
+
+    Each prompt's samples are cut, in sampling order, into ``s // n`` disjoint blocks of n consecutive ones
+    (a remainder of ``s mod n`` serves no pick); each block's pick is what ``tether.sampling.best_of_n`` keeps
+    from n samples: the highest raw reward-model score, ties to the earlier sample
+    (``tether.sampling.rank``), the best with non-empty text (``BestOfNResult.best``), the top one when
+    every text in the block is empty. Returns ``s // n`` positions per prompt, in prompt order.
+    """
+    from tether.sampling import BestOfNResult, ScoredSample, rank
+
+    if not 1 <= n <= samples_per_prompt:
+        raise ValueError(
+            f"best-of-{n} from {samples_per_prompt} samples per prompt: N must be in [1, {samples_per_prompt}]"
+        )
+    if len(raw_scores) != len(texts) or len(texts) % samples_per_prompt:
+        raise ValueError(f"{len(raw_scores)} scores and {len(texts)} texts are not {samples_per_prompt} per prompt")
+    picks = []
+    for start in range(0, len(texts), samples_per_prompt):
+        for first in range(start, start + samples_per_prompt - n + 1, n):
+            block = [ScoredSample(texts[i], float(raw_scores[i]), False, 0, i) for i in range(first, first + n)]
+            result = BestOfNResult(None, rank(block))
+            picks.append((result.best or result.ranked[0]).index)
+    return picks
 
 
 def _best_of_n_and_curve(
@@ -853,7 +996,9 @@ def run_eval(config: EvalConfig) -> EvalResults:
         model_kwargs=model_kwargs,
     )
     curve = None
-    if config.bon_curve:
+    if config.bon_curve and max(config.bon_curve) <= config.samples_per_prompt:
+        curve = curve_from_samples(results.samples, base, config.samples_per_prompt, config.bon_curve)
+    elif config.bon_curve:
         curve = bon_curve(
             policies[base],
             tokenizer,

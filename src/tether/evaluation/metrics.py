@@ -162,9 +162,18 @@ def response_token_logprobs(
 def per_sequence_kl(
     policy, reference, tokenizer, samples: Sequence, temperature: float, batch_size: int = 8
 ) -> list[float]:
-    """k1 KL estimate of each sample (see :func:`kl_k1_per_sequence`), log-probs at temperature T."""
+    """k1 KL estimate of each sample (see :func:`kl_k1_per_sequence`), log-probs at temperature T.
+
+    When every sample carries the log-probs its sampler recorded (``Sample.logprobs``), those are the
+    policy's side and only the reference runs a forward pass; they match the policy's forward pass to
+    ~1e-6 per token in fp32 (sample with them only where the policy computes in fp32).
+    """
     pad = pad_token_id(tokenizer)
-    lp = response_token_logprobs(policy, samples, temperature, pad, batch_size)
+    recorded = [getattr(s, "logprobs", None) for s in samples]
+    if samples and all(lp is not None for lp in recorded):
+        lp = recorded
+    else:
+        lp = response_token_logprobs(policy, samples, temperature, pad, batch_size)
     lr = response_token_logprobs(reference, samples, temperature, pad, batch_size)
     return kl_k1_per_sequence(lp, lr)
 
