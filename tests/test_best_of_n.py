@@ -49,12 +49,13 @@ def test_rank_puts_the_highest_score_first_and_skips_empty_text_for_the_best():
     assert result_row(BestOfNResult("q", [ScoredSample("", 1.0, True, 1, 0)]), 1, False) is None
 
 
-def unpadded_score(reward_model, tokenizer, prompt, text) -> float:
-    """The reward model's head output at the last token of the sequence alone (no padding, no batching)."""
+def unpadded_score(reward_model, tokenizer, prompt, text, stopped: bool = True) -> float:
+    """The reward model's head output at the last token of the sequence alone (no padding, no batching):
+    the stop token, or the response's own last token when it was cut at the budget (``stopped`` False)."""
     from tether.data.templates import prompt_response_ids
     from tether.models.scoring import token_scores
 
-    ids, _ = prompt_response_ids(tokenizer, prompt, text)
+    ids, _ = prompt_response_ids(tokenizer, prompt, text, stopped=stopped)
     with torch.no_grad():
         return float(token_scores(reward_model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0, -1])
 
@@ -72,7 +73,10 @@ def test_best_of_n_ranks_samples_by_the_reward_models_score(tiny_model_dir, tiny
         tokenizer,
         prompts,
         n=4,
-        settings=SamplingSettings(max_new_tokens=6, temperature=1.0),
+        # a seventh of the vocabulary also ends a response, so some stop within the budget and some are cut
+        settings=SamplingSettings(
+            max_new_tokens=6, temperature=1.0, extra_stop_token_ids=list(range(len(tokenizer) // 7))
+        ),
         batch_size=2,
         reward_batch_size=3,
     )
@@ -84,8 +88,10 @@ def test_best_of_n_ranks_samples_by_the_reward_models_score(tiny_model_dir, tiny
         assert scores == sorted(scores, reverse=True)
         assert len(set(scores)) > 1  # different samples, different scores: the ranking is not vacuous
         for s in result.ranked:  # each score is the reward model's own score of that text
-            assert s.score == pytest.approx(unpadded_score(reward_model, tokenizer, prompt, s.text), abs=1e-4)
+            expected = unpadded_score(reward_model, tokenizer, prompt, s.text, s.stopped)
+            assert s.score == pytest.approx(expected, abs=1e-4)
         assert result.best.score == max(scores)
+    assert {s.stopped for r in results for s in r.ranked} == {True, False}  # both kinds of response are checked
 
 
 def write_prompts(path):

@@ -87,7 +87,14 @@ def test_evaluate_policies_on_tiny_models(tiny_model_dir, perturbed_model_dir, t
     # best-of-N rows carry the reward model's score of the kept response
     bon_rows = [r for r in results.samples if r["policy"] == "best-of-4"]
     rm, rm_tok, _ = E.load_reward(str(tiny_rm_dir))
-    rescored = E.rm_scores(rm, rm_tok, [r["prompt"] for r in bon_rows], [r["response"] for r in bon_rows])
+    rescored = E.rm_scores(
+        rm,
+        rm_tok,
+        [r["prompt"] for r in bon_rows],
+        [r["response"] for r in bon_rows],
+        stopped=[r["stopped"] for r in bon_rows],
+    )
+    assert not all(r["stopped"] for r in results.samples)  # some responses are cut: the flags matter
     assert [r["reward"] for r in bon_rows] == pytest.approx(rescored, abs=1e-4)
     assert results.probe_responses["ref"] and "best-of-4" not in results.probe_responses
     side = results.side_by_side(2)

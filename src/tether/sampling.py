@@ -65,11 +65,15 @@ def score_samples(
     max_prompt_length: int | None = None,
     missing_stop_score: float | None = None,
 ) -> list[list[ScoredSample]]:
-    """Reward-model scores for groups of samples (one group per prompt), each group ranked best first."""
+    """Reward-model scores for groups of samples (one group per prompt), each group ranked best first.
+
+    A sample cut at the token budget (``stopped`` False) is scored without a stop token, as PPO's rollout
+    and the reward model's training pairs hold it; ``missing_stop_score`` replaces its score when given."""
     from tether.models.scoring import score_texts
 
     flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
     flat_texts = [s.text for g in groups for s in g]
+    flat_stopped = [s.stopped for g in groups for s in g]
     scores = (
         score_texts(
             reward_model,
@@ -79,6 +83,7 @@ def score_samples(
             batch_size=batch_size,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
+            stopped=flat_stopped,
         ).tolist()
         if flat_texts
         else []

@@ -283,10 +283,12 @@ def rm_scores(
     stats=None,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
+    stopped: Sequence[bool] | None = None,
 ) -> list[float]:
-    """The reward model's score of each response, normalised with ``stats`` when given."""
+    """The reward model's score of each response, normalised with ``stats`` when given (``stopped``: as
+    :func:`raw_and_normalised_rm_scores`)."""
     return raw_and_normalised_rm_scores(
-        reward_model, reward_tokenizer, prompts, responses, stats, batch_size, max_prompt_length
+        reward_model, reward_tokenizer, prompts, responses, stats, batch_size, max_prompt_length, stopped
     )[1]
 
 
@@ -298,10 +300,13 @@ def raw_and_normalised_rm_scores(
     stats=None,
     batch_size: int = 8,
     max_prompt_length: int | None = None,
+    stopped: Sequence[bool] | None = None,
 ) -> tuple[list[float], list[float]]:
     """``(raw, normalised)`` reward-model scores of each response from one pass (normalised = raw without
     ``stats``). Best-of-N ranks the raw scores (``tether.sampling.rank``): normalising is monotone, but it may
-    round two close raw scores to one value, and the tie rule would then pick differently."""
+    round two close raw scores to one value, and the tie rule would then pick differently. A response whose
+    ``stopped`` flag is False (cut at the token budget) is scored without a stop token, as PPO's rollout
+    scores it (``tether.models.scoring.score_texts``); None: every response ends with one."""
     from tether.models.scoring import normalise, score_texts
 
     if not responses:
@@ -313,6 +318,7 @@ def raw_and_normalised_rm_scores(
         list(responses),
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
+        stopped=None if stopped is None else list(stopped),
     )
     normalised = normalise(scores, stats) if stats is not None else scores
     return [float(s) for s in scores], [float(s) for s in normalised]
@@ -435,7 +441,7 @@ def evaluate_policies(
         t0 = time.perf_counter()
         if rewards is None and rm is not None:
             raw_rewards[name], rewards = raw_and_normalised_rm_scores(
-                rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length
+                rm, rm_tok, flat_prompts, texts, reward_stats, batch_size, max_prompt_length, stopped
             )
         if golds is None and annotator is not None:
             golds = annotator.scores(flat_prompts, texts, stopped)
@@ -709,10 +715,9 @@ def bon_curve(
     )
     flat_prompts = [p for p, g in zip(raw, groups) for _ in g]
     texts = [s.text for g in groups for s in g]
-    proxy = rm_scores(rm, rm_tok, flat_prompts, texts, stats, batch_size, max_prompt_length)
-    golds = (
-        annotator.scores(flat_prompts, texts, [s.stopped for g in groups for s in g]) if annotator is not None else None
-    )
+    stopped = [s.stopped for g in groups for s in g]
+    proxy = rm_scores(rm, rm_tok, flat_prompts, texts, stats, batch_size, max_prompt_length, stopped)
+    golds = annotator.scores(flat_prompts, texts, stopped) if annotator is not None else None
     return curve_rows(proxy, golds, m, ns)
 
 
