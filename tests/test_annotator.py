@@ -227,3 +227,13 @@ def test_gold_metrics_hook_reads_a_rollout(annotator, tokenizer):
     assert texts[0] == good
     expected = sum(annotator.scores([prompt, prompt], texts, [True, False])) / 2
     assert out == {"reward/gold": pytest.approx(expected)}
+
+
+def test_pairs_of_samples_lists_every_pair_of_each_prompts_samples_in_order():
+    from tether.demo.annotator import pairs_of_samples
+
+    prompts, a, b = pairs_of_samples(["p", "q"], [["p0", "p1", "p2"], ["q0", "q1"]])
+    assert prompts == ["p", "p", "p", "q"]
+    assert list(zip(a, b)) == [("p0", "p1"), ("p0", "p2"), ("p1", "p2"), ("q0", "q1")]
+    with pytest.raises(ValueError, match="2 prompts but 1 groups"):
+        pairs_of_samples(["p", "q"], [["p0", "p1"]])

@@ -211,7 +211,7 @@ def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, ti
     metrics = json.loads((out / "eval" / "eval.json").read_text())["metrics"]
     assert list(metrics) == ["sft", "ppo", "rloo", "grpo"]
     for name in ("ppo", "rloo", "grpo"):  # the same held-out prompts; KL and gold gain for each
-        assert metrics[name]["samples"] == metrics["sft"]["samples"] == 3
+        assert metrics[name]["samples"] == metrics["sft"]["samples"] == 3 * 4  # 3 prompts, 4 samples each
         assert metrics[name]["kl/ref"] is not None and metrics[name]["gain/gold"] is not None
     report = (out / "report.md").read_text()
     assert "| Metric | sft | ppo | rloo | grpo |" in report

@@ -146,7 +146,13 @@ class PipelineConfig:
     temperature: float = field(
         default=0.7, metadata={"help": "Sampling temperature of the policy (PPO, pairs, evaluation)."}
     )
-    bon_n: str = field(default="1,2,4,8,16", metadata={"help": "N values of the best-of-N curve in the report."})
+    bon_n: str = field(
+        default="1,2,4",
+        metadata={
+            "help": "N values of the best-of-N curve in the report; up to the evaluation's samples_per_prompt (4) "
+            "the curve comes from the SFT policy's evaluation samples, a larger N samples --bon_curve_prompts again."
+        },
+    )
     best_of_n: int = field(
         default=4,
         metadata={
@@ -723,7 +729,14 @@ def evaluate_run(run: PipelineRun) -> StageResult:
     policies.update(run.rl_policies)
     if run.dpo_path:
         policies["dpo"] = run.dpo_path
-    opts = {"max_new_tokens": 48, **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}), **config.eval}
+    # 4 samples per prompt: best-of-N up to 4 and its curve pick among them (nothing sampled twice), and
+    # paired gains average out 4 draws per prompt
+    opts = {
+        "max_new_tokens": 48,
+        "samples_per_prompt": 4,
+        **(DEMO_STAGE_DEFAULTS["eval"] if config.is_demo else {}),
+        **config.eval,
+    }
     bon = (
         {}
         if "bon" in skipped or run.rm_path is None or not config.best_of_n
@@ -857,27 +870,27 @@ def _prompts_for_round(config: PipelineConfig, prompts: list[PromptRecord], k: i
 
 
 def new_round_pairs(run: PipelineRun, k: int) -> StageResult:
-    """Round ``k`` > 1: sample ``--responses_per_prompt`` responses per prompt from the current policy and
-    have every pair of them labelled."""
-    from tether.demo.annotator import all_pairs
-    from tether.generation import SamplingSettings, sample_responses
+    """Round ``k`` > 1: sample ``--responses_per_prompt`` responses per prompt from the current policy
+    (seeded with ``--seed`` + k: the same responses on any number of processes) and have every pair of
+    them labelled."""
+    from tether.demo.annotator import pairs_of_samples
+    from tether.generation import SamplingSettings, sample_seeded
     from tether.models.loading import load_causal_lm, load_tokenizer
 
     config, out = run.config, run.out
     prompts = [p.prompt for p in _prompts_for_round(config, run.train_prompts, k)]
     policy, tok = load_causal_lm(run.policy_path), load_tokenizer(run.policy_path)
     settings = SamplingSettings(max_new_tokens=config.preference_max_new_tokens, temperature=config.temperature)
-    groups = sample_responses(
+    groups = sample_seeded(
         policy,
         tok,
         prompts,
         settings,
         num_return_sequences=config.responses_per_prompt,
         batch_size=SAMPLING_BATCH_PROMPTS,
+        seed=config.seed + k,
     )
-    index = all_pairs(config.responses_per_prompt)
-    raw = [x for x in prompts for _ in index]
-    a, b = [g[i] for g in groups for i, _ in index], [g[j] for g in groups for _, j in index]
+    raw, a, b = pairs_of_samples(prompts, groups)
     if config.label_command:
         pairs = label_with_command(
             config.label_command, raw, [x.text for x in a], [x.text for x in b], out / "data" / f"round{k}"

@@ -400,6 +400,20 @@ def all_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i + 1, k)]
 
 
+def pairs_of_samples(prompts: Sequence, groups: Sequence[Sequence]) -> tuple[list, list, list]:
+    """``(prompts, a, b)``: every pair ``(a, b)`` of each prompt's samples (one group of k per prompt), prompt
+    by prompt in the order of :func:`all_pairs`, each with its prompt: C(k, 2) entries per prompt."""
+    if len(prompts) != len(groups):
+        raise ValueError(f"{len(prompts)} prompts but {len(groups)} groups of samples")
+    flat_prompts, a, b = [], [], []
+    for prompt, group in zip(prompts, groups):
+        for i, j in all_pairs(len(group)):
+            flat_prompts.append(prompt)
+            a.append(group[i])
+            b.append(group[j])
+    return flat_prompts, a, b
+
+
 def sample_and_label_pairs(
     model,
     tokenizer,
@@ -413,7 +427,7 @@ def sample_and_label_pairs(
     responses_per_prompt: int = 2,
 ) -> tuple[list[PreferencePair], list]:
     """Sample ``k = responses_per_prompt`` responses per prompt and label all C(k, 2) pairs of them
-    (:func:`label_pairs`, pairs in the order of :func:`all_pairs` prompt by prompt), as InstructGPT's
+    (:func:`label_pairs`, pairs as :func:`pairs_of_samples` lists them), as InstructGPT's
     labellers ranked K responses; also returns the samples (k ``tether.generation.Sample`` per prompt,
     with their stop flags): they are the policy's own responses at ``settings`` (default: 64 new
     tokens at T = 0.7). Whether each response ended with the stop token is passed to g
@@ -435,15 +449,15 @@ def sample_and_label_pairs(
         seed=seed,
         max_prompt_length=max_prompt_length,
     )
-    index = all_pairs(responses_per_prompt)
+    flat_prompts, a, b = pairs_of_samples(raw, groups)
     pairs = label_pairs(
-        [x for x in raw for _ in index],
-        [g[i].text for g in groups for i, _ in index],
-        [g[j].text for g in groups for _, j in index],
+        flat_prompts,
+        [x.text for x in a],
+        [x.text for x in b],
         tau=tau,
         seed=seed,
-        stopped_a=[g[i].stopped for g in groups for i, _ in index],
-        stopped_b=[g[j].stopped for g in groups for _, j in index],
+        stopped_a=[x.stopped for x in a],
+        stopped_b=[x.stopped for x in b],
         annotator=annotator,
     )
     return pairs, groups
