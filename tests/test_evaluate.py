@@ -268,6 +268,30 @@ def test_run_eval_writes_files_and_report(tiny_model_dir, tiny_rm_dir, tmp_path)
     assert doc["bon_curve"][0]["prompts"] == 2 and doc["bon_curve"][0]["samples_per_prompt"] == 2
 
 
+def test_run_eval_with_a_reward_model_as_the_gold_judge(tiny_model_dir, tiny_rm_dir, tmp_path, capsys):
+    """``--gold_reward_model``: the judge here is the proxy reward model itself (same weights, same saved
+    normalisation), so each response's gold score must equal its proxy score, cut responses included."""
+    from tether.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Say hi.", "Count to three.")))
+    out = tmp_path / "eval"
+    common = ["eval", "--policies", f"tiny={tiny_model_dir}", "--reward_model_path", str(tiny_rm_dir)]
+    common += ["--prompts", str(prompts), "--max_new_tokens", "4", "--probes", "false", "--output_dir", str(out)]
+    assert main([*common, "--gold_reward_model", str(tiny_rm_dir), "--samples_per_prompt", "3"]) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(r["gold"] is not None for r in samples)
+    assert [r["gold"] for r in samples] == pytest.approx([r["reward"] for r in samples], abs=1e-6)
+    assert len({round(r["gold"], 6) for r in samples}) > 1  # different responses, different scores
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["settings"]["gold"] == str(tiny_rm_dir)
+    assert doc["metrics"]["tiny"]["reward/gold"] == pytest.approx(sum(r["gold"] for r in samples) / 6)
+    assert f"| Gold score (reward model {tiny_rm_dir.name}) |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main([*common, "--gold_reward_model", str(tiny_rm_dir), "--gold", "on"]) == 2
+    assert "--gold on and --gold_reward_model: choose one gold judge" in capsys.readouterr().err
+
+
 def test_run_eval_rejects_bad_options(tmp_path, capsys):
     from tether.cli import main
 

@@ -189,10 +189,14 @@ def test_tether_ppo_on_embedded_demo_logs_gold_every_iteration(tmp_path, tiny_mo
     assert all(isinstance(r["reward/gold"], float) and -12.0 < r["reward/gold"] < 3.0 for r in metrics)
 
 
-def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, tiny_model_dir):
+def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, tiny_model_dir, tiny_rm_dir):
+    """Also the gold judge of Gao et al.'s setup: ``--gold_reward_model`` (here the tiny reward model)
+    replaces the simulated annotator in PPO's rollouts and in the evaluation."""
     stages = {**TINY_STAGES, "ppo": {**TINY_STAGES["ppo"], "mini_batch_size": 4}}
     config_file = tmp_path / "pipeline.yaml"
-    config_file.write_text(yaml.safe_dump({**stages, "model_name_or_path": str(tiny_model_dir)}))
+    config_file.write_text(
+        yaml.safe_dump({**stages, "model_name_or_path": str(tiny_model_dir), "gold_reward_model": str(tiny_rm_dir)})
+    )
     out = tmp_path / "out"
     args = ["--config", str(config_file), "--output_dir", str(out), "--rl", "ppo,rloo,grpo", "--skip", "dpo,bon"]
     config = parse_config(PipelineConfig, args)
@@ -208,8 +212,18 @@ def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, ti
         assert len(rows) == 2 and "loss/value" not in rows[0]  # critic-free: no value model
         assert ("loss/kl" in rows[0]) == (method == "grpo")  # GRPO's β·k3 in the loss
     assert not (out / "rloo" / "value_model").exists() and (out / "ppo" / "policy").is_dir()
-    metrics = json.loads((out / "eval" / "eval.json").read_text())["metrics"]
+    doc = json.loads((out / "eval" / "eval.json").read_text())
+    metrics = doc["metrics"]
     assert list(metrics) == ["sft", "ppo", "rloo", "grpo"]
+    assert doc["settings"]["gold"] == str(tiny_rm_dir)
+    from tether.evaluation.evaluate import RewardModelJudge
+
+    judge = RewardModelJudge(tiny_rm_dir)
+    rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()][:4]
+    by_hand = judge.scores([r["prompt"] for r in rows], [r["response"] for r in rows], [r["stopped"] for r in rows])
+    assert [r["gold"] for r in rows] == pytest.approx(by_hand, abs=1e-5)
+    ppo_rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["reward/gold"], float) for r in ppo_rows)
     for name in ("ppo", "rloo", "grpo"):  # the same held-out prompts; KL and gold gain for each
         assert metrics[name]["samples"] == metrics["sft"]["samples"] == 3 * 4  # 3 prompts, 4 samples each
         assert metrics[name]["kl/ref"] is not None and metrics[name]["gain/gold"] is not None
@@ -219,6 +233,11 @@ def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, ti
     gain_row = next(line for line in report.splitlines() if line.startswith("| Gold gain"))
     assert kl_row.count("|") == 6 and "–" not in kl_row.split("|", 3)[3]
     assert gain_row.count("±") >= 3
+
+
+def test_pipeline_rejects_a_gold_reward_model_that_is_not_a_saved_model(tmp_path):
+    with pytest.raises(ConfigError, match=f"--gold_reward_model {tmp_path}: not a saved reward model"):
+        parse_config(PipelineConfig, ["--gold_reward_model", str(tmp_path)])
 
 
 def test_pipeline_rl_rejects_unknown_methods_and_rounds():

@@ -25,6 +25,7 @@ labelled (see ``label_with_command``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shlex
@@ -136,6 +137,14 @@ class PipelineConfig:
             "help": "Use this reward model instead of training one.",
         },
     )
+    gold_reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A second reward model, trained on pairs disjoint from --preferences, as the gold judge of "
+            "PPO's rollouts and of the evaluation (Gao et al.'s over-optimisation setup for data without a human "
+            "judge); the demo's gold judge is the simulated annotator."
+        },
+    )
     ppo_model: str | None = field(default=None, metadata={"help": "Use this PPO policy instead of training one."})
     dpo_model: str | None = field(default=None, metadata={"help": "Use this DPO policy instead of training one."})
     annotator_tau: float = field(
@@ -180,6 +189,11 @@ class PipelineConfig:
             raise ConfigError(
                 f"--skip {self.skip}: unknown stage(s) {', '.join(sorted(skipped - known))}; "
                 f"use {', '.join(sorted(known))}"
+            )
+        if self.gold_reward_model and not (Path(self.gold_reward_model) / "config.json").is_file():
+            raise ConfigError(
+                f"--gold_reward_model {self.gold_reward_model}: not a saved reward model (a folder with config.json, "
+                "as `tether rm` writes)"
             )
         methods = self.rl_methods()
         unknown = [m for m in methods if m not in RL_METHODS]
@@ -670,7 +684,8 @@ def train_ppo_policy(run: PipelineRun, suffix: str, method: str = "ppo", start: 
         and sampled.get("temperature") == cfg.temperature
     ):
         cfg.reward_norm_responses = sampled["sft_samples"]
-    hook = gold_metrics_hook(run.tokenizer) if config.is_demo else None
+    judge = gold_judge(config)
+    hook = gold_metrics_hook(run.tokenizer, annotator=judge) if judge is not None else None
     result = run_ppo(cfg, run.train_prompts, extra_metrics=hook)
     if result.policy_dir is None:
         raise ConfigError(
@@ -751,7 +766,7 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         run.eval_prompts,
         reward_stats=stats,
         temperature=config.temperature,
-        gold=config.is_demo,
+        gold=gold_judge(config) or False,
         best_of_n=bon,
         # the curve comes from the best-of-N entry's samples (its prompts get max(N) samples, nothing twice)
         bon_curve=config.bon_ns() if bon else (),
@@ -782,7 +797,7 @@ def evaluate_run(run: PipelineRun) -> StageResult:
             prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else prompts,
             ns=config.bon_ns(),
             reward_stats=stats,
-            gold=config.is_demo,
+            gold=gold_judge(config) or False,
             temperature=config.temperature,
             max_new_tokens=opts["max_new_tokens"],
             seed=config.seed,
@@ -790,6 +805,25 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         )
         write_json_atomic(eval_dir / "bon_curve.json", curve, default=str)
     return StageResult(eval_dir / "eval.json")
+
+
+def gold_judge(config: PipelineConfig):
+    """The gold judge: a ``RewardModelJudge`` of ``--gold_reward_model``, the simulated annotator on the demo
+    task, else None (no gold score)."""
+    if config.gold_reward_model:
+        return _cached_judge(config.gold_reward_model)
+    if config.is_demo:
+        from tether.demo.annotator import default_annotator
+
+        return default_annotator()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_judge(path: str):
+    from tether.evaluation.evaluate import RewardModelJudge
+
+    return RewardModelJudge(path)
 
 
 def _ppo_reward_stats(run: PipelineRun):

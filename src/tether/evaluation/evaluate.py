@@ -110,6 +110,14 @@ class EvalConfig(ModelLoadingArguments):
         default="auto",
         metadata={"help": "Gold score from the simulated annotator: auto (on for the demo prompts), on, or off."},
     )
+    gold_reward_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "A second reward model as the gold judge instead of the simulated annotator (trained on pairs "
+            "disjoint from --reward_model_path's: Gao et al.'s over-optimisation setup, for data without a human "
+            "judge)."
+        },
+    )
     probes: bool = field(default=True, metadata={"help": "Run the factual and refusal probe."})
     probe_max_new_tokens: int = field(default=64, metadata={"help": "Token budget of probe answers."})
     probe_temperature: float = field(default=0.0, metadata={"help": "Probe decoding temperature (0 = greedy)."})
@@ -275,6 +283,28 @@ def load_reward(reward_model, reward_tokenizer=None, model_kwargs: Mapping[str, 
     return reward_model, reward_tokenizer, None
 
 
+class RewardModelJudge:
+    """A second reward model as the gold judge (Gao et al. 2022, *Scaling Laws for Reward Model
+    Overoptimization*): trained on preference pairs disjoint from the proxy reward model's, it stands in
+    for human judgement where there is none. ``scores`` has the simulated annotator's signature, so it
+    serves as ``gold`` in :func:`evaluate_policies` and in ``gold_metrics_hook``. Scores are normalised
+    with the judge's own ``reward_stats.json`` (its training pairs' mean and std) when the folder has one;
+    a response cut at the token budget (``stopped`` False) is scored at its own last token."""
+
+    def __init__(
+        self, path, model_kwargs: Mapping[str, Any] | None = None, batch_size: int = 8, max_prompt_length=None
+    ):
+        self.path = str(path)
+        self.model, self.tokenizer, self.stats = load_reward(self.path, None, model_kwargs)
+        self.batch_size, self.max_prompt_length = batch_size, max_prompt_length
+
+    def scores(self, prompts: Sequence, responses: Sequence[str], stopped: Sequence[bool] | None = None) -> list[float]:
+        raw = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
+        return rm_scores(
+            self.model, self.tokenizer, raw, responses, self.stats, self.batch_size, self.max_prompt_length, stopped
+        )
+
+
 def rm_scores(
     reward_model,
     reward_tokenizer,
@@ -367,7 +397,8 @@ def evaluate_policies(
 
     ``policies`` maps names to causal LMs or their paths; ``reference`` is the KL reference (model,
     path, or None to skip KL); ``reward_model`` a scalar model or a folder (None to skip RM scores
-    and best-of-N); ``gold`` True (default annotator), False, or a ``SimulatedAnnotator``;
+    and best-of-N); ``gold`` True (default annotator), False, or a judge with the annotator's ``scores``
+    (a ``SimulatedAnnotator``, a :class:`RewardModelJudge`);
     ``best_of_n`` maps entry names to ``(base policy name, N)``: the reward model's favourite among N
     samples of the base policy (ranked as ``tether.sampling.best_of_n`` ranks them), KL reported as the
     analytic bound. When ``N <= samples_per_prompt`` the entry reuses the base policy's own evaluation
@@ -624,7 +655,8 @@ def evaluate_policies(
             "prompts": len(raw_prompts),
             "seed": seed,
             "reward_normalised": reward_stats is not None,
-            "gold": annotator is not None,
+            # the gold judge: False, True (the simulated annotator) or the judging reward model's folder
+            "gold": annotator.path if isinstance(annotator, RewardModelJudge) else annotator is not None,
             "probe_temperature": probe_temperature,
             "kl_estimator": "k1, nats per response at T",
             # where the best-of-N curve's samples came from: "evaluation" (the policy's evaluation samples) or
@@ -971,7 +1003,17 @@ def run_eval(config: EvalConfig) -> EvalResults:
         prompts = load_prompts(config.dataset, split=config.dataset_split, dataset_config=config.dataset_config)
     if config.num_prompts is not None:
         prompts = prompts[: config.num_prompts]
-    gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))
+    if config.gold_reward_model:
+        if config.gold == "on":
+            raise ConfigError("--gold on and --gold_reward_model: choose one gold judge")
+        gold = RewardModelJudge(
+            config.gold_reward_model,
+            from_pretrained_kwargs(config),
+            batch_size=config.batch_size,
+            max_prompt_length=config.max_prompt_length,
+        )
+    else:
+        gold = config.gold == "on" or (config.gold == "auto" and all(is_demo_prompt(p.prompt) for p in prompts))
     base = config.best_of_n_base or next(iter(policies))
     if (config.best_of_n or config.bon_curve) and base not in policies:
         raise ConfigError(f"--best_of_n_base {base!r} is not one of the --policies names {list(policies)}")

@@ -105,12 +105,15 @@ def _fmt_signed(x: float) -> str:
     return f"{x:+.2f}"
 
 
-def metrics_table(eval_metrics: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per metric, one column per policy) with formatted values; '–' = not measured."""
+def metrics_table(
+    eval_metrics: Mapping[str, Mapping[str, Any]], gold_judge: str = "simulated annotator"
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per metric, one column per policy) with formatted values; '–' = not measured.
+    ``gold_judge`` names what gave the gold score in its row's label."""
     names = list(eval_metrics)
     rows = []
     for label, key, fmt in METRIC_ROWS:
-        cells = [label]
+        cells = [label.replace("simulated annotator", gold_judge) if key == "reward/gold" else label]
         for name in names:
             m = eval_metrics[name]
             if key == "kl/band":
@@ -554,6 +557,16 @@ class ReportPaths:
     sentences: dict[str, str] = field(default_factory=dict)
 
 
+def _gold_judge(eval_results: Any) -> str:
+    """What gave the gold scores: ``settings["gold"]`` holds the judging reward model's folder, else
+    True for the simulated annotator."""
+    settings = getattr(eval_results, "settings", None)
+    if settings is None and isinstance(eval_results, Mapping):
+        settings = eval_results.get("settings")
+    judge = (settings or {}).get("gold") if isinstance(settings, Mapping) else None
+    return f"reward model {Path(judge).name}" if isinstance(judge, str) else "simulated annotator"
+
+
 def _eval_metrics(eval_results: Any) -> dict[str, dict[str, Any]] | None:
     if eval_results is None:
         return None
@@ -704,7 +717,7 @@ def write_report(
     md = [f"# {title}", "", f"_Generated {generated}._ {t_note}", ""]
     md += [f"- {n}" for n in notes] + ([""] if notes else [])
     md += ["## Policies compared", ""]
-    table = metrics_table(metrics) if metrics else None
+    table = metrics_table(metrics, _gold_judge(eval_results)) if metrics else None
     if table:
         md += [
             _md_table(*table),
