@@ -83,24 +83,47 @@ def _without_timings(doc):
     return doc
 
 
+# Texts, rankings and counts must match exactly. Scores may not: each process scores its own share of the
+# prompts, so a response sits in a batch of another shape (other padding), and the matmuls of another
+# shape round differently in the last bits (measured: 7e-9 on a score of 0.09).
+SCORE_TOL = 1e-6
+
+
+def _close(a, b) -> bool:
+    """Equal structures; floats equal within SCORE_TOL (relative or absolute), everything else exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=SCORE_TOL, abs=SCORE_TOL)
+    return a == b
+
+
+def test_close_compares_floats_within_tolerance_and_the_rest_exactly():
+    assert _close({"s": 0.09271305799484253, "t": "x"}, {"s": 0.09271305054426193, "t": "x"})
+    assert not _close({"s": 0.0927, "t": "x"}, {"s": 0.0928, "t": "x"})
+    assert not _close({"s": 0.5, "t": "x"}, {"s": 0.5, "t": "y"})
+    assert not _close([1.0, 2.0], [1.0])
+
+
 def test_best_of_n_on_two_processes_equals_one_process(runs):
     one, two = _jsonl(runs / "one" / "bon" / "best_of_n.jsonl"), _jsonl(runs / "two" / "bon" / "best_of_n.jsonl")
     assert [r["prompt"] for r in one] == PROMPTS  # in prompt order, each prompt once
-    assert two == one  # texts, scores and rankings, exactly
+    assert _close(two, one)  # texts and rankings exactly, scores within SCORE_TOL
     assert len({s["completion"] for r in one for s in r["ranked"]}) > 3  # really sampled, not one fixed answer
     summary = json.loads((runs / "two" / "bon" / "summary.json").read_text())
-    assert _without_timings(summary) == _without_timings(
-        json.loads((runs / "one" / "bon" / "summary.json").read_text())
-    )
+    summary_one = json.loads((runs / "one" / "bon" / "summary.json").read_text())
+    assert _close(_without_timings(summary), _without_timings(summary_one))
     assert sorted(p.name for p in (runs / "two" / "bon").iterdir()) == ["best_of_n.jsonl", "summary.json"]
 
 
 def test_eval_on_two_processes_equals_one_process(runs):
     one, two = (json.loads((runs / r / "eval" / "eval.json").read_text()) for r in ("one", "two"))
-    assert _without_timings(two["metrics"]) == _without_timings(one["metrics"])
-    assert two["bon_curve"] == one["bon_curve"] and len(one["bon_curve"]) == 3
+    assert _close(_without_timings(two["metrics"]), _without_timings(one["metrics"]))
+    assert _close(two["bon_curve"], one["bon_curve"]) and len(one["bon_curve"]) == 3
     samples_one, samples_two = (_jsonl(runs / r / "eval" / "samples.jsonl") for r in ("one", "two"))
-    assert samples_two == samples_one
+    assert _close(samples_two, samples_one)
     assert [s["prompt_index"] for s in samples_one if s["policy"] == "a"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     # the same seed for every policy: identical policies give identical responses
     assert [s["response"] for s in samples_one if s["policy"] == "a"] == [
@@ -110,7 +133,7 @@ def test_eval_on_two_processes_equals_one_process(runs):
 
 def test_pair_sampling_on_two_processes_equals_one_process(runs):
     one, two = (json.loads((runs / r / "pairs.json").read_text()) for r in ("one", "two"))
-    assert two == one and len(one) >= 3
+    assert _close(two, one) and len(one) >= 3
 
 
 def test_a_batch_samples_the_same_whatever_the_other_batches(tiny_model_dir):
