@@ -288,12 +288,17 @@ def test_help_says_where_a_trl_name_means_something_else():
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_trainer_stages_refuse_and_hide_the_training_arguments_the_trainer_never_reads(stage, capsys):
-    """do_train/do_eval/do_predict do nothing in transformers' Trainer; every other option works there."""
+    """do_train/do_eval/do_predict do nothing in transformers' Trainer, and the Trainer would push only the
+    checkpoints tether deletes, never tether's final model; every other option works there."""
     with pytest.raises(SystemExit):
         main([stage, "--help"])
     shown = capsys.readouterr().out
     assert "--do_train" not in shown and "--do_predict" not in shown
-    assert "--push_to_hub" in shown and "--eval_strategy" in shown  # the Trainer implements these
+    assert "--push_to_hub" not in shown and "--hub_model_id" not in shown
+    assert "--eval_strategy" in shown and "--save_steps" in shown  # the Trainer implements these
     assert main([stage, "--dataset", "embedded:demo", "--do_eval", "true", "--do_predict", "true"]) == 2
     err = capsys.readouterr().err
     assert "--do_eval True, --do_predict True: not used by" in err and "remove them" in err
+    assert main([stage, "--dataset", "embedded:demo", "--push_to_hub", "true", "--hub_model_id", "me/m"]) == 2
+    err = capsys.readouterr().err
+    assert "--push_to_hub True, --hub_model_id me/m: not used by" in err

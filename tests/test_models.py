@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from tether.config import EMBEDDED_MODEL
+from tether.config import EMBEDDED_MODEL, ConfigError
 from tether.models import loading
 
 
@@ -138,6 +138,51 @@ def test_trust_remote_code_loads_the_model_class_shipped_in_the_folder(tiny_mode
     assert loading.load_causal_lm(str(folder), **trusted).loaded_from_remote_code
     assert loading.load_scalar_model(str(folder), **trusted).loaded_from_remote_code
     assert loading.load_tokenizer(str(folder), trust_remote_code=True).eos_token == "<|im_end|>"
+
+
+def test_ppo_loads_all_its_networks_with_trust_remote_code_and_attn_implementation(
+    tiny_model_dir, tiny_rm_dir, tmp_path
+):
+    import json
+    import shutil
+
+    from tether.ppo import PPOConfig, PPOTrainer
+
+    folders = {}
+    for name, source, auto in (
+        ("policy", tiny_model_dir, "AutoModelForCausalLM"),
+        ("rm", tiny_rm_dir, "AutoModelForSequenceClassification"),
+    ):
+        folder = folders[name] = tmp_path / name
+        shutil.copytree(source, folder)
+        (folder / "marked_llama.py").write_text(REMOTE_CODE)
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = {auto: f"marked_llama.Marked{config['architectures'][0]}"}
+        (folder / "config.json").write_text(json.dumps(config))
+    config = PPOConfig(
+        model_name_or_path=str(folders["policy"]),
+        reward_model_path=str(folders["rm"]),
+        output_dir=str(tmp_path / "ppo"),
+        trust_remote_code=True,
+        attn_implementation="eager",
+        batch_size=2,
+        num_iterations=1,
+        use_cpu=True,
+        report_to="none",
+        reward_norm_samples=0,
+    )
+    models = PPOTrainer(config, ["a b", "c d"]).models
+    networks = {
+        "policy": models.policy_and_value.policy,
+        "reference": models.reference,
+        "reward model": models.reward_model,
+        "value model": models.policy_and_value.value_model,
+    }
+    for name, network in networks.items():
+        assert getattr(network, "loaded_from_remote_code", False), name
+        assert network.config._attn_implementation == "eager", name
+    with pytest.raises(ConfigError, match="--load_in_4bit is not supported by `tether ppo`"):
+        PPOConfig(model_name_or_path=str(folders["policy"]), output_dir=str(tmp_path / "q"), load_in_4bit=True)
 
 
 def test_default_loading_arguments_pass_nothing_to_from_pretrained():

@@ -10,6 +10,7 @@ import yaml
 
 from tether.config import ConfigError, parse_config
 from tether.pipeline import PipelineConfig, PipelineState, run_pipeline
+from tether.ppo.reward_scale import FROM_FILE
 
 TINY_STAGES = {
     "prompts_per_round": 12,
@@ -61,6 +62,12 @@ def test_pipeline_runs_every_stage_and_writes_the_report(pipeline_run):
     samples = [json.loads(x) for x in (out / "data" / "sft_samples_round1.jsonl").read_text().splitlines()]
     cut = {s["response"] for s in samples if not s["stopped"]}
     assert cut and all(p.get("chosen_truncated", False) == (p["chosen"] in cut) for p in pairs)
+    # PPO's reward normalisation is measured on those samples of its starting policy, all of them
+    norm = state["ppo"]["reward_normalisation"]
+    n = len(samples)
+    assert norm["source"] == f"{FROM_FILE}: {n} of the {n} responses in sft_samples_round1.jsonl"
+    assert norm["count"] == n and norm["std"] > 0
+    assert json.loads((out / "ppo" / "ppo_summary.json").read_text())["reward_normalisation"] == norm
     eval_doc = json.loads((out / "eval" / "eval.json").read_text())
     assert set(eval_doc["metrics"]) == {"sft", "ppo", "dpo", "bon2"}
     for name in ("sft", "ppo", "dpo"):

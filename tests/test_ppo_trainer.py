@@ -867,7 +867,7 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
             "--save_total_limit",
             "2",
             "--target_kl",
-            "6",
+            "5e-5",
             "--init_kl_coef",
             "0.2",
             "--disable_tqdm",
@@ -886,11 +886,14 @@ def test_tether_ppo_command_writes_policy_value_model_metrics_and_checkpoints(tm
     for name in DESIGN_METRICS:
         assert all(name in r for r in metrics), name
     # the adaptive controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) from the logged
-    # per-response KL of the rollout and the global batch n = 4, target 6, horizon 10000
+    # per-response KL of the rollout and the global batch n = 4, target 5e-5, horizon 10000. The target
+    # sits near iteration 2's KL (5.5e-5 at this learning rate), so that step's error is not clipped and
+    # the controller's input is checked: a per-token KL (4 tokens) or another batch count would differ.
+    assert abs(metrics[1]["kl/ref"] / 5e-5 - 1) < 0.2
     beta = 0.2
     for row in metrics:
         assert row["kl/coef"] == beta
-        beta = beta * (1 + min(max(row["kl/ref"] / 6 - 1, -0.2), 0.2) * 4 / 10000)
+        beta = beta * (1 + min(max(row["kl/ref"] / 5e-5 - 1, -0.2), 0.2) * 4 / 10000)
         assert row["kl/coef_next"] == pytest.approx(beta, rel=1e-15)
     assert metrics[1]["kl/coef"] == 0.2 * (1 - 0.2 * 4 / 10000)  # iteration 1: KL 0, error −0.2
     AutoModelForCausalLM.from_pretrained(out / "policy")

@@ -161,8 +161,24 @@ class TruncationArguments:
         super().__post_init__()  # TrainingArguments' checks
 
 
-#: TrainingArguments options the Trainer itself never reads (HF: "intended for your training/evaluation scripts")
-UNUSED_BY_THE_TRAINER = frozenset({"do_train", "do_eval", "do_predict"})
+#: TrainingArguments options the Trainer-based stages do not use: the ones the Trainer itself never reads (HF:
+#: "intended for your training/evaluation scripts"), and the hub upload, because tether writes the final model
+#: itself (staged, then renamed into place) and deletes the Trainer's checkpoints, the only folders the Trainer
+#: would push. Upload the final folder with ``hf upload``.
+UNUSED_BY_THE_TRAINER = frozenset(
+    {
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_strategy",
+        "hub_token",
+        "hub_private_repo",
+        "hub_always_push",
+        "hub_revision",
+    }
+)
 
 
 def unused_options(config_class: type) -> frozenset[str]:
