@@ -307,7 +307,8 @@ def trl_python() -> Path:
         time.sleep(15)
     subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run(pip + ["torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu"], check=True)
+    # torch pinned first, from the configured index (2.13.0 there is the CPU wheel), as scripts/bootstrap.sh does
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
     subprocess.run(pip + ["trl==1.16.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"], check=True)
     return python
 

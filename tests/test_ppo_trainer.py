@@ -400,6 +400,36 @@ def test_fp16_overflow_is_skipped_by_the_grad_scaler_which_lowers_its_scale_and_
     assert {float(state["step"]) for state in t.models.optimizer.optimizer.state.values()} == {1.0}
 
 
+def test_fp16_non_finite_loss_is_a_skipped_bad_step_that_still_updates_the_grad_scaler(
+    tmp_path, word_dirs, fresh_accelerate_state
+):
+    from accelerate import Accelerator
+
+    config = make_config(tmp_path, word_dirs, num_iterations=1, ppo_epochs=1)  # 2 minibatches: 2 steps
+    acc = Accelerator(mixed_precision="fp16", cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, backoff_factor=0.5)  # see the test above
+    acc.native_amp = True
+    t = trainer(config, accelerator=acc)
+    poisoned = []
+
+    def nan_logits_in_the_first_update(module, args, output):
+        if torch.is_grad_enabled() and not poisoned:  # the update's forward, not the rollout's
+            poisoned.append(True)
+            output.logits = output.logits * float("nan")
+        return output
+
+    t.models.policy_and_value.policy.register_forward_hook(nan_logits_in_the_first_update)
+    t.train()
+    row = rows(config)[0]
+    first, second = t.update_log
+    assert first["skipped"] == 1.0 and not math.isfinite(first["loss/total"])
+    assert row["train/bad_steps"] == 1 and row["train/optimizer_steps"] == 1
+    # the skipped step consumed the scaler's inf check (scaler.update(): one backoff); without it the
+    # second step's unscale would raise "unscale_() has already been called ... since the last update()"
+    assert second["loss/grad_scale"] == 2.0**9 == acc.scaler.get_scale()
+    assert second["loss/fp16_overflow"] == 0.0 and math.isfinite(second["loss/grad_norm"])
+
+
 def test_fp16_on_the_cpu_is_refused_rather_than_run_in_fp32(tmp_path, word_dirs, fresh_accelerate_state):
     with pytest.raises(ConfigError, match="--fp16: on the CPU accelerate applies neither fp16 autocast nor loss"):
         trainer(make_config(tmp_path, word_dirs, fp16=True, use_cpu=True))
@@ -422,6 +452,47 @@ def test_report_to_tensorboard_logs_every_scalar_at_its_iteration_through_accele
         assert [e.step for e in scalars] == [1, 2], name
         assert [e.value for e in scalars] == pytest.approx([r[name] for r in logged], rel=1e-6, abs=1e-7), name
     assert "kl/band" not in events.Tags()["scalars"]  # a word, not a number: metrics.jsonl only
+
+
+def test_report_to_any_accelerate_tracker_gets_every_scalar_and_the_hyperparameters(tmp_path, word_dirs):
+    """mlflow, comet_ml, trackio... reach PPO through accelerate's tracker interface: a tracker registered
+    with accelerate (the way a user adds their own) receives what tensorboard does."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, register_tracker_class
+
+    calls = {"config": [], "log": []}
+
+    class RecordingTracker(GeneralTracker):
+        name = "recording"
+        requires_logging_directory = False
+
+        def __init__(self, run_name, **kwargs):
+            super().__init__()
+            self.run_name = run_name
+
+        @property
+        def tracker(self):
+            return calls
+
+        def store_init_configuration(self, values):
+            calls["config"].append(dict(values))
+
+        def log(self, values, step=None, **kwargs):
+            calls["log"].append((step, dict(values)))
+
+    register_tracker_class(RecordingTracker)
+    try:
+        config = make_config(tmp_path, word_dirs, num_iterations=2, report_to="recording", project="demo")
+        trainer(config).train()
+    finally:
+        LOGGER_TYPE_TO_CLASS.pop("recording", None)
+    logged = rows(config)
+    assert [step for step, _ in calls["log"]] == [1, 2]
+    for (_, values), row in zip(calls["log"], logged):
+        for name in ("reward/score", "kl/ref", "kl/coef", "loss/policy", "train/learning_rate"):
+            assert values[name] == pytest.approx(row[name], rel=1e-6, abs=1e-7), name
+    (hyperparameters,) = calls["config"]
+    assert hyperparameters["learning_rate"] == config.learning_rate
+    assert hyperparameters["batch_size"] == config.batch_size == 8
 
 
 def test_training_arguments_that_ppo_does_not_use_are_refused_and_hidden_from_help(tmp_path, word_dirs, capsys):

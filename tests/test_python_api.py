@@ -154,6 +154,32 @@ def test_dpo_from_a_model_object_and_a_dataset_equals_from_paths(tmp_path, tiny_
     assert all((files_weights[k] == object_weights[k]).all() for k in files_weights)
 
 
+def test_dpo_reference_object_trains_as_the_reference_path_does(tmp_path, tiny_model_dir):
+    reference_dir = tmp_path / "reference"  # another model than the policy: the reference really matters
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    other.save_pretrained(reference_dir)
+
+    def dpo(name, **extra):
+        return tether.DPOConfig(
+            output_dir=str(tmp_path / name), model_name_or_path=str(tiny_model_dir), learning_rate=5e-3,
+            max_length=48, **extra, **COMMON,
+        )  # fmt: skip
+
+    by_path = tether.train_dpo(dpo("by-path", ref_model_name_or_path=str(reference_dir)), PAIR_ROWS)
+    by_object = tether.train_dpo(
+        dpo("by-object"), PAIR_ROWS, ref_model=AutoModelForCausalLM.from_pretrained(reference_dir)
+    )
+    copy_of_policy = tether.train_dpo(dpo("copy"), PAIR_ROWS)
+    assert by_path["train"]["train_loss"] == by_object["train"]["train_loss"] != copy_of_policy["train"]["train_loss"]
+    path_weights, object_weights = _weights(tmp_path / "by-path"), _weights(tmp_path / "by-object")
+    assert all((path_weights[k] == object_weights[k]).all() for k in path_weights)
+    with pytest.raises(ConfigError, match="give the reference once"):
+        tether.train_dpo(dpo("both", ref_model_name_or_path=str(reference_dir)), PAIR_ROWS, ref_model=other)
+
+
 def test_ppo_prompts_from_a_dataset_are_checked_like_a_file(tmp_path, tiny_model_dir, tiny_rm_dir, tokenizer):
     from tether.ppo.rollout import PromptSampler
 

@@ -635,7 +635,13 @@ def _load_policy(config: DPOConfig, model=None):
 
 
 def train_dpo(
-    config: DPOConfig, train_dataset: Any = None, eval_dataset: Any = None, tokenizer=None, *, model=None
+    config: DPOConfig,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+    *,
+    model=None,
+    tokenizer=None,
+    ref_model=None,
 ) -> dict[str, Any]:
     """Train with DPO and write the policy; returns ``{"train": ..., "eval": ...}`` metrics.
 
@@ -643,8 +649,15 @@ def train_dpo(
     like a file) or a path; without them, ``--dataset`` and its held-out share as ``tether dpo`` reads
     them (``stage_data``). ``model`` / ``tokenizer``: an already-loaded causal LM (trained in place; the
     frozen reference is a copy of it unless --ref_model_name_or_path or --use_peft) and its tokenizer.
+    ``ref_model``: an already-loaded causal LM as the frozen reference (what --ref_model_name_or_path
+    loads; it is put in eval mode, dropout off, and never trained).
     Everything that can fail on the data (tokenisation) happens before the output folder exists.
     """
+    if ref_model is not None and config.ref_model_name_or_path:
+        raise ConfigError("train_dpo: give the reference once, as ref_model= or as --ref_model_name_or_path")
+    if ref_model is not None and not hasattr(ref_model, "get_output_embeddings"):
+        raise ConfigError(f"train_dpo: ref_model= must be a causal language model, got {type(ref_model).__name__}")
+    reference_object = ref_model
     from tether.data.loading import load_preferences
     from tether.models.loading import load_tokenizer
     from tether.tracking import JsonlMetricsCallback
@@ -705,10 +718,12 @@ def train_dpo(
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
     autocast_dtype = torch.bfloat16 if config.bf16 else (torch.float16 if config.fp16 else None)
-    if config.ref_model_name_or_path:
+    if config.ref_model_name_or_path or reference_object is not None:
         from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-        ref_model = load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
+        ref_model = reference_object or load_causal_lm(
+            config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config)
+        )
         disable_dropout(ref_model)
         if not fsdp_requested():
             ref_model.to(config.device)
