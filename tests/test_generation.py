@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tether.generation import SamplingSettings, generation_config, left_pad, sample_responses, truncate_after_stop
@@ -48,14 +49,17 @@ def test_samples_stop_at_the_stop_token_and_respect_max_new_tokens(tiny_model_di
     assert out[0][0].prompt_ids == out[0][1].prompt_ids
 
 
-def test_sampled_frequencies_follow_softmax_of_logits_over_t_in_the_whole_vocabulary(tokenizer):
+@pytest.mark.parametrize("path", ["sample_from_ids", "generate_batch", "generate_groups"])
+def test_sampled_frequencies_follow_softmax_of_logits_over_t_in_the_whole_vocabulary(tokenizer, path):
     """A top-k (transformers' default 50), top-p or temperature leak would show in the frequencies.
 
     A tiny model with SmolLM2's full 49,152-token vocabulary, its output embeddings scaled so that at
     T = 0.7 the next-token distribution puts 39% of its mass on the 10 likeliest tokens and 49% on
     tokens ranked 50 and below (at T = 1 the same buckets hold 8% and 86%). 4,000 first tokens are
-    sampled through the library's own path; each rank bucket's frequency must match its probability
-    under softmax(logits / T) within 4 binomial standard errors.
+    sampled through each of the library's sampling paths (evaluation and best-of-N's
+    ``sample_from_ids``, PPO's ``generate_batch``, the critic-free estimators' ``generate_groups``); each
+    rank bucket's frequency must match its probability under softmax(logits / T) within 4 binomial
+    standard errors.
     """
     from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
@@ -82,8 +86,20 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_t_in_the_whole_vocabu
 
     torch.manual_seed(1)
     settings = SamplingSettings(max_new_tokens=1, temperature=temperature)
-    samples = sample_from_ids(model, tokenizer, [ids], settings, num_return_sequences=n, batch_size=1)[0]
-    ranks = rank_of[torch.tensor([s.response_ids[0] for s in samples])]
+    if path == "sample_from_ids":
+        samples = sample_from_ids(model, tokenizer, [ids], settings, num_return_sequences=n, batch_size=1)[0]
+        first = torch.tensor([s.response_ids[0] for s in samples])
+    else:
+        from tether.generation import generate_batch
+        from tether.ppo.grouping import generate_groups
+
+        query_ids, query_mask = torch.tensor([ids] * n), torch.ones(n, len(ids), dtype=torch.long)
+        if path == "generate_batch":
+            generated = generate_batch(model, tokenizer, query_ids, query_mask, settings, batch_size=500)
+        else:  # 1000 groups of k = 4 responses to the same prompt
+            generated = generate_groups(model, tokenizer, query_ids, query_mask, settings, k=4, batch_size=500)
+        first = generated.responses[:, 0]
+    ranks = rank_of[first]
     for (a, b), p in zip(buckets, expected):
         freq = float(((ranks >= a) & (ranks < b)).float().mean())
         assert abs(freq - p) <= 4 * (p * (1 - p) / n) ** 0.5, (a, b, freq, p)
