@@ -199,7 +199,9 @@ def test_tether_ppo_on_embedded_demo_logs_gold_every_iteration(tmp_path, tiny_mo
 def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, tiny_model_dir, tiny_rm_dir):
     """Also the gold judge of Gao et al.'s setup: ``--gold_reward_model`` (here the tiny reward model)
     replaces the simulated annotator in PPO's rollouts and in the evaluation."""
-    stages = {**TINY_STAGES, "ppo": {**TINY_STAGES["ppo"], "mini_batch_size": 4}}
+    # the `ppo:` section is shared: its value head (as configs/demo.yaml has) is PPO's, never a
+    # critic-free method's
+    stages = {**TINY_STAGES, "ppo": {**TINY_STAGES["ppo"], "mini_batch_size": 4, "value_head_on_policy": True}}
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(
         yaml.safe_dump({**stages, "model_name_or_path": str(tiny_model_dir), "gold_reward_model": str(tiny_rm_dir)})
@@ -219,6 +221,7 @@ def test_pipeline_rl_trains_each_method_and_reports_one_column_each(tmp_path, ti
         assert len(rows) == 2 and "loss/value" not in rows[0]  # critic-free: no value model
         assert ("loss/kl" in rows[0]) == (method == "grpo")  # GRPO's β·k3 in the loss
     assert not (out / "rloo" / "value_model").exists() and (out / "ppo" / "policy").is_dir()
+    assert "loss/value" in json.loads((out / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
     doc = json.loads((out / "eval" / "eval.json").read_text())
     metrics = doc["metrics"]
     assert list(metrics) == ["sft", "ppo", "rloo", "grpo"]

@@ -336,13 +336,17 @@ def run_stage(state: PipelineState, name: str, fn: Callable[[], StageResult]) ->
     return state.stages[name]
 
 
-def stage_config(config_class: type, pipeline: PipelineConfig, stage: str, **values) -> Any:
-    """A stage's config from the demo defaults, the pipeline's values and the YAML section (that wins)."""
+def stage_config(
+    config_class: type, pipeline: PipelineConfig, stage: str, fixed: dict[str, Any] | None = None, **values
+) -> Any:
+    """A stage's config from the demo defaults, the pipeline's values and the YAML section (that wins),
+    then ``fixed``: what defines the stage's method, which a shared section cannot change."""
     options: dict[str, Any] = {}
     if pipeline.is_demo:
         options.update(DEMO_STAGE_DEFAULTS.get(stage, {}))
     options.update(values)
     options.update(canonical_options(getattr(pipeline, stage), config_class, f"pipeline section `{stage}`"))
+    options.update(fixed or {})
     return config_class(**options)
 
 
@@ -463,10 +467,10 @@ class PipelineRun:
     def skipped(self) -> set[str]:
         return self.config.skipped()
 
-    def stage_config(self, config_class: type, stage: str, **values) -> Any:
+    def stage_config(self, config_class: type, stage: str, fixed: dict[str, Any] | None = None, **values) -> Any:
         """``stage_config`` with the values every trained stage gets: the seed, a fresh output folder."""
         return stage_config(
-            config_class, self.config, stage, seed=self.config.seed, overwrite_output_dir=True, **values
+            config_class, self.config, stage, fixed, seed=self.config.seed, overwrite_output_dir=True, **values
         )
 
 
@@ -668,9 +672,13 @@ def train_ppo_policy(run: PipelineRun, suffix: str, method: str = "ppo", start: 
         output_dir=str(run.out / (f"ppo{suffix}" if method == "ppo" else method)),
         temperature=config.temperature,
     )
-    if method != "ppo":  # critic-free: no value model of any kind (the demo's value head included)
-        values.update(RL_METHODS[method], value_head_on_policy=False)
-    cfg = run.stage_config(PPOConfig, "ppo", **values)
+    fixed = None
+    if method != "ppo":
+        values.update(RL_METHODS[method])  # k and the KL's place: the `ppo:` section may change them
+        # what makes it this method, whatever the shared `ppo:` section says (the demo's value head
+        # included): its estimator, and no value model of any kind
+        fixed = {"advantage_estimator": method, "value_head_on_policy": False, "value_model_path": None}
+    cfg = run.stage_config(PPOConfig, "ppo", fixed, **values)
     # The labelled pairs' responses are samples of the policy PPO starts from, at its temperature and
     # token budget: its reward normalisation is measured on them (no second sampling pass).
     sampled = run.state.done("preferences") or {}
