@@ -12,7 +12,9 @@ train split's questions are divided in two, by question, so no question is on bo
 * ``heldout.jsonl``: the prompts of the first ``--heldout`` test-split questions (never trained on).
 
 The split is seeded by SHA-256 of ``question_id`` (not by position), so it does not depend on file
-order. usage: python scripts/qa_feedback_recipe_data.py OUT_DIR [--gold_share 0.5] [--heldout 32]
+order. ``--questions N`` keeps the first N questions of each side in that order (a smaller run: the
+pairs of a question stay together). usage: python scripts/qa_feedback_recipe_data.py OUT_DIR
+[--gold_share 0.5] [--heldout 32] [--questions N]
 """
 
 from __future__ import annotations
@@ -59,13 +61,16 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--gold_share", type=float, default=0.5, help="share of train questions for the gold RM")
     parser.add_argument("--heldout", type=int, default=32, help="held-out questions (test split) to evaluate on")
+    parser.add_argument("--questions", type=int, default=None, help="at most N questions on each side")
     args = parser.parse_args()
     if not 0 < args.gold_share < 1:
         parser.error("--gold_share must be in (0, 1)")
+    if args.questions is not None and args.questions < 1:
+        parser.error("--questions must be at least 1")
     questions = by_question(read("train"))
     order = sorted(questions, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
     n_gold = round(len(order) * args.gold_share)
-    gold_ids, proxy_ids = order[:n_gold], order[n_gold:]
+    gold_ids, proxy_ids = order[:n_gold][: args.questions], order[n_gold:][: args.questions]
     proxy_ids = [q for q in questions if q in set(proxy_ids)]  # file order within each side
     gold_ids = [q for q in questions if q in set(gold_ids)]
     keep = ("prompt", "chosen", "rejected")
