@@ -198,13 +198,13 @@ def test_the_recipe_yaml_builds_every_stage_config_with_its_method(tiny_rm_dir):
     assert config.rl_methods() == ["rloo"]
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("dpo", DPOConfig)):
         built = stage_config(cls, config, stage, output_dir="unused")
-        assert (built.max_prompt_length, built.max_length) == (256, 384), stage
+        assert (built.max_prompt_length, built.max_length) == (1280, 1536), stage  # no qa-feedback prompt is cut
     rloo = stage_config(
         PPOConfig, config, "ppo", {"advantage_estimator": "rloo", "value_head_on_policy": False}, output_dir="u",
         **RL_METHODS["rloo"],
     )  # fmt: skip
-    assert (rloo.advantage_estimator, rloo.num_generations, rloo.batch_size, rloo.reward_norm_samples) == (
-        "rloo", 4, 16, 64,
+    assert (rloo.advantage_estimator, rloo.num_generations, rloo.batch_size, rloo.value_head_on_policy) == (
+        "rloo", 4, 32, False,
     )  # fmt: skip
 
 
