@@ -721,8 +721,10 @@ def train_dpo(
     if config.ref_model_name_or_path or reference_object is not None:
         from tether.models.loading import disable_dropout, from_pretrained_kwargs, load_causal_lm
 
-        ref_model = reference_object or load_causal_lm(
-            config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config)
+        ref_model = (
+            reference_object
+            if reference_object is not None
+            else load_causal_lm(config.ref_model_name_or_path, dtype=config.dtype, **from_pretrained_kwargs(config))
         )
         disable_dropout(ref_model)
         if not fsdp_requested():
