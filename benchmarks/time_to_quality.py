@@ -65,7 +65,7 @@ differences).
 Time to quality: the target is tether-ppo's gold gain at its last iteration; a side reaches it at the
 first saved iteration whose gold gain is at least the target (its seconds; None if never, so times are
 quantised to ``--eval_every`` iterations); ratio = fastest TRL side's time / fastest tether estimator's
-time (issue 16's target: ≥ 2). When no TRL side reaches the target, ``ratio_lower_bound`` = the longest
+time (issue 16's target: ≥ 2). When no TRL side reaches the target, ``ratio_lower_bound`` = the shortest
 TRL run's seconds / tether's time. Output: JSON (``--out``), a PNG beside it, a markdown table on stdout.
 """
 
@@ -617,8 +617,9 @@ def time_to_quality(curves: dict[str, list[dict]]) -> dict:
         out["ratio"] = out["fastest_trl_seconds"] / out["fastest_tether_seconds"]
         out["target_met"] = out["ratio"] >= 2
     elif tether and any(k.startswith("trl") for k in curves):
-        longest = max(curves[k][-1]["seconds"] for k in curves if k.startswith("trl") and curves[k])
-        out["ratio_lower_bound"] = longest / out["fastest_tether_seconds"]
+        # each TRL side needs more than its whole run, so the fastest of them more than the shortest run
+        shortest = min(curves[k][-1]["seconds"] for k in curves if k.startswith("trl") and curves[k])
+        out["ratio_lower_bound"] = shortest / out["fastest_tether_seconds"]
         out["note"] = "no TRL side reached the target within its run: ratio > ratio_lower_bound"
         out["target_met"] = out["ratio_lower_bound"] >= 2 or None
     return out
