@@ -150,7 +150,17 @@ def _same_numbers(a: dict, b: dict, where: str) -> None:
     numbers = {k for k, v in a.items() if isinstance(v, (int, float)) and not any(s in k for s in SKIP)}
     assert numbers == {k for k, v in b.items() if isinstance(v, (int, float)) and not any(s in k for s in SKIP)}, where
     for key in sorted(numbers):
+        if key.endswith("rewards/accuracies") and _ties(a, b, key):
+            continue  # the share of pairs with margin > 0, where every margin is 0 up to float noise
         assert b[key] == pytest.approx(a[key], **TOL), f"{where}: {key}"
+
+
+def _ties(a: dict, b: dict, accuracy_key: str) -> bool:
+    """DPO's step before any update: policy = reference, so every pair's margin is 0 exactly in exact
+    arithmetic; the sharded and the 1-process passes round differently, so the sign of each margin
+    (what the accuracy counts) is noise there (CI saw 1 of 8 pairs at > 0 on 2 processes, 0 on 1)."""
+    margins = accuracy_key.replace("accuracies", "margins")
+    return all(abs(row.get(margins, 1.0)) < TOL["abs"] for row in (a, b))
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

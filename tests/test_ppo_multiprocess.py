@@ -69,7 +69,10 @@ def test_two_process_update_equals_one_process_update(tmp_path, word_dirs, mode)
         else:
             assert mb[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     wa, wb = torch.load(one / "policy.pt"), torch.load(two / "policy.pt")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    # Adam divides each gradient by its own root mean square, so a weight whose gradient is ~0 moves by a
+    # rounding-sized difference scaled up (CI measured 1.9e-5 for LoRA); a wrong reduction moves weights by
+    # ~the learning rate, 1e-2, two orders above this bound
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     if mode == "grpo":  # no critic; the function's component reduced as sums and counts over processes
         assert "loss/value" not in ma and ma["loss/kl"] >= 0 and ma["reward/length_bonus/none"] == 1.0
     if mode != "lora":
