@@ -243,6 +243,27 @@ def _trl_callback(trainer, tokenizer, policy_of, out: Path, steps_per_iteration:
     return TimeToQuality(), record
 
 
+def _trl_training_args(s: dict) -> dict:
+    """The settings both TRL sides share: the demo's temperature and learning rate, tether's schedule and
+    AdamW (linear to 0, eps 1e-5, fused), fp32 on the CPU, no checkpoints, tracking or worker processes."""
+    return dict(
+        temperature=s["temperature"],
+        learning_rate=s["ppo"]["learning_rate"],
+        lr_scheduler_type="linear",
+        adam_epsilon=1e-5,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        seed=s["seed"],
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        optim="adamw_torch_fused",
+        dataloader_num_workers=0,
+    )
+
+
 def run_trl112_ppo(work: Path, s: dict, side: str) -> dict:
     import torch
     from datasets import Dataset
@@ -271,25 +292,12 @@ def run_trl112_ppo(work: Path, s: dict, side: str) -> dict:
         response_length=p["max_new_tokens"],
         stop_token="eos",
         total_episodes=p["batch_size"] * s["iterations"],
-        temperature=s["temperature"],
-        learning_rate=p["learning_rate"],
-        lr_scheduler_type="linear",
-        adam_epsilon=1e-5,
         kl_coef=p["init_kl_coef"],
         vf_coef=0.1,
         missing_eos_penalty=TRL_PPO_MISSING_EOS_PENALTY,
         num_sample_generations=0,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=s["seed"],
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
-        optim="adamw_torch_fused",
-        dataloader_num_workers=0,
+        **_trl_training_args(s),
     )
     trainer = PPOTrainer(
         args=args,
@@ -331,24 +339,11 @@ def run_trl116_rloo(work: Path, s: dict, side: str) -> dict:
         num_iterations=p["ppo_epochs"],
         max_steps=steps_per_iteration * s["iterations"],
         max_completion_length=p["max_new_tokens"],
-        temperature=s["temperature"],
         top_p=1.0,
         top_k=0,
-        learning_rate=p["learning_rate"],
-        lr_scheduler_type="linear",
-        adam_epsilon=1e-5,
         max_grad_norm=0.0,
         beta=p["init_kl_coef"],
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=s["seed"],
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        optim="adamw_torch_fused",
-        dataloader_num_workers=0,
+        **_trl_training_args(s),
     )
     trainer = RLOOTrainer(
         model=policy,
