@@ -28,7 +28,14 @@ on 1 process (plain) and on 2 CPU processes under FSDP2 (``accelerate launch`` w
 'no'``; accelerate shards only on GPUs, so the ranks import ``tests/fsdp_on_cpu.py``, which lifts
 that one gate), the same global batch, and writes ``results/ppo_memory_sharded.json``::
 
-    .venv/bin/python benchmarks/bench_ppo_memory.py --sharded ppo_full ppo_lora --threads 1
+    .venv/bin/python benchmarks/bench_ppo_memory.py --sharded ppo_full ppo_lora --threads 1 \
+        --malloc_mmap_threshold 1048576 --out benchmarks/results/ppo_memory_sharded_mmap1m.json
+
+``--malloc_mmap_threshold`` runs both sides with glibc's ``MALLOC_MMAP_THRESHOLD_``: under FSDP2 on
+CPU every forward and backward allocates and frees each unit's gathered parameters and gradients;
+with glibc's default (a threshold that rises to the size of the first large block freed) those
+blocks come from the heap afterwards and the freed memory stays in the process, which hides what
+sharding saves (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -137,6 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tether_options", default="{}", help="JSON of extra PPOConfig fields for tether")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--malloc_mmap_threshold",
+        type=int,
+        default=None,
+        help="run every process with MALLOC_MMAP_THRESHOLD_=BYTES (glibc): allocations of at least this size "
+        "are mapped and returned to the system when freed (default: glibc's own, dynamic threshold)",
+    )
     parser.add_argument(
         "--sharded",
         nargs="+",
@@ -249,6 +263,8 @@ def run_sharded(args, argv) -> None:
             "OMP_NUM_THREADS": str(args.threads),
             "PYTHONPATH": str(HERE.parent / "src"),  # this checkout's tether
         }
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         worker = [str(Path(__file__).resolve()), "--work", str(work), "--config"]
         for name in args.sharded:
             launch = {
@@ -293,7 +309,7 @@ def run_sharded(args, argv) -> None:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count()},
         "load_average": os.getloadavg(),
         "command": "python benchmarks/bench_ppo_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": settings,
+        "settings": settings | {"malloc_mmap_threshold": args.malloc_mmap_threshold},
         "target": "peak RSS per process lower on 2 processes (FSDP2) than on 1",
         "results": results,
     }
