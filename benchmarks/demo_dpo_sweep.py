@@ -1,4 +1,4 @@
-"""Why does DPO lose to SFT in the demo? A small sweep on one demo run's SFT model and pairs.
+"""DPO in the demo: a small sweep on one demo run's SFT model and pairs.
 
 Trains DPO from ``RUN/sft`` on ``RUN/data/preferences_round1.jsonl`` (the pipeline's split: the
 same 15% held out) for each setting, then scores every DPO policy and the SFT policy on the demo's
@@ -12,6 +12,7 @@ markdown table for benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 SETTINGS = {
     # name: (DPO options over the demo's, pair filter), most telling first
     "demo (β 0.1, lr 1e-5, 1 ep)": ({}, None),
+    # what the demo did before pairs recorded a response cut at the budget: the stop token appended to it
+    "cut responses as if stopped": ({}, "as_if_finished"),
     "finished pairs only": ({}, "finished"),
     "lr 2e-6": ({"learning_rate": 2e-6}, None),
     "β 0.5": ({"beta": 0.5}, None),
@@ -58,17 +61,21 @@ def main() -> None:
     def n_tokens(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    def finished(pair) -> bool:
-        return n_tokens(pair.chosen) < budget and n_tokens(pair.rejected) < budget
+    def finished(pair) -> bool:  # both responses ended with the stop token within the sampling budget
+        return not (pair.chosen_truncated or pair.rejected_truncated)
+
+    def as_if_finished(pair):  # the pair files of earlier demos: a cut response trained as if it had stopped
+        return dataclasses.replace(pair, chosen_truncated=False, rejected_truncated=False)
 
     chosen_len = [n_tokens(p.chosen) for p in pairs]
     rejected_len = [n_tokens(p.rejected) for p in pairs]
     pair_stats = {
         "pairs": len(pairs),
+        "budget_tokens": budget,
         "chosen_tokens_mean": sum(chosen_len) / len(pairs),
         "rejected_tokens_mean": sum(rejected_len) / len(pairs),
-        "chosen_cut_share": sum(n >= budget for n in chosen_len) / len(pairs),
-        "rejected_cut_share": sum(n >= budget for n in rejected_len) / len(pairs),
+        "chosen_cut_share": sum(p.chosen_truncated for p in pairs) / len(pairs),
+        "rejected_cut_share": sum(p.rejected_truncated for p in pairs) / len(pairs),
         "chosen_shorter_share": sum(c < r for c, r in zip(chosen_len, rejected_len)) / len(pairs),
     }
     print("pairs:", json.dumps(pair_stats), flush=True)
@@ -77,7 +84,12 @@ def main() -> None:
     for name, (options, pair_filter) in SETTINGS.items():
         if args.only and name not in args.only:
             continue
-        use = [p for p in pairs if finished(p)] if pair_filter == "finished" else pairs
+        if pair_filter == "finished":
+            use = [p for p in pairs if finished(p)]
+        elif pair_filter == "as_if_finished":
+            use = [as_if_finished(p) for p in pairs]
+        else:
+            use = pairs
         folder = work / name.replace(" ", "_").replace(",", "").replace("β", "beta")
         cfg = DPOConfig(
             **{

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tether.evaluation import evaluate as E
+from tether.models import scoring
 from tether.sampling import bon_kl_bound
 
 
@@ -50,7 +51,7 @@ class _Counted:
 @pytest.fixture(scope="module")
 def reused(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
     """Two policies (the second one moved), 4 samples per prompt, entries best-of-4 / -2 / -3 from the first,
-    the curve N = 1, 2, 4, normalised rewards; generate calls and reward-model rows counted."""
+    the curve N = 1, 2, 4, normalised rewards; generate calls and the responses the reward model read counted."""
     from tether.data.loading import load_prompts
     from tether.models.loading import load_causal_lm, load_scalar_model
     from tether.models.scoring import RewardStats
@@ -69,30 +70,38 @@ def reused(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
 
         model.register_forward_hook(count_forward, with_kwargs=True)
     rm = load_scalar_model(str(tiny_rm_dir)).eval()
+    # responses the reward model read (a prompt's responses share one row, so rows would not count them)
     scored = {"rows": 0}
-    rm.register_forward_hook(
-        lambda module, args, kwargs, out: scored.__setitem__("rows", scored["rows"] + len(out.logits)), with_kwargs=True
-    )
+    original_score_sequences = scoring.score_sequences
+
+    def counted(model, sequences, *args, **kwargs):
+        scored["rows"] += len(sequences) if model is rm else 0
+        return original_score_sequences(model, sequences, *args, **kwargs)
+
+    scoring.score_sequences = counted
     prompts = [p.prompt for p in load_prompts("embedded:demo", "test")[:5]]
-    results = E.evaluate_policies(
-        {"sft": sft, "moved": moved},
-        sft,
-        rm,
-        tokenizer,
-        prompts,
-        reward_tokenizer=tokenizer,
-        reward_stats=RewardStats(mean=0.25, std=2.0, count=10),
-        temperature=1.0,
-        max_new_tokens=5,
-        samples_per_prompt=4,
-        gold=annotator,
-        probes=False,
-        best_of_n={"bon4": ("sft", 4), "bon2": ("sft", 2), "bon3": ("sft", 3)},
-        bon_curve=(1, 2, 4),
-        bon_curve_prompts=2,  # ignored: 4 samples per prompt already cover max(N) = 4 on every prompt
-        batch_size=2,
-        seed=7,
-    )
+    try:
+        results = E.evaluate_policies(
+            {"sft": sft, "moved": moved},
+            sft,
+            rm,
+            tokenizer,
+            prompts,
+            reward_tokenizer=tokenizer,
+            reward_stats=RewardStats(mean=0.25, std=2.0, count=10),
+            temperature=1.0,
+            max_new_tokens=5,
+            samples_per_prompt=4,
+            gold=annotator,
+            probes=False,
+            best_of_n={"bon4": ("sft", 4), "bon2": ("sft", 2), "bon3": ("sft", 3)},
+            bon_curve=(1, 2, 4),
+            bon_curve_prompts=2,  # ignored: 4 samples per prompt already cover max(N) = 4 on every prompt
+            batch_size=2,
+            seed=7,
+        )
+    finally:
+        scoring.score_sequences = original_score_sequences
     return results, prompts, counters, scored
 
 

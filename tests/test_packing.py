@@ -316,3 +316,73 @@ def test_reward_trainer_groups_only_repeated_prompts(tmp_path, tiny_rm_dir):
     grouped = RewardTrainer(model=model, args=args, train_dataset=ListDataset(_ranked_groups(seed=0)))
     sampler = grouped._get_train_sampler()
     assert isinstance(sampler, PromptGroupedSampler) and [len(g) for g in sampler.groups] == [6, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring several responses to one prompt (best-of-N, evaluation samples)
+# ---------------------------------------------------------------------------------------------
+def _slots_seen(model) -> list[int]:
+    """Token slots (rows × width) of every forward pass of ``model`` from now on."""
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    return seen
+
+
+def test_responses_sharing_a_prompt_score_as_in_separate_rows(tiny_rm_dir, tokenizer):
+    """Three prompts (one a multi-turn conversation) with 3, 4 and 1 responses, one of them cut at the
+    budget (no stop token) and one empty: the shared-prompt segments give each response the score plain
+    rows give it, with fewer token slots."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.data.records import Message
+    from tether.data.templates import prompt_response_ids
+    from tether.models.scoring import score_sequences, score_texts
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    chat = [Message("user", "Name a colour."), Message("assistant", "Red."), Message("user", "Another one?")]
+    prompts = ["What is two plus two?"] * 3 + [chat] * 4 + ["Say hi."]
+    responses = ["Four.", "It is 4", "", "Blue.", "Green, like grass.", "Yellow", "Purple and", "Hi!"]
+    stopped = [True, True, True, True, True, True, False, True]
+    slots = _slots_seen(model)
+    shared = score_texts(model, tokenizer, prompts, responses, batch_size=8, stopped=stopped)
+    shared_slots = sum(slots)
+    slots.clear()
+    ids = [prompt_response_ids(tokenizer, p, r, None, s)[0] for p, r, s in zip(prompts, responses, stopped)]
+    plain = score_sequences(model, ids, tokenizer.pad_token_id, batch_size=8)  # no prompt lengths: plain rows
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    assert sum(slots) == len(ids) * max(len(x) for x in ids)  # one padded batch of 8 rows
+    # (the first call per model also ran the plain rows once to check the layout: the same slots again)
+    assert shared_slots > sum(slots)
+    slots.clear()
+    again = score_texts(model, tokenizer, prompts, responses, batch_size=8, stopped=stopped)
+    torch.testing.assert_close(again, shared, atol=0, rtol=0)
+    assert len(slots) == 1 and slots[0] < len(ids) * max(len(x) for x in ids)  # checked once: shared rows only
+
+
+def test_scoring_with_shared_prompts_falls_back_when_the_model_breaks_the_mask(tokenizer, caplog):
+    """Mistral with a 2-token sliding window ignores nothing but its window: a custom 4-D mask changes its
+    scores, so the check on the first batch keeps separate rows, and says why."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    from tether.models.scoring import score_sequences
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=2,
+        num_labels=1,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = MistralForSequenceClassification(config).eval()
+    prompt = [5, 6, 7, 8, 9]
+    sequences = [prompt + [10, 11], prompt + [12], prompt + [13, 14, 15]]
+    with caplog.at_level(logging.WARNING, logger="tether.models.scoring"):
+        got = score_sequences(model, sequences, 0, batch_size=2, prompt_lengths=[5, 5, 5])
+    assert any("reading them in separate rows" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(got, score_sequences(model, sequences, 0, batch_size=2), atol=1e-6, rtol=0)

@@ -251,6 +251,9 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_train_epochs": 1,
         "learning_rate": 3e-5,
         "per_device_train_batch_size": 24,
+        # held-out pairs and the closing pass for reward_stats.json in batches of whole prompts: a
+        # prompt's responses are read once for its several pairs (the batches are in prompt order)
+        "per_device_eval_batch_size": 24,
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "logging_steps": 2,
@@ -275,6 +278,7 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_train_epochs": 1,
         "learning_rate": 1e-5,
         "per_device_train_batch_size": 24,
+        "per_device_eval_batch_size": 24,
         "max_length": 256,
         "eval_split_ratio": 0.15,
         "precompute_ref_log_probs": True,

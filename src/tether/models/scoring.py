@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 
 from tether.data.templates import pad_token_id
 from tether.models.wrappers import strip_peft
+
+logger = logging.getLogger(__name__)
 
 REWARD_STATS_FILE = "reward_stats.json"
 
@@ -136,19 +140,144 @@ def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Te
 
 
 @torch.no_grad()
-def score_sequences(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
-    """Scores of token sequences, batched by similar length (less padding), returned in input order."""
+def score_sequences(
+    model,
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    batch_size: int = 16,
+    prompt_lengths: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Scores of token sequences, returned in input order, ``batch_size`` sequences per forward pass.
+
+    Without ``prompt_lengths`` the sequences are batched by similar length (less padding). With them
+    (how many leading tokens of each sequence are its prompt), sequences whose prompts are the same
+    tokens, as the N responses of best-of-N or an evaluation's samples are, go through the model as one
+    segment: the prompt once, each response as a branch that sees the prompt and not the other
+    responses (:func:`score_shared_prompts`). A prompt of P tokens with N responses then costs
+    P + Σ|r| tokens instead of N·P + Σ|r|. Whether the model gives plain rows' scores that way is
+    checked once per model on the first batch (plain rows are used from then on if not).
+    """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = torch.empty(len(sequences), dtype=torch.float32)
-    device = next(model.parameters()).device
+    if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+        raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} sequences")
+    if prompt_lengths is not None and _shares_prompts(sequences, prompt_lengths):
+        batches = _prompt_batches(sequences, prompt_lengths, batch_size)
+        if model not in _SHARED_PROMPT_EXACT:  # the first batch both ways, once per model
+            chunk = batches.pop(0)
+            seqs, lengths = [sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk]
+            _SHARED_PROMPT_EXACT[model], out = _shared_prompt_check(model, seqs, lengths, pad_token_id)
+            scores[torch.tensor(chunk)] = out.float().cpu()
+        shared = _SHARED_PROMPT_EXACT[model]
+        for chunk in batches:
+            seqs = [sequences[i] for i in chunk]
+            if shared:
+                out = score_shared_prompts(model, seqs, [prompt_lengths[i] for i in chunk], pad_token_id)
+            else:
+                out = _plain_scores(model, seqs, pad_token_id)
+            scores[torch.tensor(chunk)] = out.float().cpu()
+        return scores
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        input_ids, attention_mask = padded_batch([sequences[i] for i in chunk], pad_token_id)
-        out = score_at_last_token(model, input_ids.to(device), attention_mask.to(device))
-        scores[torch.tensor(chunk)] = out.float().cpu()
+        scores[torch.tensor(chunk)] = _plain_scores(model, [sequences[i] for i in chunk], pad_token_id).float().cpu()
     return scores
+
+
+def _plain_scores(model, sequences: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    input_ids, attention_mask = padded_batch(sequences, pad_token_id)
+    return score_at_last_token(model, input_ids.to(device), attention_mask.to(device))
+
+
+def score_shared_prompts(
+    model, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], pad_token_id: int = 0
+) -> torch.Tensor:
+    """Scores of ``sequences`` (in order) in one forward pass, those with the same prompt tokens sharing
+    one segment (``tether.models.packing``): ``[prompt | r_1 | … | r_N]`` with a block mask under which
+    each response sees the prompt and itself only, and position ids that restart every response at the
+    prompt's end, so each response is read exactly as in ``prompt + r_k`` alone; the score is the head's
+    output at each response's last token. A sequence with an empty response is its own segment, read at
+    its last token."""
+    from tether.models.packing import Segment, lay_out_rows, model_attention_mask
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    alone: list[int] = []
+    for i, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+        if n >= len(seq):
+            alone.append(i)
+        else:
+            groups.setdefault(tuple(seq[:n]), []).append(i)
+    segments, tokens, members = [], [], []
+    for prompt, idx in groups.items():
+        responses = [list(sequences[i][len(prompt) :]) for i in idx]
+        segments.append(Segment(len(prompt), tuple(len(r) for r in responses)))
+        tokens.append(list(prompt) + [t for r in responses for t in r])
+        members.append(idx)
+    for i in alone:
+        segments.append(Segment(len(sequences[i])))
+        tokens.append(list(sequences[i]))
+        members.append([i])
+    rows = lay_out_rows(tokens, segments, pad_token_id, pack=False)
+    device = next(model.parameters()).device
+    mask = model_attention_mask(model, rows.attention()).to(device)
+    per_token = token_scores(model, rows.input_ids.to(device), mask, rows.position_ids.to(device))
+    out = torch.empty(len(sequences), dtype=per_token.dtype, device=per_token.device)
+    for s, (segment, idx) in enumerate(zip(segments, members)):
+        for k, i in enumerate(idx):
+            end = segment.branch_start(k) + segment.branches[k] if segment.branches else segment.length
+            out[i] = per_token[rows.row[s], rows.offset[s] + end - 1]
+    return out
+
+
+#: per model: whether shared-prompt segments gave plain rows' scores on its first batch (weakly held)
+_SHARED_PROMPT_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shared_prompt_check(model, sequences, prompt_lengths, pad: int) -> tuple[bool, torch.Tensor]:
+    """``(shared segments usable, the batch's scores)``: shared-prompt segments vs plain rows on one batch,
+    equal up to rounding (1e-3 absolute, wider for 16-bit weights), or the reason they are not used is
+    logged. FlashAttention ignores 4-D masks, and some models rebuild the mask themselves."""
+    plain = _plain_scores(model, sequences, pad)
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    try:
+        shared = score_shared_prompts(model, sequences, prompt_lengths, pad)
+    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
+        logger.warning("scoring: responses that share a prompt are read in separate rows (%s)", exc)
+        return False, plain
+    if not torch.allclose(shared.float(), plain.float(), rtol=0, atol=tol):
+        worst = (shared.float() - plain.float()).abs().max().item()
+        logger.warning(
+            "scoring: this model's scores of responses read with a shared prompt differ from separate rows by "
+            "%.3g; reading them in separate rows",
+            worst,
+        )
+        return False, plain
+    return True, shared
+
+
+def _shares_prompts(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> bool:
+    """Whether at least two sequences (with non-empty responses) have the same prompt tokens."""
+    seen: set[tuple[int, ...]] = set()
+    for seq, n in zip(sequences, prompt_lengths):
+        if n >= len(seq):
+            continue
+        key = tuple(seq[:n])
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
+
+
+def _prompt_batches(sequences, prompt_lengths, batch_size: int) -> list[list[int]]:
+    """Indices in batches of at most ``batch_size``: prompts ordered by length (less padding), the
+    sequences of one prompt kept together (in as few batches as ``batch_size`` allows)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+        groups.setdefault(tuple(seq[: min(n, len(seq))]), []).append(i)
+    order = [i for _, idx in sorted(groups.items(), key=lambda item: len(item[0])) for i in idx]
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def score_texts(
@@ -176,19 +305,21 @@ def score_texts(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rule = Truncation("prompt", max_length, max_prompt_length)
-    sequences = []
+    sequences, prompt_lengths = [], []
     if stopped is not None and len(stopped) != len(responses):
         raise ValueError(f"{len(stopped)} stopped flags for {len(responses)} responses")
     for i, (p, r) in enumerate(zip(prompts, responses)):
         try:
-            sequences.append(prompt_response_ids(tokenizer, p, r, rule, True if stopped is None else stopped[i])[0])
+            ids, n_prompt = prompt_response_ids(tokenizer, p, r, rule, True if stopped is None else stopped[i])
         except PairDoesNotFit as exc:
             raise PairDoesNotFit(f"response {i} cannot be scored: {exc}; raise --max_length") from None
+        sequences.append(ids)
+        prompt_lengths.append(n_prompt)
     pad = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()
     try:
-        return score_sequences(model, sequences, pad, batch_size)
+        return score_sequences(model, sequences, pad, batch_size, prompt_lengths)
     finally:
         model.train(was_training)
 

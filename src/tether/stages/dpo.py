@@ -462,13 +462,17 @@ def precompute_reference_logps(
 ) -> None:
     """Fill ``ref_chosen_logp``/``ref_rejected_logp`` of every pair with one pass of the reference.
 
-    Pairs are batched by length (less padding); results do not depend on the batching.
+    Pairs are batched prompt by prompt, prompts ordered by length: the pairs of one prompt fall in the
+    same batch, where the shared-prompt layout computes the prompt and each distinct response once
+    (a prompt's k ranked responses give C(k, 2) pairs but k responses), and batches hold prompts of
+    similar length (less padding). Results do not depend on the batching, up to rounding.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(
-        range(len(pairs)), key=lambda i: len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
+        range(len(pairs)),
+        key=lambda i: (len(pairs[i].prompt), tuple(pairs[i].prompt), len(pairs[i].chosen) + len(pairs[i].rejected)),
     )
     adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     try:
