@@ -16,7 +16,9 @@ a dependency of tether; see docs/scaling.md). DPO with a live reference model is
 
 Tolerances, each a little above what was measured on this machine (FSDP reduce-scatters two
 half-batch gradients where one process sums the whole batch, so float sums are ordered differently):
-* final weights: 1e-5 absolute (measured at most 2.5e-6: FSDP's DPO; ZeRO-2/3 at most 2.1e-6);
+* final weights: 1e-4 absolute (measured at most 2.5e-6 on a 2-core AMD EPYC: FSDP's DPO; ZeRO-2/3 at
+  most 2.1e-6; on a 2-core Intel Xeon one DPO weight whose gradient is float noise differs by 1.7e-5,
+  scaled up by Adam; a wrong reduction moves weights by about the learning rate, 3e-3 or more);
 * logged numbers: 2e-4 relative, 1e-5 absolute (measured at most 4.6e-5 relative under FSDP and
   9.2e-5 under ZeRO-2/3, both SFT's grad norm at step 3);
 * resumed from the step-2 sharded checkpoint vs straight through, both in the same layout: exactly
@@ -42,7 +44,7 @@ from test_scale_out import SKIP, _check_global_batches, _free_port, _initial_wei
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TOL = dict(rel=2e-4, abs=1e-5)
-WEIGHT_TOL = 1e-5
+WEIGHT_TOL = 1e-4
 SHIPPED = ROOT / "configs" / "accelerate" / "fsdp.yaml"
 TIMEOUT = 600
 

@@ -3,10 +3,13 @@
 global batch (8 pairs: 2 × 4 against 1 × 8) see the same pairs at every step and give the same
 metrics and weights.
 
-Tolerance: 1e-5 (relative and absolute) on every logged number, 1e-5 on every weight. Measured on
-this machine: weights differ by ~1.5e-7, log-probabilities (~60 nats) by ~4e-6 absolute; DDP
-averages two half-batch gradients where one process takes the mean over the whole batch, so the
-float sums are ordered differently and exact equality is not expected.
+Tolerance: 1e-5 (relative and absolute) on every logged number, 1e-4 on every weight. Measured:
+weights differ by ~1.5e-7 on a 2-core AMD EPYC; on a 2-core Intel Xeon by at most 2e-6 except one
+DPO weight, 1.7e-5 (an element of an MLP projection whose gradient is float noise, which Adam
+scales up); log-probabilities (~60 nats) by ~4e-6 absolute. DDP averages two half-batch gradients
+where one process takes the mean over the whole batch, so the float sums are ordered differently
+and exact equality is not expected. A wrong reduction (one process's half of the gradient, or a
+sum instead of a mean) moves weights by about the learning rate, 3e-3 to 5e-3, every step.
 
 Scores of the trained model (held-out ``eval_*`` numbers, the reward model's score statistics) get
 5e-5: after 4 Adam steps at learning rate 3e-3 they carry the float noise of the batch layout.
@@ -41,6 +44,7 @@ from ppo_tiny import one_torch_thread, word_dirs  # noqa: F401  (fixtures)
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 TOL = dict(rel=1e-5, abs=1e-5)
+WEIGHT_TOL = 1e-4  # see the module docstring
 EVAL_TOL = dict(rel=5e-5, abs=5e-5)  # held-out numbers after training: see the module docstring
 SKIP = ("runtime", "per_second", "total_flos", "epoch")  # timings; FLOPs count padding, which differs with the split
 FILLER = "the a small old red quick calm open soft warm".split()
@@ -180,7 +184,7 @@ def test_reward_model_on_two_processes_equals_one_process(runs, tiny_model_dir):
     assert {p.name for p in (two / "checkpoint-4").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert (two / "checkpoint-4" / "trainer_state.json").is_file()
     assert (one / "checkpoint-4" / "rng_state.pth").is_file()
-    assert _max_weight_difference(one, two) < 1e-5
+    assert _max_weight_difference(one, two) < WEIGHT_TOL
     assert _initial_weights_differ(one, tiny_model_dir)
 
 
@@ -195,7 +199,7 @@ def test_dpo_on_two_processes_equals_one_process(runs, tiny_model_dir):
     eval_a, eval_b = (json.loads((f / "eval_results.json").read_text()) for f in (one, two))
     assert eval_a["eval_pairs"] == eval_b["eval_pairs"] == 7  # the pair repeated to even out the processes is dropped
     _same_numbers(eval_a, eval_b, "dpo eval_results.json")
-    assert _max_weight_difference(one, two) < 1e-5
+    assert _max_weight_difference(one, two) < WEIGHT_TOL
     assert _initial_weights_differ(one, tiny_model_dir)
 
 
