@@ -56,7 +56,7 @@ def main() -> None:
     tok = load_tokenizer(sft)
     pairs = load_preferences(str(run / "data" / "preferences_round1.jsonl"))
     seed = 42
-    budget = 40  # the demo's preference_max_new_tokens: a response of `budget` tokens was cut, not finished
+    budget = 40  # the demo's preference_max_new_tokens (recorded with the statistics; the pairs mark cut responses)
 
     def n_tokens(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])

@@ -78,9 +78,9 @@ def reused(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
         scored["rows"] += len(sequences) if model is rm else 0
         return original_score_sequences(model, sequences, *args, **kwargs)
 
-    scoring.score_sequences = counted
     prompts = [p.prompt for p in load_prompts("embedded:demo", "test")[:5]]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scoring, "score_sequences", counted)
         results = E.evaluate_policies(
             {"sft": sft, "moved": moved},
             sft,
@@ -100,8 +100,6 @@ def reused(tiny_model_dir, tiny_rm_dir, tokenizer, annotator):
             batch_size=2,
             seed=7,
         )
-    finally:
-        scoring.score_sequences = original_score_sequences
     return results, prompts, counters, scored
 
 

@@ -252,9 +252,9 @@ def test_one_training_step_packed_gives_the_weights_of_plain_rows(tiny_rm_dir, t
         torch.testing.assert_close(packed[key], plain[key], atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_that_breaks_the_4d_mask_falls_back_to_plain_rows(tokenizer, caplog):
-    """Mistral with a 2-token sliding window: plain rows get the window from transformers' own mask, a
-    custom 4-D mask replaces it, so every fast layout differs and the check keeps plain rows."""
+def _sliding_window_mistral():
+    """A tiny Mistral reward model with a 2-token sliding window: plain rows get the window from
+    transformers' own mask, a custom 4-D mask replaces it, so every shared or packed layout differs."""
     from transformers import MistralConfig, MistralForSequenceClassification
 
     torch.manual_seed(0)
@@ -271,6 +271,13 @@ def test_a_model_that_breaks_the_4d_mask_falls_back_to_plain_rows(tokenizer, cap
         attn_implementation="sdpa",
     )
     model = MistralForSequenceClassification(config).eval()
+    return model
+
+
+def test_a_model_that_breaks_the_4d_mask_falls_back_to_plain_rows(tokenizer, caplog):
+    """Mistral with a 2-token sliding window: plain rows get the window from transformers' own mask, a
+    custom 4-D mask replaces it, so every fast layout differs and the check keeps plain rows."""
+    model = _sliding_window_mistral()
     pairs = _hand_pairs()
     with caplog.at_level(logging.WARNING, logger="tether.models.packing"):
         assert choose_reward_layout(model, pairs, 0) == PLAIN
@@ -360,29 +367,16 @@ def test_responses_sharing_a_prompt_score_as_in_separate_rows(tiny_rm_dir, token
 
 
 def test_scoring_with_shared_prompts_falls_back_when_the_model_breaks_the_mask(tokenizer, caplog):
-    """Mistral with a 2-token sliding window ignores nothing but its window: a custom 4-D mask changes its
-    scores, so the check on the first batch keeps separate rows, and says why."""
-    from transformers import MistralConfig, MistralForSequenceClassification
-
+    """Mistral with a 2-token sliding window: a custom 4-D mask changes its scores, so the check on the
+    first batch keeps separate rows, and says why."""
     from tether.models.scoring import score_sequences
 
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=2,
-        num_labels=1,
-        pad_token_id=0,
-        attn_implementation="sdpa",
-    )
-    model = MistralForSequenceClassification(config).eval()
+    model = _sliding_window_mistral()
     prompt = [5, 6, 7, 8, 9]
     sequences = [prompt + [10, 11], prompt + [12], prompt + [13, 14, 15]]
-    with caplog.at_level(logging.WARNING, logger="tether.models.scoring"):
+    with caplog.at_level(logging.WARNING, logger="tether.models.packing"):
         got = score_sequences(model, sequences, 0, batch_size=2, prompt_lengths=[5, 5, 5])
-    assert any("reading them in separate rows" in r.getMessage() for r in caplog.records)
+    refused = [r.getMessage() for r in caplog.records]
+    assert len(refused) == 2 and "scoring: shared-prompt padded rows differ from plain rows" in refused[0]
+    assert refused[1] == "scoring: using separate padded rows"
     torch.testing.assert_close(got, score_sequences(model, sequences, 0, batch_size=2), atol=1e-6, rtol=0)

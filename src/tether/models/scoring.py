@@ -162,8 +162,11 @@ def score_sequences(
     scores = torch.empty(len(sequences), dtype=torch.float32)
     if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
         raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} sequences")
-    if prompt_lengths is not None and _shares_prompts(sequences, prompt_lengths):
-        batches = _prompt_batches(sequences, prompt_lengths, batch_size)
+    groups = _by_prompt(sequences, prompt_lengths) if prompt_lengths is not None else {}
+    if any(sum(prompt_lengths[i] < len(sequences[i]) for i in idx) > 1 for idx in groups.values()):
+        # at least two responses share a prompt: batches of whole prompts, prompts ordered by length
+        order = [i for _, idx in sorted(groups.items(), key=lambda item: len(item[0])) for i in idx]
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if model not in _SHARED_PROMPT_EXACT:  # the first batch both ways, once per model
             chunk = batches.pop(0)
             seqs, lengths = [sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk]
@@ -204,11 +207,9 @@ def score_shared_prompts(
 
     groups: dict[tuple[int, ...], list[int]] = {}
     alone: list[int] = []
-    for i, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
-        if n >= len(seq):
-            alone.append(i)
-        else:
-            groups.setdefault(tuple(seq[:n]), []).append(i)
+    for prompt, idx in _by_prompt(sequences, prompt_lengths).items():
+        for i in idx:
+            (alone if prompt_lengths[i] >= len(sequences[i]) else groups.setdefault(prompt, [])).append(i)
     segments, tokens, members = [], [], []
     for prompt, idx in groups.items():
         responses = [list(sequences[i][len(prompt) :]) for i in idx]
@@ -236,48 +237,33 @@ _SHARED_PROMPT_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _shared_prompt_check(model, sequences, prompt_lengths, pad: int) -> tuple[bool, torch.Tensor]:
-    """``(shared segments usable, the batch's scores)``: shared-prompt segments vs plain rows on one batch,
-    equal up to rounding (1e-3 absolute, wider for 16-bit weights), or the reason they are not used is
-    logged. FlashAttention ignores 4-D masks, and some models rebuild the mask themselves."""
-    plain = _plain_scores(model, sequences, pad)
-    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    try:
-        shared = score_shared_prompts(model, sequences, prompt_lengths, pad)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError) as exc:
-        logger.warning("scoring: responses that share a prompt are read in separate rows (%s)", exc)
-        return False, plain
-    if not torch.allclose(shared.float(), plain.float(), rtol=0, atol=tol):
-        worst = (shared.float() - plain.float()).abs().max().item()
-        logger.warning(
-            "scoring: this model's scores of responses read with a shared prompt differ from separate rows by "
-            "%.3g; reading them in separate rows",
-            worst,
+    """``(shared segments usable, the batch's scores)``: shared-prompt segments vs plain rows on one batch
+    (``tether.models.packing.first_exact_layout``: equal up to 1e-3, 5e-2 for 16-bit weights, or the
+    reason they are not used is logged). FlashAttention ignores 4-D masks, and some models rebuild
+    the mask themselves."""
+    from tether.models.packing import PLAIN, Layout, first_exact_layout
+
+    computed: dict[Layout, torch.Tensor] = {}
+
+    def scores(layout: Layout) -> torch.Tensor:
+        computed[layout] = (
+            score_shared_prompts(model, sequences, prompt_lengths, pad)
+            if layout.share_prompt
+            else _plain_scores(model, sequences, pad)
         )
-        return False, plain
-    return True, shared
+        return computed[layout]
+
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    layout = first_exact_layout([Layout(True, False), PLAIN], scores, 0.0, tol, "scoring")
+    return layout.share_prompt, computed[layout]
 
 
-def _shares_prompts(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> bool:
-    """Whether at least two sequences (with non-empty responses) have the same prompt tokens."""
-    seen: set[tuple[int, ...]] = set()
-    for seq, n in zip(sequences, prompt_lengths):
-        if n >= len(seq):
-            continue
-        key = tuple(seq[:n])
-        if key in seen:
-            return True
-        seen.add(key)
-    return False
-
-
-def _prompt_batches(sequences, prompt_lengths, batch_size: int) -> list[list[int]]:
-    """Indices in batches of at most ``batch_size``: prompts ordered by length (less padding), the
-    sequences of one prompt kept together (in as few batches as ``batch_size`` allows)."""
+def _by_prompt(sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of the sequences by their prompt tokens, prompts in order of first appearance."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
         groups.setdefault(tuple(seq[: min(n, len(seq))]), []).append(i)
-    order = [i for _, idx in sorted(groups.items(), key=lambda item: len(item[0])) for i in idx]
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return groups
 
 
 def score_texts(
