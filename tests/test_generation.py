@@ -103,3 +103,50 @@ def test_sampled_frequencies_follow_softmax_of_logits_over_t_in_the_whole_vocabu
     for (a, b), p in zip(buckets, expected):
         freq = float(((ranks >= a) & (ranks < b)).float().mean())
         assert abs(freq - p) <= 4 * (p * (1 - p) / n) ** 0.5, (a, b, freq, p)
+
+
+def test_several_samples_of_a_prompt_share_its_prefill_and_draw_what_num_return_sequences_draws(
+    tiny_model_dir, tokenizer
+):
+    """Four samples of each of two prompts of different lengths: the model reads each prompt (minus its
+    last token) once, then every row's last prompt token; the tokens equal those of transformers' own
+    ``num_return_sequences`` path under the same seed (the same distribution and random stream: the
+    logits differ by float rounding only), and the recorded log-probs equal a full forward pass."""
+    from tether.data.templates import prompt_ids
+    from tether.generation import generation_config, left_pad, neutral_model_generation_config, sample_from_ids
+    from tether.models.loading import load_causal_lm
+    from tether.models.wrappers import strip_peft
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    prompts = [prompt_ids(tokenizer, p, None) for p in ["hi", "a much longer prompt than the first one"]]
+    settings = SamplingSettings(max_new_tokens=8, temperature=1.0)
+    seen = []
+    hook = strip_peft(model).get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        torch.manual_seed(3)
+        groups = sample_from_ids(model, tokenizer, prompts, settings, 4, batch_size=2, return_logprobs=True)
+    finally:
+        hook.remove()
+    width = max(len(p) for p in prompts)
+    assert seen[0] == (2, width - 1)  # the two distinct prompts, not 8 rows
+    assert seen[1] == (8, 1)  # every row then continues from the repeated cache with its last prompt token
+    assert all(s == (8, 1) for s in seen[1:])
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    with neutral_model_generation_config(model), torch.no_grad():
+        plain = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=generation_config(tokenizer, settings, 4)
+        )
+    stop = {tokenizer.eos_token_id}
+    for row, sample in enumerate(s for g in groups for s in g):
+        expected, _ = truncate_after_stop(plain[row, ids.shape[1] :].tolist(), stop)
+        assert sample.response_ids == expected
+    assert len({tuple(s.response_ids) for s in groups[1]}) > 1  # samples, not one copied four times
+
+    for sample in (s for g in groups for s in g):
+        full = torch.tensor([sample.prompt_ids + sample.response_ids])
+        with torch.no_grad():
+            logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1] / settings.temperature
+        expected = torch.log_softmax(logits, -1).gather(-1, full[0, len(sample.prompt_ids) :, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=1e-5)

@@ -10,9 +10,12 @@ Used by PPO rollouts, best-of-N, evaluation and the server. Two things make the 
 
 ``sample_responses`` / ``sample_from_ids`` return decoded ``Sample`` lists; ``generate_batch`` is the
 tensor form PPO rollouts use (left-padded queries in, right-padded responses with lengths, stop
-flags and optionally the sampler's own log-probs out). While sampling, the model's own
-``generation_config`` is hidden (``neutral_model_generation_config``): transformers would otherwise
-fill every option tether leaves unset (min_p, no_repeat_ngram_size...) from it.
+flags and optionally the sampler's own log-probs out). Several samples of one prompt share its
+prefill (:func:`shared_prompt_cache`): transformers' ``num_return_sequences`` repeats the prompt
+before the prefill and so computes it once per sample, which on long prompts is most of the work.
+While sampling, the model's own ``generation_config`` is hidden (``neutral_model_generation_config``):
+transformers would otherwise fill every option tether leaves unset (min_p, no_repeat_ngram_size...)
+from it.
 """
 
 from __future__ import annotations
@@ -170,6 +173,49 @@ class SampledTokenLogprobs:
         )
 
 
+def shares_prompt_cache(model, prompt_width: int, k: int) -> bool:
+    """Whether :func:`shared_prompt_cache` applies: several samples per prompt, a prompt of at least two
+    columns (the last one is fed by ``generate``), and a model whose cache is a ``DynamicCache``
+    (transformers' own test; recurrent and custom-cache models are sampled the plain way)."""
+    inner = strip_peft(model)
+    supports = getattr(inner, "_supports_default_dynamic_cache", None)
+    return k > 1 and prompt_width >= 2 and (supports is None or bool(supports()))
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int):
+    """The key/value cache of ``B = G·k`` left-padded queries ``[B, P]`` whose rows repeat each of ``G``
+    prompts k times contiguously, computed once per prompt.
+
+    The ``G`` distinct prompts minus their last column run through the model (position ids
+    ``cumsum(mask) − 1``, as ``generate`` numbers them), the cache is repeated k times
+    (``Cache.batch_repeat_interleave``), and ``generate(input_ids=query_ids, attention_mask=query_mask,
+    past_key_values=cache)`` then feeds only the last prompt column before sampling. Each row's
+    logits are those of its own plain prefill to float rounding, so the samples follow the same
+    distribution and the same random stream as ``num_return_sequences`` draws (a token can differ
+    where rounding moves it across a boundary of that stream).
+    """
+    import inspect
+
+    from transformers import DynamicCache
+
+    inner = strip_peft(model)
+    positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    # the prefill only fills the cache: no language-model head over the whole prompt
+    accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
+    model(
+        input_ids=query_ids[::k, :-1],
+        attention_mask=query_mask[::k, :-1],
+        position_ids=positions[::k, :-1],
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if accepts else {}),
+    )
+    cache.batch_repeat_interleave(k)
+    return cache
+
+
 @torch.no_grad()
 def sample_from_ids(
     model,
@@ -199,6 +245,7 @@ def sample_from_ids(
     stop = set(stop_ids(tokenizer, settings))
     pad_id = pad_token_id(tokenizer)
     config = generation_config(tokenizer, settings, num_return_sequences)
+    one_per_row = generation_config(tokenizer, settings)
     device = next(model.parameters()).device
     out: list[list[Sample]] = []
     fitted = batch_size
@@ -212,15 +259,22 @@ def sample_from_ids(
                 responses, logprobs = [], []
                 for first in range(0, len(chunk), rows):
                     ids, mask = left_pad(chunk[first : first + rows], pad_id)
-                    hooks = {}
+                    ids, mask, call_config = ids.to(device), mask.to(device), config
+                    if shares_prompt_cache(model, ids.shape[1], num_return_sequences):
+                        ids = ids.repeat_interleave(num_return_sequences, dim=0)
+                        mask = mask.repeat_interleave(num_return_sequences, dim=0)
+                        hooks = {"past_key_values": shared_prompt_cache(model, ids, mask, num_return_sequences)}
+                        call_config = one_per_row
+                    else:
+                        hooks = {}
                     if generate_hooks is not None:
-                        hooks = generate_hooks(range(start + first, start + first + len(chunk[first : first + rows])))
+                        hooks |= generate_hooks(range(start + first, start + first + len(chunk[first : first + rows])))
                     recorder = SampledTokenLogprobs(settings.temperature) if return_logprobs else None
                     if recorder is not None:
                         hooks["logits_processor"] = LogitsProcessorList([recorder])
                     with neutral_model_generation_config(model):
                         generated = model.generate(
-                            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, **hooks
+                            input_ids=ids, attention_mask=mask, generation_config=call_config, **hooks
                         )
                     responses += generated[:, ids.shape[1] :].tolist()
                     if recorder is not None:

@@ -13,22 +13,18 @@ at ``P − 1`` (the last prompt token) for t = 0: :func:`response_index` gives t
 to ``P − 1``, and :func:`take_responses` turns a ``[G, kR + 1, ...]`` read-out into the plain
 ``[G·k, R, ...]`` layout every other part of the loop uses.
 
-Sampling reuses the prompt's key/value cache across the k samples (:func:`generate_groups`):
-transformers' ``num_return_sequences`` repeats the prompt before the prefill, so it would compute
-the prompt k times; here the prompt (all but its last token) is prefilled once and the cache is
-repeated k times before sampling.
+Sampling reuses the prompt's key/value cache across the k samples (:func:`generate_groups`, with
+:func:`tether.generation.shared_prompt_cache`, which evaluation and best-of-N sampling share).
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from tether.generation import GeneratedBatch, SamplingSettings
 from tether.models.packing import block_attention, branch_positions
-from tether.models.wrappers import strip_peft
 
 
 @dataclass
@@ -115,33 +111,16 @@ def generate_groups(
 ) -> GeneratedBatch:
     """k responses per distinct prompt, each prompt prefilled once (``[B, P]`` queries repeating k times).
 
-    The prompt minus its last token runs through the model once per group; the key/value cache is
-    then repeated k times (``Cache.batch_repeat_interleave``) and ``generate`` continues from it on the
-    full ``[B, P]`` queries (it feeds only the last prompt token). Chunks hold ``batch_size`` rows
-    rounded down to whole groups. Sampling draws from the same distribution as
-    :func:`tether.generation.generate_batch`; the random stream differs.
+    Each group's prompt is prefilled once (:func:`tether.generation.shared_prompt_cache`) and
+    ``generate`` continues from the repeated cache on the full ``[B, P]`` queries (it feeds only the
+    last prompt token). Chunks hold ``batch_size`` rows rounded down to whole groups. Sampling draws
+    from the same distribution as :func:`tether.generation.generate_batch`.
     """
-    from transformers import DynamicCache
-
-    from tether.generation import generate_in_chunks
-
-    positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    # the prefill only fills the cache: no language-model head over the whole prompt
-    accepts = "logits_to_keep" in inspect.signature(strip_peft(model).forward).parameters
-    head_on_last_token = {"logits_to_keep": 1} if accepts else {}
+    from tether.generation import generate_in_chunks, shared_prompt_cache
 
     def generate_groups_of_rows(start: int, rows: int, config):
         ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
-        cache = DynamicCache(config=model.config)
-        model(
-            input_ids=ids[::k, :-1],
-            attention_mask=mask[::k, :-1],
-            position_ids=positions[start : start + rows : k, :-1],
-            past_key_values=cache,
-            use_cache=True,
-            **head_on_last_token,
-        )
-        cache.batch_repeat_interleave(k)
+        cache = shared_prompt_cache(model, ids, mask, k)
         return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
 
     return generate_in_chunks(
