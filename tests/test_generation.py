@@ -150,3 +150,45 @@ def test_several_samples_of_a_prompt_share_its_prefill_and_draw_what_num_return_
             logits = model(full).logits[0, len(sample.prompt_ids) - 1 : -1] / settings.temperature
         expected = torch.log_softmax(logits, -1).gather(-1, full[0, len(sample.prompt_ids) :, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(sample.logprobs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_runs_find_identical_consecutive_rows():
+    from tether.generation import prompt_runs
+
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [7, 8, 9], [0, 5, 6], [0, 5, 6], [0, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    first, run = prompt_runs(ids, mask)
+    # rows 3 and 4 hold the same ids but a different mask (a pad id that equals a real token): not one run
+    assert first.tolist() == [0, 2, 3, 4]
+    assert run.tolist() == [0, 0, 1, 2, 3, 3]
+
+
+def test_repeated_prompts_in_one_call_share_the_prefill_as_the_server_batches_requests(tiny_model_dir, tokenizer):
+    """The server sends each request's n rows in one call, one sample per row: runs of the same prompt
+    are prefilled once (a, a, b, a: three prefills), and the samples equal plain generation's."""
+    from tether.data.templates import prompt_ids
+    from tether.generation import generation_config, neutral_model_generation_config, sample_from_ids
+    from tether.models.loading import load_causal_lm
+    from tether.models.wrappers import strip_peft
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    a, b = prompt_ids(tokenizer, "first question", None), prompt_ids(tokenizer, "second", None)
+    prompts = [a, a, b, a]
+    settings = SamplingSettings(max_new_tokens=6, temperature=1.0)
+    seen = []
+    hook = strip_peft(model).get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    try:
+        torch.manual_seed(5)
+        out = sample_from_ids(model, tokenizer, prompts, settings, 1, batch_size=4)
+    finally:
+        hook.remove()
+    assert seen[0] == (3, max(len(a), len(b)) - 1) and seen[1] == (4, 1)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    with neutral_model_generation_config(model), torch.no_grad():
+        plain = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=generation_config(tokenizer, settings)
+        )
+    for row, group in enumerate(out):
+        expected, _ = truncate_after_stop(plain[row, ids.shape[1] :].tolist(), {tokenizer.eos_token_id})
+        assert group[0].response_ids == expected

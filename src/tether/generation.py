@@ -173,46 +173,57 @@ class SampledTokenLogprobs:
         )
 
 
-def shares_prompt_cache(model, prompt_width: int, k: int) -> bool:
-    """Whether :func:`shared_prompt_cache` applies: several samples per prompt, a prompt of at least two
-    columns (the last one is fed by ``generate``), and a model whose cache is a ``DynamicCache``
+def prompt_runs(query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, run)`` of a batch of queries: the index of the first row of each run of identical
+    consecutive rows (same ids, same mask), and for every row the number of its run (an index into ``first``)."""
+    same = ((query_ids[1:] == query_ids[:-1]) & (query_mask[1:] == query_mask[:-1])).all(dim=1)
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=query_ids.device), ~same])
+    return starts.nonzero().squeeze(1), starts.long().cumsum(0) - 1
+
+
+def shares_prompt_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor) -> bool:
+    """Whether :func:`shared_prompt_cache` applies: some row repeats the row before it, the prompt has at
+    least two columns (``generate`` feeds the last one), and the model's cache is a ``DynamicCache``
     (transformers' own test; recurrent and custom-cache models are sampled the plain way)."""
-    inner = strip_peft(model)
-    supports = getattr(inner, "_supports_default_dynamic_cache", None)
-    return k > 1 and prompt_width >= 2 and (supports is None or bool(supports()))
+    rows, width = query_ids.shape
+    if rows < 2 or width < 2:
+        return False
+    supports = getattr(strip_peft(model), "_supports_default_dynamic_cache", None)
+    return len(prompt_runs(query_ids, query_mask)[0]) < rows and (supports is None or bool(supports()))
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor, k: int):
-    """The key/value cache of ``B = G·k`` left-padded queries ``[B, P]`` whose rows repeat each of ``G``
-    prompts k times contiguously, computed once per prompt.
+def shared_prompt_cache(model, query_ids: torch.Tensor, query_mask: torch.Tensor):
+    """The key/value cache of left-padded queries ``[B, P]`` in which consecutive rows repeat prompts (the
+    k samples of a prompt, a request for n responses), each distinct run computed once.
 
-    The ``G`` distinct prompts minus their last column run through the model (position ids
-    ``cumsum(mask) − 1``, as ``generate`` numbers them), the cache is repeated k times
-    (``Cache.batch_repeat_interleave``), and ``generate(input_ids=query_ids, attention_mask=query_mask,
-    past_key_values=cache)`` then feeds only the last prompt column before sampling. Each row's
-    logits are those of its own plain prefill to float rounding, so the samples follow the same
-    distribution and the same random stream as ``num_return_sequences`` draws (a token can differ
-    where rounding moves it across a boundary of that stream).
+    The first row of every run minus its last column goes through the model (position ids
+    ``cumsum(mask) − 1``, as ``generate`` numbers them), each row then takes its run's cache
+    (``Cache.batch_select_indices``), and ``generate(input_ids=query_ids, attention_mask=query_mask,
+    past_key_values=cache)`` feeds only the last prompt column before sampling. Each row's logits are
+    those of its own plain prefill to float rounding, so the samples follow the same distribution and
+    the same random stream as ``num_return_sequences`` draws (a token can differ only where rounding
+    moves it across a boundary of that stream).
     """
     import inspect
 
     from transformers import DynamicCache
 
     inner = strip_peft(model)
+    first, run = prompt_runs(query_ids, query_mask)
     positions = (query_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     # the prefill only fills the cache: no language-model head over the whole prompt
     accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
     cache = DynamicCache(config=inner.config.get_text_config(decoder=True))
     model(
-        input_ids=query_ids[::k, :-1],
-        attention_mask=query_mask[::k, :-1],
-        position_ids=positions[::k, :-1],
+        input_ids=query_ids[first, :-1],
+        attention_mask=query_mask[first, :-1],
+        position_ids=positions[first, :-1],
         past_key_values=cache,
         use_cache=True,
         **({"logits_to_keep": 1} if accepts else {}),
     )
-    cache.batch_repeat_interleave(k)
+    cache.batch_select_indices(run)
     return cache
 
 
@@ -244,8 +255,9 @@ def sample_from_ids(
     model.eval()
     stop = set(stop_ids(tokenizer, settings))
     pad_id = pad_token_id(tokenizer)
-    config = generation_config(tokenizer, settings, num_return_sequences)
-    one_per_row = generation_config(tokenizer, settings)
+    # the prompts are repeated here rather than by ``num_return_sequences`` (which repeats them before the
+    # prefill): the same rows in the same order, so the same random stream, with the prefill shared
+    config = generation_config(tokenizer, settings)
     device = next(model.parameters()).device
     out: list[list[Sample]] = []
     fitted = batch_size
@@ -259,14 +271,11 @@ def sample_from_ids(
                 responses, logprobs = [], []
                 for first in range(0, len(chunk), rows):
                     ids, mask = left_pad(chunk[first : first + rows], pad_id)
-                    ids, mask, call_config = ids.to(device), mask.to(device), config
-                    if shares_prompt_cache(model, ids.shape[1], num_return_sequences):
-                        ids = ids.repeat_interleave(num_return_sequences, dim=0)
-                        mask = mask.repeat_interleave(num_return_sequences, dim=0)
-                        hooks = {"past_key_values": shared_prompt_cache(model, ids, mask, num_return_sequences)}
-                        call_config = one_per_row
-                    else:
-                        hooks = {}
+                    ids = ids.repeat_interleave(num_return_sequences, dim=0).to(device)
+                    mask = mask.repeat_interleave(num_return_sequences, dim=0).to(device)
+                    hooks = {}
+                    if shares_prompt_cache(model, ids, mask):
+                        hooks["past_key_values"] = shared_prompt_cache(model, ids, mask)
                     if generate_hooks is not None:
                         hooks |= generate_hooks(range(start + first, start + first + len(chunk[first : first + rows])))
                     recorder = SampledTokenLogprobs(settings.temperature) if return_logprobs else None
@@ -274,7 +283,7 @@ def sample_from_ids(
                         hooks["logits_processor"] = LogitsProcessorList([recorder])
                     with neutral_model_generation_config(model):
                         generated = model.generate(
-                            input_ids=ids, attention_mask=mask, generation_config=call_config, **hooks
+                            input_ids=ids, attention_mask=mask, generation_config=config, **hooks
                         )
                     responses += generated[:, ids.shape[1] :].tolist()
                     if recorder is not None:

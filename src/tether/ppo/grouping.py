@@ -120,7 +120,7 @@ def generate_groups(
 
     def generate_groups_of_rows(start: int, rows: int, config):
         ids, mask = query_ids[start : start + rows], query_mask[start : start + rows]
-        cache = shared_prompt_cache(model, ids, mask, k)
+        cache = shared_prompt_cache(model, ids, mask)
         return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, generation_config=config)
 
     return generate_in_chunks(
