@@ -165,8 +165,9 @@ def test_each_policy_is_sampled_and_scored_once(reused):
         assert counters[name].calls == batches and counters[name].rows == 4 * len(prompts)
     # the reward model scored each policy's samples once: no best-of-N or curve rescoring
     assert scored["rows"] == 2 * 4 * len(prompts)
-    # KL of "moved": its log-probs come from sampling, only the reference (sft) runs forward, 2 rows a pass
-    assert counters["moved"].forwards == 0 and counters["sft"].forwards == -(-4 * len(prompts) // 2)
+    # KL of "moved": its log-probs come from sampling, only the reference (sft) runs forward, 2 responses a
+    # pass (a prompt's responses in one segment), plus plain rows once on the first pass to check that layout
+    assert counters["moved"].forwards == 0 and counters["sft"].forwards == -(-4 * len(prompts) // 2) + 1
     assert results.metrics["moved"]["kl/ref"] > 0 and results.metrics["sft"]["kl/ref"] == 0.0
 
 

@@ -103,6 +103,83 @@ def test_response_logprobs_match_an_unpadded_forward_at_temperature(tiny_lm, tok
         M.response_token_logprobs(tiny_lm, samples, temperature=0.0, pad_token_id=0)
 
 
+def _unpadded_logprobs(model, sample, temperature):
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, -1)
+    n = len(sample.prompt_ids)
+    return [logp[n - 1 + t, tok].item() for t, tok in enumerate(sample.response_ids)]
+
+
+def test_responses_of_one_prompt_are_read_in_one_segment_with_the_logprobs_of_separate_rows(tiny_model_dir, tokenizer):
+    """Three prompts (one a multi-turn conversation) with 3, 4 and 1 responses of different lengths, one
+    of them empty: each response's log-probs equal an unpadded forward's, the model reads fewer token
+    slots than plain rows, and the layout is checked on the first call only."""
+    from tether.data.records import Message
+    from tether.data.templates import prompt_ids
+    from tether.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()  # a fresh model: the check runs once per model
+    chat = [Message("user", "Name a colour."), Message("assistant", "Red."), Message("user", "Another one?")]
+    p1, p2, p3 = (prompt_ids(tokenizer, p, None) for p in ("What is two plus two?", chat, "Say hi."))
+    samples = [
+        _S(p1, [10, 11, 2]),
+        _S(p2, [14, 15, 16, 17, 2]),
+        _S(p1, [12, 2]),
+        _S(p2, [30]),
+        _S(p1, []),
+        _S(p2, [31, 32, 33]),
+        _S(p3, [40, 41, 2]),
+        _S(p2, [50, 51]),
+    ]
+    slots = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: slots.append(i[0].numel()))
+    try:
+        first = M.response_token_logprobs(model, samples, 0.5, tokenizer.pad_token_id, batch_size=8)
+        slots.clear()
+        again = M.response_token_logprobs(model, samples, 0.5, tokenizer.pad_token_id, batch_size=8)
+    finally:
+        hook.remove()
+    assert first == again and first[4] == []
+    for sample, got in zip(samples, first):
+        assert got == pytest.approx(_unpadded_logprobs(model, sample, 0.5), abs=1e-5)
+    plain_slots = sum(1 for s in samples if s.response_ids) * max(
+        len(s.prompt_ids) + len(s.response_ids) for s in samples
+    )
+    assert len(slots) == 1 and slots[0] < plain_slots / 2  # one shared-prompt batch, no check the second time
+
+
+def test_logprobs_fall_back_to_separate_rows_when_the_model_breaks_the_mask(caplog):
+    """Mistral with a 2-token sliding window: a custom 4-D mask replaces transformers' windowed mask and
+    changes its log-probs, so the first batch keeps separate rows, says why, and the values are plain rows'."""
+    import logging
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = MistralForCausalLM(config).eval()
+    prompt = [5, 6, 7, 8, 9]
+    samples = [_S(prompt, [10, 11]), _S(prompt, [12]), _S(prompt, [13, 14, 15])]
+    with caplog.at_level(logging.WARNING, logger="tether.models.packing"):
+        got = M.response_token_logprobs(model, samples, 1.0, pad_token_id=0, batch_size=3)
+    refused = [r.getMessage() for r in caplog.records]
+    assert len(refused) == 2 and "log-probs: shared-prompt padded rows differ from plain rows" in refused[0]
+    assert refused[1] == "log-probs: using separate padded rows"
+    for sample, lp in zip(samples, got):
+        assert lp == pytest.approx(_unpadded_logprobs(model, sample, 1.0), abs=1e-5)
+
+
 def test_sequence_kl_is_zero_against_itself_and_positive_against_another_model(tiny_lm, tiny_model_dir, tokenizer):
     from tether.generation import SamplingSettings, sample_responses
     from tether.models.loading import load_causal_lm

@@ -15,6 +15,7 @@ squares on this run's points (the coefficients are setup-specific; none are borr
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 
@@ -123,40 +124,133 @@ def response_token_logprobs(
 ) -> list[list[float]]:
     """``log softmax(logits/T)`` of each response token given its prompt and the earlier response tokens.
 
-    ``samples`` carry ``prompt_ids`` and ``response_ids`` (``tether.generation.Sample``). Sequences
-    are right-padded with a mask built from lengths, so positions are those of the unpadded text.
-    T must be the temperature the samples were drawn at: the temperature is part of the policy.
+    ``samples`` carry ``prompt_ids`` and ``response_ids`` (``tether.generation.Sample``). T must be
+    the temperature the samples were drawn at: the temperature is part of the policy. Samples of the
+    same prompt (an evaluation's several samples per prompt) are read as one segment, the prompt once
+    and each response a branch that sees the prompt and not the other responses
+    (``tether.models.packing``), so a P-token prompt with N responses costs P + Σ|r| tokens instead of
+    N·P + Σ|r|; batches hold ``batch_size`` samples of whole prompts. Whether the model gives plain
+    rows' log-probs that way is checked once per model on the first batch (plain rows from then on if
+    not). Plain rows are right-padded with a mask built from lengths, so positions are those of the
+    unpadded text.
     """
     if temperature <= 0:
         raise ValueError("log-probs need a sampling temperature > 0 (greedy decoding has no density)")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in samples]
     try:
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].response_ids))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            seqs = [list(samples[i].prompt_ids) + list(samples[i].response_ids) for i in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), int(pad_token_id), dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[row, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            for row, i in enumerate(chunk):
-                n_prompt, n_resp = len(samples[i].prompt_ids), len(samples[i].response_ids)
-                if n_resp == 0:
-                    continue
-                # logits at position t predict token t + 1
-                step_logits = logits[row, n_prompt - 1 : n_prompt - 1 + n_resp].float() / temperature
-                targets = ids[row, n_prompt : n_prompt + n_resp].to(step_logits.device)
-                lp = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(samples):
+            if s.response_ids:  # an empty response has no token to score
+                by_prompt.setdefault(tuple(s.prompt_ids), []).append(i)
+        if any(len(idx) > 1 for idx in by_prompt.values()):
+            order = [i for _, idx in sorted(by_prompt.items(), key=lambda item: len(item[0])) for i in idx]
+        else:
+            order = sorted((i for idx in by_prompt.values() for i in idx), key=lambda i: _tokens(samples[i]))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        shared = len(batches) > 0 and any(len(idx) > 1 for idx in by_prompt.values())
+        if shared and model not in _SHARED_PROMPT_LOGPROBS_EXACT:  # the first batch both ways, once per model
+            chunk = batches.pop(0)
+            _SHARED_PROMPT_LOGPROBS_EXACT[model], values = _shared_prompt_logprobs_check(
+                model, [samples[i] for i in chunk], temperature, pad_token_id
+            )
+            for i, lp in zip(chunk, values):
+                out[i] = lp.cpu().tolist()
+        shared = shared and _SHARED_PROMPT_LOGPROBS_EXACT[model]
+        read = _shared_prompt_logprobs if shared else _plain_logprobs
+        for chunk in batches:
+            for i, lp in zip(chunk, read(model, [samples[i] for i in chunk], temperature, pad_token_id)):
                 out[i] = lp.cpu().tolist()
     finally:
         model.train(was_training)
     return out
+
+
+def _tokens(sample) -> int:
+    return len(sample.prompt_ids) + len(sample.response_ids)
+
+
+@torch.no_grad()
+def _plain_logprobs(model, samples: Sequence, temperature: float, pad: int) -> list[torch.Tensor]:
+    """One right-padded row ``prompt + response`` per sample."""
+    device = next(model.parameters()).device
+    seqs = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, x in enumerate(seqs):
+        ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    out = []
+    for row, s in enumerate(samples):
+        n_prompt, n_resp = len(s.prompt_ids), len(s.response_ids)
+        # logits at position t predict token t + 1
+        step_logits = logits[row, n_prompt - 1 : n_prompt - 1 + n_resp].float() / temperature
+        targets = ids[row, n_prompt : n_prompt + n_resp].to(step_logits.device)
+        out.append(torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1))
+    return out
+
+
+@torch.no_grad()
+def _shared_prompt_logprobs(model, samples: Sequence, temperature: float, pad: int) -> list[torch.Tensor]:
+    """One segment ``[prompt | r_1 | … | r_N]`` per distinct prompt: response k's token t is predicted
+    at the prompt's last column for t = 0 and at column ``branch_start(k) + t − 1`` after that."""
+    from tether.models.packing import Segment, lay_out_rows, model_attention_mask
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    segments, tokens, members = [], [], []
+    for prompt, idx in groups.items():
+        responses = [list(samples[i].response_ids) for i in idx]
+        segments.append(Segment(len(prompt), tuple(len(r) for r in responses)))
+        tokens.append(list(prompt) + [t for r in responses for t in r])
+        members.append(idx)
+    rows = lay_out_rows(tokens, segments, pad, pack=False)
+    device = next(model.parameters()).device
+    logits = model(
+        input_ids=rows.input_ids.to(device),
+        attention_mask=model_attention_mask(model, rows.attention()).to(device),
+        position_ids=rows.position_ids.to(device),
+        use_cache=False,
+    ).logits
+    out: list[torch.Tensor | None] = [None] * len(samples)
+    for s, (segment, idx) in enumerate(zip(segments, members)):
+        base = rows.offset[s]
+        for k, i in enumerate(idx):
+            start, n = base + segment.branch_start(k), segment.branches[k]
+            columns = torch.tensor([base + segment.trunk - 1] + list(range(start, start + n - 1)), device=logits.device)
+            step_logits = logits[rows.row[s], columns].float() / temperature
+            targets = torch.tensor(samples[i].response_ids, device=logits.device)
+            out[i] = torch.log_softmax(step_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    return out
+
+
+#: per model: whether shared-prompt segments gave plain rows' log-probs on its first batch (weakly held)
+_SHARED_PROMPT_LOGPROBS_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shared_prompt_logprobs_check(
+    model, samples: Sequence, temperature: float, pad: int
+) -> tuple[bool, list[torch.Tensor]]:
+    """``(shared segments usable, the batch's log-probs)``: shared-prompt segments vs plain rows on one
+    batch (``tether.models.packing.first_exact_layout``: equal up to 1e-3 nats, 5e-2 for 16-bit weights,
+    or the reason they are not used is logged). FlashAttention ignores 4-D masks, and some models
+    rebuild the mask themselves."""
+    from tether.models.packing import PLAIN, Layout, first_exact_layout
+
+    computed: dict[Layout, list[torch.Tensor]] = {}
+
+    def logprobs(layout: Layout) -> torch.Tensor:
+        read = _shared_prompt_logprobs if layout.share_prompt else _plain_logprobs
+        computed[layout] = read(model, samples, temperature, pad)
+        return torch.cat(computed[layout])
+
+    tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    layout = first_exact_layout([Layout(True, False), PLAIN], logprobs, 0.0, tol, "log-probs")
+    return layout.share_prompt, computed[layout]
 
 
 def per_sequence_kl(
