@@ -256,6 +256,9 @@ DEMO_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "per_device_eval_batch_size": 24,
         "max_length": 256,
         "eval_split_ratio": 0.15,
+        # reward_stats.json from 128 training pairs (256 responses): the demo's PPO and evaluation use the
+        # normalisation measured on the SFT policy's own samples, so the file only serves later commands
+        "reward_stats_max_pairs": 128,
         "logging_steps": 2,
         "save_strategy": "no",
     },
