@@ -28,6 +28,10 @@ SETTINGS = {
     "β 0.2": {"init_kl_coef": 0.2},
     "lr 2.5e-5": {"learning_rate": 2.5e-5},
     "whitened rewards": {"whiten_rewards": True},
+    # the critic: a separate value model (initialised from the reward model) instead of a head on the policy
+    "separate critic": {"value_head_on_policy": False},
+    # no critic: RLOO's leave-one-out baseline over 4 responses per prompt (the pipeline's `rl: rloo`)
+    "rloo": {"advantage_estimator": "rloo", "num_generations": 4, "value_head_on_policy": False},
 }
 
 
