@@ -21,6 +21,8 @@ import random
 import time
 from pathlib import Path
 
+from tether.pipeline import DEMO_STAGE_DEFAULTS, RL_METHODS
+
 SETTINGS = {
     # name: PPO options over the demo's
     "demo (β 0.05, lr 5e-5)": {},
@@ -30,8 +32,8 @@ SETTINGS = {
     "whitened rewards": {"whiten_rewards": True},
     # the critic: a separate value model (initialised from the reward model) instead of a head on the policy
     "separate critic": {"value_head_on_policy": False},
-    # no critic: RLOO's leave-one-out baseline over 4 responses per prompt (the pipeline's `rl: rloo`)
-    "rloo": {"advantage_estimator": "rloo", "num_generations": 4, "value_head_on_policy": False},
+    # no critic: the pipeline's `rl: rloo` (RLOO's leave-one-out baseline over 4 responses per prompt)
+    "rloo": {**RL_METHODS["rloo"], "value_head_on_policy": False},
 }
 
 
@@ -53,7 +55,6 @@ def main() -> None:
     from tether.demo.annotator import gold_metrics_hook
     from tether.evaluation.evaluate import evaluate_policies
     from tether.models.loading import load_tokenizer
-    from tether.pipeline import DEMO_STAGE_DEFAULTS
     from tether.ppo import PPOConfig, run_ppo
 
     torch.set_num_threads(2)
