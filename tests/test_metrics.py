@@ -149,6 +149,24 @@ def test_responses_of_one_prompt_are_read_in_one_segment_with_the_logprobs_of_se
     assert len(slots) == 1 and slots[0] < plain_slots / 2  # one shared-prompt batch, no check the second time
 
 
+def test_the_logprob_check_reads_three_prompts_of_the_first_batch(tiny_model_dir):
+    """Five prompts in one batch (segments of 4, 5, 10, 6 and 7 tokens): the first call checks the layout
+    on the longest prompt and the two shortest (their 6 samples in plain rows, the 3 segments shared),
+    then reads the whole batch as shared segments; every log-prob equals an unpadded forward's."""
+    from tether.models.loading import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir)).eval()  # a fresh model: the check runs once per model
+    prompts = {1: [11, 12], 2: [21, 22, 23], 3: [31, 32, 33, 34], 4: [41, 42, 43, 44, 45], 5: [51] * 6}
+    responses = [(1, [60]), (3, [61]), (2, [62, 63]), (1, [64]), (3, [65, 66]), (4, [67]), (3, [68, 69, 70]), (5, [71])]
+    samples = [_S(prompts[p], r) for p, r in responses]
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    got = M.response_token_logprobs(model, samples, 0.7, pad_token_id=0, batch_size=8)
+    assert rows == [6, 3, 5]  # probe plain (2 + 1 + 3 samples of prompts 1, 2, 3), probe shared, the batch shared
+    for sample, lp in zip(samples, got):
+        assert lp == pytest.approx(_unpadded_logprobs(model, sample, 0.7), abs=1e-5)
+
+
 def test_logprobs_fall_back_to_separate_rows_when_the_model_breaks_the_mask(caplog):
     """Mistral with a 2-token sliding window: a custom 4-D mask replaces transformers' windowed mask and
     changes its log-probs, so the first batch keeps separate rows, says why, and the values are plain rows'."""

@@ -10,7 +10,15 @@ import random
 import pytest
 import torch
 
-from tether.models.packing import PLAIN, Layout, Segment, block_attention, lay_out_rows, pack_by_length
+from tether.models.packing import (
+    PLAIN,
+    Layout,
+    Segment,
+    block_attention,
+    lay_out_rows,
+    pack_by_length,
+    probe_units,
+)
 from tether.stages.dpo import TokenizedPair as DPOPair
 from tether.stages.dpo import check_fast_paths, collate_pairs, response_logps
 from tether.stages.reward import (
@@ -333,6 +341,38 @@ def _slots_seen(model) -> list[int]:
     seen: list[int] = []
     model.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True)
     return seen
+
+
+def test_probe_units_are_the_longest_and_the_two_shortest_by_hand():
+    # sizes 5 9 3 9 4 7: the longest is unit 1 (the first of the two 9s); of the rest, 3 (unit 2) and 4 (unit 4)
+    assert probe_units([5, 9, 3, 9, 4, 7]) == [1, 2, 4]
+    assert probe_units([6, 2]) == [0, 1] and probe_units([3]) == [0] and probe_units([]) == []
+    # two shortest units share a padding-free row of the longest's width exactly when any two units can:
+    # 4 + 5 ≤ 10 here, so the probe's rows pack them as the whole batch's rows would
+    sizes = [10, 4, 5, 8]
+    assert pack_by_length([sizes[i] for i in probe_units(sizes)], 10) == [[0], [1, 2]]
+
+
+def test_the_scoring_check_reads_three_prompts_of_the_first_batch(tiny_rm_dir):
+    """Five prompts in one batch (segments of 4, 5, 10, 6 and 7 tokens): the first call checks the layout
+    on the longest prompt and the two shortest (their 6 sequences in plain rows, the 3 segments shared),
+    then scores the whole batch as shared segments; every score equals a plain row's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tether.models.scoring import score_sequences
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    prompts = {1: [11, 12], 2: [21, 22, 23], 3: [31, 32, 33, 34], 4: [41, 42, 43, 44, 45], 5: [51] * 6}
+    responses = [(1, [60]), (3, [61]), (2, [62, 63]), (1, [64]), (3, [65, 66]), (4, [67]), (3, [68, 69, 70]), (5, [71])]
+    sequences = [prompts[p] + r for p, r in responses]
+    lengths = [len(prompts[p]) for p, _ in responses]
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    got = score_sequences(model, sequences, 0, batch_size=8, prompt_lengths=lengths)
+    assert rows == [6, 3, 5]  # probe plain (2 + 1 + 3 sequences of prompts 1, 2, 3), probe shared, the batch shared
+    rows.clear()
+    torch.testing.assert_close(got, score_sequences(model, sequences, 0, batch_size=8), atol=1e-5, rtol=0)
+    assert rows == [8]
 
 
 def test_responses_sharing_a_prompt_score_as_in_separate_rows(tiny_rm_dir, tokenizer):

@@ -130,9 +130,9 @@ def response_token_logprobs(
     and each response a branch that sees the prompt and not the other responses
     (``tether.models.packing``), so a P-token prompt with N responses costs P + Σ|r| tokens instead of
     N·P + Σ|r|; batches hold ``batch_size`` samples of whole prompts. Whether the model gives plain
-    rows' log-probs that way is checked once per model on the first batch (plain rows from then on if
-    not). Plain rows are right-padded with a mask built from lengths, so positions are those of the
-    unpadded text.
+    rows' log-probs that way is checked once per model on three prompts of the first batch, its
+    longest and its two shortest (plain rows from then on if not). Plain rows are right-padded with a
+    mask built from lengths, so positions are those of the unpadded text.
     """
     if temperature <= 0:
         raise ValueError("log-probs need a sampling temperature > 0 (greedy decoding has no density)")
@@ -150,13 +150,14 @@ def response_token_logprobs(
             order = sorted((i for idx in by_prompt.values() for i in idx), key=lambda i: _tokens(samples[i]))
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         shared = len(batches) > 0 and any(len(idx) > 1 for idx in by_prompt.values())
-        if shared and model not in _SHARED_PROMPT_LOGPROBS_EXACT:  # the first batch both ways, once per model
-            chunk = batches.pop(0)
+        if shared and model not in _SHARED_PROMPT_LOGPROBS_EXACT:  # once per model, on three prompts of the first batch
+            probe = _probe(batches[0], samples)
             _SHARED_PROMPT_LOGPROBS_EXACT[model], values = _shared_prompt_logprobs_check(
-                model, [samples[i] for i in chunk], temperature, pad_token_id
+                model, [samples[i] for i in probe], temperature, pad_token_id
             )
-            for i, lp in zip(chunk, values):
-                out[i] = lp.cpu().tolist()
+            if len(probe) == len(batches[0]):  # the probe was the whole batch
+                for i, lp in zip(batches.pop(0), values):
+                    out[i] = lp.cpu().tolist()
         shared = shared and _SHARED_PROMPT_LOGPROBS_EXACT[model]
         read = _shared_prompt_logprobs if shared else _plain_logprobs
         for chunk in batches:
@@ -232,13 +233,27 @@ def _shared_prompt_logprobs(model, samples: Sequence, temperature: float, pad: i
 _SHARED_PROMPT_LOGPROBS_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _probe(chunk: Sequence[int], samples: Sequence) -> list[int]:
+    """The samples of ``chunk`` (a batch of whole prompts) that the layout check reads: those of its
+    longest prompt segment and of its two shortest (``tether.models.packing.probe_units``)."""
+    from tether.models.packing import probe_units
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in chunk:
+        groups.setdefault(tuple(samples[i].prompt_ids), []).append(i)
+    members = list(groups.values())
+    sizes = [len(prompt) + sum(len(samples[i].response_ids) for i in idx) for prompt, idx in groups.items()]
+    picked = {i for g in probe_units(sizes) for i in members[g]}
+    return [i for i in chunk if i in picked]
+
+
 def _shared_prompt_logprobs_check(
     model, samples: Sequence, temperature: float, pad: int
 ) -> tuple[bool, list[torch.Tensor]]:
-    """``(shared segments usable, the batch's log-probs)``: shared-prompt segments vs plain rows on one
-    batch (``tether.models.packing.first_exact_layout``: equal up to 1e-3 nats, 5e-2 for 16-bit weights,
-    or the reason they are not used is logged). FlashAttention ignores 4-D masks, and some models
-    rebuild the mask themselves."""
+    """``(shared segments usable, the log-probs in the layout kept)``: shared-prompt segments vs plain
+    rows on these samples (``tether.models.packing.first_exact_layout``: equal up to 1e-3 nats, 5e-2 for
+    16-bit weights, or the reason they are not used is logged). FlashAttention ignores 4-D masks, and
+    some models rebuild the mask themselves."""
     from tether.models.packing import PLAIN, Layout, first_exact_layout
 
     computed: dict[Layout, list[torch.Tensor]] = {}

@@ -342,3 +342,19 @@ def first_exact_layout(
     if candidates and candidates[0] != PLAIN:
         logger.warning("%s: using %s", what, PLAIN.describe())
     return PLAIN
+
+
+def probe_units(sizes: Sequence[int]) -> list[int]:
+    """Indices, in order, of the units of a batch (a prompt with its responses, ...) that a layout check runs
+    on: the longest unit and the two shortest of the others.
+
+    The longest shows what only long sequences meet (a sliding window, a long-range mask); the shortest
+    add padding, and two of them share a padding-free row exactly when any two units of the batch do
+    (their sum is the smallest). Checking three units instead of a whole batch makes the plain-row
+    reference pass, the check's cost, a few rows long.
+    """
+    if not sizes:
+        return []
+    longest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
+    rest = sorted((i for i in range(len(sizes)) if i != longest), key=lambda i: (sizes[i], i))
+    return sorted([longest, *rest[:2]])

@@ -155,7 +155,8 @@ def score_sequences(
     segment: the prompt once, each response as a branch that sees the prompt and not the other
     responses (:func:`score_shared_prompts`). A prompt of P tokens with N responses then costs
     P + Σ|r| tokens instead of N·P + Σ|r|. Whether the model gives plain rows' scores that way is
-    checked once per model on the first batch (plain rows are used from then on if not).
+    checked once per model on three prompts of the first batch, its longest and its two shortest
+    (plain rows are used from then on if not).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -167,11 +168,12 @@ def score_sequences(
         # at least two responses share a prompt: batches of whole prompts, prompts ordered by length
         order = [i for _, idx in sorted(groups.items(), key=lambda item: len(item[0])) for i in idx]
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-        if model not in _SHARED_PROMPT_EXACT:  # the first batch both ways, once per model
-            chunk = batches.pop(0)
-            seqs, lengths = [sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk]
+        if model not in _SHARED_PROMPT_EXACT:  # once per model, on three prompts of the first batch
+            probe = _probe(batches[0], sequences, prompt_lengths)
+            seqs, lengths = [sequences[i] for i in probe], [prompt_lengths[i] for i in probe]
             _SHARED_PROMPT_EXACT[model], out = _shared_prompt_check(model, seqs, lengths, pad_token_id)
-            scores[torch.tensor(chunk)] = out.float().cpu()
+            if len(probe) == len(batches[0]):  # the probe was the whole batch
+                scores[torch.tensor(batches.pop(0))] = out.float().cpu()
         shared = _SHARED_PROMPT_EXACT[model]
         for chunk in batches:
             seqs = [sequences[i] for i in chunk]
@@ -236,11 +238,23 @@ def score_shared_prompts(
 _SHARED_PROMPT_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _probe(chunk: Sequence[int], sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[int]:
+    """The sequences of ``chunk`` (a batch of whole prompts) that the layout check reads: those of its
+    longest prompt segment and of its two shortest (``tether.models.packing.probe_units``)."""
+    from tether.models.packing import probe_units
+
+    groups = _by_prompt([sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk])
+    members = list(groups.values())
+    sizes = [len(prompt) + sum(len(sequences[chunk[j]]) - len(prompt) for j in idx) for prompt, idx in groups.items()]
+    picked = {j for g in probe_units(sizes) for j in members[g]}
+    return [i for j, i in enumerate(chunk) if j in picked]
+
+
 def _shared_prompt_check(model, sequences, prompt_lengths, pad: int) -> tuple[bool, torch.Tensor]:
-    """``(shared segments usable, the batch's scores)``: shared-prompt segments vs plain rows on one batch
-    (``tether.models.packing.first_exact_layout``: equal up to 1e-3, 5e-2 for 16-bit weights, or the
-    reason they are not used is logged). FlashAttention ignores 4-D masks, and some models rebuild
-    the mask themselves."""
+    """``(shared segments usable, the scores in the layout kept)``: shared-prompt segments vs plain rows
+    on these sequences (``tether.models.packing.first_exact_layout``: equal up to 1e-3, 5e-2 for 16-bit
+    weights, or the reason they are not used is logged). FlashAttention ignores 4-D masks, and some
+    models rebuild the mask themselves."""
     from tether.models.packing import PLAIN, Layout, first_exact_layout
 
     computed: dict[Layout, torch.Tensor] = {}
