@@ -41,7 +41,8 @@ def test_statistics_are_the_moments_of_the_scores_of_the_starting_policys_respon
     from tether.models.loading import load_tokenizer
 
     rm = rm_with_training_pair_stats(tmp_path, word_dirs)
-    rows = [("a b c", "good yes", True), ("d e", "no no no", False), ("k", "x", True), ("s t u", "good", True)]
+    # three responses of one prompt, read as one shared-prompt segment; one response cut at the budget
+    rows = [("a b c", "good yes", True), ("a b c", "no no no", False), ("a b c", "x", True), ("s t u", "good", True)]
     responses = tmp_path / "samples.jsonl"
     responses.write_text("".join(json.dumps(dict(zip(("prompt", "response", "stopped"), r))) + "\n" for r in rows))
     config = make_config(tmp_path, word_dirs, reward_model_path=rm, reward_norm_responses=str(responses))
@@ -51,6 +52,9 @@ def test_statistics_are_the_moments_of_the_scores_of_the_starting_policys_respon
     stats = t.models.reward_stats
     assert abs(stats.mean - mean) < 1e-5 and abs(stats.std - std) < 1e-5 and stats.count == 4
     assert stats.mean != RM_SIDE["mean"]  # today's code: (100, 7) from reward_stats.json
+    from tether.models.scoring import _SHARED_PROMPT_EXACT
+
+    assert _SHARED_PROMPT_EXACT[t.models.reward_model]  # the three responses of "a b c" were read in one segment
     result = t.train()
     summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
     record = summary["reward_normalisation"]

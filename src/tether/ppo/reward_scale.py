@@ -7,8 +7,8 @@ and the KL target their meaning. Before the first iteration PPO samples ``--rewa
 responses from the starting policy on the training prompts at ``--temperature`` (or reads a
 seeded sample of as many of ``--reward_norm_responses``, responses the caller already sampled from
 that policy at that temperature), scores them as a rollout does (the raw score, read at the
-response's last token; for the file, ``tether.ppo.rollout.reward_model_scores``: the reward model's
-pass alone) and fits
+response's last token; for the file, the reward model's pass alone, a prompt's consecutive responses
+read as one shared-prompt segment by ``tether.ppo.rollout.reward_model_scores_of_sequences``) and fits
 
     mean = (1/n) Σ s_i,   std = sqrt((1/n) Σ (s_i − mean)²),   s' = (s − mean) / std   (gain 1/std, bias −mean/std)
 
@@ -34,7 +34,13 @@ from tether.durable import write_json_atomic
 from tether.generation import GeneratedBatch, left_pad
 from tether.models.scoring import RewardStats, reward_stats
 from tether.ppo.models import sharded_with_fsdp
-from tether.ppo.rollout import PromptSampler, RolloutSettings, make_rollout, reward_model_scores
+from tether.ppo.rollout import (
+    PromptSampler,
+    RolloutSettings,
+    make_rollout,
+    reward_model_scores,
+    reward_model_scores_of_sequences,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,17 +206,34 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
     pad = pad_token_id(tokenizer)
     size = cfg.batch_size
     numbered: list[tuple[int, list[float]]] = []
-    for k in _chunks_of_this_process(acc, (len(rows) + size - 1) // size):
+    chunks = _chunks_of_this_process(acc, (len(rows) + size - 1) // size)
+    if not sharded_with_fsdp(acc):
+        # the file holds several responses of each prompt, one after another: each prompt is read once
+        mine = [k for k in chunks if k is not None]
+        my_rows = [row for k in mine for row in rows[k * size : (k + 1) * size]]
+        prompts_ids = [prompt_ids(tokenizer, p, cfg.max_prompt_length) for p, _, _ in my_rows]
+        # an empty response is read at a pad token, as a rollout's padded row reads it
+        responses = [_response_ids(tokenizer, r, s, settings, stop) or [pad] for _, r, s in my_rows]
+        scores = reward_model_scores_of_sequences(
+            models,
+            [p + r for p, r in zip(prompts_ids, responses)],
+            [len(p) for p in prompts_ids],
+            pad,
+            size,
+            autocast=acc.autocast,
+        ).double()
+        counts = [len(rows[k * size : (k + 1) * size]) for k in mine]
+        for k, part in zip(mine, scores.split(counts)):
+            numbered.append((k, part.tolist()))
+        return _gathered(acc, numbered), f"{FROM_FILE}: {len(rows)} of the {in_file} responses in {path.name}"
+
+    for k in chunks:  # sharded: every process runs the same passes, in padded rows
         chunk = rows[(k or 0) * size : ((k or 0) + 1) * size]
         query_ids, query_mask = (
             t.to(acc.device)
             for t in left_pad([prompt_ids(tokenizer, p, cfg.max_prompt_length) for p, _, _ in chunk], pad)
         )
-        responses = [
-            tokenizer(r, add_special_tokens=False)["input_ids"][: settings.sampling.max_new_tokens - int(s)]
-            + ([stop] if s else [])
-            for _, r, s in chunk
-        ]
+        responses = [_response_ids(tokenizer, r, s, settings, stop) for _, r, s in chunk]
         width = max(1, max(len(r) for r in responses))
         padded = torch.tensor([r + [pad] * (width - len(r)) for r in responses], device=acc.device)
         lengths = torch.tensor([max(1, len(r)) for r in responses], device=acc.device)
@@ -220,3 +243,9 @@ def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, setting
         if k is not None:
             numbered.append((k, scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_FILE}: {len(rows)} of the {in_file} responses in {path.name}"
+
+
+def _response_ids(tokenizer, response: str, stopped: bool, settings, stop: int) -> list[int]:
+    """A response as a rollout holds it: its tokens (within the token budget), then the stop token if it stopped."""
+    budget = settings.sampling.max_new_tokens - int(stopped)
+    return tokenizer(response, add_special_tokens=False)["input_ids"][:budget] + ([stop] if stopped else [])

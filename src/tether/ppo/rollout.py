@@ -609,6 +609,32 @@ def reward_model_scores(
         return stop_token_scores(models.reward_model, inputs, generated.lengths, None)
 
 
+@torch.no_grad()
+def reward_model_scores_of_sequences(
+    models: RolloutModels,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    pad_id: int,
+    batch_size: int,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Raw reward-model scores ``[B]`` (float32) of whole ``prompt + response`` token sequences, read at
+    their last token as :func:`reward_model_scores` reads a rollout's. The responses of one prompt (in
+    consecutive rows) are read as one segment, the prompt once and each response seeing it and not the
+    others (``tether.models.scoring.score_sequences``, checked against plain rows once per model), so
+    scoring several responses of each prompt costs P + Σ|r| tokens instead of N·P + Σ|r| and no
+    padding. Not for sharded models: the check's extra passes would differ between processes."""
+    from tether.models.scoring import score_sequences
+
+    with autocast():
+        if models.reward_model is None:  # the LoRA value model with its adapters disabled
+            with adapters_disabled(models.policy_and_value.value_model):
+                model = models.policy_and_value.value_model
+                return score_sequences(model, sequences, pad_id, batch_size, prompt_lengths).float()
+        return score_sequences(models.reward_model, sequences, pad_id, batch_size, prompt_lengths).float()
+
+
 def first_error_message(message: str) -> str:
     """The first non-empty ``message`` over the processes (in rank order), when some process failed;
     a collective, so every process must call it (the single-process case returns ``message``)."""
