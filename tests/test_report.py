@@ -166,6 +166,22 @@ def test_overoptimisation_sentence_reports_the_peak_and_the_rising_proxy():
     assert "peaks at √KL ≈ 4.48" in s  # the fit recovers e^{1.5}
 
 
+def test_overoptimisation_sentence_when_the_kl_did_not_grow_with_training():
+    """The demo run's six PPO iterations (gold, proxy, KL of each rollout): the second iteration has the
+    largest KL and the last the best gold, so the points past the gold peak are earlier iterations and
+    the sentence must not call the drop over-optimisation."""
+    rows = [(0.675, -0.24, 0.0), (0.852, 0.47, 5.38), (0.973, 0.56, 4.73), (1.053, 0.48, 3.43), (0.963, 0.38, 4.67)]
+    rows.append((1.124, 0.37, 4.07))
+    pts = [{"name": f"iter {k}", "gold": g, "proxy": p, "kl": kl} for k, (g, p, kl) in enumerate(rows, 1)]
+    s = R.describe_overoptimisation(pts)
+    # by KL: iter 1 (0), 4 (3.43), 6 (4.07: gold +0.449, the peak), 5 (4.67), 3 (4.73), 2 (5.38)
+    assert s.startswith("Gold reward is highest at √KL ≈ 2.02, iter 6 (+0.45 over the start); the points of larger")
+    assert "(iter 5, iter 3, iter 2) all came earlier in training" in s and "over-optimises" not in s
+    # the same numbers with the KL growing in training order: the drop past the peak is over-optimisation
+    grown = [dict(p, name=f"iter {k}") for k, p in enumerate(sorted(pts, key=lambda p: p["kl"]), 1)]
+    assert "over-optimises the reward model beyond that point" in R.describe_overoptimisation(grown)
+
+
 def test_overoptimisation_sentence_when_gold_still_rises():
     pts = [{"kl": k, "gold": 0.1 * k, "proxy": 0.2 * k} for k in (0.0, 1.0, 2.0, 4.0)]
     s = R.describe_overoptimisation(pts)

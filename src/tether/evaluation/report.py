@@ -198,7 +198,13 @@ def _try_fit_rl(d: np.ndarray, r: np.ndarray) -> tuple[float, float] | None:
 
 
 def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
-    """Where gold peaks along √KL, whether the proxy keeps rising past it, and the fitted peak."""
+    """Where gold peaks along √KL, whether the proxy keeps rising past it, and the fitted peak.
+
+    ``points`` come in training order (iterations, checkpoints). Past a gold peak, only points that
+    also come later in training say what more training does: when every point of larger KL came
+    earlier (the KL did not grow with training), the sentence says so instead of calling it
+    over-optimisation."""
+    trained = {id(p): k for k, p in enumerate(points)}
     pts = _by_kl(points)
     d = _sqrt_kl(pts)
     gold = _recentred(pts, "gold")
@@ -229,6 +235,13 @@ def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
                 if proxy[-1] > 0
                 else f", and the proxy changed by {proxy[-1]:+.2f}"
             )
+    elif all(trained[id(p)] < trained[id(pts[i])] for p in pts[i + 1 :]):
+        name = lambda p: str(p.get("name", f"point {trained[id(p)] + 1}"))  # noqa: E731
+        sentence = (
+            f"Gold reward is highest at √KL ≈ {d[i]:.2f}, {name(pts[i])} ({gold[i]:+.2f} over the start); the "
+            f"points of larger KL ({', '.join(name(p) for p in pts[i + 1 :])}) all came earlier in training, as "
+            "the KL did not grow steadily, so they do not show what training longer would do"
+        )
     else:
         drop = gold[i] - gold[-1]
         sentence = (
