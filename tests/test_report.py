@@ -246,7 +246,7 @@ def test_study_plot_and_sentence(tmp_path):
     assert out["study_json"].is_file()
     assert out["report"].plots["study"].read_bytes().startswith(PNG_MAGIC)
     sentence = out["report"].sentences["study"]
-    assert sentence.startswith("With β = 0.1 gold is still at its highest at the last checkpoint (√KL ≈ 3.00)")
+    assert sentence.startswith("With β = 0.1 gold is still at its highest at the largest KL (√KL ≈ 3.00)")
     assert "with β = 0.001 gold peaks at √KL ≈ 4.50" in sentence
 
 

@@ -348,15 +348,16 @@ def describe_study(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
         i = int(np.argmax(gold))
         if i == 0 and gold[-1] < gold[0]:
             clauses.append(
-                f"with {label} gold never rises above its start and ends {-gold[-1]:.2f} lower at √KL ≈ {d[-1]:.2f}"
+                f"with {label} gold never rises above its start and is {-gold[-1]:.2f} lower at the largest KL "
+                f"(√KL ≈ {d[-1]:.2f})"
             )
         elif i < len(pts) - 1 and gold[-1] < gold[i]:
             clauses.append(
-                f"with {label} gold peaks at √KL ≈ {d[i]:.2f} and ends {gold[i] - gold[-1]:.2f} lower "
-                f"at √KL ≈ {d[-1]:.2f}"
+                f"with {label} gold peaks at √KL ≈ {d[i]:.2f} and is {gold[i] - gold[-1]:.2f} lower "
+                f"at the largest KL (√KL ≈ {d[-1]:.2f})"
             )
         else:
-            clauses.append(f"with {label} gold is still at its highest at the last checkpoint (√KL ≈ {d[-1]:.2f})")
+            clauses.append(f"with {label} gold is still at its highest at the largest KL (√KL ≈ {d[-1]:.2f})")
     if not clauses:
         return "No run has gold scores at two or more checkpoints."
     text = "; ".join(clauses)
