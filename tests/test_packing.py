@@ -17,6 +17,7 @@ from tether.models.packing import (
     block_attention,
     lay_out_rows,
     pack_by_length,
+    probe_rows,
     probe_units,
 )
 from tether.stages.dpo import TokenizedPair as DPOPair
@@ -351,6 +352,10 @@ def test_probe_units_are_the_longest_and_the_two_shortest_by_hand():
     # 4 + 5 ≤ 10 here, so the probe's rows pack them as the whole batch's rows would
     sizes = [10, 4, 5, 8]
     assert pack_by_length([sizes[i] for i in probe_units(sizes)], 10) == [[0], [1, 2]]
+    # rows of four prompts: A (2 tokens) with responses 1 + 3 -> segment 6; B (3) with 1 -> 4; C (1) with 8 -> 9;
+    # D (4) with 1 + 1 -> 6 (D comes after A). Probe: C (the longest), B and A (the two shortest, A before D)
+    a, b, c, d = [1, 2], [3, 4, 5], [6], [7, 8, 9, 10]
+    assert probe_rows([a, b, c, a, d, d], [1, 1, 8, 3, 1, 1]) == [0, 1, 2, 3]
 
 
 def test_the_scoring_check_reads_three_prompts_of_the_first_batch(tiny_rm_dir):

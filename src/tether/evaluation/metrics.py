@@ -151,7 +151,11 @@ def response_token_logprobs(
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         shared = len(batches) > 0 and any(len(idx) > 1 for idx in by_prompt.values())
         if shared and model not in _SHARED_PROMPT_LOGPROBS_EXACT:  # once per model, on three prompts of the first batch
-            probe = _probe(batches[0], samples)
+            from tether.models.packing import probe_rows
+
+            first = [samples[i] for i in batches[0]]
+            rows = probe_rows([s.prompt_ids for s in first], [len(s.response_ids) for s in first])
+            probe = [batches[0][j] for j in rows]
             _SHARED_PROMPT_LOGPROBS_EXACT[model], values = _shared_prompt_logprobs_check(
                 model, [samples[i] for i in probe], temperature, pad_token_id
             )
@@ -231,20 +235,6 @@ def _shared_prompt_logprobs(model, samples: Sequence, temperature: float, pad: i
 
 #: per model: whether shared-prompt segments gave plain rows' log-probs on its first batch (weakly held)
 _SHARED_PROMPT_LOGPROBS_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _probe(chunk: Sequence[int], samples: Sequence) -> list[int]:
-    """The samples of ``chunk`` (a batch of whole prompts) that the layout check reads: those of its
-    longest prompt segment and of its two shortest (``tether.models.packing.probe_units``)."""
-    from tether.models.packing import probe_units
-
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i in chunk:
-        groups.setdefault(tuple(samples[i].prompt_ids), []).append(i)
-    members = list(groups.values())
-    sizes = [len(prompt) + sum(len(samples[i].response_ids) for i in idx) for prompt, idx in groups.items()]
-    picked = {i for g in probe_units(sizes) for i in members[g]}
-    return [i for i in chunk if i in picked]
 
 
 def _shared_prompt_logprobs_check(

@@ -358,3 +358,17 @@ def probe_units(sizes: Sequence[int]) -> list[int]:
     longest = max(range(len(sizes)), key=lambda i: (sizes[i], -i))
     rest = sorted((i for i in range(len(sizes)) if i != longest), key=lambda i: (sizes[i], i))
     return sorted([longest, *rest[:2]])
+
+
+def probe_rows(prompts: Sequence[Sequence[int]], response_lengths: Sequence[int]) -> list[int]:
+    """Positions, in order, of the rows of a batch of whole prompts that a shared-prompt layout check reads:
+    the rows of the prompts whose segments (the prompt once, then every response) are :func:`probe_units`.
+
+    ``prompts[i]`` are row i's prompt tokens and ``response_lengths[i]`` its response's tokens.
+    """
+    members: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        members.setdefault(tuple(prompt), []).append(i)
+    groups = list(members.items())
+    sizes = [len(prompt) + sum(response_lengths[i] for i in rows) for prompt, rows in groups]
+    return sorted(i for g in probe_units(sizes) for i in groups[g][1])

@@ -169,7 +169,10 @@ def score_sequences(
         order = [i for _, idx in sorted(groups.items(), key=lambda item: len(item[0])) for i in idx]
         batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         if model not in _SHARED_PROMPT_EXACT:  # once per model, on three prompts of the first batch
-            probe = _probe(batches[0], sequences, prompt_lengths)
+            from tether.models.packing import probe_rows
+
+            first = [(sequences[i], min(prompt_lengths[i], len(sequences[i]))) for i in batches[0]]
+            probe = [batches[0][j] for j in probe_rows([s[:n] for s, n in first], [len(s) - n for s, n in first])]
             seqs, lengths = [sequences[i] for i in probe], [prompt_lengths[i] for i in probe]
             _SHARED_PROMPT_EXACT[model], out = _shared_prompt_check(model, seqs, lengths, pad_token_id)
             if len(probe) == len(batches[0]):  # the probe was the whole batch
@@ -236,18 +239,6 @@ def score_shared_prompts(
 
 #: per model: whether shared-prompt segments gave plain rows' scores on its first batch (weakly held)
 _SHARED_PROMPT_EXACT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _probe(chunk: Sequence[int], sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[int]:
-    """The sequences of ``chunk`` (a batch of whole prompts) that the layout check reads: those of its
-    longest prompt segment and of its two shortest (``tether.models.packing.probe_units``)."""
-    from tether.models.packing import probe_units
-
-    groups = _by_prompt([sequences[i] for i in chunk], [prompt_lengths[i] for i in chunk])
-    members = list(groups.values())
-    sizes = [len(prompt) + sum(len(sequences[chunk[j]]) - len(prompt) for j in idx) for prompt, idx in groups.items()]
-    picked = {j for g in probe_units(sizes) for j in members[g]}
-    return [i for j, i in enumerate(chunk) if j in picked]
 
 
 def _shared_prompt_check(model, sequences, prompt_lengths, pad: int) -> tuple[bool, torch.Tensor]:
