@@ -225,8 +225,13 @@ def test_gold_metrics_hook_reads_a_rollout(annotator, tokenizer):
     out = A.gold_metrics_hook(tokenizer, annotator)(rollout)
     texts = rollout.response_texts(tokenizer)
     assert texts[0] == good
-    expected = sum(annotator.scores([prompt, prompt], texts, [True, False])) / 2
-    assert out == {"reward/gold": pytest.approx(expected)}
+    finished, unfinished = annotator.scores([prompt, prompt], texts, [True, False])
+    assert finished != unfinished  # the unfinished answer is penalised
+    # mean and s/√n: for two scores s = |a − b|/√2, so the standard error is |a − b|/2
+    assert out == {
+        "reward/gold": pytest.approx((finished + unfinished) / 2),
+        "reward/gold_se": pytest.approx(abs(finished - unfinished) / 2),
+    }
 
 
 def test_pairs_of_samples_lists_every_pair_of_each_prompts_samples_in_order():

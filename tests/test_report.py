@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from tether.evaluation import report as R
 from tether.evaluation.evaluate import points_from_metrics
@@ -182,6 +183,29 @@ def test_overoptimisation_sentence_when_the_kl_did_not_grow_with_training():
     assert "over-optimises the reward model beyond that point" in R.describe_overoptimisation(grown)
 
 
+def test_overoptimisation_needs_a_drop_of_two_standard_errors(tmp_path):
+    """Gold peaks at the second point (+0.30 over the start) and ends 0.25 lower; with standard errors of
+    0.06 and 0.08 the drop's is √(0.0036 + 0.0064) = 0.10, so 0.25 is 2.5 s.e.: over-optimisation.
+    With 0.09 and 0.12 it is 0.15, and the same drop (1.7 s.e.) is within noise."""
+
+    def points(se_peak, se_last):
+        rows = [(0.0, 0.0, 0.0, 0.05), (1.0, 0.3, 0.5, se_peak), (4.0, 0.05, 0.9, se_last)]
+        return [{"kl": kl, "gold": g, "proxy": p, "gold_se": se} for kl, g, p, se in rows]
+
+    shown = R.describe_overoptimisation(points(0.06, 0.08))
+    assert "is 0.25 ± 0.10 lower at √KL ≈ 2.00 while the proxy keeps rising" in shown
+    assert "over-optimises the reward model beyond that point" in shown
+    noise = R.describe_overoptimisation(points(0.09, 0.12))
+    assert "is 0.25 ± 0.15 lower at √KL ≈ 2.00, less than two standard errors" in noise
+    assert "no over-optimisation is shown" in noise and "over-optimises" not in noise
+    assert "(the proxy changed by +0.40 past the gold peak)" in noise
+    # without standard errors the sentence is the one it always was
+    plain = [{k: v for k, v in p.items() if k != "gold_se"} for p in points(0.09, 0.12)]
+    assert "is 0.25 lower at √KL ≈ 2.00 while the proxy keeps rising" in R.describe_overoptimisation(plain)
+    # the plot draws the gold points with their error bars (a PNG is written; it is not inspected)
+    assert R.plot_overoptimisation(points(0.09, 0.12), tmp_path / "overopt.png").stat().st_size > 0
+
+
 def test_overoptimisation_sentence_when_gold_still_rises():
     pts = [{"kl": k, "gold": 0.1 * k, "proxy": 0.2 * k} for k in (0.0, 1.0, 2.0, 4.0)]
     s = R.describe_overoptimisation(pts)
@@ -229,13 +253,17 @@ def test_ppo_sentence_uses_first_and_last_tenth():
 # ---------------------------------------------------------------------------------------------
 def test_points_from_metrics_windows():
     rows = [{"step": i, "kl/ref": float(i), "reward/score": 2.0 * i, "reward/gold": -float(i)} for i in range(1, 8)]
+    for row, se in zip(rows, (0.1, 0.2, 0.2, 0.3, 0.0, 0.4, 0.5)):
+        row["reward/gold_se"] = se
     rows.insert(3, {"step": 99, "loss/policy": 1.0})  # rows without kl/ref are skipped
     pts = points_from_metrics(rows, window=3)
     assert [p["name"] for p in pts] == ["iter 1-3", "iter 4-6", "iter 7-7"]
-    assert pts[0] == {"name": "iter 1-3", "kl": 2.0, "gold": -2.0, "proxy": 4.0}
-    assert pts[2]["kl"] == 7.0
+    # √(0.01 + 0.04 + 0.04) / 3 = 0.3 / 3
+    assert pts[0] == {"name": "iter 1-3", "kl": 2.0, "gold": -2.0, "proxy": 4.0, "gold_se": pytest.approx(0.1)}
+    assert pts[1]["gold_se"] == pytest.approx(0.5 / 3)  # √(0.09 + 0 + 0.16) / 3
+    assert pts[2]["kl"] == 7.0 and pts[2]["gold_se"] == pytest.approx(0.5)
     no_gold = points_from_metrics([{"step": 1, "kl/ref": 0.5, "reward/score": 1.0}], window=2)
-    assert no_gold[0]["gold"] is None
+    assert no_gold[0]["gold"] is None and no_gold[0]["gold_se"] is None
 
 
 def test_study_plot_and_sentence(tmp_path):

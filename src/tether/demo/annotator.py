@@ -53,6 +53,7 @@ import logging
 import math
 import random
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -464,10 +465,13 @@ def sample_and_label_pairs(
 
 
 def gold_metrics_hook(tokenizer, annotator: SimulatedAnnotator | None = None, key: str = "reward/gold"):
-    """An ``extra_metrics`` hook for ``tether.ppo.trainer.run_ppo``: mean g of each rollout batch.
+    """An ``extra_metrics`` hook for ``tether.ppo.trainer.run_ppo``: mean g of each rollout batch and its
+    standard error, ``s / √n`` with ``s`` the sample standard deviation of the batch's n scores.
 
-    ``run_ppo(config, prompts, extra_metrics=gold_metrics_hook(tokenizer))`` logs ``reward/gold``
-    beside ``reward/score`` every iteration (the policy never sees it: it is only logged).
+    ``run_ppo(config, prompts, extra_metrics=gold_metrics_hook(tokenizer))`` logs ``reward/gold`` and
+    ``reward/gold_se`` beside ``reward/score`` every iteration (the policy never sees them: they are only
+    logged). The standard error treats the responses as independent; k responses to one prompt are
+    not quite, so with k > 1 it is a lower bound.
     """
 
     def hook(rollout) -> dict:
@@ -476,6 +480,11 @@ def gold_metrics_hook(tokenizer, annotator: SimulatedAnnotator | None = None, ke
         texts = rollout.response_texts(tokenizer)
         stopped = [bool(s) for s in rollout.stopped.cpu().tolist()]
         scores = (annotator or default_annotator()).scores(list(rollout.prompts), texts, stopped)
-        return {key: float(sum(scores) / len(scores))} if scores else {}
+        if not scores:
+            return {}
+        out = {key: float(sum(scores) / len(scores))}
+        if len(scores) > 1:
+            out[f"{key}_se"] = statistics.stdev(scores) / math.sqrt(len(scores))
+        return out
 
     return hook

@@ -906,9 +906,11 @@ def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> l
     """Average consecutive PPO iterations into over-optimisation points.
 
     Rows without ``kl/ref`` are skipped; each window of ``window`` rows gives one point
-    ``{"name": "iter A-B", "kl", "gold", "proxy"}`` with the means of ``kl/ref``, ``reward/gold``
-    and ``reward/score`` (None when a key is missing from any row of the window). The first
-    window holds the starting policy's rollouts, the baseline the plot recentres on.
+    ``{"name": "iter A-B", "kl", "gold", "proxy", "gold_se"}`` with the means of ``kl/ref``,
+    ``reward/gold`` and ``reward/score`` (None when a key is missing from any row of the window), and
+    the standard error of the gold mean from the rows' ``reward/gold_se``: the m iterations are
+    independent batches, so ``se = √(Σ se_j²) / m``. The first window holds the starting policy's
+    rollouts, the baseline the plot recentres on.
     """
 
     def num(v):
@@ -928,12 +930,15 @@ def points_from_metrics(rows: Sequence[Mapping[str, Any]], window: int = 5) -> l
             vals = [num(r.get(key)) for r in chunk]
             return None if any(v is None for v in vals) else float(np.mean(vals))
 
+        ses = [num(r.get("reward/gold_se")) for r in chunk]
+        gold_se = None if any(v is None for v in ses) else math.sqrt(sum(v * v for v in ses)) / len(ses)
         points.append(
             {
                 "name": f"iter {steps[0]}-{steps[-1]}",
                 "kl": max(0.0, mean("kl/ref")),
                 "gold": mean("reward/gold"),
                 "proxy": mean("reward/score"),
+                "gold_se": gold_se,
             }
         )
     return points

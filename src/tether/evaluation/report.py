@@ -203,7 +203,9 @@ def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
     ``points`` come in training order (iterations, checkpoints). Past a gold peak, only points that
     also come later in training say what more training does: when every point of larger KL came
     earlier (the KL did not grow with training), the sentence says so instead of calling it
-    over-optimisation."""
+    over-optimisation. When the points carry ``gold_se`` (the standard error of their gold mean), a
+    drop from the peak to the largest KL is called over-optimisation only when it is at least twice
+    its standard error ``√(se_peak² + se_last²)``."""
     trained = {id(p): k for k, p in enumerate(points)}
     pts = _by_kl(points)
     d = _sqrt_kl(pts)
@@ -244,11 +246,21 @@ def describe_overoptimisation(points: Sequence[Mapping[str, Any]]) -> str:
         )
     else:
         drop = gold[i] - gold[-1]
+        ses = [_num(pts[i].get("gold_se")), _num(pts[-1].get("gold_se"))]
+        drop_se = math.hypot(*ses) if None not in ses else None
         sentence = (
             f"Gold reward peaks at √KL ≈ {d[i]:.2f} ({gold[i]:+.2f} over "
-            f"the start) and is {drop:.2f} lower at √KL ≈ {d[-1]:.2f}"
+            f"the start) and is {drop:.2f}{'' if drop_se is None else f' ± {drop_se:.2f}'} lower at √KL ≈ {d[-1]:.2f}"
         )
-        if proxy is not None:
+        if drop_se is not None and drop < 2 * drop_se:
+            # two batches of rollouts: a drop within 2 s.e. is what their sampling noise alone gives
+            sentence += (
+                ", less than two standard errors of the two points' rollouts: no over-optimisation is shown "
+                "at this many rollouts per point"
+            )
+            if proxy is not None:
+                sentence += f" (the proxy changed by {proxy[-1] - proxy[i]:+.2f} past the gold peak)"
+        elif proxy is not None:
             if proxy[-1] >= proxy[i]:
                 sentence += (
                     f" while the proxy keeps rising (by {proxy[-1] - proxy[i]:+.2f} past the gold peak): "
@@ -413,7 +425,8 @@ def plot_ppo_curves(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | Non
 
 
 def plot_overoptimisation(points: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    """Gold and proxy (recentred on the start) against √KL, with fitted R_RL curves."""
+    """Gold and proxy (recentred on the start) against √KL, with fitted R_RL curves; error bars where the
+    points carry ``gold_se`` / ``proxy_se``."""
     pts = _by_kl(points)
     if len(pts) < 2:
         return None
@@ -427,7 +440,11 @@ def plot_overoptimisation(points: Sequence[Mapping[str, Any]], path: Path) -> Pa
         if r is None:
             continue
         drawn = True
-        ax.plot(d, r, "o", color=color, label=f"{label}, checkpoints")
+        se = [_num(p.get(f"{key}_se")) for p in pts]
+        if None in se:
+            ax.plot(d, r, "o", color=color, label=f"{label}, checkpoints")
+        else:
+            ax.errorbar(d, r, yerr=se, fmt="o", color=color, capsize=2, label=f"{label}, checkpoints (± s.e.)")
         fit = _try_fit_rl(d, r)
         if fit is not None:
             ax.plot(
