@@ -283,3 +283,44 @@ def test_pipeline_rl_rejects_unknown_methods_and_rounds():
         PipelineConfig(rl="ppo,ppo")
     with pytest.raises(ConfigError, match="needs --rounds 1"):
         PipelineConfig(rl="ppo,rloo", rounds=2)
+
+
+def test_a_section_names_its_held_out_data_and_may_not_replace_the_pipelines(tmp_path, tiny_model_dir, caplog):
+    """`rm: eval_dataset: FILE` evaluates the reward model on FILE and trains it on every pipeline pair
+    (no share held out); `sft:` / `dpo:` take it the same way. `dataset` in a section is refused before
+    anything is written: the pipeline trains each stage on its own inputs."""
+    import logging
+
+    from tether.pipeline import training_and_held_out
+    from tether.stages.reward import RewardConfig
+
+    held_out = tmp_path / "held_out.jsonl"
+    rows = [{"prompt": f"Say {w}.", "chosen": w, "rejected": f"{w} {w} {w}"} for w in ("yes", "no", "maybe")]
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {**TINY_STAGES, "model_name_or_path": str(tiny_model_dir), "skip": "ppo,dpo,bon,eval,report"}
+    config["rm"] = {**TINY_STAGES["rm"], "eval_dataset": str(held_out)}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="tether"):
+        run_pipeline(parse_config(PipelineConfig, ["--config", str(tmp_path / "p.yaml"), "--output_dir", str(out)]))
+    assert f"read 3 preferences from {held_out}" in caplog.text
+    accuracy = json.loads((out / "rm" / "eval_results.json").read_text())["final"]["eval_accuracy"]
+    assert abs(3 * accuracy - round(3 * accuracy)) < 1e-6  # a share of the file's 3 pairs
+
+    # the rule itself: the named data, else a seeded share (the split's sizes), else nothing held out
+    class Run:
+        config = PipelineConfig()
+
+    records = list(range(20))
+    assert training_and_held_out(Run, RewardConfig(eval_dataset=str(held_out)), records) == (records, str(held_out))
+    train, held = training_and_held_out(Run, RewardConfig(eval_split_ratio=0.25), records)
+    assert (len(train), len(held), sorted(train + held)) == (15, 5, records)
+    assert training_and_held_out(Run, RewardConfig(eval_split_ratio=0.0), records) == (records, [])
+
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({stage: {"dataset": "other.jsonl"}}))
+        argv = ["--config", str(tmp_path / "bad.yaml"), "--output_dir", str(tmp_path / "o")]
+        bad = parse_config(PipelineConfig, argv)
+        with pytest.raises(ConfigError, match=f"pipeline section `{stage}`: dataset is set by the pipeline"):
+            run_pipeline(bad)
+        assert not (tmp_path / "o").exists()

@@ -363,6 +363,9 @@ def check_section(stage: str, section: dict, known: set[str], owner: str) -> Non
         raise ConfigError(f"pipeline section `{stage}`: unknown option(s) {', '.join(unknown)} for {owner}")
 
 
+# Data options of the stage commands that the pipeline's own inputs replace: a section may not set them.
+_DATA_SET_BY_PIPELINE = {"dataset", "dataset_config", "dataset_split", "dataset_test_split"}
+
 # Options of `evaluate_policies` that the pipeline sets itself; the `eval:` section may set the rest.
 _EVAL_SET_BY_PIPELINE = {
     "policies",
@@ -390,7 +393,14 @@ def check_sections(pipeline: PipelineConfig) -> None:
     from tether.stages.sft import SFTConfig
 
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
-        canonical_options(getattr(pipeline, stage), cls, f"pipeline section `{stage}`")
+        options = canonical_options(getattr(pipeline, stage), cls, f"pipeline section `{stage}`")
+        given = sorted(set(options) & _DATA_SET_BY_PIPELINE)
+        if given:
+            raise ConfigError(
+                f"pipeline section `{stage}`: {', '.join(given)} is set by the pipeline, which trains every stage "
+                "on its own data (`demonstrations:`, `preferences:`, `prompts:`); remove it from the section "
+                "(`eval_dataset:` may name a stage's held-out data)"
+            )
     check_section(
         "eval",
         pipeline.eval,
@@ -553,7 +563,21 @@ def train_sft_model(run: PipelineRun) -> StageResult:
     from tether.stages.sft import SFTConfig, train_sft
 
     cfg = run.stage_config(SFTConfig, "sft", model_name_or_path=run.model_path, output_dir=str(run.out / "sft"))
-    return StageResult(train_sft(cfg, run.demonstrations), {"demonstrations": len(run.demonstrations)})
+    train, held = training_and_held_out(run, cfg, run.demonstrations)
+    return StageResult(train_sft(cfg, train, held or None), {"demonstrations": len(run.demonstrations)})
+
+
+def training_and_held_out(run: PipelineRun, cfg: Any, records: list) -> tuple[list, Any]:
+    """A stage's training records and its held-out data: the section's ``eval_dataset`` when it names
+    one (a file, folder or hub name, read as the stage's own command reads ``--eval_dataset``), else a
+    seeded ``eval_split_ratio`` share of the pipeline's ``records`` (none at 0)."""
+    from tether.data.loading import split_train_eval
+
+    if cfg.eval_dataset:
+        return records, cfg.eval_dataset
+    if cfg.eval_split_ratio:
+        return split_train_eval(records, cfg.eval_split_ratio, run.config.seed)
+    return records, []
 
 
 # ---- preference data --------------------------------------------------------------------------
@@ -654,16 +678,12 @@ def other_rl_methods(run: PipelineRun) -> None:
 
 
 def train_reward_model(run: PipelineRun, suffix: str) -> StageResult:
-    from tether.data.loading import split_train_eval
     from tether.stages.reward import RewardConfig, train_reward
 
     cfg = run.stage_config(RewardConfig, "rm", model_name_or_path=run.sft_path, output_dir=str(run.out / f"rm{suffix}"))
-    pairs = run.pairs
-    train, held = (
-        split_train_eval(pairs, cfg.eval_split_ratio, run.config.seed) if cfg.eval_split_ratio else (pairs, [])
-    )
+    train, held = training_and_held_out(run, cfg, run.pairs)
     path = train_reward(cfg, train, held)
-    return StageResult(path, {"pairs": len(pairs), "eval": _read_json(Path(path) / "eval_results.json")})
+    return StageResult(path, {"pairs": len(run.pairs), "eval": _read_json(Path(path) / "eval_results.json")})
 
 
 def train_ppo_policy(run: PipelineRun, suffix: str, method: str = "ppo", start: str | None = None) -> StageResult:
@@ -731,14 +751,10 @@ def dpo_stage(run: PipelineRun) -> None:
 
 
 def train_dpo_policy(run: PipelineRun) -> StageResult:
-    from tether.data.loading import split_train_eval
     from tether.stages.dpo import DPOConfig, train_dpo
 
     cfg = run.stage_config(DPOConfig, "dpo", model_name_or_path=run.sft_path, output_dir=str(run.out / "dpo"))
-    pairs = run.pairs
-    train, held = (
-        split_train_eval(pairs, cfg.eval_split_ratio, run.config.seed) if cfg.eval_split_ratio else (pairs, [])
-    )
+    train, held = training_and_held_out(run, cfg, run.pairs)
     train_dpo(cfg, train, held)  # its metrics are in dpo/ (the state records the folder only)
     return StageResult(run.out / "dpo")
 
