@@ -182,23 +182,29 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
             assert getattr(built, key) == value, (stage, key)
 
 
-def test_the_recipe_yaml_builds_every_stage_config_with_its_method(tiny_rm_dir):
-    """configs/recipe_qa_feedback.yaml (docs/recipe.md): every section is valid for its stage, and the
-    RL method it names (rloo) gets its estimator and no value model from the shared `ppo:` section."""
+@pytest.mark.parametrize(
+    "name, folder, lengths, iterations",
+    [("recipe_qa_feedback", "recipe", (1280, 1536), 30), ("recipe_qa_feedback_cpu", "recipe_cpu", (512, 768), 8)],
+)
+def test_the_recipe_yaml_builds_every_stage_config_with_its_method(tiny_rm_dir, name, folder, lengths, iterations):
+    """configs/recipe_qa_feedback*.yaml (docs/recipe.md): every section is valid for its stage, the reward
+    model is judged on the test split, and the RL method it names (rloo) gets its estimator and no value
+    model from the shared `ppo:` section."""
     from tether.pipeline import RL_METHODS, check_sections, stage_config
     from tether.ppo import PPOConfig
     from tether.stages.dpo import DPOConfig
     from tether.stages.reward import RewardConfig
     from tether.stages.sft import SFTConfig
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "recipe_qa_feedback.yaml"
-    assert "gold_reward_model: outputs/recipe/gold_rm" in path.read_text()  # trained first (docs/recipe.md)
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    assert f"gold_reward_model: outputs/{folder}/gold_rm" in path.read_text()  # trained first (docs/recipe.md)
     config = parse_config(PipelineConfig, ["--config", str(path), "--gold_reward_model", str(tiny_rm_dir)])
     check_sections(config)
     assert config.rl_methods() == ["rloo"]
     for stage, cls in (("sft", SFTConfig), ("rm", RewardConfig), ("dpo", DPOConfig)):
         built = stage_config(cls, config, stage, output_dir="unused")
-        assert (built.max_prompt_length, built.max_length) == (1280, 1536), stage  # no qa-feedback prompt is cut
+        assert (built.max_prompt_length, built.max_length) == lengths, stage
+    assert stage_config(RewardConfig, config, "rm", output_dir="u").eval_dataset == "data/qa_feedback/test.jsonl.gz"
     rloo = stage_config(
         PPOConfig, config, "ppo", {"advantage_estimator": "rloo", "value_head_on_policy": False}, output_dir="u",
         **RL_METHODS["rloo"],
@@ -206,6 +212,7 @@ def test_the_recipe_yaml_builds_every_stage_config_with_its_method(tiny_rm_dir):
     assert (rloo.advantage_estimator, rloo.num_generations, rloo.batch_size, rloo.value_head_on_policy) == (
         "rloo", 4, 32, False,
     )  # fmt: skip
+    assert rloo.num_iterations == iterations
 
 
 def test_tether_ppo_on_embedded_demo_logs_gold_every_iteration(tmp_path, tiny_model_dir, tiny_rm_dir, annotator):
