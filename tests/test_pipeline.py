@@ -331,3 +331,19 @@ def test_a_section_names_its_held_out_data_and_may_not_replace_the_pipelines(tmp
         with pytest.raises(ConfigError, match=f"pipeline section `{stage}`: dataset is set by the pipeline"):
             run_pipeline(bad)
         assert not (tmp_path / "o").exists()
+
+
+def test_the_gold_judge_reads_prompts_cut_as_the_policy_read_them(tiny_rm_dir):
+    """The pipeline's gold reward model scores with the max_prompt_length of the stage it judges (PPO's
+    or the evaluation's), one loaded model shared by both: a prompt within the cut scores as uncut, a
+    longer one as its last tokens only."""
+    from tether.pipeline import gold_judge
+
+    config = parse_config(PipelineConfig, ["--gold_reward_model", str(tiny_rm_dir)])
+    whole, cut = gold_judge(config), gold_judge(config, 64, 4)
+    assert (whole.max_prompt_length, whole.batch_size, cut.max_prompt_length, cut.batch_size) == (None, 8, 64, 4)
+    assert cut.model is whole.model
+    short, long = "Name a colour.", "Read this first. " * 30 + "Name a colour."
+    responses = ["Blue.", "Green, like grass."]
+    assert cut.scores([short] * 2, responses) == pytest.approx(whole.scores([short] * 2, responses), abs=1e-6)
+    assert cut.scores([long] * 2, responses) != pytest.approx(whole.scores([long] * 2, responses), abs=1e-6)

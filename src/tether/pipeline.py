@@ -25,6 +25,7 @@ labelled (see ``label_with_command``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -719,7 +720,7 @@ def train_ppo_policy(run: PipelineRun, suffix: str, method: str = "ppo", start: 
         and sampled.get("temperature") == cfg.temperature
     ):
         cfg.reward_norm_responses = sampled["sft_samples"]
-    judge = gold_judge(config)
+    judge = gold_judge(config, cfg.max_prompt_length)
     hook = gold_metrics_hook(run.tokenizer, annotator=judge) if judge is not None else None
     result = run_ppo(cfg, run.train_prompts, extra_metrics=hook)
     if result.policy_dir is None:
@@ -797,7 +798,7 @@ def evaluate_run(run: PipelineRun) -> StageResult:
         run.eval_prompts,
         reward_stats=stats,
         temperature=config.temperature,
-        gold=gold_judge(config) or False,
+        gold=gold_judge(config, opts.get("max_prompt_length"), opts.get("batch_size", 8)) or False,
         best_of_n=bon,
         # the curve comes from the best-of-N entry's samples (its prompts get max(N) samples, nothing twice)
         bon_curve=config.bon_ns() if bon else (),
@@ -828,7 +829,7 @@ def evaluate_run(run: PipelineRun) -> StageResult:
             prompts[: config.bon_curve_prompts] if config.bon_curve_prompts else prompts,
             ns=config.bon_ns(),
             reward_stats=stats,
-            gold=gold_judge(config) or False,
+            gold=gold_judge(config, opts.get("max_prompt_length"), opts.get("batch_size", 8)) or False,
             temperature=config.temperature,
             max_new_tokens=opts["max_new_tokens"],
             seed=config.seed,
@@ -838,11 +839,15 @@ def evaluate_run(run: PipelineRun) -> StageResult:
     return StageResult(eval_dir / "eval.json")
 
 
-def gold_judge(config: PipelineConfig):
+def gold_judge(config: PipelineConfig, max_prompt_length: int | None = None, batch_size: int = 8):
     """The gold judge: a ``RewardModelJudge`` of ``--gold_reward_model``, the simulated annotator on the demo
-    task, else None (no gold score)."""
+    task, else None (no gold score). The judge reads each prompt cut to ``max_prompt_length`` tokens, as
+    the policy it judges read it (PPO's or the evaluation's option) and as the proxy reward model scores
+    it; the model is loaded once for every stage."""
     if config.gold_reward_model:
-        return _cached_judge(config.gold_reward_model)
+        judge = copy.copy(_cached_judge(config.gold_reward_model))
+        judge.max_prompt_length, judge.batch_size = max_prompt_length, batch_size
+        return judge
     if config.is_demo:
         from tether.demo.annotator import default_annotator
 
