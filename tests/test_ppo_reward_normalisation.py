@@ -107,3 +107,47 @@ def test_reward_model_statistics_are_only_a_fallback_that_says_so(tmp_path, word
     summary = json.loads((tmp_path / "run" / "ppo_summary.json").read_text())
     assert "fallback" in summary["reward_normalisation"]["source"] and summary["reward_normalisation"]["mean"] == 100.0
     assert PROMPTS  # the trainer's prompts (imported with make_config)
+
+
+def test_sampled_statistics_of_a_critic_free_run_come_from_the_reward_model_alone(tmp_path, word_dirs, monkeypatch):  # noqa: F811
+    """RLOO (2 responses per prompt) measuring its normalisation on 6 fresh samples, one per prompt: the
+    statistics are the moments of the reward model's scores of exactly those samples (each read alone,
+    unpadded), no policy or reference pass scores them, and the grouped-rows check is left to the first
+    training rollout (whose prompts do repeat)."""
+    from transformers import AutoModelForSequenceClassification
+
+    import tether.ppo.reward_scale as reward_scale
+    import tether.ppo.rollout as rollout
+
+    rm = rm_with_training_pair_stats(tmp_path, word_dirs)
+    sampled, scored = [], []
+    sample = reward_scale.sample_responses
+
+    def recording_sample(models, tokenizer, query_ids, query_mask, settings, **kw):
+        generated = sample(models, tokenizer, query_ids, query_mask, settings, **kw)
+        sampled.append((query_ids, query_mask, generated))
+        return generated
+
+    monkeypatch.setattr(reward_scale, "sample_responses", recording_sample)
+    score = rollout.score_responses
+    monkeypatch.setattr(rollout, "score_responses", lambda *a, **k: scored.append(1) or score(*a, **k))
+    config = make_config(
+        tmp_path, word_dirs, "rloo", reward_model_path=rm, reward_norm_samples=6, batch_size=4, mini_batch_size=4,
+        advantage_estimator="rloo", num_generations=2,
+    )  # fmt: skip
+    t = trainer(config)
+    assert not scored and t.rollout_settings.shared_rows is None  # the reward model alone; nothing checked yet
+    model = AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    hand = []
+    with torch.no_grad():
+        for query_ids, query_mask, generated in sampled:
+            for q, m, r, n in zip(query_ids, query_mask, generated.responses, generated.lengths):
+                ids = torch.cat([q[m.bool()], r[: int(n)]]).unsqueeze(0)
+                hand.append(float(model.score(model.model(input_ids=ids).last_hidden_state[0, -1])))
+    values = torch.tensor(hand, dtype=torch.float64)
+    stats = t.models.reward_stats
+    assert stats.count == 6 == len(hand)  # 4 + 2: two chunks of --batch_size
+    assert abs(stats.mean - values.mean().item()) < 1e-5
+    assert abs(stats.std - values.std(unbiased=False).item()) < 1e-5
+    batch = t.collect_rollout()  # the training rollout's 2 responses per prompt share it, once checked
+    assert scored and t.rollout_settings.shared_rows is True and batch.group_size == 2

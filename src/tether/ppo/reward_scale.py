@@ -37,9 +37,9 @@ from tether.ppo.models import sharded_with_fsdp
 from tether.ppo.rollout import (
     PromptSampler,
     RolloutSettings,
-    make_rollout,
     reward_model_scores,
     reward_model_scores_of_sequences,
+    sample_responses,
 )
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def _chunks_of_this_process(acc, count: int) -> list[int | None]:
 
 def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):
     """Raw scores of ``--reward_norm_samples`` fresh responses of the starting policy, one per prompt (prompts
-    in a seeded order, cycled when there are fewer).
+    in a seeded order, cycled when there are fewer), read by the reward model alone.
 
     The prompts are cut into chunks of ``--batch_size`` (the global batch: the same on any number of
     processes); chunk k samples after ``torch.manual_seed(batch_seed(seed, k))`` inside a forked RNG, so
@@ -164,10 +164,25 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
             torch.manual_seed(batch_seed(cfg.seed, 0 if k is None else k))
             ids = [prompts.prompt_token_ids[i] for i in chunks[0 if k is None else k]]
             query_ids, query_mask = (t.to(acc.device) for t in left_pad(ids, pad_token_id(tokenizer)))
-            rollout = make_rollout(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
+            # only the reward model reads them (no policy, reference or value pass): one row per prompt
+            generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
+            scores = torch.cat(
+                [
+                    reward_model_scores(models, query_ids[rows], query_mask[rows], part, autocast=acc.autocast)
+                    for rows, part in _row_chunks(generated, whole.forward_batch_size)
+                ]
+            )
             if k is not None:
-                numbered.append((k, rollout.raw_scores.double().cpu().tolist()))
+                numbered.append((k, scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_POLICY} ({count} at T = {cfg.temperature})"
+
+
+def _row_chunks(generated: GeneratedBatch, size: int):
+    """``(rows, generated[rows])`` for consecutive slices of ``size`` rows."""
+    for start in range(0, len(generated.lengths), size):
+        rows = slice(start, start + size)
+        part = GeneratedBatch(generated.responses[rows], generated.lengths[rows], generated.stopped[rows])
+        yield rows, part
 
 
 def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):

@@ -517,6 +517,35 @@ def _autocasting(autocast: Callable[[], contextlib.AbstractContextManager]) -> b
         return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
 
 
+def sample_responses(
+    models: RolloutModels,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    settings: RolloutSettings,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> GeneratedBatch:
+    """One response per query from the policy, in the precision the update computes it in; with
+    ``settings.group_size`` k > 1 each run of repeated queries is prefilled once
+    (:func:`~tether.ppo.grouping.generate_groups`, which also serves distinct queries)."""
+    policy = models.policy_and_value.policy
+    # under FSDP the policy is gathered whole for the block: each process decodes as long as its responses need
+    with autocast(), unsharded(policy):
+        sampling = (tokenizer, query_ids, query_mask, settings.sampling)
+        if settings.group_size > 1 and query_ids.shape[1] > 1 and settings.sampling.cache_implementation is None:
+            return generate_groups(
+                policy,
+                *sampling,
+                settings.group_size,
+                settings.generation_batch_size,
+                return_logprobs=settings.logprobs_from_sampling,
+            )
+        return generate_batch(
+            policy, *sampling, settings.generation_batch_size, return_logprobs=settings.logprobs_from_sampling
+        )
+
+
 def make_rollout(
     models: RolloutModels,
     tokenizer,
@@ -529,7 +558,8 @@ def make_rollout(
     agree: Callable[[bool], bool] = bool,
     say: Callable[[str], None] = print,
 ) -> Rollout:
-    """Sample one response per query with the policy, then :func:`score_responses`; times both phases
+    """Sample one response per query with the policy (:func:`sample_responses`), then
+    :func:`score_responses`; times both phases
     (on CUDA after a synchronisation, so the times are the device's).
 
     ``settings.logprobs_from_sampling``: take the old log-probs from the sampler's logits instead of a
@@ -542,19 +572,8 @@ def make_rollout(
     gives the reason for falling back to plain rows).
     """
     k = settings.group_size
-    policy = models.policy_and_value.policy
     start = time.perf_counter()
-    # under FSDP the policy is gathered whole for the block: each process decodes as long as its responses need
-    with autocast(), unsharded(policy):  # sample in the precision the update computes the policy in
-        sampling = (tokenizer, query_ids, query_mask, settings.sampling)
-        if k > 1 and query_ids.shape[1] > 1 and settings.sampling.cache_implementation is None:
-            generated = generate_groups(
-                policy, *sampling, k, settings.generation_batch_size, return_logprobs=settings.logprobs_from_sampling
-            )
-        else:
-            generated = generate_batch(
-                policy, *sampling, settings.generation_batch_size, return_logprobs=settings.logprobs_from_sampling
-            )
+    generated = sample_responses(models, tokenizer, query_ids, query_mask, settings, autocast=autocast)
     synchronize(query_ids.device)
     generated_at = time.perf_counter()
     if k > 1 and settings.shared_rows is None:
