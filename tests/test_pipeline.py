@@ -184,7 +184,7 @@ def test_the_shipped_demo_yaml_matches_the_defaults_and_every_stage_accepts_its_
 
 @pytest.mark.parametrize(
     "name, folder, lengths, iterations",
-    [("recipe_qa_feedback", "recipe", (1280, 1536), 30), ("recipe_qa_feedback_cpu", "recipe_cpu", (512, 768), 8)],
+    [("recipe_qa_feedback", "recipe", (1280, 1536), 30), ("recipe_qa_feedback_cpu", "recipe_cpu", (512, 768), 4)],
 )
 def test_the_recipe_yaml_builds_every_stage_config_with_its_method(tiny_rm_dir, name, folder, lengths, iterations):
     """configs/recipe_qa_feedback*.yaml (docs/recipe.md): every section is valid for its stage, the reward

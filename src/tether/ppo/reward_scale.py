@@ -37,6 +37,7 @@ from tether.ppo.models import sharded_with_fsdp
 from tether.ppo.rollout import (
     PromptSampler,
     RolloutSettings,
+    make_rollout,
     reward_model_scores,
     reward_model_scores_of_sequences,
     sample_responses,
@@ -137,7 +138,8 @@ def _chunks_of_this_process(acc, count: int) -> list[int | None]:
 
 def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):
     """Raw scores of ``--reward_norm_samples`` fresh responses of the starting policy, one per prompt (prompts
-    in a seeded order, cycled when there are fewer), read by the reward model alone.
+    in a seeded order, cycled when there are fewer), read by the reward model alone (sharded: by the
+    whole rollout's passes).
 
     The prompts are cut into chunks of ``--batch_size`` (the global batch: the same on any number of
     processes); chunk k samples after ``torch.manual_seed(batch_seed(seed, k))`` inside a forked RNG, so
@@ -152,11 +154,13 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + 31337)).tolist()
     chosen = [order[i % len(order)] for i in range(count)]
     chunks = [chosen[start : start + size] for start in range(0, count, size)]
-    whole = replace(
+    whole = replace(  # one response per prompt: no group shares a prompt
         settings,
+        group_size=1,
         generation_batch_size=cfg.generation_batch_size or size,
         forward_batch_size=cfg.forward_batch_size or size,
     )
+    sharded = sharded_with_fsdp(acc)
     devices = [acc.device] if acc.device.type == "cuda" else []
     numbered: list[tuple[int, list[float]]] = []
     with torch.random.fork_rng(devices=devices):
@@ -164,14 +168,18 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
             torch.manual_seed(batch_seed(cfg.seed, 0 if k is None else k))
             ids = [prompts.prompt_token_ids[i] for i in chunks[0 if k is None else k]]
             query_ids, query_mask = (t.to(acc.device) for t in left_pad(ids, pad_token_id(tokenizer)))
-            # only the reward model reads them (no policy, reference or value pass): one row per prompt
-            generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
-            scores = torch.cat(
-                [
-                    reward_model_scores(models, query_ids[rows], query_mask[rows], part, autocast=acc.autocast)
-                    for rows, part in _row_chunks(generated, whole.forward_batch_size)
-                ]
-            )
+            if sharded:
+                # sharded networks keep the whole rollout's passes: with the reward model's pass alone, a
+                # sharded LoRA critic's first update came out different (tests/test_fsdp.py; cause not found)
+                scores = make_rollout(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast).raw_scores
+            else:  # only the reward model reads them (no policy, reference or value pass)
+                generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
+                scores = torch.cat(
+                    [
+                        reward_model_scores(models, query_ids[rows], query_mask[rows], part, autocast=acc.autocast)
+                        for rows, part in _row_chunks(generated, whole.forward_batch_size)
+                    ]
+                )
             if k is not None:
                 numbered.append((k, scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_POLICY} ({count} at T = {cfg.temperature})"
