@@ -169,8 +169,10 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
             ids = [prompts.prompt_token_ids[i] for i in chunks[0 if k is None else k]]
             query_ids, query_mask = (t.to(acc.device) for t in left_pad(ids, pad_token_id(tokenizer)))
             if sharded:
-                # sharded networks keep the whole rollout's passes: with the reward model's pass alone, a
-                # sharded LoRA critic's first update came out different (tests/test_fsdp.py; cause not found)
+                # sharded networks keep the whole rollout's passes: when the first forward of a sharded LoRA
+                # critic runs with its adapters disabled (the reward model's pass alone, as in the file
+                # branch below), its first update differs from one process's (tests/test_fsdp.py[lora]);
+                # cause not found yet
                 scores = make_rollout(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast).raw_scores
             else:  # only the reward model reads them (no policy, reference or value pass)
                 generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
