@@ -12,7 +12,9 @@ For each, into OUT/<mode>/:
 * ``fixed/``: one PPO update (``PPOTrainer.learn``) from one fixed rollout batch (fixed prompts and
   responses, as tests/ppo_multiprocess_worker.py: sampling plays no part, each process takes its share
   of the 8 rows), then the final save (``RunFolder.save_final``: the full state gathered by accelerate);
-  ``learn.json`` holds the metrics;
+  ``learn.json`` holds the metrics. The reward normalisation before it comes from 12 fresh samples
+  (``lora``: from the fixed batch as a ``--reward_norm_responses`` file), so the update also shows the
+  statistics equal;
 * ``straight/``: the whole loop (sampling on the sharded policy, scoring, update) for 2 iterations with
   a checkpoint after each; ``resumed/``: a fresh folder holding only ``checkpoint-1`` of ``straight/``
   (what a run killed after that checkpoint leaves), resumed with ``--resume_from_checkpoint latest``.
@@ -54,7 +56,10 @@ def config(out: Path, policy: str, rm: str, mode: str, **overrides):
         disable_tqdm=True,
         logging_steps=1,
         report_to="none",
-        reward_norm_samples=8,  # the starting-policy samples run on the sharded policy too
+        # the starting-policy samples run on the sharded policy too: 12 = a chunk of 8 on one process and 4
+        # on the other, which scores them as 8 in two forwards (both processes run as many)
+        reward_norm_samples=12,
+        forward_batch_size=4,
         target_kl=1.0,
         init_kl_coef=0.2,
         **({"use_peft": True, "lora_r": 4, "lora_alpha": 8} if mode == "lora" else {}),
@@ -72,7 +77,12 @@ def fixed_update(out: Path, policy: str, rm: str, mode: str) -> None:
     from tether.ppo.rollout import score_responses
 
     # the minibatch is the whole batch: 8 rows on 1 process, 4 + 4 on 2 (each process shuffles only its own rows)
-    trainer = PPOTrainer(config(out, policy, rm, mode, num_iterations=1, save_steps=0, mini_batch_size=8), PROMPTS)
+    settings = dict(num_iterations=1, save_steps=0, mini_batch_size=8)
+    if mode == "lora":
+        # the normalisation from a file of responses: the critic's first forward is the reward model's,
+        # with its adapters disabled (PEFT's requires_grad switch then must reach FSDP2's shards)
+        settings["reward_norm_responses"] = str(responses_file(out.parent))
+    trainer = PPOTrainer(config(out, policy, rm, mode, **settings), PROMPTS)
     tok, acc = trainer.tokenizer, trainer.accelerator
     local = trainer.geometry.local_batch
     share = slice(trainer.rank * local, (trainer.rank + 1) * local)
@@ -90,6 +100,20 @@ def fixed_update(out: Path, policy: str, rm: str, mode: str) -> None:
     trainer.folder.save_final(trainer.models)
     if acc.is_main_process:
         (out / "learn.json").write_text(json.dumps({"world": trainer.world, "metrics": metrics}))
+
+
+def responses_file(folder: Path) -> Path:
+    """The fixed batch as a ``--reward_norm_responses`` file (each process writes its own copy)."""
+    from accelerate import PartialState
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"norm_responses.rank{PartialState().process_index}.jsonl"
+    rows = [
+        {"prompt": p, "response": r.removesuffix(" <eos>"), "stopped": r.endswith("<eos>")}
+        for p, r in zip(PROMPTS, RESPONSES)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 def straight_and_resumed(out: Path, policy: str, rm: str, mode: str) -> None:

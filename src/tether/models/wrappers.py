@@ -6,6 +6,7 @@
   ``generation_config``, ``get_output_embeddings`` and ``forward`` signature callers read.
 * :func:`gathered_weights` makes DeepSpeed ZeRO-3's partitioned parameters whole for a block;
   :func:`unsharded` does the same for FSDP2's sharded ones, kept whole through every forward of the block.
+* :func:`adapters_disabled` is PEFT's ``disable_adapter`` made safe for FSDP2's sharded units.
 """
 
 from __future__ import annotations
@@ -90,3 +91,28 @@ def unsharded(model: torch.nn.Module):
         for unit, reshard in zip(units, resharding):
             unit.reshard()
             unit.set_reshard_after_forward(reshard, recurse=False)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The network under a PEFT model's adapters (PEFT's ``disable_adapter``): the reference of a LoRA
+    policy, the reward model under a LoRA critic started from it.
+
+    PEFT switches ``requires_grad`` as it goes: off, the adapter weights are frozen and a
+    ``modules_to_save`` layer's original is made trainable; back on, the reverse. FSDP2 keeps two
+    parameter objects per weight, the shard (which the optimizer holds) and the whole copy a forward
+    uses, and copies the shard's flag onto the whole copy at every gather. A unit that keeps its
+    weights whole after a forward (accelerate's root and tail units: the embedding, the heads) has its
+    whole copies registered on the module, so PEFT's switch would land on them and be lost at the
+    next gather: a LoRA critic whose first forward ran with its adapters off then never trains its
+    head copy again. So under FSDP2 every unit is resharded (its shards registered; no
+    communication) before each switch. Anywhere else this is ``disable_adapter`` alone."""
+    units = fsdp_units(model)
+    for unit in units:
+        unit.reshard()
+    with unwrap_distributed(model).disable_adapter():
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()

@@ -32,7 +32,7 @@ from torch import nn
 from tether.config import ConfigError, peft_config_from
 from tether.models.packing import model_attention_mask
 from tether.models.scoring import RewardStats, token_scores
-from tether.models.wrappers import strip_peft, unwrap_distributed
+from tether.models.wrappers import strip_peft
 from tether.ppo.config import PPOConfig
 from tether.ppo.grouping import take_responses
 
@@ -156,14 +156,6 @@ def make_value_head(policy: nn.Module, device: torch.device | None = None) -> nn
     nn.init.zeros_(head.bias)
     param = next(policy.parameters())
     return head.to(device=device or param.device, dtype=param.dtype)
-
-
-@contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """The network under a LoRA model's adapters: the reference of a LoRA policy, the reward model
-    under a LoRA critic started from it."""
-    with unwrap_distributed(model).disable_adapter():
-        yield
 
 
 def make_accelerator(cfg: PPOConfig):

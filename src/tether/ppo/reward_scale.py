@@ -37,7 +37,6 @@ from tether.ppo.models import sharded_with_fsdp
 from tether.ppo.rollout import (
     PromptSampler,
     RolloutSettings,
-    make_rollout,
     reward_model_scores,
     reward_model_scores_of_sequences,
     sample_responses,
@@ -138,8 +137,7 @@ def _chunks_of_this_process(acc, count: int) -> list[int | None]:
 
 def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):
     """Raw scores of ``--reward_norm_samples`` fresh responses of the starting policy, one per prompt (prompts
-    in a seeded order, cycled when there are fewer), read by the reward model alone (sharded: by the
-    whole rollout's passes).
+    in a seeded order, cycled when there are fewer), read by the reward model alone.
 
     The prompts are cut into chunks of ``--batch_size`` (the global batch: the same on any number of
     processes); chunk k samples after ``torch.manual_seed(batch_seed(seed, k))`` inside a forked RNG, so
@@ -168,20 +166,21 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
             torch.manual_seed(batch_seed(cfg.seed, 0 if k is None else k))
             ids = [prompts.prompt_token_ids[i] for i in chunks[0 if k is None else k]]
             query_ids, query_mask = (t.to(acc.device) for t in left_pad(ids, pad_token_id(tokenizer)))
-            if sharded:
-                # sharded networks keep the whole rollout's passes: when the first forward of a sharded LoRA
-                # critic runs with its adapters disabled (the reward model's pass alone, as in the file
-                # branch below), its first update differs from one process's (tests/test_fsdp.py[lora]);
-                # cause not found yet
-                scores = make_rollout(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast).raw_scores
-            else:  # only the reward model reads them (no policy, reference or value pass)
-                generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
-                scores = torch.cat(
-                    [
-                        reward_model_scores(models, query_ids[rows], query_mask[rows], part, autocast=acc.autocast)
-                        for rows, part in _row_chunks(generated, whole.forward_batch_size)
-                    ]
-                )
+            generated = sample_responses(models, tokenizer, query_ids, query_mask, whole, autocast=acc.autocast)
+            rows = len(ids)
+            if sharded and rows < size:
+                # every process must run as many forwards of the sharded reward model: a short last chunk is
+                # scored filled up to the chunk's size with copies of its first row (their scores dropped)
+                fill = torch.tensor(list(range(rows)) + [0] * (size - rows), device=query_ids.device)
+                query_ids, query_mask = query_ids[fill], query_mask[fill]
+                generated = GeneratedBatch(generated.responses[fill], generated.lengths[fill], generated.stopped[fill])
+            # only the reward model reads them (no policy, reference or value pass)
+            scores = torch.cat(
+                [
+                    reward_model_scores(models, query_ids[part], query_mask[part], chunk, autocast=acc.autocast)
+                    for part, chunk in _row_chunks(generated, whole.forward_batch_size)
+                ]
+            )[:rows]
             if k is not None:
                 numbered.append((k, scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_POLICY} ({count} at T = {cfg.temperature})"

@@ -39,11 +39,11 @@ from tether.generation import GeneratedBatch, SamplingSettings, generate_batch
 from tether.memory import run_fitting_memory
 from tether.models.packing import model_attention_mask
 from tether.models.scoring import normalise, position_ids_from_mask, token_scores
-from tether.models.wrappers import unsharded
+from tether.models.wrappers import adapters_disabled, unsharded
 from tether.ppo.config import PPOConfig, PPOState
 from tether.ppo.grouping import GroupedRows, generate_groups, group_rows
 from tether.ppo.losses import apply_missing_stop_penalty, kl_estimator_name, kl_penalty, logprobs_from_logits
-from tether.ppo.models import RolloutModels, adapters_disabled, response_logits
+from tether.ppo.models import RolloutModels, response_logits
 from tether.ppo.rewards import ProgrammableRewards, RewardFunctionError
 
 

@@ -63,7 +63,7 @@ from tether.models.packing import (
     lay_out_rows,
     model_attention_mask,
 )
-from tether.models.wrappers import strip_peft
+from tether.models.wrappers import adapters_disabled, strip_peft
 from tether.stages.common import (
     DEFAULT_MAX_BAD_STEPS,
     DEFAULT_OUTPUT_ROOT,
@@ -474,7 +474,7 @@ def precompute_reference_logps(
         range(len(pairs)),
         key=lambda i: (len(pairs[i].prompt), tuple(pairs[i].prompt), len(pairs[i].chosen) + len(pairs[i].rejected)),
     )
-    adapter_off = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+    adapter_off = adapters_disabled(model) if disable_adapter else contextlib.nullcontext()
     try:
         with adapter_off:
             for start in range(0, len(order), batch_size):
@@ -557,7 +557,7 @@ class _DPOTrainer(PromptGroupedOrder, TetherTrainerMixin, Trainer):
             if self.ref_model is not None:
                 return response_logps(self.ref_model, inputs, self.compact_head, self.autocast_dtype)
             unwrapped = self.accelerator.unwrap_model(model)  # PEFT: the reference is the adapter-disabled policy
-            with unwrapped.disable_adapter():
+            with adapters_disabled(unwrapped):
                 return response_logps(unwrapped, inputs, self.compact_head, self.autocast_dtype)
 
     def _pair_outputs(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
