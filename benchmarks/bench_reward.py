@@ -6,9 +6,10 @@
 
 ``--data qa_feedback``: real human preferences (``data/qa_feedback``: long passages), training pairs
 drawn (seeded) from its train split and held-out pairs from its test split, prompts whole (with
-``--max_length 1536`` no pair is cut). ``--sides``: ``tether`` (its defaults: shared prompt,
-padding-free rows), ``tether_padded`` (``--padding_free false``), ``trl``. Each side reports its peak
-resident memory (``VmHWM``).
+``--max_length 1536`` no pair is cut; with ``--max_prompt_length P`` each pair's prompt is cut from the
+left to P tokens by tether's ``--truncation prompt`` rule, and TRL receives the same cut ids).
+``--sides``: ``tether`` (its defaults: shared prompt, padding-free rows), ``tether_padded``
+(``--padding_free false``), ``trl``. Each side reports its peak resident memory (``VmHWM``).
 
 Both sides get the same model (the embedded SmolLM2-135M-Instruct unless --model), the same
 preference pairs tokenised once by tether's template rule (TRL receives them pre-tokenised as
@@ -87,7 +88,8 @@ def run_tether(work: Path, settings: dict, padding_free: bool = True) -> dict:
         output_dir=str(work / f"tether-{os.getpid()}"),
         model_name_or_path=settings["model"],
         max_length=settings["max_length"],
-        max_prompt_length=settings["max_length"],
+        max_prompt_length=settings["max_prompt_length"] or settings["max_length"],
+        truncation="prompt" if settings["max_prompt_length"] else "drop",
         padding_free=padding_free,
         reward_stats_max_pairs=8,  # scored after training, outside the timing: kept small
         **_common(settings),
@@ -172,10 +174,12 @@ def prepare(work: Path, settings: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from preference_data import make_pairs
 
-    from tether.data.templates import PairDoesNotFit, Truncation, prompt_response_ids
+    from tether.data.templates import PairDoesNotFit, Truncation, prompt_ids, prompt_response_ids, response_ids
     from tether.models.loading import load_tokenizer, resolve_model_path
 
     settings["model"] = resolve_model_path(settings["model"])
+    if Path(settings["model"]).is_dir():  # the sides run in other working directories
+        settings["model"] = str(Path(settings["model"]).resolve())
     tokenizer = load_tokenizer(settings["model"])
     if settings["data"] == "qa_feedback":  # real pairs; held-out ones from the test questions
         splits = {
@@ -191,12 +195,20 @@ def prepare(work: Path, settings: dict) -> dict:
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         ids = []
         for r in rows:
-            whole = Truncation("drop", settings["max_length"])
-            try:
-                chosen, _ = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], whole)
-                rejected, _ = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], whole)
-            except PairDoesNotFit:
-                raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}") from None
+            if settings["max_prompt_length"]:  # the prompt cut from the left, as tether's RewardConfig cuts it
+                p = prompt_ids(tokenizer, r["prompt"])
+                c, j = response_ids(tokenizer, r["chosen"]), response_ids(tokenizer, r["rejected"])
+                cut = Truncation("prompt", settings["max_length"], settings["max_prompt_length"]).fit_prompt(p, c, j)
+                if cut is None:
+                    raise SystemExit(f"a pair does not fit --max_length {settings['max_length']}")
+                chosen, rejected = cut + c, cut + j
+            else:
+                whole = Truncation("drop", settings["max_length"])
+                try:
+                    chosen, _ = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], whole)
+                    rejected, _ = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], whole)
+                except PairDoesNotFit:
+                    raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}") from None
             ids.append({"chosen_ids": chosen, "rejected_ids": rejected})
             lengths += [len(chosen), len(rejected)]
         (work / f"{name}_ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ids))
@@ -237,6 +249,12 @@ def main() -> None:
     parser.add_argument("--eval_pairs", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument(
+        "--max_prompt_length",
+        type=int,
+        default=None,
+        help="cut each prompt from the left to this many tokens (tether's --truncation prompt; TRL gets the same ids)",
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--rounds", type=int, default=1, help="each round runs both sides; order alternates")
@@ -267,6 +285,7 @@ def main() -> None:
             "eval_pairs",
             "batch_size",
             "max_length",
+            "max_prompt_length",
             "epochs",
             "learning_rate",
             "seed",
