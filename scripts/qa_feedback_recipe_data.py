@@ -8,6 +8,8 @@ train split's questions are divided in two, by question, so no question is on bo
 * ``sft.jsonl``: one demonstration per proxy question, ``{"prompt", "completion"}`` with its most
   preferred answer (the answer that wins most of its human comparisons; ties go to the answer that
   loses fewest, then to the lower prediction number), so SFT starts the policy on the data's own answers;
+* ``gold_sft.jsonl``: the same for the gold questions: the gold judge's own SFT start, which shares
+  nothing with the policy's;
 * ``prompts.jsonl``: the proxy questions' prompts (PPO's training prompts);
 * ``heldout.jsonl``: the prompts of the first ``--heldout`` test-split questions (never trained on).
 
@@ -80,6 +82,10 @@ def main() -> None:
     write_jsonl(
         args.out / "sft.jsonl",
         [{"prompt": questions[q][0]["prompt"], "completion": preferred_answer(questions[q])} for q in proxy_ids],
+    )
+    write_jsonl(
+        args.out / "gold_sft.jsonl",
+        [{"prompt": questions[q][0]["prompt"], "completion": preferred_answer(questions[q])} for q in gold_ids],
     )
     write_jsonl(args.out / "prompts.jsonl", [{"prompt": questions[q][0]["prompt"]} for q in proxy_ids])
     test = by_question(read("test"))

@@ -103,3 +103,38 @@ def test_hand_checked_question():
     assert "\n\nPassage 3 (Law &amp; Order: Special Victims Unit (season 18)): " in prompt
     end = "\n\nAnswer the question using the passages above.\n\nQuestion: When does the new bunk'd come out?"
     assert prompt.endswith(end)
+
+
+def test_recipe_files(tmp_path):
+    """scripts/qa_feedback_recipe_data.py (docs/recipe.md): the 389 train questions split in two by
+    SHA-256 of the question id, round(389 / 2) = 194 (half to even) gold and 195 proxy, as the recipe
+    says, with 1,041 and 1,057 pairs; no question on both sides, every pair of a question kept; each
+    side's demonstration is its most-preferred answer (dev-005 above: answer 4 wins all three of its
+    comparisons); the held-out prompts are the first test questions'."""
+    script = ROOT / "scripts" / "qa_feedback_recipe_data.py"
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--heldout", "3"], check=True, capture_output=True, text=True
+    )
+    files = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in tmp_path.glob("*.jsonl")}
+    assert sorted(files) == ["gold", "gold_sft", "heldout", "prompts", "proxy", "sft"]
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert json.loads(run.stdout) == counts
+    assert counts == {
+        "proxy_questions": 195,
+        "proxy_pairs": 1057,
+        "gold_questions": 194,
+        "gold_pairs": 1041,
+        "heldout_questions": 3,
+    }
+    train = read_split("train")
+    order = sorted({r["question_id"] for r in train}, key=lambda q: hashlib.sha256(q.encode()).hexdigest())
+    expected = {"gold": set(order[:194]), "proxy": set(order[194:])}
+    key = lambda row: json.dumps(row["prompt"])  # noqa: E731
+    for side, demos in (("proxy", "sft"), ("gold", "gold_sft")):
+        assert sorted(map(key, files[side])) == sorted(key(r) for r in train if r["question_id"] in expected[side])
+        assert [key(d) for d in files[demos]] == list(dict.fromkeys(map(key, files[side])))
+    assert [key(r) for r in files["prompts"]] == [key(d) for d in files["sft"]]
+    side = "gold_sft" if "dev-005" in expected["gold"] else "sft"
+    (demo,) = [d for d in files[side] if "bunk'd" in d["prompt"][0]["content"]]
+    assert demo["completion"] == raw_examples()[5]["prediction 4"]
+    assert [key(r) for r in files["heldout"]] == list(dict.fromkeys(map(key, read_split("test"))))[:3]
