@@ -93,6 +93,30 @@ def unsharded(model: torch.nn.Module):
             unit.set_reshard_after_forward(reshard, recurse=False)
 
 
+def _units_with_adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units of ``model`` that own (not through a unit inside them) a PEFT layer whose
+    ``requires_grad`` PEFT switches: an adapter layer (LoRA's) or a wrapper such as
+    ``modules_to_save``'s."""
+    units = fsdp_units(model)
+    if not units:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    owners: list[torch.nn.Module] = []
+
+    def visit(module: torch.nn.Module, owner: torch.nn.Module | None) -> None:
+        owner = module if any(module is unit for unit in units) else owner
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and owner is not None:
+            if not any(owner is seen for seen in owners):
+                owners.append(owner)
+        for child in module.children():
+            visit(child, owner)
+
+    visit(model, None)
+    return owners
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """The network under a PEFT model's adapters (PEFT's ``disable_adapter``): the reference of a LoRA
@@ -105,9 +129,9 @@ def adapters_disabled(model: torch.nn.Module):
     weights whole after a forward (accelerate's root and tail units: the embedding, the heads) has its
     whole copies registered on the module, so PEFT's switch would land on them and be lost at the
     next gather: a LoRA critic whose first forward ran with its adapters off then never trains its
-    head copy again. So under FSDP2 every unit is resharded (its shards registered; no
-    communication) before each switch. Anywhere else this is ``disable_adapter`` alone."""
-    units = fsdp_units(model)
+    head copy again. So under FSDP2 each unit holding a PEFT layer is resharded (its shards
+    registered; no communication) before each switch. Anywhere else this is ``disable_adapter`` alone."""
+    units = _units_with_adapter_layers(model)
     for unit in units:
         unit.reshard()
     with unwrap_distributed(model).disable_adapter():
