@@ -247,7 +247,7 @@ def test_with_lora_the_critic_is_adapters_on_the_reward_model_which_still_scores
     from tether.generation import left_pad
     from tether.models.loading import load_scalar_model
     from tether.models.scoring import token_scores
-    from tether.ppo.models import adapters_disabled
+    from tether.models.wrappers import adapters_disabled
     from tether.ppo.rollout import build_sequences
 
     config = make_config(
@@ -551,8 +551,9 @@ def test_lora_reference_is_the_adapter_disabled_policy_and_equals_the_starting_p
 
     from tether.generation import left_pad
     from tether.models.loading import load_causal_lm
+    from tether.models.wrappers import adapters_disabled
     from tether.ppo.losses import logprobs_from_logits
-    from tether.ppo.models import adapters_disabled, response_logits
+    from tether.ppo.models import response_logits
     from tether.ppo.rollout import build_sequences
 
     config = make_config(
