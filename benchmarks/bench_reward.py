@@ -174,8 +174,10 @@ def prepare(work: Path, settings: dict) -> dict:
     sys.path.insert(0, str(HERE))
     from preference_data import make_pairs
 
-    from tether.data.templates import PairDoesNotFit, Truncation, prompt_ids, prompt_response_ids, response_ids
+    from tether.data.records import PreferencePair
+    from tether.data.templates import Truncation
     from tether.models.loading import load_tokenizer, resolve_model_path
+    from tether.stages.reward import tokenize_preferences
 
     settings["model"] = resolve_model_path(settings["model"])
     if Path(settings["model"]).is_dir():  # the sides run in other working directories
@@ -190,27 +192,24 @@ def prepare(work: Path, settings: dict) -> dict:
     else:
         pairs = make_pairs(settings["train_pairs"] + settings["eval_pairs"], seed=settings["seed"])
         splits = {"train": pairs[: settings["train_pairs"]], "eval": pairs[settings["train_pairs"] :]}
+    if settings["max_prompt_length"]:  # the prompt cut from the left (tether's --truncation prompt)
+        truncation = Truncation("prompt", settings["max_length"], settings["max_prompt_length"])
+    else:  # nothing cut: a pair that does not fit stops the run
+        truncation = Truncation("drop", settings["max_length"])
     lengths = []
     for name, rows in splits.items():
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        ids = []
-        for r in rows:
-            if settings["max_prompt_length"]:  # the prompt cut from the left, as tether's RewardConfig cuts it
-                p = prompt_ids(tokenizer, r["prompt"])
-                c, j = response_ids(tokenizer, r["chosen"]), response_ids(tokenizer, r["rejected"])
-                cut = Truncation("prompt", settings["max_length"], settings["max_prompt_length"]).fit_prompt(p, c, j)
-                if cut is None:
-                    raise SystemExit(f"a pair does not fit --max_length {settings['max_length']}")
-                chosen, rejected = cut + c, cut + j
-            else:
-                whole = Truncation("drop", settings["max_length"])
-                try:
-                    chosen, _ = prompt_response_ids(tokenizer, r["prompt"], r["chosen"], whole)
-                    rejected, _ = prompt_response_ids(tokenizer, r["prompt"], r["rejected"], whole)
-                except PairDoesNotFit:
-                    raise SystemExit(f"a pair is longer than --max_length {settings['max_length']}") from None
-            ids.append({"chosen_ids": chosen, "rejected_ids": rejected})
-            lengths += [len(chosen), len(rejected)]
+        # tokenised and fitted as tether's reward stage does it (one prompt cut for chosen and rejected)
+        tokenized = tokenize_preferences(
+            tokenizer, [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in rows], truncation
+        )
+        if tokenized.pairs_dropped:
+            raise SystemExit(f"{tokenized.pairs_dropped} pairs do not fit --max_length {settings['max_length']}")
+        ids = [
+            {"chosen_ids": [*pair.prompt, *pair.chosen], "rejected_ids": [*pair.prompt, *pair.rejected]}
+            for pair in tokenized.pairs
+        ]
+        lengths += [len(sequence) for pair in ids for sequence in pair.values()]
         (work / f"{name}_ids.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ids))
     (work / "settings.json").write_text(json.dumps(settings))
     return {

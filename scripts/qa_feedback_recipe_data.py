@@ -79,14 +79,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "proxy.jsonl", [{k: r[k] for k in keep} for q in proxy_ids for r in questions[q]])
     write_jsonl(args.out / "gold.jsonl", [{k: r[k] for k in keep} for q in gold_ids for r in questions[q]])
-    write_jsonl(
-        args.out / "sft.jsonl",
-        [{"prompt": questions[q][0]["prompt"], "completion": preferred_answer(questions[q])} for q in proxy_ids],
-    )
-    write_jsonl(
-        args.out / "gold_sft.jsonl",
-        [{"prompt": questions[q][0]["prompt"], "completion": preferred_answer(questions[q])} for q in gold_ids],
-    )
+    for name, ids in (("sft.jsonl", proxy_ids), ("gold_sft.jsonl", gold_ids)):
+        write_jsonl(
+            args.out / name,
+            [{"prompt": questions[q][0]["prompt"], "completion": preferred_answer(questions[q])} for q in ids],
+        )
     write_jsonl(args.out / "prompts.jsonl", [{"prompt": questions[q][0]["prompt"]} for q in proxy_ids])
     test = by_question(read("test"))
     write_jsonl(

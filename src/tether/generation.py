@@ -403,6 +403,11 @@ class GeneratedBatch:
         width = self.responses.shape[1]
         return torch.arange(width, device=self.responses.device).unsqueeze(0) < self.lengths.unsqueeze(1)
 
+    def rows(self, index: slice | torch.Tensor) -> GeneratedBatch:
+        """The responses at ``index`` (a slice or a tensor of row indices), as a batch of their own."""
+        logprobs = None if self.logprobs is None else self.logprobs[index]
+        return GeneratedBatch(self.responses[index], self.lengths[index], self.stopped[index], logprobs)
+
 
 def cut_at_first_stop(
     responses: torch.Tensor, stop: list[int], pad_id: int, logprobs: torch.Tensor | None = None

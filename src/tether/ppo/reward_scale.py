@@ -173,25 +173,19 @@ def _scores_of_samples(cfg, acc, models, tokenizer, prompts: PromptSampler, sett
                 # scored filled up to the chunk's size with copies of its first row (their scores dropped)
                 fill = torch.tensor(list(range(rows)) + [0] * (size - rows), device=query_ids.device)
                 query_ids, query_mask = query_ids[fill], query_mask[fill]
-                generated = GeneratedBatch(generated.responses[fill], generated.lengths[fill], generated.stopped[fill])
-            # only the reward model reads them (no policy, reference or value pass)
+                generated = generated.rows(fill)
+            # only the reward model reads them (no policy, reference or value pass), forward_batch_size rows at a time
+            step = whole.forward_batch_size
+            parts = [slice(start, start + step) for start in range(0, len(generated.lengths), step)]
             scores = torch.cat(
                 [
-                    reward_model_scores(models, query_ids[part], query_mask[part], chunk, autocast=acc.autocast)
-                    for part, chunk in _row_chunks(generated, whole.forward_batch_size)
+                    reward_model_scores(models, query_ids[p], query_mask[p], generated.rows(p), autocast=acc.autocast)
+                    for p in parts
                 ]
             )[:rows]
             if k is not None:
                 numbered.append((k, scores.double().cpu().tolist()))
     return _gathered(acc, numbered), f"{FROM_POLICY} ({count} at T = {cfg.temperature})"
-
-
-def _row_chunks(generated: GeneratedBatch, size: int):
-    """``(rows, generated[rows])`` for consecutive slices of ``size`` rows."""
-    for start in range(0, len(generated.lengths), size):
-        rows = slice(start, start + size)
-        part = GeneratedBatch(generated.responses[rows], generated.lengths[rows], generated.stopped[rows])
-        yield rows, part
 
 
 def _scores_of_file(cfg, acc, models, tokenizer, prompts: PromptSampler, settings):

@@ -488,12 +488,7 @@ def shared_rows_match(
     first group of a rollout (within 1e-3 in fp32, 5e-2 in 16-bit), and if not, why."""
     k = settings.group_size
     m = min(len(generated.lengths), k)
-    sample = GeneratedBatch(
-        generated.responses[:m],
-        generated.lengths[:m],
-        generated.stopped[:m],
-        None if generated.logprobs is None else generated.logprobs[:m],
-    )
+    sample = generated.rows(slice(0, m))
     args = (models, query_ids[:m], query_mask[:m], sample, settings)
     try:
         grouped = score_responses(*args, autocast=autocast, group_size=k)
