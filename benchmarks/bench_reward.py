@@ -14,11 +14,12 @@ left to P tokens by tether's ``--truncation prompt`` rule, and TRL receives the 
 Both sides get the same model (the embedded SmolLM2-135M-Instruct unless --model), the same
 preference pairs tokenised once by tether's template rule (TRL receives them pre-tokenised as
 ``chosen_ids``/``rejected_ids``, so no pair is filtered or truncated on either side), the same
-batch size, learning rate and schedule (linear decay, no warmup), AdamW eps, epochs, fp32, no
-gradient checkpointing, dropout off, seed. TRL is told to pad with ``<|endoftext|>`` (the pad
-tether saves its reward models with) so its sequence classifier reads the score at the final stop
-token like tether does; with its default pad (= the stop token for SmolLM2) it would read one token
-early.
+batch size, learning rate and schedule (linear decay, no warmup), AdamW eps, epochs, fp32, dropout
+off, seed, and the same gradient checkpointing: off unless ``--gradient_checkpointing`` (TRL's
+``RewardConfig`` turns it on by default, so it is set explicitly on both sides). TRL is told to pad
+with ``<|endoftext|>`` (the pad tether saves its reward models with) so its sequence classifier
+reads the score at the final stop token like tether does; with its default pad (= the stop token
+for SmolLM2) it would read one token early.
 
 Each side runs in its own subprocess and interpreter (TRL lives in ``benchmarks/.venv-trl116``),
 in the order tether, TRL, TRL, tether, ... (``--rounds``), so drift in machine load hits both.
@@ -73,6 +74,8 @@ def _common(settings: dict) -> dict:
         bf16=False,
         fp16=False,
         dataloader_num_workers=0,
+        # transformers' name; TRL's configs default its deprecated alias gradient_checkpointing to True
+        activation_checkpointing=settings["gradient_checkpointing"],
     )
 
 
@@ -256,6 +259,11 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass, on both sides (default: off on both)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="each round runs both sides; order alternates")
     parser.add_argument("--start_with", choices=["tether", "trl"], default="tether", help="side of the first round")
     parser.add_argument(
@@ -288,6 +296,7 @@ def main() -> None:
             "epochs",
             "learning_rate",
             "seed",
+            "gradient_checkpointing",
         )
     }
     (HERE / "results").mkdir(exist_ok=True)
@@ -363,7 +372,6 @@ def main() -> None:
             **settings,
             "model": settings["model"] or "embedded SmolLM2-135M-Instruct",
             "precision": "fp32",
-            "gradient_checkpointing": False,
             "scheduler": "linear, no warmup",
             "adam_epsilon": 1e-5,
         },
